@@ -1,0 +1,59 @@
+"""CMAL model package.
+
+Importing it registers CMAL with the transformers auto classes under `model_type="cmal"`, so an
+installed project loads CMAL checkpoints without `trust_remote_code`.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForPreTraining,
+    AutoModelForSequenceClassification,
+    AutoModelForVisualQuestionAnswering,
+)
+
+from .configuration_cmal import CMAL_PRESETS, COCO_CONCEPT_NAMES, CMALConfig
+from .modeling_cmal import (
+    CMALForImageTextClassification,
+    CMALForImageTextRetrieval,
+    CMALForPreTraining,
+    CMALForPreTrainingOutput,
+    CMALForQuestionAnswering,
+    CMALForReferringExpression,
+    CMALForVisualReasoning,
+    CMALImageTextRetrievalOutput,
+    CMALModel,
+    CMALModelOutput,
+    CMALPreTrainedModel,
+    CMALReferringExpressionOutput,
+    anchor_operator,
+)
+
+
+AutoConfig.register("cmal", CMALConfig, exist_ok=True)
+for _auto, _model in (
+    (AutoModel, CMALModel),
+    (AutoModelForPreTraining, CMALForPreTraining),
+    (AutoModelForVisualQuestionAnswering, CMALForQuestionAnswering),
+    (AutoModelForSequenceClassification, CMALForImageTextClassification),
+):
+    _auto.register(CMALConfig, _model, exist_ok=True)
+
+__all__ = [
+    "CMAL_PRESETS",
+    "COCO_CONCEPT_NAMES",
+    "CMALConfig",
+    "CMALPreTrainedModel",
+    "CMALModel",
+    "CMALForPreTraining",
+    "CMALForQuestionAnswering",
+    "CMALForImageTextClassification",
+    "CMALForVisualReasoning",
+    "CMALForReferringExpression",
+    "CMALForImageTextRetrieval",
+    "CMALModelOutput",
+    "CMALForPreTrainingOutput",
+    "CMALReferringExpressionOutput",
+    "CMALImageTextRetrievalOutput",
+    "anchor_operator",
+]

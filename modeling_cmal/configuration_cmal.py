@@ -1,0 +1,245 @@
+# Copyright 2026 The CMAL authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""CMAL model configuration.
+
+The config keeps an explicit ``__init__`` (rather than the dataclass fields of the newest
+transformers releases) because this file ships as Hub remote code and must load on every
+transformers 5.x release: 5.0 builds configs through ``__init__``, later releases accept both.
+"""
+
+import math
+
+from transformers import PreTrainedConfig
+
+
+# The 80 COCO object categories: the tag vocabulary of the DETR-family detectors in transformers,
+# hence the default concept vocabulary. Replace it with your detector's labels (e.g. the 1600
+# Visual Genome classes of bottom-up-attention features) through `concept_names`.
+COCO_CONCEPT_NAMES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
+    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
+    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+]  # fmt: skip
+
+# Named sizes. `tiny` is for tests, `small` pre-trains on a laptop CPU in minutes, `base` matches
+# BERT-base in width and, along the text path (text layers + unified layers), in depth.
+CMAL_PRESETS = {
+    "tiny": dict(
+        hidden_size=32, num_attention_heads=4, intermediate_size=64,
+        num_text_layers=1, num_visual_layers=1, num_hidden_layers=2,
+        max_position_embeddings=128, max_regions=50,
+    ),
+    "small": dict(
+        hidden_size=256, num_attention_heads=4, intermediate_size=1024,
+        num_text_layers=2, num_visual_layers=2, num_hidden_layers=4,
+        max_position_embeddings=512, max_regions=100,
+    ),
+    "base": dict(
+        hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+        num_text_layers=3, num_visual_layers=3, num_hidden_layers=9,
+        max_position_embeddings=512, max_regions=100,
+    ),
+}  # fmt: skip
+
+
+class CMALConfig(PreTrainedConfig):
+    r"""
+    Configuration of a CMAL model (Cross-Modal Associative Learning, ACM MM 2022).
+
+    Data flow: text and regions go through their own *uni-modal* encoders whose outputs lie on a
+    hypersphere; the *associative prompt layer* swaps the features of anchor points (concepts that
+    are both a region tag and a word) across modalities; a *unified* encoder runs over
+    `[CLS] text [SEP] regions`. Every choice the paper leaves open is a field here.
+
+    Args:
+        vocab_size (`int`, defaults to 30522): size of the word-piece vocabulary (BERT-uncased).
+        hidden_size (`int`, defaults to 768): width of every encoder.
+        num_text_layers (`int`, defaults to 3): layers of the uni-modal text encoder (may be 0).
+        num_visual_layers (`int`, defaults to 3): layers of the uni-modal region encoder (may be 0).
+        num_hidden_layers (`int`, defaults to 9): layers of the unified cross-modal encoder.
+        num_attention_heads (`int`, defaults to 12): heads in every attention layer.
+        intermediate_size (`int`, defaults to 3072): width of the feed-forward layers.
+        hidden_act (`str`, defaults to `"gelu"`): feed-forward activation.
+        hidden_dropout_prob (`float`, defaults to 0.1): dropout on embeddings and layer outputs.
+        attention_probs_dropout_prob (`float`, defaults to 0.1): dropout on attention weights.
+        max_position_embeddings (`int`, defaults to 512): longest text, in word pieces.
+        type_vocab_size (`int`, defaults to 2): BERT segment types of the text (kept for BERT init).
+        initializer_range (`float`, defaults to 0.02): std of the normal weight init.
+        layer_norm_eps (`float`, defaults to 1e-12): LayerNorm epsilon.
+        pad_token_id (`int`, defaults to 0): id of `[PAD]`.
+        visual_feat_dim (`int`, defaults to 2048): size of one region feature vector.
+        visual_pos_dim (`int`, defaults to 7): size of one box vector; 7 = normalised
+            `(x1, y1, x2, y2, w, h, area)`.
+        max_regions (`int`, defaults to 100): most regions one image may have.
+        concept_names (`list[str]`, *optional*): the detector's tag vocabulary; a concept id is an
+            index into it. Defaults to the 80 COCO categories.
+        num_concepts (`int`, *optional*): `len(concept_names)`; when given without names, names
+            `concept_0 ...` are made up.
+        hypersphere (`bool`, defaults to `True`): L2-normalise each uni-modal output per position
+            and multiply it by a learnable per-modality scale, so that swapped features live in
+            one space. `False` keeps plain features (an ablation).
+        hypersphere_init_scale (`float`, *optional*): initial value of both scales; defaults to
+            `sqrt(hidden_size)`, the norm of a LayerNorm output, so the sphere changes no magnitude.
+        anchor_mask_prob (`float`, defaults to 0.3): in training, the probability that one anchor
+            concept of an example is masked and swap-filled.
+        prompt_at_inference (`bool`, defaults to `False`): in evaluation, swap every anchor
+            (`True`) or none (`False`).
+        mlm_weight, mrm_weight, itm_weight (`float`, default 1.0): weights of masked language
+            modelling, masked region modelling (feature regression + concept classification) and
+            image-text matching in `CMALForPreTraining`; 0 switches a loss off.
+        amc_token_weight, amc_region_weight, amc_pointer_weight (`float`, default 1.0): weights of
+            the three parts of associative mapping classification: a swapped token predicts its
+            word, a swapped region its concept, a swapped token its partner region.
+        itc_weight (`float`, defaults to 0.0): weight of the image-text contrastive loss between
+            the uni-modal vectors (the paper's CMCL baseline); off by default.
+        itc_temperature (`float`, defaults to 0.07): softmax temperature of the ITC loss.
+        classifier_dropout (`float`, *optional*): dropout before task heads; defaults to
+            `hidden_dropout_prob`.
+        detector_config (`dict`, *optional*): config of the object detector that turns
+            `pixel_values` into regions (the raw-image path); `None` means regions come precomputed.
+        tie_word_embeddings (`bool`, defaults to `True`): tie the vocabulary head to the word
+            embeddings.
+
+    Example:
+
+    ```python
+    >>> from modeling_cmal import CMALConfig, CMALModel
+    >>> config = CMALConfig.from_preset("tiny")
+    >>> model = CMALModel(config)
+    ```
+    """
+
+    model_type = "cmal"
+
+    def __init__(
+        self,
+        vocab_size: int = 30522,
+        hidden_size: int = 768,
+        num_text_layers: int = 3,
+        num_visual_layers: int = 3,
+        num_hidden_layers: int = 9,
+        num_attention_heads: int = 12,
+        intermediate_size: int = 3072,
+        hidden_act: str = "gelu",
+        hidden_dropout_prob: float = 0.1,
+        attention_probs_dropout_prob: float = 0.1,
+        max_position_embeddings: int = 512,
+        type_vocab_size: int = 2,
+        initializer_range: float = 0.02,
+        layer_norm_eps: float = 1e-12,
+        pad_token_id: int = 0,
+        visual_feat_dim: int = 2048,
+        visual_pos_dim: int = 7,
+        max_regions: int = 100,
+        concept_names: list[str] | None = None,
+        num_concepts: int | None = None,
+        hypersphere: bool = True,
+        hypersphere_init_scale: float | None = None,
+        anchor_mask_prob: float = 0.3,
+        prompt_at_inference: bool = False,
+        mlm_weight: float = 1.0,
+        mrm_weight: float = 1.0,
+        itm_weight: float = 1.0,
+        amc_token_weight: float = 1.0,
+        amc_region_weight: float = 1.0,
+        amc_pointer_weight: float = 1.0,
+        itc_weight: float = 0.0,
+        itc_temperature: float = 0.07,
+        classifier_dropout: float | None = None,
+        detector_config: dict | None = None,
+        tie_word_embeddings: bool = True,
+        **kwargs,
+    ):
+        if concept_names is None:
+            concept_names = (
+                list(COCO_CONCEPT_NAMES)
+                if num_concepts is None
+                else [f"concept_{i}" for i in range(num_concepts)]
+            )
+        concept_names = list(concept_names)
+        if num_concepts is not None and num_concepts != len(concept_names):
+            raise ValueError(
+                f"`num_concepts` ({num_concepts}) must equal len(`concept_names`) ({len(concept_names)})"
+            )
+        if len(set(concept_names)) != len(concept_names):
+            raise ValueError("`concept_names` must not repeat a name")
+        if hidden_size % num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({hidden_size}) must be a multiple of `num_attention_heads` ({num_attention_heads})"
+            )
+        for name, value in (("num_text_layers", num_text_layers), ("num_visual_layers", num_visual_layers)):
+            if value < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {value}")
+        if num_hidden_layers < 1:
+            raise ValueError(f"`num_hidden_layers` must be >= 1, got {num_hidden_layers}")
+        if not 0.0 <= anchor_mask_prob <= 1.0:
+            raise ValueError(f"`anchor_mask_prob` must be in [0, 1], got {anchor_mask_prob}")
+        if itc_temperature <= 0:
+            raise ValueError(f"`itc_temperature` must be > 0, got {itc_temperature}")
+
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_text_layers = num_text_layers
+        self.num_visual_layers = num_visual_layers
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.max_position_embeddings = max_position_embeddings
+        self.type_vocab_size = type_vocab_size
+        self.initializer_range = initializer_range
+        self.layer_norm_eps = layer_norm_eps
+        self.pad_token_id = pad_token_id
+        self.visual_feat_dim = visual_feat_dim
+        self.visual_pos_dim = visual_pos_dim
+        self.max_regions = max_regions
+        self.concept_names = concept_names
+        self.num_concepts = len(concept_names)
+        self.hypersphere = hypersphere
+        self.hypersphere_init_scale = (
+            math.sqrt(hidden_size) if hypersphere_init_scale is None else hypersphere_init_scale
+        )
+        self.anchor_mask_prob = anchor_mask_prob
+        self.prompt_at_inference = prompt_at_inference
+        self.mlm_weight = mlm_weight
+        self.mrm_weight = mrm_weight
+        self.itm_weight = itm_weight
+        self.amc_token_weight = amc_token_weight
+        self.amc_region_weight = amc_region_weight
+        self.amc_pointer_weight = amc_pointer_weight
+        self.itc_weight = itc_weight
+        self.itc_temperature = itc_temperature
+        self.classifier_dropout = classifier_dropout
+        self.detector_config = detector_config
+        self.tie_word_embeddings = tie_word_embeddings
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> "CMALConfig":
+        """Build a config from a named size (`tiny`, `small`, `base`); `kwargs` override fields."""
+        if name not in CMAL_PRESETS:
+            raise ValueError(f"`name` must be one of {sorted(CMAL_PRESETS)}, got {name!r}")
+        return cls(**{**CMAL_PRESETS[name], **kwargs})
+
+
+__all__ = ["CMALConfig", "CMAL_PRESETS", "COCO_CONCEPT_NAMES"]

@@ -1,0 +1,1384 @@
+# Copyright 2026 The CMAL authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""PyTorch CMAL model: Cross-Modal Associative Learning over image regions and text.
+
+One flat file in the transformers style. It ships as Hub remote code, so it imports only torch,
+transformers and its sibling `configuration_cmal.py` (relatively).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_cmal import CMALConfig
+
+
+# Modality types of the unified encoder's input slots.
+TEXT_TYPE, REGION_TYPE, PROMPT_TYPE = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CMALModelOutput(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, text_len + num_regions, hidden_size)`):
+        Unified-encoder output over `[CLS] text [SEP] regions`; the first `text_len` slots are text.
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+        tanh pooler over the unified `[CLS]` slot.
+    text_features (`torch.FloatTensor` of shape `(batch_size, text_len, hidden_size)`):
+        Uni-modal text encoder output (on the hypersphere when `config.hypersphere`).
+    region_features (`torch.FloatTensor` of shape `(batch_size, num_regions, hidden_size)`):
+        Uni-modal region encoder output (on the hypersphere when `config.hypersphere`).
+    text_embeds, image_embeds (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+        Unit vectors of the text `[CLS]` feature and the mean region feature, used by the ITC loss.
+    anchor_map (`torch.BoolTensor` of shape `(batch_size, text_len, num_regions)`):
+        The anchor operator ⊕: `anchor_map[b, t, r]` is true when token `t` and region `r` denote the
+        same concept.
+    token_swapped, region_swapped (`torch.BoolTensor` of shape `(batch_size, text_len)` / `(batch_size, num_regions)`):
+        Slots whose own feature was masked and replaced by their partner's feature.
+    token_partner, region_partner (`torch.LongTensor`, same shapes):
+        For each swapped slot, the index of the partner whose feature filled it; -1 elsewhere.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        Unified-encoder input and the output of each of its layers.
+    attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Attention weights of each unified-encoder layer, `(batch_size, num_heads, seq_len, seq_len)`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    text_features: torch.FloatTensor | None = None
+    region_features: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    anchor_map: torch.BoolTensor | None = None
+    token_swapped: torch.BoolTensor | None = None
+    region_swapped: torch.BoolTensor | None = None
+    token_partner: torch.LongTensor | None = None
+    region_partner: torch.LongTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class CMALForPreTrainingOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Sum of the losses below, each times its weight in the config; `None` when none was computed.
+    mlm_loss, mrm_feature_loss, mrm_concept_loss, itm_loss, amc_token_loss, amc_region_loss, amc_pointer_loss, itc_loss (`torch.FloatTensor`, *optional*):
+        Each objective on its own, unweighted; `None` when switched off or without targets.
+    prediction_logits (`torch.FloatTensor` of shape `(batch_size, text_len, vocab_size)`):
+        Vocabulary scores at every text slot (MLM and AMC-token).
+    region_feature_predictions (`torch.FloatTensor` of shape `(batch_size, num_regions, visual_feat_dim)`):
+        Regressed region features (MRM).
+    region_concept_logits (`torch.FloatTensor` of shape `(batch_size, num_regions, num_concepts)`):
+        Concept scores at every region slot (MRM and AMC-region).
+    pointer_logits (`torch.FloatTensor` of shape `(batch_size, text_len, num_regions)`):
+        Score of every region as the partner of every token (AMC-pointer); padded regions get the
+        dtype's minimum.
+    itm_logits (`torch.FloatTensor` of shape `(batch_size, 2)`):
+        Image-text matching scores; index 1 means "the pair matches".
+    itc_logits (`torch.FloatTensor` of shape `(batch_size, batch_size)`, *optional*):
+        Text-to-image similarity divided by the ITC temperature.
+    """
+
+    loss: torch.FloatTensor | None = None
+    mlm_loss: torch.FloatTensor | None = None
+    mrm_feature_loss: torch.FloatTensor | None = None
+    mrm_concept_loss: torch.FloatTensor | None = None
+    itm_loss: torch.FloatTensor | None = None
+    amc_token_loss: torch.FloatTensor | None = None
+    amc_region_loss: torch.FloatTensor | None = None
+    amc_pointer_loss: torch.FloatTensor | None = None
+    itc_loss: torch.FloatTensor | None = None
+    prediction_logits: torch.FloatTensor | None = None
+    region_feature_predictions: torch.FloatTensor | None = None
+    region_concept_logits: torch.FloatTensor | None = None
+    pointer_logits: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    itc_logits: torch.FloatTensor | None = None
+    anchor_map: torch.BoolTensor | None = None
+    token_swapped: torch.BoolTensor | None = None
+    region_swapped: torch.BoolTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class CMALReferringExpressionOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Cross-entropy over the regions of each example, returned when `labels` is given.
+    logits (`torch.FloatTensor` of shape `(batch_size, num_regions)`):
+        One score per region; padded regions get the dtype's minimum.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class CMALImageTextRetrievalOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Cross-entropy of the match/no-match decision, returned when `labels` is given.
+    logits (`torch.FloatTensor` of shape `(batch_size, 2)`):
+        Image-text matching scores; index 1 means "the pair matches".
+    scores (`torch.FloatTensor` of shape `(batch_size,)`):
+        `logits[:, 1] - logits[:, 0]`, the log-odds of a match, the number to rank candidates by.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    scores: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def anchor_operator(
+    token_concept_ids: torch.LongTensor,
+    region_concept_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    visual_attention_mask: torch.Tensor | None = None,
+) -> torch.BoolTensor:
+    """The anchor operator ⊕ as one tensor op.
+
+    `anchor_map[b, t, r] = token_concept_ids[b, t] == region_concept_ids[b, r] >= 0`, restricted to
+    real (unmasked) tokens and regions. Shapes: `(B, T)`, `(B, N)` -> `(B, T, N)`.
+    """
+    token_ids = token_concept_ids.unsqueeze(2)
+    anchor_map = (token_ids == region_concept_ids.unsqueeze(1)) & (token_ids >= 0)
+    if attention_mask is not None:
+        anchor_map &= attention_mask.bool().unsqueeze(2)
+    if visual_attention_mask is not None:
+        anchor_map &= visual_attention_mask.bool().unsqueeze(1)
+    return anchor_map
+
+
+class CMALTextEmbeddings(nn.Module):
+    """Word + position + segment embeddings, named as in BERT so BERT weights load one-to-one."""
+
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.position_ids = nn.Buffer(torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False)
+
+    def forward(self, input_ids: torch.LongTensor, token_type_ids: torch.LongTensor) -> torch.Tensor:
+        position_ids = self.position_ids[:, : input_ids.shape[1]]
+        embeddings = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(position_ids)
+            + self.token_type_embeddings(token_type_ids)
+        )
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class CMALVisualEmbeddings(nn.Module):
+    """Region feature and box projections, each layer-normalised, then summed (as in UNITER)."""
+
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.feature_projection = nn.Linear(config.visual_feat_dim, config.hidden_size)
+        self.feature_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.box_projection = nn.Linear(config.visual_pos_dim, config.hidden_size)
+        self.box_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, visual_feats: torch.Tensor, visual_pos: torch.Tensor) -> torch.Tensor:
+        features = self.feature_layer_norm(self.feature_projection(visual_feats))
+        boxes = self.box_layer_norm(self.box_projection(visual_pos))
+        return self.dropout(self.LayerNorm(features + boxes))
+
+
+class CMALHypersphere(nn.Module):
+    """Puts a modality's features on a sphere of learnable radius (identity when disabled).
+
+    Both modalities live on spheres so that the associative prompt layer can put a region feature
+    into a word slot (and back) without a scale mismatch.
+    """
+
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.enabled = config.hypersphere
+        self.scale = nn.Parameter(torch.tensor(float(config.hypersphere_init_scale))) if self.enabled else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return hidden_states
+        return F.normalize(hidden_states, dim=-1) * self.scale
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class CMALSelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention dispatched through transformers' attention registry."""
+
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.config = config
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.scaling = self.attention_head_size**-0.5
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.is_causal = False  # read by the sdpa/flash backends: an encoder must never be causal
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.attention_head_size)
+        query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        # Only eager materialises the weights; asking for them switches this call to eager.
+        attention_interface: Callable = eager_attention_forward
+        if self.config._attn_implementation not in (None, "eager") and not output_attentions:
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.dropout.p if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
+
+
+class CMALSelfOutput(nn.Module):
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class CMALAttention(nn.Module):
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.self = CMALSelfAttention(config)
+        self.output = CMALSelfOutput(config)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, attn_weights = self.self(hidden_states, attention_mask, output_attentions)
+        return self.output(attn_output, hidden_states), attn_weights
+
+
+class CMALIntermediate(nn.Module):
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class CMALOutput(nn.Module):
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class CMALLayer(GradientCheckpointingLayer):
+    """A post-LN BERT layer; sub-module names match BERT's so BERT weights load one-to-one."""
+
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.attention = CMALAttention(config)
+        self.intermediate = CMALIntermediate(config)
+        self.output = CMALOutput(config)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attention_output, attn_weights = self.attention(hidden_states, attention_mask, output_attentions)
+        layer_output = self.output(self.intermediate(attention_output), attention_output)
+        return layer_output, attn_weights
+
+
+class CMALEncoder(nn.Module):
+    """A stack of `CMALLayer`s; used for the text, the region and the unified encoders alike."""
+
+    def __init__(self, config: CMALConfig, num_layers: int):
+        super().__init__()
+        self.layer = nn.ModuleList([CMALLayer(config) for _ in range(num_layers)])
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layer:
+            hidden_states, attn_weights = layer(hidden_states, attention_mask, output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        return hidden_states, all_hidden_states, all_attentions
+
+
+class CMALAssociativePromptLayer(nn.Module):
+    """Cross-modal associative prompt layer: anchor-point masking and swap-feature filling.
+
+    Chosen anchors lose their own feature: a token slot takes the feature of its partner region
+    (the highest-scoring region of the same concept), a region slot the feature of its partner
+    token (the first word piece of the first matching word). Every slot then gets its modality type
+    embedding (text, region, or *prompt* for filled slots): the hybrid associative prompt.
+    """
+
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.config = config
+        self.modality_type_embeddings = nn.Embedding(3, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def select_anchor_concepts(self, batch_size: int, device: torch.device) -> torch.BoolTensor | None:
+        """Which concepts of each example to swap: random in training, all or none in evaluation."""
+        if self.training:
+            if self.config.anchor_mask_prob == 0:
+                return None
+            return torch.rand(batch_size, self.config.num_concepts, device=device) < self.config.anchor_mask_prob
+        if self.config.prompt_at_inference:
+            return torch.ones(batch_size, self.config.num_concepts, dtype=torch.bool, device=device)
+        return None
+
+    def forward(
+        self,
+        text_features: torch.Tensor,
+        region_features: torch.Tensor,
+        anchor_map: torch.BoolTensor,
+        token_concept_ids: torch.LongTensor,
+        region_concept_ids: torch.LongTensor,
+        region_scores: torch.Tensor | None,
+        anchor_selection: torch.BoolTensor | None,
+    ):
+        batch_size, text_len, hidden_size = text_features.shape
+        num_regions = region_features.shape[1]
+        device = text_features.device
+        token_swapped = torch.zeros(batch_size, text_len, dtype=torch.bool, device=device)
+        region_swapped = torch.zeros(batch_size, num_regions, dtype=torch.bool, device=device)
+        token_partner = torch.full((batch_size, text_len), -1, dtype=torch.long, device=device)
+        region_partner = torch.full((batch_size, num_regions), -1, dtype=torch.long, device=device)
+
+        if anchor_selection is None:
+            anchor_selection = self.select_anchor_concepts(batch_size, device)
+        if anchor_selection is not None and num_regions > 0:
+            token_swapped = anchor_map.any(dim=2) & anchor_selection.gather(1, token_concept_ids.clamp(min=0))
+            region_swapped = anchor_map.any(dim=1) & anchor_selection.gather(1, region_concept_ids.clamp(min=0))
+            # argmax returns the first maximum: ties go to the lowest region / the first word piece.
+            scores = region_scores if region_scores is not None else torch.zeros_like(region_concept_ids, dtype=text_features.dtype)
+            partner_scores = scores.unsqueeze(1).masked_fill(~anchor_map, float("-inf"))
+            best_region = partner_scores.argmax(dim=2)
+            first_token = anchor_map.to(torch.uint8).argmax(dim=1)
+            token_partner = torch.where(token_swapped, best_region, token_partner)
+            region_partner = torch.where(region_swapped, first_token, region_partner)
+
+            fill_text = region_features.gather(1, best_region.unsqueeze(-1).expand(-1, -1, hidden_size))
+            fill_regions = text_features.gather(1, first_token.unsqueeze(-1).expand(-1, -1, hidden_size))
+            text_features = torch.where(token_swapped.unsqueeze(-1), fill_text, text_features)
+            region_features = torch.where(region_swapped.unsqueeze(-1), fill_regions, region_features)
+
+        type_ids = torch.cat(
+            [
+                torch.where(token_swapped, PROMPT_TYPE, TEXT_TYPE),
+                torch.where(region_swapped, PROMPT_TYPE, REGION_TYPE),
+            ],
+            dim=1,
+        )
+        hybrid = torch.cat([text_features, region_features], dim=1) + self.modality_type_embeddings(type_ids)
+        hybrid = self.dropout(self.LayerNorm(hybrid))
+        return hybrid, token_swapped, region_swapped, token_partner, region_partner
+
+
+class CMALPooler(nn.Module):
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states[:, 0]))
+
+
+class CMALPredictionHeadTransform(nn.Module):
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.transform_act_fn(self.dense(hidden_states)))
+
+
+class CMALLMPredictionHead(nn.Module):
+    """Vocabulary head, tied to the word embeddings; named as BERT's `cls.predictions`."""
+
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.transform = CMALPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states))
+
+
+class CMALRegionPredictionHead(nn.Module):
+    """Transform then a linear output: region feature regression or concept classification."""
+
+    def __init__(self, config: CMALConfig, out_features: int):
+        super().__init__()
+        self.transform = CMALPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, out_features)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states))
+
+
+class CMALPointerHead(nn.Module):
+    """Scores every region as the partner of every token with a scaled bilinear product."""
+
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.scaling = config.hidden_size**-0.5
+
+    def forward(self, text_states: torch.Tensor, region_states: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.query(text_states), self.key(region_states).transpose(1, 2)) * self.scaling
+
+
+def _mask_padded_regions(logits: torch.Tensor, visual_attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Give padded regions (last dim of `logits`) the dtype's minimum so softmax ignores them."""
+    if visual_attention_mask is None:
+        return logits
+    shape = (visual_attention_mask.shape[0],) + (1,) * (logits.dim() - 2) + (visual_attention_mask.shape[1],)
+    return logits.masked_fill(~visual_attention_mask.bool().view(shape), torch.finfo(logits.dtype).min)
+
+
+def _cross_entropy_where(logits: torch.Tensor, labels: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the selected positions; an exact 0 (with a graph) when none is selected.
+
+    A plain `cross_entropy` with every target ignored returns NaN; a batch without anchors, or
+    without masked words, is normal in CMAL and must not poison the total loss.
+    """
+    if not bool(where.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[where].float(), labels[where])
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+class CMALPreTrainedModel(PreTrainedModel):
+    config: CMALConfig
+    config_class = CMALConfig
+    base_model_prefix = "cmal"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CMALTextEmbeddings", "CMALVisualEmbeddings", "CMALAssociativePromptLayer", "CMALLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, CMALHypersphere) and module.scale is not None:
+            init.constant_(module.scale, self.config.hypersphere_init_scale)
+        elif isinstance(module, CMALLMPredictionHead):
+            init.zeros_(module.bias)
+        elif isinstance(module, CMALTextEmbeddings):
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also map the shared auto classes, so that any CMAL checkpoint loads its encoder with `AutoModel`."""
+        shared = {auto_class: f"modeling_cmal.{cls.__name__}" for auto_class, cls in CMAL_AUTO_MAP.items()}
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **shared}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class CMALModel(CMALPreTrainedModel):
+    """The bare CMAL encoder: uni-modal encoders -> associative prompt layer -> unified encoder."""
+
+    def __init__(self, config: CMALConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.config = config
+        self.text_embeddings = CMALTextEmbeddings(config)
+        self.text_encoder = CMALEncoder(config, config.num_text_layers)
+        self.text_hypersphere = CMALHypersphere(config)
+        self.visual_embeddings = CMALVisualEmbeddings(config)
+        self.visual_encoder = CMALEncoder(config, config.num_visual_layers)
+        self.visual_hypersphere = CMALHypersphere(config)
+        self.associative_prompt = CMALAssociativePromptLayer(config)
+        self.encoder = CMALEncoder(config, config.num_hidden_layers)
+        self.pooler = CMALPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.text_embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.text_embeddings.word_embeddings = value
+
+    def _extended_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, L) 0/1 mask -> (B, 1, 1, L) additive mask, the form eager and sdpa both take."""
+        return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+    def _validate_inputs(
+        self,
+        input_ids,
+        visual_feats,
+        visual_pos,
+        attention_mask,
+        token_type_ids,
+        visual_attention_mask,
+        token_concept_ids,
+        region_concept_ids,
+        region_scores,
+        masked_regions,
+        anchor_selection,
+    ):
+        """Check every input at the boundary; each error names the argument, what was expected and what came."""
+        config = self.config
+        for name, value in (("input_ids", input_ids), ("visual_feats", visual_feats), ("visual_pos", visual_pos)):
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"`input_ids` must have shape (batch_size, text_len), got shape {tuple(input_ids.shape)}"
+            )
+        batch_size, text_len = input_ids.shape
+        if batch_size == 0:
+            raise ValueError("`input_ids` must hold at least one example, got batch_size 0")
+        if text_len == 0:
+            raise ValueError(
+                "`input_ids` is empty (text_len 0): every example needs at least a [CLS] token; "
+                "tokenize with the processor, which adds [CLS] and [SEP]"
+            )
+        if input_ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+            raise ValueError(f"`input_ids` must be an integer tensor, got dtype {input_ids.dtype}")
+        if text_len > config.max_position_embeddings:
+            raise ValueError(
+                f"`input_ids` has {text_len} tokens, more than config.max_position_embeddings "
+                f"({config.max_position_embeddings}); truncate the text"
+            )
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= config.vocab_size:
+            raise ValueError(
+                f"`input_ids` values must lie in [0, {config.vocab_size}) (config.vocab_size), got range [{low}, {high}]"
+            )
+        if visual_feats.dim() != 3:
+            raise ValueError(
+                f"`visual_feats` must have shape (batch_size, num_regions, {config.visual_feat_dim}), "
+                f"got shape {tuple(visual_feats.shape)}"
+            )
+        num_regions = visual_feats.shape[1]
+        expected = {
+            "visual_feats": (batch_size, num_regions, config.visual_feat_dim),
+            "visual_pos": (batch_size, num_regions, config.visual_pos_dim),
+            "attention_mask": (batch_size, text_len),
+            "token_type_ids": (batch_size, text_len),
+            "token_concept_ids": (batch_size, text_len),
+            "visual_attention_mask": (batch_size, num_regions),
+            "region_concept_ids": (batch_size, num_regions),
+            "region_scores": (batch_size, num_regions),
+            "masked_regions": (batch_size, num_regions),
+            "anchor_selection": (batch_size, config.num_concepts),
+        }
+        given = {
+            "visual_feats": visual_feats,
+            "visual_pos": visual_pos,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "token_concept_ids": token_concept_ids,
+            "visual_attention_mask": visual_attention_mask,
+            "region_concept_ids": region_concept_ids,
+            "region_scores": region_scores,
+            "masked_regions": masked_regions,
+            "anchor_selection": anchor_selection,
+        }
+        names = {
+            "visual_feats": "(batch_size, num_regions, config.visual_feat_dim)",
+            "visual_pos": "(batch_size, num_regions, config.visual_pos_dim)",
+            "anchor_selection": "(batch_size, config.num_concepts)",
+        }
+        for name, value in given.items():
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
+            if tuple(value.shape) != expected[name]:
+                layout = names.get(name, "(batch_size, text_len)" if expected[name][1:] == (text_len,) else "(batch_size, num_regions)")
+                raise ValueError(
+                    f"`{name}` must have shape {layout} = {expected[name]} (from `input_ids` and `visual_feats`), "
+                    f"got shape {tuple(value.shape)}"
+                )
+        if num_regions > config.max_regions:
+            raise ValueError(
+                f"`visual_feats` has {num_regions} regions, more than config.max_regions ({config.max_regions}); "
+                "keep the top regions by detector score"
+            )
+        for name in ("visual_feats", "visual_pos", "region_scores"):
+            value = given[name]
+            if value is None:
+                continue
+            if not value.is_floating_point():
+                raise ValueError(f"`{name}` must be a floating-point tensor, got dtype {value.dtype}")
+            if not bool(torch.isfinite(value).all()):
+                bad = (~torch.isfinite(value)).nonzero()[0].tolist()
+                raise ValueError(f"`{name}` must be finite, got NaN or inf (first at index {tuple(bad)})")
+        if attention_mask is not None and not bool(attention_mask.bool().any(dim=1).all()):
+            empty = (~attention_mask.bool().any(dim=1)).nonzero()[0, 0].item()
+            raise ValueError(f"`attention_mask` masks every token of example {empty}: the text is empty")
+        if token_type_ids is not None and token_type_ids.numel() and (
+            int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= config.type_vocab_size
+        ):
+            raise ValueError(
+                f"`token_type_ids` values must lie in [0, {config.type_vocab_size}) (config.type_vocab_size), "
+                f"got range [{int(token_type_ids.min())}, {int(token_type_ids.max())}]"
+            )
+        for name in ("token_concept_ids", "region_concept_ids"):
+            value = given[name]
+            if value is None or value.numel() == 0:
+                continue
+            if value.is_floating_point():
+                raise ValueError(f"`{name}` must be an integer tensor, got dtype {value.dtype}")
+            low, high = int(value.min()), int(value.max())
+            if low < -1 or high >= config.num_concepts:
+                raise ValueError(
+                    f"`{name}` values must be -1 (no concept) or lie in [0, {config.num_concepts}) "
+                    f"(config.num_concepts), got range [{low}, {high}]"
+                )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        visual_feats: torch.FloatTensor | None = None,
+        visual_pos: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        visual_attention_mask: torch.Tensor | None = None,
+        token_concept_ids: torch.LongTensor | None = None,
+        region_concept_ids: torch.LongTensor | None = None,
+        region_scores: torch.FloatTensor | None = None,
+        masked_regions: torch.BoolTensor | None = None,
+        anchor_selection: torch.BoolTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CMALModelOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, text_len)`):
+                Word-piece ids of `[CLS] text [SEP]`, from the processor (any BERT-uncased tokenizer).
+            visual_feats (`torch.FloatTensor` of shape `(batch_size, num_regions, visual_feat_dim)`):
+                Region features; `num_regions` may be 0.
+            visual_pos (`torch.FloatTensor` of shape `(batch_size, num_regions, visual_pos_dim)`):
+                Normalised boxes `(x1, y1, x2, y2, w, h, area)`.
+            attention_mask (`torch.Tensor` of shape `(batch_size, text_len)`, *optional*): 1 for real tokens.
+            token_type_ids (`torch.LongTensor` of shape `(batch_size, text_len)`, *optional*): BERT segment ids.
+            visual_attention_mask (`torch.Tensor` of shape `(batch_size, num_regions)`, *optional*): 1 for real regions.
+            token_concept_ids (`torch.LongTensor` of shape `(batch_size, text_len)`, *optional*):
+                Concept id of each token (-1 for none), from the processor's anchor lexicon.
+            region_concept_ids (`torch.LongTensor` of shape `(batch_size, num_regions)`, *optional*):
+                Concept id of each region's detected tag (-1 for none).
+            region_scores (`torch.FloatTensor` of shape `(batch_size, num_regions)`, *optional*):
+                Detector confidences; pick the partner region of a swapped token.
+            masked_regions (`torch.BoolTensor` of shape `(batch_size, num_regions)`, *optional*):
+                Regions whose features are zeroed (masked region modelling); they never act as anchors.
+            anchor_selection (`torch.BoolTensor` of shape `(batch_size, num_concepts)`, *optional*):
+                Which anchor concepts to swap, overriding the random choice of training and the
+                `prompt_at_inference` rule of evaluation.
+        """
+        if kwargs:
+            raise TypeError(f"CMALModel.forward() got unexpected arguments {sorted(kwargs)}")
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        self._validate_inputs(
+            input_ids, visual_feats, visual_pos, attention_mask, token_type_ids, visual_attention_mask,
+            token_concept_ids, region_concept_ids, region_scores, masked_regions, anchor_selection,
+        )  # fmt: skip
+
+        batch_size, text_len = input_ids.shape
+        num_regions = visual_feats.shape[1]
+        device = input_ids.device
+        dtype = self.text_embeddings.word_embeddings.weight.dtype
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, text_len, dtype=torch.long, device=device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(batch_size, text_len, dtype=torch.long, device=device)
+        if visual_attention_mask is None:
+            visual_attention_mask = torch.ones(batch_size, num_regions, dtype=torch.long, device=device)
+        if token_concept_ids is None:
+            token_concept_ids = torch.full((batch_size, text_len), -1, dtype=torch.long, device=device)
+        if region_concept_ids is None:
+            region_concept_ids = torch.full((batch_size, num_regions), -1, dtype=torch.long, device=device)
+        visual_feats = visual_feats.to(dtype)
+        visual_pos = visual_pos.to(dtype)
+        if masked_regions is not None:
+            masked_regions = masked_regions.bool()
+            visual_feats = visual_feats.masked_fill(masked_regions.unsqueeze(-1), 0.0)
+            region_concept_ids = region_concept_ids.masked_fill(masked_regions, -1)
+
+        # Uni-modal semantic encoders, each onto its hypersphere.
+        text_hidden = self.text_embeddings(input_ids, token_type_ids)
+        text_hidden, _, _ = self.text_encoder(text_hidden, self._extended_mask(attention_mask, dtype))
+        text_features = self.text_hypersphere(text_hidden)
+        region_hidden = self.visual_embeddings(visual_feats, visual_pos)
+        if num_regions > 0:
+            region_hidden, _, _ = self.visual_encoder(region_hidden, self._extended_mask(visual_attention_mask, dtype))
+        region_features = self.visual_hypersphere(region_hidden)
+
+        text_embeds = F.normalize(text_features[:, 0], dim=-1)
+        region_weights = visual_attention_mask.to(dtype).unsqueeze(-1)
+        mean_region = (region_features * region_weights).sum(1) / region_weights.sum(1).clamp(min=1.0)
+        image_embeds = F.normalize(mean_region, dim=-1)
+
+        # Anchor operator, then the associative prompt layer and the unified encoder.
+        anchor_map = anchor_operator(token_concept_ids, region_concept_ids, attention_mask, visual_attention_mask)
+        hybrid, token_swapped, region_swapped, token_partner, region_partner = self.associative_prompt(
+            text_features,
+            region_features,
+            anchor_map,
+            token_concept_ids,
+            region_concept_ids,
+            None if region_scores is None else region_scores.to(dtype),
+            None if anchor_selection is None else anchor_selection.bool(),
+        )
+        joint_mask = self._extended_mask(torch.cat([attention_mask, visual_attention_mask], dim=1), dtype)
+        sequence_output, all_hidden_states, all_attentions = self.encoder(
+            hybrid, joint_mask, output_attentions, output_hidden_states
+        )
+        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+
+        output = CMALModelOutput(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            text_features=text_features,
+            region_features=region_features,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            anchor_map=anchor_map,
+            token_swapped=token_swapped,
+            region_swapped=region_swapped,
+            token_partner=token_partner,
+            region_partner=region_partner,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def _check_labels(name: str, labels: torch.Tensor, shape: tuple, num_classes: int | None = None) -> None:
+    """Validate a label tensor at the head boundary (shape, dtype and range)."""
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"`{name}` must be a torch.Tensor, got {type(labels).__name__}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"`{name}` must have shape {tuple(shape)}, got shape {tuple(labels.shape)}")
+    if num_classes is None:  # soft scores / distributions
+        if not labels.is_floating_point() or not bool(torch.isfinite(labels).all()):
+            raise ValueError(f"`{name}` must be finite floating-point scores, got dtype {labels.dtype}")
+        if labels.numel() and (float(labels.min()) < 0 or float(labels.max()) > 1):
+            raise ValueError(
+                f"`{name}` must lie in [0, 1], got range [{float(labels.min()):.4g}, {float(labels.max()):.4g}]"
+            )
+        return
+    if labels.is_floating_point():
+        raise ValueError(f"`{name}` must be an integer tensor of class indices, got dtype {labels.dtype}")
+    valid = labels[labels != -100]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_classes):
+        raise ValueError(
+            f"`{name}` values must lie in [0, {num_classes}) (or be -100 to ignore), "
+            f"got range [{int(valid.min())}, {int(valid.max())}]"
+        )
+
+
+class CMALForPreTraining(CMALPreTrainedModel):
+    """CMAL with every pre-training objective: MLM, MRM, ITM, AMC (token/region/pointer) and ITC.
+
+    Each loss is returned on its own and combined with the weights of the config. Masking of
+    words and regions is the data collator's job (`labels`, `masked_regions`); the anchor swap
+    and its AMC targets are produced inside the model.
+    """
+
+    _tied_weights_keys = {
+        "lm_head.decoder.weight": "cmal.text_embeddings.word_embeddings.weight",
+        "lm_head.decoder.bias": "lm_head.bias",
+    }
+
+    def __init__(self, config: CMALConfig):
+        super().__init__(config)
+        self.cmal = CMALModel(config)
+        self.lm_head = CMALLMPredictionHead(config)
+        self.feature_head = CMALRegionPredictionHead(config, config.visual_feat_dim)
+        self.concept_head = CMALRegionPredictionHead(config, config.num_concepts)
+        self.pointer_head = CMALPointerHead(config)
+        self.itm_head = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head.decoder = new_embeddings
+        self.lm_head.bias = new_embeddings.bias
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        visual_feats: torch.FloatTensor | None = None,
+        visual_pos: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        visual_attention_mask: torch.Tensor | None = None,
+        token_concept_ids: torch.LongTensor | None = None,
+        region_concept_ids: torch.LongTensor | None = None,
+        region_scores: torch.FloatTensor | None = None,
+        masked_regions: torch.BoolTensor | None = None,
+        anchor_selection: torch.BoolTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        region_soft_labels: torch.FloatTensor | None = None,
+        itm_labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> CMALForPreTrainingOutput | tuple:
+        r"""
+        Inputs as in [`CMALModel.forward`], plus:
+
+        labels (`torch.LongTensor` of shape `(batch_size, text_len)`, *optional*):
+            MLM targets: the original id at masked word pieces, -100 elsewhere.
+        region_soft_labels (`torch.FloatTensor` of shape `(batch_size, num_regions, num_concepts)`, *optional*):
+            Detector class distributions; the MRM concept loss becomes a KL divergence to them.
+        itm_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            1 when the image and the text belong together, 0 for a mismatched pair.
+        """
+        config = self.config
+        return_dict = config.return_dict if return_dict is None else return_dict
+        outputs = self.cmal(
+            input_ids, visual_feats, visual_pos,
+            attention_mask=attention_mask, token_type_ids=token_type_ids,
+            visual_attention_mask=visual_attention_mask, token_concept_ids=token_concept_ids,
+            region_concept_ids=region_concept_ids, region_scores=region_scores,
+            masked_regions=masked_regions, anchor_selection=anchor_selection,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )  # fmt: skip
+        batch_size, text_len = input_ids.shape
+        num_regions = visual_feats.shape[1]
+        if labels is not None:
+            _check_labels("labels", labels, (batch_size, text_len), config.vocab_size)
+        if itm_labels is not None:
+            _check_labels("itm_labels", itm_labels, (batch_size,), 2)
+        if region_soft_labels is not None:
+            _check_labels("region_soft_labels", region_soft_labels, (batch_size, num_regions, config.num_concepts))
+        if visual_attention_mask is None:
+            visual_attention_mask = torch.ones(batch_size, num_regions, dtype=torch.long, device=input_ids.device)
+        real_regions = visual_attention_mask.bool()
+
+        sequence_output = outputs.last_hidden_state
+        text_states, region_states = sequence_output[:, :text_len], sequence_output[:, text_len:]
+        prediction_logits = self.lm_head(text_states)
+        region_feature_predictions = self.feature_head(region_states)
+        region_concept_logits = self.concept_head(region_states)
+        pointer_logits = _mask_padded_regions(self.pointer_head(text_states, region_states), visual_attention_mask)
+        itm_logits = self.itm_head(outputs.pooler_output)
+
+        losses = {}
+        if labels is not None and config.mlm_weight > 0:
+            losses["mlm_loss"] = _cross_entropy_where(prediction_logits, labels, labels != -100)
+        if masked_regions is not None and config.mrm_weight > 0:
+            masked = masked_regions.bool() & real_regions
+            if bool(masked.any()):
+                target = visual_feats.to(region_feature_predictions.dtype)[masked]
+                losses["mrm_feature_loss"] = F.mse_loss(region_feature_predictions[masked].float(), target.float())
+            else:
+                losses["mrm_feature_loss"] = region_feature_predictions.sum() * 0.0
+            if region_soft_labels is not None:
+                log_probs = F.log_softmax(region_concept_logits[masked].float(), dim=-1)
+                soft = region_soft_labels[masked].float()
+                losses["mrm_concept_loss"] = (
+                    F.kl_div(log_probs, soft, reduction="batchmean") if bool(masked.any()) else log_probs.sum() * 0.0
+                )
+            elif region_concept_ids is not None:
+                losses["mrm_concept_loss"] = _cross_entropy_where(
+                    region_concept_logits, region_concept_ids.clamp(min=0), masked & (region_concept_ids >= 0)
+                )
+        if itm_labels is not None and config.itm_weight > 0:
+            losses["itm_loss"] = F.cross_entropy(itm_logits.float(), itm_labels)
+        if config.amc_token_weight > 0:
+            losses["amc_token_loss"] = _cross_entropy_where(prediction_logits, input_ids, outputs.token_swapped)
+        if config.amc_region_weight > 0 and region_concept_ids is not None:
+            losses["amc_region_loss"] = _cross_entropy_where(
+                region_concept_logits, region_concept_ids.clamp(min=0), outputs.region_swapped
+            )
+        if config.amc_pointer_weight > 0:
+            losses["amc_pointer_loss"] = _cross_entropy_where(
+                pointer_logits, outputs.token_partner.clamp(min=0), outputs.token_swapped
+            )
+        itc_logits = None
+        if config.itc_weight > 0:
+            itc_logits = outputs.text_embeds @ outputs.image_embeds.t() / config.itc_temperature
+            # Contrast only real pairs that have at least one region; mismatched ITM pairs are not positives.
+            pairs = real_regions.any(dim=1)
+            if itm_labels is not None:
+                pairs &= itm_labels == 1
+            if int(pairs.sum()) >= 2:
+                logits = itc_logits[pairs][:, pairs].float()
+                targets = torch.arange(logits.shape[0], device=logits.device)
+                losses["itc_loss"] = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+            else:
+                losses["itc_loss"] = itc_logits.sum() * 0.0
+
+        weights = {
+            "mlm_loss": config.mlm_weight,
+            "mrm_feature_loss": config.mrm_weight,
+            "mrm_concept_loss": config.mrm_weight,
+            "itm_loss": config.itm_weight,
+            "amc_token_loss": config.amc_token_weight,
+            "amc_region_loss": config.amc_region_weight,
+            "amc_pointer_loss": config.amc_pointer_weight,
+            "itc_loss": config.itc_weight,
+        }
+        loss = sum(weights[name] * value for name, value in losses.items()) if losses else None
+        output = CMALForPreTrainingOutput(
+            loss=loss,
+            **losses,
+            prediction_logits=prediction_logits,
+            region_feature_predictions=region_feature_predictions,
+            region_concept_logits=region_concept_logits,
+            pointer_logits=pointer_logits,
+            itm_logits=itm_logits,
+            itc_logits=itc_logits,
+            anchor_map=outputs.anchor_map,
+            token_swapped=outputs.token_swapped,
+            region_swapped=outputs.region_swapped,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class CMALForQuestionAnswering(CMALPreTrainedModel):
+    """VQA head: an MLP on the pooled output, one sigmoid score per answer of `config.id2label`.
+
+    Trained with binary cross-entropy on soft scores, so `logits` mean the same with or without
+    `labels`, and `pipeline("visual-question-answering")`'s sigmoid gives each answer's score.
+    """
+
+    def __init__(self, config: CMALConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.cmal = CMALModel(config)
+        self.classifier = nn.Sequential(
+            nn.Linear(config.hidden_size, config.hidden_size * 2),
+            nn.LayerNorm(config.hidden_size * 2, eps=config.layer_norm_eps),
+            nn.GELU(),
+            nn.Linear(config.hidden_size * 2, config.num_labels),
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        visual_feats: torch.FloatTensor | None = None,
+        visual_pos: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        visual_attention_mask: torch.Tensor | None = None,
+        token_concept_ids: torch.LongTensor | None = None,
+        region_concept_ids: torch.LongTensor | None = None,
+        region_scores: torch.FloatTensor | None = None,
+        labels: torch.FloatTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SequenceClassifierOutput | tuple:
+        r"""
+        labels (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
+            Soft answer scores in [0, 1] (VQA: min(#annotators who gave the answer / 3, 1)).
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.cmal(
+            input_ids, visual_feats, visual_pos,
+            attention_mask=attention_mask, token_type_ids=token_type_ids,
+            visual_attention_mask=visual_attention_mask, token_concept_ids=token_concept_ids,
+            region_concept_ids=region_concept_ids, region_scores=region_scores,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )  # fmt: skip
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            _check_labels("labels", labels, (input_ids.shape[0], self.num_labels))
+            # Mean over answers times their number: the sum over answers averaged over the batch (ViLT, BAN).
+            loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float()) * self.num_labels
+        output = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class CMALForImageTextClassification(CMALPreTrainedModel):
+    """One label per image-text pair (SNLI-VE: entailment / neutral / contradiction), cross-entropy."""
+
+    def __init__(self, config: CMALConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.cmal = CMALModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        visual_feats: torch.FloatTensor | None = None,
+        visual_pos: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        visual_attention_mask: torch.Tensor | None = None,
+        token_concept_ids: torch.LongTensor | None = None,
+        region_concept_ids: torch.LongTensor | None = None,
+        region_scores: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SequenceClassifierOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class indices into `config.id2label`.
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.cmal(
+            input_ids, visual_feats, visual_pos,
+            attention_mask=attention_mask, token_type_ids=token_type_ids,
+            visual_attention_mask=visual_attention_mask, token_concept_ids=token_concept_ids,
+            region_concept_ids=region_concept_ids, region_scores=region_scores,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )  # fmt: skip
+        logits = self.classifier(self.dropout(outputs.pooler_output))
+        loss = None
+        if labels is not None:
+            _check_labels("labels", labels, (input_ids.shape[0],), self.num_labels)
+            loss = F.cross_entropy(logits.float(), labels)
+        output = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class CMALForVisualReasoning(CMALPreTrainedModel):
+    """NLVR2: one sentence, two images; the two pooled outputs are concatenated and classified.
+
+    Visual inputs carry an extra image axis of size 2: `visual_feats` is
+    `(batch_size, 2, num_regions, visual_feat_dim)`, and so on for the other region inputs.
+    """
+
+    def __init__(self, config: CMALConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.cmal = CMALModel(config)
+        self.classifier = nn.Sequential(
+            nn.Linear(config.hidden_size * 2, config.hidden_size * 2),
+            nn.LayerNorm(config.hidden_size * 2, eps=config.layer_norm_eps),
+            nn.GELU(),
+            nn.Linear(config.hidden_size * 2, config.num_labels),
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        visual_feats: torch.FloatTensor | None = None,
+        visual_pos: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        visual_attention_mask: torch.Tensor | None = None,
+        token_concept_ids: torch.LongTensor | None = None,
+        region_concept_ids: torch.LongTensor | None = None,
+        region_scores: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SequenceClassifierOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): 1 if the sentence is true of the pair.
+
+        `hidden_states`/`attentions` are returned for the `2 * batch_size` (text, image) rows, example `b`'s
+        images at rows `2b` and `2b + 1`.
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if not isinstance(visual_feats, torch.Tensor) or visual_feats.dim() != 4 or visual_feats.shape[1] != 2:
+            shape = tuple(visual_feats.shape) if isinstance(visual_feats, torch.Tensor) else type(visual_feats).__name__
+            raise ValueError(
+                "`visual_feats` must have shape (batch_size, 2, num_regions, visual_feat_dim) for the two images "
+                f"of NLVR2, got {shape}"
+            )
+        batch_size = visual_feats.shape[0]
+
+        def pairs_to_rows(name, value, text_side=False):
+            if value is None:
+                return None
+            if text_side:
+                return value.repeat_interleave(2, dim=0)
+            if not isinstance(value, torch.Tensor) or tuple(value.shape[:2]) != (batch_size, 2):
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"`{name}` must start with dimensions (batch_size, 2) = ({batch_size}, 2), got {shape}")
+            return value.flatten(0, 1)
+
+        outputs = self.cmal(
+            pairs_to_rows("input_ids", input_ids, text_side=True),
+            pairs_to_rows("visual_feats", visual_feats),
+            pairs_to_rows("visual_pos", visual_pos),
+            attention_mask=pairs_to_rows("attention_mask", attention_mask, text_side=True),
+            token_type_ids=pairs_to_rows("token_type_ids", token_type_ids, text_side=True),
+            visual_attention_mask=pairs_to_rows("visual_attention_mask", visual_attention_mask),
+            token_concept_ids=pairs_to_rows("token_concept_ids", token_concept_ids, text_side=True),
+            region_concept_ids=pairs_to_rows("region_concept_ids", region_concept_ids),
+            region_scores=pairs_to_rows("region_scores", region_scores),
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.pooler_output.reshape(batch_size, -1))
+        loss = None
+        if labels is not None:
+            _check_labels("labels", labels, (batch_size,), self.num_labels)
+            loss = F.cross_entropy(logits.float(), labels)
+        output = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class CMALForReferringExpression(CMALPreTrainedModel):
+    """Referring expression comprehension: one score per region, cross-entropy over the regions."""
+
+    def __init__(self, config: CMALConfig):
+        super().__init__(config)
+        self.cmal = CMALModel(config, add_pooling_layer=False)
+        self.region_scorer = CMALRegionPredictionHead(config, 1)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        visual_feats: torch.FloatTensor | None = None,
+        visual_pos: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        visual_attention_mask: torch.Tensor | None = None,
+        token_concept_ids: torch.LongTensor | None = None,
+        region_concept_ids: torch.LongTensor | None = None,
+        region_scores: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> CMALReferringExpressionOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): index of the referred region.
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.cmal(
+            input_ids, visual_feats, visual_pos,
+            attention_mask=attention_mask, token_type_ids=token_type_ids,
+            visual_attention_mask=visual_attention_mask, token_concept_ids=token_concept_ids,
+            region_concept_ids=region_concept_ids, region_scores=region_scores,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )  # fmt: skip
+        batch_size, text_len = input_ids.shape
+        num_regions = visual_feats.shape[1]
+        region_states = outputs.last_hidden_state[:, text_len:]
+        logits = _mask_padded_regions(self.region_scorer(region_states).squeeze(-1), visual_attention_mask)
+        loss = None
+        if labels is not None:
+            if num_regions == 0:
+                raise ValueError("`labels` name a referred region, but the examples have no regions (num_regions 0)")
+            _check_labels("labels", labels, (batch_size,), num_regions)
+            if visual_attention_mask is not None:
+                target_real = visual_attention_mask.bool().gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+                if not bool((target_real | (labels == -100)).all()):
+                    raise ValueError("`labels` must point at a real region; one points at a padded region")
+            loss = F.cross_entropy(logits.float(), labels)
+        output = CMALReferringExpressionOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class CMALForImageTextRetrieval(CMALPreTrainedModel):
+    """Image-text matching, trainable: a 2-way classifier on the pooled output (as pre-training's ITM).
+
+    Its `itm_head` has the name and shape of `CMALForPreTraining.itm_head`, so a pre-trained ITM
+    head loads into it. Rank candidates by `scores`; report recall@K over a candidate pool.
+    """
+
+    def __init__(self, config: CMALConfig):
+        super().__init__(config)
+        self.cmal = CMALModel(config)
+        self.itm_head = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        visual_feats: torch.FloatTensor | None = None,
+        visual_pos: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        visual_attention_mask: torch.Tensor | None = None,
+        token_concept_ids: torch.LongTensor | None = None,
+        region_concept_ids: torch.LongTensor | None = None,
+        region_scores: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> CMALImageTextRetrievalOutput | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): 1 for a matching pair, 0 otherwise.
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.cmal(
+            input_ids, visual_feats, visual_pos,
+            attention_mask=attention_mask, token_type_ids=token_type_ids,
+            visual_attention_mask=visual_attention_mask, token_concept_ids=token_concept_ids,
+            region_concept_ids=region_concept_ids, region_scores=region_scores,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )  # fmt: skip
+        logits = self.itm_head(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            _check_labels("labels", labels, (input_ids.shape[0],), 2)
+            loss = F.cross_entropy(logits.float(), labels)
+        output = CMALImageTextRetrievalOutput(
+            loss=loss,
+            logits=logits,
+            scores=logits[:, 1] - logits[:, 0],
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# Auto classes. Each head saves its own entry (`register_for_auto_class`); `CMALPreTrainedModel.save_pretrained`
+# adds the shared ones, so that any CMAL checkpoint also loads its encoder with `AutoModel`.
+CMAL_AUTO_MAP = {
+    "AutoModel": CMALModel,
+    "AutoModelForPreTraining": CMALForPreTraining,
+    "AutoModelForVisualQuestionAnswering": CMALForQuestionAnswering,
+    "AutoModelForSequenceClassification": CMALForImageTextClassification,
+}
+CMAL_HEAD_AUTO_CLASSES = {
+    **{model_class: auto_class for auto_class, model_class in CMAL_AUTO_MAP.items()},
+    # No auto class fits these tasks better; a checkpoint of one maps the named auto class to itself.
+    CMALForVisualReasoning: "AutoModelForSequenceClassification",
+    CMALForImageTextRetrieval: "AutoModelForSequenceClassification",
+    CMALForReferringExpression: "AutoModelForTokenClassification",
+}
+
+
+CMALConfig.register_for_auto_class()
+for _model_class, _auto_class in CMAL_HEAD_AUTO_CLASSES.items():
+    _model_class.register_for_auto_class(_auto_class)
+
+
+__all__ = [
+    "CMALPreTrainedModel",
+    "CMALModel",
+    "CMALForPreTraining",
+    "CMALForQuestionAnswering",
+    "CMALForImageTextClassification",
+    "CMALForVisualReasoning",
+    "CMALForReferringExpression",
+    "CMALForImageTextRetrieval",
+    "CMALModelOutput",
+    "CMALForPreTrainingOutput",
+    "CMALReferringExpressionOutput",
+    "CMALImageTextRetrievalOutput",
+    "anchor_operator",
+]
