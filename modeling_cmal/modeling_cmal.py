@@ -537,7 +537,7 @@ def _cross_entropy_where(logits: torch.Tensor, labels: torch.Tensor, where: torc
     without masked words, is normal in CMAL and must not poison the total loss.
     """
     if not bool(where.any()):
-        return logits.sum() * 0.0
+        return (logits * 0.0).sum()
     return F.cross_entropy(logits[where].float(), labels[where])
 
 
@@ -974,12 +974,12 @@ class CMALForPreTraining(CMALPreTrainedModel):
                 target = visual_feats.to(region_feature_predictions.dtype)[masked]
                 losses["mrm_feature_loss"] = F.mse_loss(region_feature_predictions[masked].float(), target.float())
             else:
-                losses["mrm_feature_loss"] = region_feature_predictions.sum() * 0.0
+                losses["mrm_feature_loss"] = (region_feature_predictions * 0.0).sum()
             if region_soft_labels is not None:
                 log_probs = F.log_softmax(region_concept_logits[masked].float(), dim=-1)
                 soft = region_soft_labels[masked].float()
                 losses["mrm_concept_loss"] = (
-                    F.kl_div(log_probs, soft, reduction="batchmean") if bool(masked.any()) else log_probs.sum() * 0.0
+                    F.kl_div(log_probs, soft, reduction="batchmean") if bool(masked.any()) else (log_probs * 0.0).sum()
                 )
             elif region_concept_ids is not None:
                 losses["mrm_concept_loss"] = _cross_entropy_where(
@@ -1009,7 +1009,7 @@ class CMALForPreTraining(CMALPreTrainedModel):
                 targets = torch.arange(logits.shape[0], device=logits.device)
                 losses["itc_loss"] = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
             else:
-                losses["itc_loss"] = itc_logits.sum() * 0.0
+                losses["itc_loss"] = (itc_logits * 0.0).sum()
 
         weights = {
             "mlm_loss": config.mlm_weight,

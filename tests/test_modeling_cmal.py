@@ -1,0 +1,499 @@
+"""Model tests on tiny configs, parametrised over every head (timm style)."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import FEAT_DIM, NUM_CONCEPTS, VOCAB_SIZE, make_inputs, tiny_config
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForVisualQuestionAnswering
+
+from modeling_cmal import (
+    CMAL_PRESETS,
+    CMALConfig,
+    CMALForImageTextClassification,
+    CMALForImageTextRetrieval,
+    CMALForPreTraining,
+    CMALForQuestionAnswering,
+    CMALForReferringExpression,
+    CMALForVisualReasoning,
+    CMALModel,
+    anchor_operator,
+)
+
+
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+MASK_ID = 4
+
+
+def pair_images(inputs: dict) -> dict:
+    """NLVR2 inputs: the same text with two images (the second is the first one's regions reversed)."""
+    paired = dict(inputs)
+    for key in ("visual_feats", "visual_pos", "visual_attention_mask", "region_concept_ids"):
+        paired[key] = torch.stack([inputs[key], inputs[key].flip(1)], dim=1)
+    return paired
+
+
+def head_case(name: str, batch_size: int = 3):
+    """(model class, config overrides, inputs with labels, name of the logits output, logits shape)."""
+    inputs = make_inputs(batch_size=batch_size)
+    b, t = inputs["input_ids"].shape
+    n = inputs["visual_feats"].shape[1]
+    if name == "pretraining":
+        labels = torch.full_like(inputs["input_ids"], -100)
+        labels[:, 3] = inputs["input_ids"][:, 3]
+        inputs["input_ids"][:, 3] = MASK_ID
+        masked = torch.zeros(b, n, dtype=torch.bool)
+        masked[:, 2] = True
+        inputs.update(
+            labels=labels,
+            masked_regions=masked,
+            itm_labels=torch.tensor([1, 0, 1][:b]),
+            anchor_selection=torch.ones(b, NUM_CONCEPTS, dtype=torch.bool),
+        )
+        return CMALForPreTraining, dict(itc_weight=1.0), inputs, "prediction_logits", (b, t, VOCAB_SIZE)
+    if name == "vqa":
+        answers = {i: f"answer {i}" for i in range(6)}
+        labels = torch.zeros(b, 6)
+        labels[torch.arange(b), torch.arange(b) % 6] = 1.0
+        labels[0, 5] = 0.3
+        inputs["labels"] = labels
+        return CMALForQuestionAnswering, dict(id2label=answers), inputs, "logits", (b, 6)
+    if name == "ve":
+        labels3 = {0: "entailment", 1: "neutral", 2: "contradiction"}
+        inputs["labels"] = torch.arange(b) % 3
+        return CMALForImageTextClassification, dict(id2label=labels3), inputs, "logits", (b, 3)
+    if name == "nlvr2":
+        inputs = pair_images(inputs)
+        inputs["labels"] = torch.tensor([1, 0, 1][:b])
+        return CMALForVisualReasoning, {}, inputs, "logits", (b, 2)
+    if name == "rec":
+        inputs["labels"] = torch.arange(b) % (n - 1)
+        return CMALForReferringExpression, {}, inputs, "logits", (b, n)
+    if name == "retrieval":
+        inputs["labels"] = torch.tensor([1, 0, 1][:b])
+        return CMALForImageTextRetrieval, {}, inputs, "logits", (b, 2)
+    raise KeyError(name)
+
+
+HEADS = ["pretraining", "vqa", "ve", "nlvr2", "rec", "retrieval"]
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_head_forward_backward(name):
+    model_class, overrides, inputs, logits_name, logits_shape = head_case(name)
+    torch.manual_seed(0)
+    model = model_class(tiny_config(**overrides)).train()
+    outputs = model(**inputs)
+    assert outputs[logits_name].shape == logits_shape
+    assert torch.isfinite(outputs[logits_name]).all()
+    assert outputs.loss.dim() == 0 and torch.isfinite(outputs.loss)
+    outputs.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    # the encoder itself learns from every head's loss
+    assert model.cmal.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_head_overfits_one_batch(name):
+    """Loss falls by at least 80% within 100 steps on one fixed batch."""
+    model_class, overrides, inputs, _, _ = head_case(name)
+    torch.manual_seed(0)
+    model = model_class(tiny_config(**overrides, **NO_DROPOUT)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(100):
+        loss = model(**inputs).loss
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() <= 0.2 * first:
+            break
+    assert loss.item() <= 0.2 * first, f"{name}: loss {first:.4f} -> {loss.item():.4f}"
+
+
+def test_pretraining_reports_each_loss_and_weights_them():
+    _, overrides, inputs, _, _ = head_case("pretraining")
+    torch.manual_seed(0)
+    model = CMALForPreTraining(tiny_config(**overrides, **NO_DROPOUT)).eval()
+    out = model(**inputs)
+    parts = ["mlm_loss", "mrm_feature_loss", "mrm_concept_loss", "itm_loss", "amc_token_loss",
+             "amc_region_loss", "amc_pointer_loss", "itc_loss"]  # fmt: skip
+    for part in parts:
+        assert out[part] is not None and torch.isfinite(out[part]) and out[part] > 0, part
+    assert torch.allclose(out.loss, sum(out[p] for p in parts))
+
+    torch.manual_seed(0)
+    weighted = CMALForPreTraining(tiny_config(**{**overrides, "mlm_weight": 2.0, "itc_weight": 0.0}, **NO_DROPOUT))
+    weighted.load_state_dict(model.state_dict())
+    out2 = weighted.eval()(**inputs)
+    assert out2.itc_loss is None
+    expected = sum(out[p] for p in parts if p != "itc_loss") + out.mlm_loss
+    assert torch.allclose(out2.loss, expected, atol=1e-6)
+
+
+def test_pretraining_without_any_target_gives_zero_not_nan():
+    """No anchors, no masked words or regions: the AMC parts are exactly 0, never NaN."""
+    inputs = make_inputs()
+    inputs["token_concept_ids"].fill_(-1)
+    model = CMALForPreTraining(tiny_config()).train()
+    out = model(**inputs)
+    assert not out.token_swapped.any()
+    for part in ("amc_token_loss", "amc_region_loss", "amc_pointer_loss"):
+        assert out[part].item() == 0.0
+    assert out.loss.item() == 0.0
+    out.loss.backward()  # the zero still carries a graph (needed under DDP)
+
+
+def test_mrm_soft_labels_use_kl():
+    _, overrides, inputs, _, _ = head_case("pretraining")
+    model = CMALForPreTraining(tiny_config(**NO_DROPOUT)).eval()
+    soft = torch.softmax(torch.randn(3, 5, NUM_CONCEPTS), dim=-1)
+    out = model(**inputs, region_soft_labels=soft)
+    masked = inputs["masked_regions"]
+    log_probs = torch.log_softmax(out.region_concept_logits[masked], dim=-1)
+    expected = torch.nn.functional.kl_div(log_probs, soft[masked], reduction="batchmean")
+    assert torch.allclose(out.mrm_concept_loss, expected)
+
+
+def test_vqa_logits_do_not_depend_on_labels():
+    _, overrides, inputs, _, _ = head_case("vqa")
+    model = CMALForQuestionAnswering(tiny_config(**overrides)).eval()
+    with_labels = model(**inputs).logits
+    inputs.pop("labels")
+    assert torch.equal(model(**inputs).logits, with_labels)
+
+
+def test_retrieval_scores_are_log_odds():
+    _, _, inputs, _, _ = head_case("retrieval")
+    out = CMALForImageTextRetrieval(tiny_config()).eval()(**inputs)
+    assert torch.allclose(out.scores, out.logits.log_softmax(-1)[:, 1] - out.logits.log_softmax(-1)[:, 0])
+
+
+def test_referring_expression_ignores_padded_regions():
+    _, _, inputs, _, _ = head_case("rec")
+    out = CMALForReferringExpression(tiny_config()).eval()(**inputs)
+    probs = out.logits.softmax(-1)
+    assert probs[-1, -1] == 0  # the last example's last region is padding
+    assert torch.allclose(probs.sum(-1), torch.ones(3))
+
+
+def test_visual_reasoning_uses_both_images():
+    _, _, inputs, _, _ = head_case("nlvr2")
+    model = CMALForVisualReasoning(tiny_config()).eval()
+    logits = model(**inputs).logits
+    for image in (0, 1):
+        changed = dict(inputs, visual_feats=inputs["visual_feats"].clone())
+        changed["visual_feats"][:, image] += 1.0
+        assert (model(**changed).logits - logits).abs().min() > 0, f"image {image} is ignored"
+
+
+# ------------------------------------------------------------------------------------------------
+# The anchor operator and the associative prompt layer, on a hand-made example
+# ------------------------------------------------------------------------------------------------
+
+
+def test_anchor_operator_by_hand():
+    # tokens: [CLS] two dog ##s near a cat [SEP] [PAD]; concepts: dog=3 (both word pieces), cat=5
+    token_concept_ids = torch.tensor([[-1, -1, 3, 3, -1, -1, 5, -1, -1]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 0]])
+    # regions: dog, person, cat, dog, (padded dog)
+    region_concept_ids = torch.tensor([[3, 0, 5, 3, 3]])
+    visual_attention_mask = torch.tensor([[1, 1, 1, 1, 0]])
+    anchor_map = anchor_operator(token_concept_ids, region_concept_ids, attention_mask, visual_attention_mask)
+    expected = torch.zeros(1, 9, 5, dtype=torch.bool)
+    expected[0, 2, [0, 3]] = True
+    expected[0, 3, [0, 3]] = True
+    expected[0, 6, 2] = True
+    assert torch.equal(anchor_map, expected)
+
+
+def test_associative_swap_by_hand():
+    """Which slots are swapped, and with which partner's uni-modal feature."""
+    config = tiny_config(**NO_DROPOUT)
+    model = CMALModel(config).eval()
+    input_ids = torch.tensor([[1, 20, 30, 31, 40, 50, 60, 2]])  # [CLS] two dog ##s near a cat [SEP]
+    token_concept_ids = torch.tensor([[-1, -1, 3, 3, -1, -1, 5, -1]])
+    region_concept_ids = torch.tensor([[3, 0, 5, 3]])  # dog (score .5), person, cat, dog (score .9)
+    region_scores = torch.tensor([[0.5, 0.8, 0.7, 0.9]])
+    torch.manual_seed(0)
+    visual_feats, visual_pos = torch.randn(1, 4, FEAT_DIM), torch.rand(1, 4, 7)
+    common = dict(token_concept_ids=token_concept_ids, region_concept_ids=region_concept_ids, region_scores=region_scores)
+
+    # Swap only "dog" (concept 3), not "cat".
+    selection = torch.zeros(1, NUM_CONCEPTS, dtype=torch.bool)
+    selection[0, 3] = True
+    out = model(input_ids, visual_feats, visual_pos, anchor_selection=selection, **common)
+    assert out.token_swapped.tolist() == [[False, False, True, True, False, False, False, False]]
+    assert out.region_swapped.tolist() == [[True, False, False, True]]
+    # tokens take the highest-scoring dog region (3); dog regions take the first dog word piece (2)
+    assert out.token_partner.tolist() == [[-1, -1, 3, 3, -1, -1, -1, -1]]
+    assert out.region_partner.tolist() == [[2, -1, -1, 2]]
+
+    # The unified encoder's input holds the partner features: rebuild it by hand from the uni-modal features.
+    hidden = {}
+    handle = model.encoder.register_forward_pre_hook(lambda mod, args: hidden.update(x=args[0]))
+    model(input_ids, visual_feats, visual_pos, anchor_selection=selection, **common)
+    handle.remove()
+    text, regions = out.text_features[0].clone(), out.region_features[0].clone()
+    text[2], text[3] = out.region_features[0, 3], out.region_features[0, 3]
+    regions[0], regions[3] = out.text_features[0, 2], out.text_features[0, 2]
+    types = torch.tensor([0, 0, 2, 2, 0, 0, 0, 0, 2, 1, 1, 2])
+    prompt = model.associative_prompt
+    expected = prompt.LayerNorm(torch.cat([text, regions]) + prompt.modality_type_embeddings(types))
+    torch.testing.assert_close(hidden["x"][0], expected)
+
+    # In evaluation nothing is swapped by default; `prompt_at_inference` swaps every anchor.
+    assert not model(input_ids, visual_feats, visual_pos, **common).token_swapped.any()
+    model.config.prompt_at_inference = True
+    out_all = model(input_ids, visual_feats, visual_pos, **common)
+    assert out_all.token_swapped.tolist() == [[False, False, True, True, False, False, True, False]]
+    assert out_all.region_swapped.tolist() == [[True, False, True, True]]
+
+
+def test_training_swaps_anchors_at_the_configured_rate():
+    config = tiny_config(anchor_mask_prob=0.5)
+    model = CMALModel(config).train()
+    inputs = make_inputs(batch_size=64, pad=False)
+    torch.manual_seed(0)
+    rate = torch.stack([model(**inputs).token_swapped[:, 1].float().mean() for _ in range(8)]).mean()
+    assert 0.4 < rate < 0.6
+    model.config.anchor_mask_prob = 0.0
+    assert not model(**inputs).token_swapped.any()
+
+
+def test_hypersphere_puts_features_on_a_sphere():
+    inputs = make_inputs()
+    model = CMALModel(tiny_config()).eval()
+    out = model(**inputs)
+    scale = model.config.hypersphere_init_scale
+    torch.testing.assert_close(out.text_features.norm(dim=-1), torch.full((3, 8), scale))
+    torch.testing.assert_close(out.region_features.norm(dim=-1), torch.full((3, 5), scale))
+    torch.testing.assert_close(out.text_embeds.norm(dim=-1), torch.ones(3))
+    # The radius is learnt; without the sphere, features keep whatever norm the encoder gives them.
+    with torch.no_grad():
+        model.text_hypersphere.scale.fill_(2.0)
+        model.text_encoder.layer[-1].output.LayerNorm.weight.mul_(3.0)
+    torch.testing.assert_close(model(**inputs).text_features.norm(dim=-1), torch.full((3, 8), 2.0))
+    plain = CMALModel(tiny_config(hypersphere=False)).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    assert plain.text_hypersphere.scale is None
+    torch.testing.assert_close(plain(**inputs).text_features.norm(dim=-1), torch.full((3, 8), 3.0 * scale))
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention backends, gradient checkpointing, padding
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_eager_and_sdpa_agree(name):
+    model_class, overrides, inputs, logits_name, _ = head_case(name)
+    torch.manual_seed(0)
+    eager = model_class(tiny_config(**overrides, attn_implementation="eager")).eval()
+    sdpa = model_class(tiny_config(**overrides, attn_implementation="sdpa")).eval()
+    sdpa.load_state_dict(eager.state_dict())
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    out_e, out_s = eager(**inputs), sdpa(**inputs)
+    torch.testing.assert_close(out_s[logits_name], out_e[logits_name], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_s.loss, out_e.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_output_attentions_and_hidden_states():
+    inputs = make_inputs()
+    model = CMALModel(tiny_config(attn_implementation="sdpa")).eval()
+    out = model(**inputs, output_attentions=True, output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert len(out.attentions) == model.config.num_hidden_layers
+    assert out.attentions[0].shape == (3, 4, 13, 13)
+    # padded keys get no attention, and rows sum to one
+    assert out.attentions[0][-1, :, :, 6:8].abs().max() == 0
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(3, 4, 13))
+    torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_gradient_checkpointing_gives_same_gradients(name):
+    model_class, overrides, inputs, _, _ = head_case(name)
+    torch.manual_seed(0)
+    model = model_class(tiny_config(**overrides, **NO_DROPOUT)).train()
+    torch.manual_seed(1)  # training draws which anchors to swap: draw the same ones in both passes
+    model(**inputs).loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert all(layer.gradient_checkpointing for layer in model.cmal.encoder.layer)
+    torch.manual_seed(1)
+    model(**inputs).loss.backward()
+    for n, p in model.named_parameters():
+        if n in reference:
+            torch.testing.assert_close(p.grad, reference[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_example_alone_equals_example_in_padded_batch():
+    inputs = make_inputs()
+    model = CMALForQuestionAnswering(tiny_config()).eval()
+    batch_logits = model(**inputs).logits
+    last = {k: v[-1:, : (6 if v.shape[1] == 8 else 4)] for k, v in inputs.items()}  # strip its padding
+    torch.testing.assert_close(model(**last).logits[0], batch_logits[-1], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving, loading, auto classes, Hub remote code
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_save_and_load_is_exact(name, tmp_path):
+    model_class, overrides, inputs, logits_name, _ = head_case(name)
+    model = model_class(tiny_config(**overrides)).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not (tmp_path / "pytorch_model.bin").exists()
+    loaded = model_class.from_pretrained(tmp_path).eval()
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    for key in state:
+        assert torch.equal(state[key], loaded_state[key]), key
+    assert torch.equal(loaded(**inputs)[logits_name], model(**inputs)[logits_name])
+    assert {**loaded.config.to_dict(), "_name_or_path": ""} == model.config.to_dict()
+
+
+def test_tied_word_embeddings_survive_loading(tmp_path):
+    CMALForPreTraining(tiny_config()).save_pretrained(tmp_path)
+    model = CMALForPreTraining.from_pretrained(tmp_path)
+    assert model.lm_head.decoder.weight is model.cmal.text_embeddings.word_embeddings.weight
+
+
+def test_local_auto_classes():
+    config = tiny_config()
+    assert isinstance(AutoConfig.for_model("cmal"), CMALConfig)
+    assert type(AutoModel.from_config(config)) is CMALModel
+    assert type(AutoModelForPreTraining.from_config(config)) is CMALForPreTraining
+    assert type(AutoModelForVisualQuestionAnswering.from_config(config)) is CMALForQuestionAnswering
+
+
+def test_auto_map_names_local_files(tmp_path):
+    CMALForReferringExpression(tiny_config()).save_pretrained(tmp_path)
+    config = CMALConfig.from_pretrained(tmp_path)
+    assert config.auto_map == {
+        "AutoConfig": "configuration_cmal.CMALConfig",
+        "AutoModel": "modeling_cmal.CMALModel",
+        "AutoModelForPreTraining": "modeling_cmal.CMALForPreTraining",
+        "AutoModelForVisualQuestionAnswering": "modeling_cmal.CMALForQuestionAnswering",
+        "AutoModelForSequenceClassification": "modeling_cmal.CMALForImageTextClassification",
+        "AutoModelForTokenClassification": "modeling_cmal.CMALForReferringExpression",
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json", "configuration_cmal.py", "model.safetensors", "modeling_cmal.py",
+    ]  # fmt: skip
+
+
+REMOTE_LOAD = textwrap.dedent(
+    """
+    import importlib.abc, inspect, json, sys
+    import torch
+
+    class BlockProject(importlib.abc.MetaPathFinder):
+        # The project must not be importable: whatever loads has to come from the saved folder.
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"modeling_cmal", "processors", "training"}:
+                raise ModuleNotFoundError(f"blocked: {name}")
+
+    sys.meta_path.insert(0, BlockProject())
+    sys.path = [p for p in sys.path if p not in ("", ".", REPO)]
+    from transformers import AutoModel, AutoModelForVisualQuestionAnswering
+
+    folder = sys.argv[1]
+    try:
+        import modeling_cmal
+        raise SystemExit("the project is importable")
+    except ModuleNotFoundError:
+        pass
+    vqa = AutoModelForVisualQuestionAnswering.from_pretrained(folder, trust_remote_code=True).eval()
+    encoder = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    inputs = {k: torch.tensor(v) for k, v in json.load(open(folder + "/inputs.json")).items()}
+    print(json.dumps({
+        "vqa_class": type(vqa).__module__ + "." + type(vqa).__name__,
+        "encoder_class": type(encoder).__name__,
+        "source": inspect.getfile(type(vqa)),
+        "logits": vqa(**inputs).logits.tolist(),
+    }))
+    """
+)
+
+
+def test_remote_code_load_in_clean_process(tmp_path):
+    """A saved folder loads with trust_remote_code where the project cannot be imported."""
+    import json
+    from pathlib import Path
+
+    folder, modules = tmp_path / "vqa", tmp_path / "modules"
+    _, overrides, inputs, _, _ = head_case("vqa")
+    inputs.pop("labels")
+    model = CMALForQuestionAnswering(tiny_config(**overrides)).eval()
+    model.save_pretrained(folder)
+    (folder / "inputs.json").write_text(json.dumps({k: v.tolist() for k, v in inputs.items()}))
+    repo = str(Path(__file__).resolve().parents[1])
+    script = tmp_path / "load.py"
+    script.write_text(REMOTE_LOAD.replace("REPO", repr(repo)))
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_MODULES_CACHE": str(modules), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["vqa_class"].startswith("transformers_modules.")
+    assert report["vqa_class"].endswith("modeling_cmal.CMALForQuestionAnswering")
+    assert report["encoder_class"] == "CMALModel"
+    assert Path(report["source"]).is_relative_to(modules)
+    assert Path(report["source"]).read_text() == (folder / "modeling_cmal.py").read_text()
+    torch.testing.assert_close(torch.tensor(report["logits"]), model(**inputs).logits, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+
+
+def test_presets():
+    base = CMALConfig.from_preset("base")
+    assert (base.hidden_size, base.num_attention_heads) == (768, 12)
+    assert base.num_text_layers + base.num_hidden_layers == 12  # BERT-base depth along the text path
+    assert set(CMAL_PRESETS) == {"tiny", "small", "base"}
+    assert CMALConfig.from_preset("tiny", hidden_size=64).hidden_size == 64
+    with pytest.raises(ValueError, match=r"`name` must be one of \['base', 'small', 'tiny'\], got 'huge'"):
+        CMALConfig.from_preset("huge")
+
+
+def test_default_concepts_are_coco():
+    config = CMALConfig()
+    assert config.num_concepts == 80 and config.concept_names[9] == "traffic light"
+    assert CMALConfig(num_concepts=3).concept_names == ["concept_0", "concept_1", "concept_2"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_concepts=3, concept_names=["a", "b"]), r"`num_concepts` \(3\) must equal len\(`concept_names`\) \(2\)"),
+        (dict(concept_names=["a", "a"]), "`concept_names` must not repeat a name"),
+        (dict(hidden_size=30, num_attention_heads=4), r"`hidden_size` \(30\) must be a multiple of `num_attention_heads` \(4\)"),
+        (dict(anchor_mask_prob=1.5), r"`anchor_mask_prob` must be in \[0, 1\], got 1.5"),
+        (dict(num_hidden_layers=0), "`num_hidden_layers` must be >= 1, got 0"),
+        (dict(num_text_layers=-1), "`num_text_layers` must be >= 0, got -1"),
+        (dict(itc_temperature=0.0), "`itc_temperature` must be > 0, got 0.0"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CMALConfig(**kwargs)
+
+
+def test_config_round_trip(tmp_path):
+    config = tiny_config(concept_names=[f"thing {i}" for i in range(NUM_CONCEPTS)], itc_weight=0.5)
+    config.save_pretrained(tmp_path)
+    loaded = CMALConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert loaded.concept_names[3] == "thing 3" and loaded.itc_weight == 0.5
