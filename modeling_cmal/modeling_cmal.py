@@ -553,9 +553,9 @@ class CMALPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["CMALTextEmbeddings", "CMALVisualEmbeddings", "CMALAssociativePromptLayer", "CMALLayer"]
+    # Backends receive a (batch, 1, 1, seq_len) additive float mask; eager and sdpa are tested, and an
+    # `AttentionInterface`-registered function works if it accepts that mask.
     _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
     _supports_attention_backend = True
 
     @torch.no_grad()

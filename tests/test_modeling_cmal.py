@@ -497,3 +497,30 @@ def test_config_round_trip(tmp_path):
     loaded = CMALConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
     assert loaded.concept_names[3] == "thing 3" and loaded.itc_weight == 0.5
+
+
+def test_heads_start_from_a_pretraining_checkpoint(tmp_path):
+    """Fine-tuning starts here: the encoder loads exactly, the ITM head carries over to retrieval, new heads init."""
+    pretrained = CMALForPreTraining(tiny_config())
+    with torch.no_grad():
+        pretrained.cmal.text_hypersphere.scale.fill_(3.0)
+    pretrained.save_pretrained(tmp_path)
+    retrieval = CMALForImageTextRetrieval.from_pretrained(tmp_path)
+    for name, tensor in pretrained.cmal.state_dict().items():
+        assert torch.equal(retrieval.cmal.state_dict()[name], tensor), name
+    assert torch.equal(retrieval.itm_head.weight, pretrained.itm_head.weight)
+    assert retrieval.cmal.text_hypersphere.scale.item() == 3.0
+    vqa = CMALForQuestionAnswering.from_pretrained(tmp_path, id2label={i: str(i) for i in range(7)})
+    head = vqa.classifier[3].weight
+    assert head.shape == (7, 64) and torch.isfinite(head).all()
+    assert 0.01 < head.std().item() < 0.03  # normal(0, initializer_range=0.02), not garbage
+    assert torch.equal(vqa.classifier[1].weight, torch.ones(64))
+
+
+def test_bfloat16_forward_backward():
+    model_class, overrides, inputs, logits_name, shape = head_case("pretraining")
+    model = model_class(tiny_config(**overrides)).to(torch.bfloat16).train()
+    out = model(**inputs)  # float32 features are cast to the model's dtype
+    assert out[logits_name].dtype == torch.bfloat16 and out[logits_name].shape == shape
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
