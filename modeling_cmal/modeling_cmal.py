@@ -651,44 +651,28 @@ class CMALModel(CMALPreTrainedModel):
                 f"got shape {tuple(visual_feats.shape)}"
             )
         num_regions = visual_feats.shape[1]
-        expected = {
-            "visual_feats": (batch_size, num_regions, config.visual_feat_dim),
-            "visual_pos": (batch_size, num_regions, config.visual_pos_dim),
-            "attention_mask": (batch_size, text_len),
-            "token_type_ids": (batch_size, text_len),
-            "token_concept_ids": (batch_size, text_len),
-            "visual_attention_mask": (batch_size, num_regions),
-            "region_concept_ids": (batch_size, num_regions),
-            "region_scores": (batch_size, num_regions),
-            "masked_regions": (batch_size, num_regions),
-            "anchor_selection": (batch_size, config.num_concepts),
-        }
-        given = {
-            "visual_feats": visual_feats,
-            "visual_pos": visual_pos,
-            "attention_mask": attention_mask,
-            "token_type_ids": token_type_ids,
-            "token_concept_ids": token_concept_ids,
-            "visual_attention_mask": visual_attention_mask,
-            "region_concept_ids": region_concept_ids,
-            "region_scores": region_scores,
-            "masked_regions": masked_regions,
-            "anchor_selection": anchor_selection,
-        }
-        names = {
-            "visual_feats": "(batch_size, num_regions, config.visual_feat_dim)",
-            "visual_pos": "(batch_size, num_regions, config.visual_pos_dim)",
-            "anchor_selection": "(batch_size, config.num_concepts)",
-        }
-        for name, value in given.items():
+        text_shape, region_shape = (batch_size, text_len), (batch_size, num_regions)
+        # name -> (value, layout in words, expected shape)
+        checks = {
+            "visual_feats": (visual_feats, "(batch_size, num_regions, config.visual_feat_dim)", (*region_shape, config.visual_feat_dim)),
+            "visual_pos": (visual_pos, "(batch_size, num_regions, config.visual_pos_dim)", (*region_shape, config.visual_pos_dim)),
+            "attention_mask": (attention_mask, "(batch_size, text_len)", text_shape),
+            "token_type_ids": (token_type_ids, "(batch_size, text_len)", text_shape),
+            "token_concept_ids": (token_concept_ids, "(batch_size, text_len)", text_shape),
+            "visual_attention_mask": (visual_attention_mask, "(batch_size, num_regions)", region_shape),
+            "region_concept_ids": (region_concept_ids, "(batch_size, num_regions)", region_shape),
+            "region_scores": (region_scores, "(batch_size, num_regions)", region_shape),
+            "masked_regions": (masked_regions, "(batch_size, num_regions)", region_shape),
+            "anchor_selection": (anchor_selection, "(batch_size, config.num_concepts)", (batch_size, config.num_concepts)),
+        }  # fmt: skip
+        for name, (value, layout, shape) in checks.items():
             if value is None:
                 continue
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
-            if tuple(value.shape) != expected[name]:
-                layout = names.get(name, "(batch_size, text_len)" if expected[name][1:] == (text_len,) else "(batch_size, num_regions)")
+            if tuple(value.shape) != shape:
                 raise ValueError(
-                    f"`{name}` must have shape {layout} = {expected[name]} (from `input_ids` and `visual_feats`), "
+                    f"`{name}` must have shape {layout} = {shape} (from `input_ids` and `visual_feats`), "
                     f"got shape {tuple(value.shape)}"
                 )
         if num_regions > config.max_regions:
@@ -697,7 +681,7 @@ class CMALModel(CMALPreTrainedModel):
                 "keep the top regions by detector score"
             )
         for name in ("visual_feats", "visual_pos", "region_scores"):
-            value = given[name]
+            value = checks[name][0]
             if value is None:
                 continue
             if not value.is_floating_point():
@@ -716,7 +700,7 @@ class CMALModel(CMALPreTrainedModel):
                 f"got range [{int(token_type_ids.min())}, {int(token_type_ids.max())}]"
             )
         for name in ("token_concept_ids", "region_concept_ids"):
-            value = given[name]
+            value = checks[name][0]
             if value is None or value.numel() == 0:
                 continue
             if value.is_floating_point():
