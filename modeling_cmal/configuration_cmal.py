@@ -113,8 +113,14 @@ class CMALConfig(PreTrainedConfig):
         itc_temperature (`float`, defaults to 0.07): softmax temperature of the ITC loss.
         classifier_dropout (`float`, *optional*): dropout before task heads; defaults to
             `hidden_dropout_prob`.
-        detector_config (`dict`, *optional*): config of the object detector that turns
-            `pixel_values` into regions (the raw-image path); `None` means regions come precomputed.
+        detector_config (`dict` or `PreTrainedConfig`, *optional*): config of a transformers
+            object-detection model (RT-DETR by default, see `CMALModel.set_detector`) that turns
+            `pixel_values` into regions: the raw-image path. `None` means regions come precomputed.
+            Stored as a plain dict so the checkpoint loads on any transformers 5.x.
+        detector_num_regions (`int`, defaults to 36): regions kept per image, the top ones by score.
+        detector_score_threshold (`float`, defaults to 0.0): kept regions scoring below it are masked.
+        train_detector (`bool`, defaults to `False`): fine-tune the detector too; by default it is
+            frozen (no gradients, always in eval mode).
         tie_word_embeddings (`bool`, defaults to `True`): tie the vocabulary head to the word
             embeddings.
 
@@ -165,6 +171,9 @@ class CMALConfig(PreTrainedConfig):
         itc_temperature: float = 0.07,
         classifier_dropout: float | None = None,
         detector_config: dict | None = None,
+        detector_num_regions: int = 36,
+        detector_score_threshold: float = 0.0,
+        train_detector: bool = False,
         tie_word_embeddings: bool = True,
         **kwargs,
     ):
@@ -230,9 +239,32 @@ class CMALConfig(PreTrainedConfig):
         self.itc_weight = itc_weight
         self.itc_temperature = itc_temperature
         self.classifier_dropout = classifier_dropout
+        if detector_config is not None and not isinstance(detector_config, dict):
+            detector_config = detector_config.to_dict()
+        if detector_config is not None and "model_type" not in detector_config:
+            raise ValueError("`detector_config` must name its `model_type` (e.g. 'rt_detr'), got keys without it")
+        if not 0 < detector_num_regions <= max_regions:
+            raise ValueError(
+                f"`detector_num_regions` must be in [1, max_regions={max_regions}], got {detector_num_regions}"
+            )
         self.detector_config = detector_config
+        self.detector_num_regions = detector_num_regions
+        self.detector_score_threshold = detector_score_threshold
+        self.train_detector = train_detector
         self.tie_word_embeddings = tie_word_embeddings
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_detector(cls, detector_config, preset: str = "base", **kwargs) -> "CMALConfig":
+        """A config whose raw-image path runs this detector (a transformers object-detection config).
+
+        The region feature size becomes the detector's query size and the concepts its label names,
+        so tags, features and the processor's lexicon agree with what the detector predicts.
+        """
+        names = [detector_config.id2label[i] for i in range(detector_config.num_labels)]
+        feature_dim = getattr(detector_config, "d_model", None) or detector_config.hidden_size
+        fields = dict(detector_config=detector_config, visual_feat_dim=feature_dim, concept_names=names)
+        return cls.from_preset(preset, **{**fields, **kwargs})
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "CMALConfig":

@@ -62,6 +62,10 @@ class CMALModelOutput(ModelOutput):
         Slots whose own feature was masked and replaced by their partner's feature.
     token_partner, region_partner (`torch.LongTensor`, same shapes):
         For each swapped slot, the index of the partner whose feature filled it; -1 elsewhere.
+    region_boxes (`torch.FloatTensor` of shape `(batch_size, num_regions, 4)`):
+        The regions' normalised `(x1, y1, x2, y2)`, detected from `pixel_values` or given in `visual_pos`.
+    region_concept_ids, region_scores, region_mask (`(batch_size, num_regions)`):
+        The regions' concept ids, detector scores and validity mask (detected or as given).
     hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         Unified-encoder input and the output of each of its layers.
     attentions (`tuple(torch.FloatTensor)`, *optional*):
@@ -79,6 +83,10 @@ class CMALModelOutput(ModelOutput):
     region_swapped: torch.BoolTensor | None = None
     token_partner: torch.LongTensor | None = None
     region_partner: torch.LongTensor | None = None
+    region_boxes: torch.FloatTensor | None = None
+    region_concept_ids: torch.LongTensor | None = None
+    region_scores: torch.FloatTensor | None = None
+    region_mask: torch.BoolTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -134,10 +142,16 @@ class CMALReferringExpressionOutput(ModelOutput):
         Cross-entropy over the regions of each example, returned when `labels` is given.
     logits (`torch.FloatTensor` of shape `(batch_size, num_regions)`):
         One score per region; padded regions get the dtype's minimum.
+    predicted_boxes (`torch.FloatTensor` of shape `(batch_size, 4)`):
+        Normalised `(x1, y1, x2, y2)` of the best-scoring region of each example.
+    region_boxes (`torch.FloatTensor` of shape `(batch_size, num_regions, 4)`):
+        Normalised boxes of all regions (detected from `pixel_values` or given in `visual_pos`).
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    predicted_boxes: torch.FloatTensor | None = None
+    region_boxes: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -183,6 +197,70 @@ def anchor_operator(
     if visual_attention_mask is not None:
         anchor_map &= visual_attention_mask.bool().unsqueeze(1)
     return anchor_map
+
+
+def boxes_to_visual_pos(boxes: torch.Tensor) -> torch.Tensor:
+    """Normalised `(x1, y1, x2, y2)` boxes -> the 7-d box vector `(x1, y1, x2, y2, w, h, area)` (UNITER's)."""
+    width, height = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    return torch.cat([boxes, width.unsqueeze(-1), height.unsqueeze(-1), (width * height).unsqueeze(-1)], dim=-1)
+
+
+class CMALRegionDetector(nn.Module):
+    """Raw-image path: a transformers object detector turns `pixel_values` into the top-K regions.
+
+    A region's feature is the detector's decoder output for its query (the vector its box and class
+    were read from), its box the predicted box, its concept the predicted label mapped by name onto
+    `config.concept_names` (-1 when the name is not a concept), its score the label's probability.
+    Any DETR-family detector works; the default is RT-DETR (see `CMALModel.set_detector`).
+    """
+
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForObjectDetection
+
+        detector_config = AutoConfig.for_model(**config.detector_config)
+        self.model = AutoModelForObjectDetection.from_config(detector_config)
+        self.num_regions = config.detector_num_regions
+        self.score_threshold = config.detector_score_threshold
+        self.trainable = config.train_detector
+        concept_of = {name: i for i, name in enumerate(config.concept_names)}
+        labels = [detector_config.id2label[i] for i in range(detector_config.num_labels)]
+        self.concept_of_label = [concept_of.get(name, -1) for name in labels]
+        self.label_to_concept = nn.Buffer(torch.tensor(self.concept_of_label), persistent=False)
+        if not self.trainable:
+            self.model.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        # A frozen detector stays in eval mode (batch norm statistics, dropout) whatever its parent does.
+        return super().train(mode and self.trainable)
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            outputs = self.model(pixel_values=pixel_values)
+        logits = outputs.logits
+        num_labels = self.label_to_concept.shape[0]
+        # DETR and YOLOS score labels with a softmax over labels + "no object"; RT-DETR, Deformable and
+        # Conditional DETR with independent sigmoids.
+        probs = logits.softmax(-1)[..., :num_labels] if logits.shape[-1] == num_labels + 1 else logits.sigmoid()
+        scores, labels = probs.max(-1)
+        scores, order = scores.topk(min(self.num_regions, scores.shape[1]), dim=1)
+        query_states = outputs.last_hidden_state[:, -logits.shape[1] :]  # YOLOS: the trailing detection tokens
+
+        def take(tensor):
+            index = order.view(*order.shape, *([1] * (tensor.dim() - 2)))
+            return tensor.gather(1, index.expand(-1, -1, *tensor.shape[2:]))
+
+        center_x, center_y, width, height = take(outputs.pred_boxes).unbind(-1)
+        boxes = torch.stack(
+            [center_x - width / 2, center_y - height / 2, center_x + width / 2, center_y + height / 2], dim=-1
+        ).clamp(0.0, 1.0)
+        return {
+            "visual_feats": take(query_states),
+            "visual_pos": boxes_to_visual_pos(boxes),
+            "visual_attention_mask": (scores >= self.score_threshold).long(),
+            "region_concept_ids": self.label_to_concept[take(labels)],
+            "region_scores": scores,
+        }
 
 
 class CMALTextEmbeddings(nn.Module):
@@ -567,6 +645,24 @@ class CMALPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, CMALTextEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+        elif isinstance(module, CMALRegionDetector):
+            init.copy_(module.label_to_concept, torch.tensor(module.concept_of_label))
+
+    def load_detector_weights(self, detector: PreTrainedModel) -> None:
+        """Copy a pre-trained detector (e.g. `RTDetrForObjectDetection.from_pretrained("PekingU/rtdetr_r50vd")`)
+        into this model's raw-image path; it is then saved inside this model's checkpoint.
+
+        Build the model from `CMALConfig.from_detector(detector.config, ...)` so that sizes and labels agree.
+        """
+        base = getattr(self, self.base_model_prefix, self)
+        if base.detector is None:
+            raise ValueError("This model has no detector: build it from `CMALConfig.from_detector(detector.config)`")
+        if detector.config.model_type != self.config.detector_config["model_type"]:
+            raise ValueError(
+                f"`detector` is a {detector.config.model_type!r} model, but config.detector_config describes "
+                f"{self.config.detector_config['model_type']!r}"
+            )
+        base.detector.model.load_state_dict(detector.state_dict())
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also map the shared auto classes, so that any CMAL checkpoint loads its encoder with `AutoModel`."""
@@ -590,6 +686,7 @@ class CMALModel(CMALPreTrainedModel):
         self.associative_prompt = CMALAssociativePromptLayer(config)
         self.encoder = CMALEncoder(config, config.num_hidden_layers)
         self.pooler = CMALPooler(config) if add_pooling_layer else None
+        self.detector = CMALRegionDetector(config) if config.detector_config is not None else None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -597,6 +694,26 @@ class CMALModel(CMALPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.text_embeddings.word_embeddings = value
+
+    def detect_regions(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the detector: `pixel_values` (from the processor) -> the region inputs of `forward`.
+
+        `training/extract_regions.py` calls this too, so extracted feature stores and the
+        raw-image path give the same regions.
+        """
+        if self.detector is None:
+            raise ValueError(
+                "`pixel_values` need a detector, but this model has none (config.detector_config is None): "
+                "pass precomputed regions (`visual_feats`, `visual_pos`) or add one with `set_detector`"
+            )
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"`pixel_values` must have shape (batch_size, 3, height, width), got {shape}")
+        if not pixel_values.is_floating_point() or not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError(f"`pixel_values` must be finite floating-point values, got dtype {pixel_values.dtype}")
+        detector_dtype = next(self.detector.model.parameters()).dtype
+        regions = self.detector(pixel_values.to(detector_dtype))
+        return {key: value.to(self.dtype) if value.is_floating_point() else value for key, value in regions.items()}
 
     def _extended_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, L) 0/1 mask -> (B, 1, 1, L) additive mask, the form eager and sdpa both take."""
@@ -723,6 +840,7 @@ class CMALModel(CMALPreTrainedModel):
         token_concept_ids: torch.LongTensor | None = None,
         region_concept_ids: torch.LongTensor | None = None,
         region_scores: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
         masked_regions: torch.BoolTensor | None = None,
         anchor_selection: torch.BoolTensor | None = None,
         output_attentions: bool | None = None,
@@ -747,6 +865,9 @@ class CMALModel(CMALPreTrainedModel):
                 Concept id of each region's detected tag (-1 for none).
             region_scores (`torch.FloatTensor` of shape `(batch_size, num_regions)`, *optional*):
                 Detector confidences; pick the partner region of a swapped token.
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
+                Raw images from the processor, instead of the five region inputs above; needs a
+                detector (`config.detector_config`).
             masked_regions (`torch.BoolTensor` of shape `(batch_size, num_regions)`, *optional*):
                 Regions whose features are zeroed (masked region modelling); they never act as anchors.
             anchor_selection (`torch.BoolTensor` of shape `(batch_size, num_concepts)`, *optional*):
@@ -760,6 +881,22 @@ class CMALModel(CMALPreTrainedModel):
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        if pixel_values is not None:
+            given = dict(
+                visual_feats=visual_feats, visual_pos=visual_pos, visual_attention_mask=visual_attention_mask,
+                region_concept_ids=region_concept_ids, region_scores=region_scores,
+            )  # fmt: skip
+            if any(value is not None for value in given.values()):
+                both = sorted(name for name, value in given.items() if value is not None)
+                raise ValueError(f"Pass either `pixel_values` or precomputed regions, not both (got {both} too)")
+            if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and len(pixel_values) != len(input_ids):
+                raise ValueError(
+                    f"`pixel_values` must hold one image per text: batch_size {len(input_ids)}, got {len(pixel_values)}"
+                )
+            regions = self.detect_regions(pixel_values)
+            visual_feats, visual_pos = regions["visual_feats"], regions["visual_pos"]
+            visual_attention_mask, region_scores = regions["visual_attention_mask"], regions["region_scores"]
+            region_concept_ids = regions["region_concept_ids"]
         self._validate_inputs(
             input_ids, visual_feats, visual_pos, attention_mask, token_type_ids, visual_attention_mask,
             token_concept_ids, region_concept_ids, region_scores, masked_regions, anchor_selection,
@@ -781,6 +918,12 @@ class CMALModel(CMALPreTrainedModel):
             region_concept_ids = torch.full((batch_size, num_regions), -1, dtype=torch.long, device=device)
         visual_feats = visual_feats.to(dtype)
         visual_pos = visual_pos.to(dtype)
+        regions = dict(
+            region_boxes=visual_pos[..., :4] if self.config.visual_pos_dim >= 4 else None,
+            region_concept_ids=region_concept_ids,
+            region_scores=region_scores,
+            region_mask=visual_attention_mask.bool(),
+        )
         if masked_regions is not None:
             masked_regions = masked_regions.bool()
             visual_feats = visual_feats.masked_fill(masked_regions.unsqueeze(-1), 0.0)
@@ -829,6 +972,7 @@ class CMALModel(CMALPreTrainedModel):
             region_swapped=region_swapped,
             token_partner=token_partner,
             region_partner=region_partner,
+            **regions,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
         )
@@ -1054,6 +1198,7 @@ class CMALForQuestionAnswering(CMALPreTrainedModel):
         token_concept_ids: torch.LongTensor | None = None,
         region_concept_ids: torch.LongTensor | None = None,
         region_scores: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
         labels: torch.FloatTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -1068,7 +1213,7 @@ class CMALForQuestionAnswering(CMALPreTrainedModel):
             input_ids, visual_feats, visual_pos,
             attention_mask=attention_mask, token_type_ids=token_type_ids,
             visual_attention_mask=visual_attention_mask, token_concept_ids=token_concept_ids,
-            region_concept_ids=region_concept_ids, region_scores=region_scores,
+            region_concept_ids=region_concept_ids, region_scores=region_scores, pixel_values=pixel_values,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
         )  # fmt: skip
         logits = self.classifier(outputs.pooler_output)
@@ -1106,6 +1251,7 @@ class CMALForImageTextClassification(CMALPreTrainedModel):
         token_concept_ids: torch.LongTensor | None = None,
         region_concept_ids: torch.LongTensor | None = None,
         region_scores: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -1119,7 +1265,7 @@ class CMALForImageTextClassification(CMALPreTrainedModel):
             input_ids, visual_feats, visual_pos,
             attention_mask=attention_mask, token_type_ids=token_type_ids,
             visual_attention_mask=visual_attention_mask, token_concept_ids=token_concept_ids,
-            region_concept_ids=region_concept_ids, region_scores=region_scores,
+            region_concept_ids=region_concept_ids, region_scores=region_scores, pixel_values=pixel_values,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
         )  # fmt: skip
         logits = self.classifier(self.dropout(outputs.pooler_output))
@@ -1163,6 +1309,7 @@ class CMALForVisualReasoning(CMALPreTrainedModel):
         token_concept_ids: torch.LongTensor | None = None,
         region_concept_ids: torch.LongTensor | None = None,
         region_scores: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -1175,13 +1322,15 @@ class CMALForVisualReasoning(CMALPreTrainedModel):
         images at rows `2b` and `2b + 1`.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        if not isinstance(visual_feats, torch.Tensor) or visual_feats.dim() != 4 or visual_feats.shape[1] != 2:
-            shape = tuple(visual_feats.shape) if isinstance(visual_feats, torch.Tensor) else type(visual_feats).__name__
-            raise ValueError(
-                "`visual_feats` must have shape (batch_size, 2, num_regions, visual_feat_dim) for the two images "
-                f"of NLVR2, got {shape}"
-            )
-        batch_size = visual_feats.shape[0]
+        images, name, layout = (
+            (pixel_values, "pixel_values", "(batch_size, 2, 3, height, width)")
+            if pixel_values is not None
+            else (visual_feats, "visual_feats", "(batch_size, 2, num_regions, visual_feat_dim)")
+        )
+        if not isinstance(images, torch.Tensor) or images.dim() != len(layout.split(",")) or images.shape[1] != 2:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"`{name}` must have shape {layout} for the two images of NLVR2, got {shape}")
+        batch_size = images.shape[0]
 
         def pairs_to_rows(name, value, text_side=False):
             if value is None:
@@ -1203,6 +1352,7 @@ class CMALForVisualReasoning(CMALPreTrainedModel):
             token_concept_ids=pairs_to_rows("token_concept_ids", token_concept_ids, text_side=True),
             region_concept_ids=pairs_to_rows("region_concept_ids", region_concept_ids),
             region_scores=pairs_to_rows("region_scores", region_scores),
+            pixel_values=pairs_to_rows("pixel_values", pixel_values),
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -1238,6 +1388,7 @@ class CMALForReferringExpression(CMALPreTrainedModel):
         token_concept_ids: torch.LongTensor | None = None,
         region_concept_ids: torch.LongTensor | None = None,
         region_scores: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -1251,25 +1402,34 @@ class CMALForReferringExpression(CMALPreTrainedModel):
             input_ids, visual_feats, visual_pos,
             attention_mask=attention_mask, token_type_ids=token_type_ids,
             visual_attention_mask=visual_attention_mask, token_concept_ids=token_concept_ids,
-            region_concept_ids=region_concept_ids, region_scores=region_scores,
+            region_concept_ids=region_concept_ids, region_scores=region_scores, pixel_values=pixel_values,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
         )  # fmt: skip
         batch_size, text_len = input_ids.shape
-        num_regions = visual_feats.shape[1]
+        region_mask = outputs.region_mask
+        num_regions = region_mask.shape[1]
         region_states = outputs.last_hidden_state[:, text_len:]
-        logits = _mask_padded_regions(self.region_scorer(region_states).squeeze(-1), visual_attention_mask)
+        logits = _mask_padded_regions(self.region_scorer(region_states).squeeze(-1), region_mask)
+        predicted_boxes = None
+        if outputs.region_boxes is not None and num_regions > 0:
+            best = logits.argmax(-1)
+            predicted_boxes = outputs.region_boxes[torch.arange(batch_size, device=best.device), best]
         loss = None
         if labels is not None:
             if num_regions == 0:
                 raise ValueError("`labels` name a referred region, but the examples have no regions (num_regions 0)")
             _check_labels("labels", labels, (batch_size,), num_regions)
-            if visual_attention_mask is not None:
-                target_real = visual_attention_mask.bool().gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
-                if not bool((target_real | (labels == -100)).all()):
-                    raise ValueError("`labels` must point at a real region; one points at a padded region")
+            target_real = region_mask.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+            if not bool((target_real | (labels == -100)).all()):
+                raise ValueError("`labels` must point at a real region; one points at a padded region")
             loss = F.cross_entropy(logits.float(), labels)
         output = CMALReferringExpressionOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            loss=loss,
+            logits=logits,
+            predicted_boxes=predicted_boxes,
+            region_boxes=outputs.region_boxes,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
 
@@ -1298,6 +1458,7 @@ class CMALForImageTextRetrieval(CMALPreTrainedModel):
         token_concept_ids: torch.LongTensor | None = None,
         region_concept_ids: torch.LongTensor | None = None,
         region_scores: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -1311,7 +1472,7 @@ class CMALForImageTextRetrieval(CMALPreTrainedModel):
             input_ids, visual_feats, visual_pos,
             attention_mask=attention_mask, token_type_ids=token_type_ids,
             visual_attention_mask=visual_attention_mask, token_concept_ids=token_concept_ids,
-            region_concept_ids=region_concept_ids, region_scores=region_scores,
+            region_concept_ids=region_concept_ids, region_scores=region_scores, pixel_values=pixel_values,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
         )  # fmt: skip
         logits = self.itm_head(outputs.pooler_output)

@@ -1,0 +1,325 @@
+# Copyright 2026 The CMAL authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Image processor for CMAL: precomputed regions -> padded region inputs, raw images -> detector pixels.
+
+Ships as Hub remote code: it imports numpy, PIL, torch and transformers only. It keeps its own
+`__init__` and `preprocess` (rather than a transformers image-processing backend) so that it
+behaves the same on every transformers 5.x release.
+"""
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+
+
+def _to_numpy(value, name: str, index: int) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().float().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
+    try:
+        return np.asarray(value)
+    except Exception as error:  # noqa: BLE001 - re-raised with the argument's name
+        raise ValueError(f"`regions[{index}]['{name}']` must be array-like, got {type(value).__name__}") from error
+
+
+def boxes_to_visual_pos(boxes: np.ndarray, visual_pos_dim: int = 7) -> np.ndarray:
+    """Normalised `(x1, y1, x2, y2)` -> `(x1, y1, x2, y2, w, h, area)`, cut to `visual_pos_dim` (4, 6 or 7).
+
+    The same formula as `modeling_cmal.boxes_to_visual_pos`, which the detector path uses; the
+    region-parity tests check that the two agree.
+    """
+    width, height = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    full = np.concatenate([boxes, width[..., None], height[..., None], (width * height)[..., None]], axis=-1)
+    return full[..., :visual_pos_dim]
+
+
+class CMALImageProcessor(BaseImageProcessor):
+    r"""
+    Prepares the visual inputs of a CMAL model, from either of two sources.
+
+    * `regions`: precomputed detections, one dict per image with `features` `[N, D]`, `boxes` `[N, 4]`
+      (`x1, y1, x2, y2`; absolute pixels with `image_size=(width, height)`, or normalised with
+      `boxes_normalized=True`), `tags` (concept names or ids) or `concept_ids`, and optional
+      `scores` `[N]` and `soft_labels` `[N, C]`. The top `max_regions` by score are kept (in
+      descending score order, as the detector path orders them) and padded across the batch into
+      `visual_feats`, `visual_pos`, `visual_attention_mask`, `region_concept_ids`, `region_scores`
+      (and `region_soft_labels`).
+    * `images`: raw images (PIL, numpy `HWC`/`CHW`, torch `CHW`, or file paths; RGB, RGBA, LA, L, P,
+      CMYK, 16-bit; the EXIF orientation is applied) turned into the detector's `pixel_values`:
+      resized to a fixed `size` (a fixed size keeps every image independent of its batch),
+      rescaled, optionally normalised.
+
+    Args:
+        concept_names (`list[str]`, *optional*): the concept vocabulary, to map tag names to ids.
+        max_regions (`int`, defaults to 100): most regions kept per image.
+        visual_pos_dim (`int`, defaults to 7): 4, 6 or 7 box values per region.
+        size (`dict`, defaults to `{"height": 640, "width": 640}`): detector input size (RT-DETR's).
+        do_rescale, rescale_factor: multiply pixel values by `rescale_factor` (1/255).
+        do_normalize, image_mean, image_std: normalise pixels per channel (RT-DETR does not).
+    """
+
+    model_input_names = [
+        "pixel_values",
+        "visual_feats",
+        "visual_pos",
+        "visual_attention_mask",
+        "region_concept_ids",
+        "region_scores",
+    ]
+
+    def __init__(
+        self,
+        concept_names: list[str] | None = None,
+        max_regions: int = 100,
+        visual_pos_dim: int = 7,
+        size: dict | None = None,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = False,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if visual_pos_dim not in (4, 6, 7):
+            raise ValueError(f"`visual_pos_dim` must be 4, 6 or 7, got {visual_pos_dim}")
+        size = dict(size) if size is not None else {"height": 640, "width": 640}
+        if set(size) != {"height", "width"} or min(size.values()) < 1:
+            raise ValueError(f"`size` must be {{'height': H, 'width': W}} with positive sizes, got {size}")
+        self.concept_names = list(concept_names) if concept_names is not None else None
+        self.max_regions = max_regions
+        self.visual_pos_dim = visual_pos_dim
+        self.size = size
+        self.do_rescale = do_rescale
+        self.rescale_factor = rescale_factor
+        self.do_normalize = do_normalize
+        self.image_mean = list(image_mean) if image_mean is not None else [0.485, 0.456, 0.406]
+        self.image_std = list(image_std) if image_std is not None else [0.229, 0.224, 0.225]
+
+    def __call__(self, images=None, regions=None, **kwargs) -> BatchFeature:
+        return self.preprocess(images=images, regions=regions, **kwargs)
+
+    def preprocess(self, images=None, regions=None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+        """Process `images` (raw) or `regions` (precomputed), a single one or a list."""
+        if (images is None) == (regions is None):
+            raise ValueError("Pass exactly one of `images` (raw images) or `regions` (precomputed detections)")
+        unknown = sorted(kwargs)
+        if unknown:
+            raise ValueError(f"CMALImageProcessor got unexpected arguments {unknown}")
+        if regions is not None:
+            data = self._process_regions([regions] if isinstance(regions, dict) else list(regions))
+        else:
+            batch = list(images) if isinstance(images, (list, tuple)) else [images]
+            if not batch:
+                raise ValueError("`images` is an empty list: pass at least one image")
+            data = {"pixel_values": np.stack([self._process_image(image, i) for i, image in enumerate(batch)])}
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    # -- raw images ---------------------------------------------------------------------------
+
+    def _to_rgb_pil(self, image, index: int) -> PIL.Image.Image:
+        """Any supported image -> an 8-bit RGB PIL image, upright by its EXIF orientation."""
+        if isinstance(image, (str, os.PathLike)):
+            path = os.fspath(image)
+            if path.startswith(("http://", "https://", "data:")):
+                from transformers.image_utils import load_image
+
+                return load_image(path)
+            if not os.path.isfile(path):
+                raise ValueError(f"`images[{index}]` is a path to no file: {path!r}")
+            image = PIL.Image.open(path)
+            image.load()
+        if isinstance(image, PIL.Image.Image):
+            image = PIL.ImageOps.exif_transpose(image)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                array = np.asarray(image, dtype=np.float64)
+                # 16-bit modes span 0..65535; 32-bit "I"/"F" images carry whichever range they were saved in.
+                peak = 65535.0 if image.mode.startswith("I;16") else float(array.max()) if array.size else 1.0
+                scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0
+                return self._array_to_pil(np.clip(array / scale, 0.0, 1.0), index)
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return PIL.Image.alpha_composite(background, rgba).convert("RGB")  # transparent -> white
+            return image.convert("RGB")
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
+        if not isinstance(image, np.ndarray):
+            raise ValueError(
+                f"`images[{index}]` must be a PIL image, numpy array, torch tensor or file path, got {type(image).__name__}"
+            )
+        return self._array_to_pil(image, index)
+
+    @staticmethod
+    def _array_to_pil(array: np.ndarray, index: int) -> PIL.Image.Image:
+        if array.ndim == 2:
+            array = array[..., None]
+        if array.ndim != 3:
+            raise ValueError(f"`images[{index}]` must have 2 or 3 dimensions (HW, HWC or CHW), got shape {array.shape}")
+        if array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = array.transpose(1, 2, 0)  # CHW -> HWC
+        if array.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"`images[{index}]` must have 1, 3 or 4 channels, got shape {array.shape}")
+        if 0 in array.shape:
+            raise ValueError(f"`images[{index}]` is empty, got shape {array.shape}")
+        if array.dtype == np.uint8:
+            unit = array.astype(np.float64) / 255.0
+        elif array.dtype == np.uint16:
+            unit = array.astype(np.float64) / 65535.0
+        elif np.issubdtype(array.dtype, np.floating):
+            if not np.isfinite(array).all():
+                raise ValueError(f"`images[{index}]` has NaN or inf pixel values")
+            unit = np.clip(array.astype(np.float64), 0.0, 1.0)  # float images are taken to be in [0, 1]
+        else:
+            raise ValueError(f"`images[{index}]` must be uint8, uint16 or float, got dtype {array.dtype}")
+        if unit.shape[-1] == 4:  # composite onto white, like transparent PIL images
+            unit = unit[..., :3] * unit[..., 3:] + (1.0 - unit[..., 3:])
+        elif unit.shape[-1] == 1:
+            unit = np.repeat(unit, 3, axis=-1)
+        return PIL.Image.fromarray(np.round(unit * 255.0).astype(np.uint8), mode="RGB")
+
+    def _process_image(self, image, index: int) -> np.ndarray:
+        pil = self._to_rgb_pil(image, index).resize((self.size["width"], self.size["height"]), resample=PIL.Image.Resampling.BILINEAR)
+        pixels = np.asarray(pil, dtype=np.float32)
+        if self.do_rescale:
+            pixels = pixels * np.float32(self.rescale_factor)
+        if self.do_normalize:
+            pixels = (pixels - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return pixels.transpose(2, 0, 1)
+
+    # -- precomputed regions -------------------------------------------------------------------
+
+    def _concept_ids(self, region: dict, count: int, index: int) -> np.ndarray:
+        tags = region.get("concept_ids", region.get("tags"))
+        if tags is None:
+            return np.full(count, -1, dtype=np.int64)
+        tags = list(tags.tolist() if hasattr(tags, "tolist") else tags)
+        if len(tags) != count:
+            raise ValueError(f"`regions[{index}]` has {count} boxes but {len(tags)} tags")
+        if all(isinstance(tag, str) for tag in tags):
+            if self.concept_names is None:
+                raise ValueError("tag names need `concept_names` in the image processor; pass concept ids instead")
+            lookup = {name: i for i, name in enumerate(self.concept_names)}
+            unknown = sorted({tag for tag in tags if tag not in lookup})
+            if unknown:
+                raise ValueError(f"`regions[{index}]` has tags that are not concept names: {unknown[:5]}")
+            return np.asarray([lookup[tag] for tag in tags], dtype=np.int64)
+        ids = np.asarray(tags)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"`regions[{index}]` tags must be concept names or integer ids, got {ids.dtype}")
+        limit = len(self.concept_names) if self.concept_names is not None else None
+        if ids.size and (ids.min() < -1 or (limit is not None and ids.max() >= limit)):
+            raise ValueError(
+                f"`regions[{index}]` concept ids must be -1 or lie in [0, {limit}), got range [{ids.min()}, {ids.max()}]"
+            )
+        return ids.astype(np.int64)
+
+    def _normalised_boxes(self, region: dict, boxes: np.ndarray, index: int) -> np.ndarray:
+        if region.get("image_size") is not None:
+            width, height = (float(v) for v in region["image_size"])
+            if width <= 0 or height <= 0:
+                raise ValueError(f"`regions[{index}]['image_size']` must be (width, height) > 0, got {region['image_size']}")
+            boxes = boxes / np.asarray([width, height, width, height])
+        elif not region.get("boxes_normalized", False):
+            raise ValueError(
+                f"`regions[{index}]` boxes need a unit: pass `image_size=(width, height)` for pixel boxes "
+                "or `boxes_normalized=True` for boxes in [0, 1]"
+            )
+        tolerance = 1e-3  # detector boxes may overshoot the border by rounding
+        if boxes.size and (boxes.min() < -tolerance or boxes.max() > 1 + tolerance):
+            raise ValueError(
+                f"`regions[{index}]` boxes must lie in the image, got normalised range [{boxes.min():.4g}, {boxes.max():.4g}]"
+            )
+        if boxes.size and ((boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any()):
+            raise ValueError(f"`regions[{index}]` boxes must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1")
+        return np.clip(boxes, 0.0, 1.0)
+
+    def _process_regions(self, regions: Sequence[dict]) -> dict:
+        if not regions:
+            raise ValueError("`regions` is an empty list: pass one dict per image")
+        kept, feature_dim, soft_dim = [], None, None
+        for index, region in enumerate(regions):
+            if not isinstance(region, dict):
+                raise ValueError(f"`regions[{index}]` must be a dict, got {type(region).__name__}")
+            for key in ("features", "boxes"):
+                if key not in region:
+                    raise ValueError(f"`regions[{index}]` needs '{key}', got keys {sorted(region)}")
+            features = _to_numpy(region["features"], "features", index).astype(np.float32)
+            boxes = _to_numpy(region["boxes"], "boxes", index).astype(np.float64)
+            if features.ndim != 2:
+                raise ValueError(f"`regions[{index}]['features']` must have shape (N, D), got {features.shape}")
+            count = features.shape[0]
+            if boxes.shape != (count, 4):
+                raise ValueError(f"`regions[{index}]['boxes']` must have shape ({count}, 4), got {boxes.shape}")
+            if feature_dim is not None and features.shape[1] != feature_dim:
+                raise ValueError(
+                    f"`regions[{index}]['features']` has dimension {features.shape[1]}, earlier images {feature_dim}"
+                )
+            feature_dim = features.shape[1]
+            for name, value in (("features", features), ("boxes", boxes)):
+                if not np.isfinite(value).all():
+                    raise ValueError(f"`regions[{index}]['{name}']` must be finite, got NaN or inf")
+            scores = region.get("scores")
+            scores = np.ones(count) if scores is None else _to_numpy(scores, "scores", index).astype(np.float64)
+            if scores.shape != (count,) or not np.isfinite(scores).all():
+                raise ValueError(f"`regions[{index}]['scores']` must be {count} finite numbers, got shape {scores.shape}")
+            soft = region.get("soft_labels")
+            if soft is not None:
+                soft = _to_numpy(soft, "soft_labels", index).astype(np.float32)
+                if soft.ndim != 2 or soft.shape[0] != count or (soft_dim is not None and soft.shape[1] != soft_dim):
+                    raise ValueError(f"`regions[{index}]['soft_labels']` must have shape ({count}, C), got {soft.shape}")
+                soft_dim = soft.shape[1]
+            order = np.argsort(-scores, kind="stable")[: self.max_regions]
+            kept.append(
+                dict(
+                    features=features[order],
+                    pos=boxes_to_visual_pos(self._normalised_boxes(region, boxes, index)[order], self.visual_pos_dim),
+                    concept_ids=self._concept_ids(region, count, index)[order],
+                    scores=scores[order],
+                    soft=None if soft is None else soft[order],
+                )
+            )
+        if soft_dim is not None and any(item["soft"] is None for item in kept):
+            raise ValueError("`soft_labels` must be given for every image of the batch or for none")
+
+        batch, longest = len(kept), max(len(item["scores"]) for item in kept)
+        data = {
+            "visual_feats": np.zeros((batch, longest, feature_dim), np.float32),
+            "visual_pos": np.zeros((batch, longest, self.visual_pos_dim), np.float32),
+            "visual_attention_mask": np.zeros((batch, longest), np.int64),
+            "region_concept_ids": np.full((batch, longest), -1, np.int64),
+            "region_scores": np.zeros((batch, longest), np.float32),
+        }
+        if soft_dim is not None:
+            data["region_soft_labels"] = np.zeros((batch, longest, soft_dim), np.float32)
+        for b, item in enumerate(kept):
+            n = len(item["scores"])
+            data["visual_feats"][b, :n] = item["features"]
+            data["visual_pos"][b, :n] = item["pos"]
+            data["visual_attention_mask"][b, :n] = 1
+            data["region_concept_ids"][b, :n] = item["concept_ids"]
+            data["region_scores"][b, :n] = item["scores"]
+            if soft_dim is not None:
+                data["region_soft_labels"][b, :n] = item["soft"]
+        return data
+
+
+CMALImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = ["CMALImageProcessor", "boxes_to_visual_pos"]
