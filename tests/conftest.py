@@ -8,6 +8,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -63,3 +68,39 @@ def config():
 @pytest.fixture
 def inputs():
     return make_inputs()
+
+
+REPO = Path(__file__).resolve().parents[1]
+WITHOUT_PROJECT = f"""
+import importlib.abc, sys
+
+class BlockProject(importlib.abc.MetaPathFinder):
+    # The project must not be importable: whatever loads has to come from the saved folder.
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {{"modeling_cmal", "processors", "training"}}:
+            raise ModuleNotFoundError(f"blocked: {{name}}")
+
+sys.meta_path.insert(0, BlockProject())
+sys.path = [p for p in sys.path if p not in ("", ".", {str(REPO)!r})]
+try:
+    import modeling_cmal
+    raise SystemExit("the project is importable")
+except ModuleNotFoundError:
+    pass
+"""
+
+
+def run_without_project(script: str, folder: Path, tmp_path: Path) -> dict:
+    """Run `script` (which prints one JSON line) in a fresh Python where the project cannot be imported.
+
+    This is how a Hub user without the project loads a checkpoint: through `trust_remote_code`.
+    """
+    path = tmp_path / "run_without_project.py"
+    path.write_text(WITHOUT_PROJECT + script)
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "PATH": "/usr/bin:/bin"}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(path), str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

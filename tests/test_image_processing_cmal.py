@@ -226,3 +226,12 @@ def test_jpeg_bytes_round_trip(processor):
     PIL.Image.fromarray(RGB).save(buffer, format="PNG")
     image = PIL.Image.open(io.BytesIO(buffer.getvalue()))
     torch.testing.assert_close(processor(images=image)["pixel_values"][0], expected_pixels(RGB), atol=1e-6, rtol=0)
+
+
+def test_defaults_give_the_pixels_rt_detr_expects():
+    """The default raw-image settings are RT-DETR's own preprocessing (640x640 bilinear, /255, no normalisation)."""
+    rt_detr = pytest.importorskip("transformers.models.rt_detr.image_processing_pil_rt_detr")
+    reference = rt_detr.RTDetrImageProcessorPil()(images=PIL.Image.fromarray(RGB), return_tensors="pt")["pixel_values"]
+    ours = CMALImageProcessor()(images=RGB)["pixel_values"]
+    assert ours.shape == reference.shape == (1, 3, 640, 640)
+    torch.testing.assert_close(ours, reference, atol=1 / 255 + 1e-6, rtol=0)

@@ -1,12 +1,11 @@
 """Model tests on tiny configs, parametrised over every head (timm style)."""
 
-import subprocess
-import sys
-import textwrap
+import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import FEAT_DIM, NUM_CONCEPTS, VOCAB_SIZE, make_inputs, tiny_config
+from conftest import FEAT_DIM, NUM_CONCEPTS, VOCAB_SIZE, make_inputs, run_without_project, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForVisualQuestionAnswering
 
 from modeling_cmal import (
@@ -391,64 +390,37 @@ def test_auto_map_names_local_files(tmp_path):
     ]  # fmt: skip
 
 
-REMOTE_LOAD = textwrap.dedent(
-    """
-    import importlib.abc, inspect, json, sys
-    import torch
+REMOTE_LOAD = """
+import inspect, json, sys
+import torch
+from transformers import AutoModel, AutoModelForVisualQuestionAnswering
 
-    class BlockProject(importlib.abc.MetaPathFinder):
-        # The project must not be importable: whatever loads has to come from the saved folder.
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"modeling_cmal", "processors", "training"}:
-                raise ModuleNotFoundError(f"blocked: {name}")
-
-    sys.meta_path.insert(0, BlockProject())
-    sys.path = [p for p in sys.path if p not in ("", ".", REPO)]
-    from transformers import AutoModel, AutoModelForVisualQuestionAnswering
-
-    folder = sys.argv[1]
-    try:
-        import modeling_cmal
-        raise SystemExit("the project is importable")
-    except ModuleNotFoundError:
-        pass
-    vqa = AutoModelForVisualQuestionAnswering.from_pretrained(folder, trust_remote_code=True).eval()
-    encoder = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-    inputs = {k: torch.tensor(v) for k, v in json.load(open(folder + "/inputs.json")).items()}
-    print(json.dumps({
-        "vqa_class": type(vqa).__module__ + "." + type(vqa).__name__,
-        "encoder_class": type(encoder).__name__,
-        "source": inspect.getfile(type(vqa)),
-        "logits": vqa(**inputs).logits.tolist(),
-    }))
-    """
-)
+folder = sys.argv[1]
+vqa = AutoModelForVisualQuestionAnswering.from_pretrained(folder, trust_remote_code=True).eval()
+encoder = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+inputs = {k: torch.tensor(v) for k, v in json.load(open(folder + "/inputs.json")).items()}
+print(json.dumps({
+    "vqa_class": type(vqa).__module__ + "." + type(vqa).__name__,
+    "encoder_class": type(encoder).__name__,
+    "source": inspect.getfile(type(vqa)),
+    "logits": vqa(**inputs).logits.tolist(),
+}))
+"""
 
 
 def test_remote_code_load_in_clean_process(tmp_path):
     """A saved folder loads with trust_remote_code where the project cannot be imported."""
-    import json
-    from pathlib import Path
-
-    folder, modules = tmp_path / "vqa", tmp_path / "modules"
+    folder = tmp_path / "vqa"
     _, overrides, inputs, _, _ = head_case("vqa")
     inputs.pop("labels")
     model = CMALForQuestionAnswering(tiny_config(**overrides)).eval()
     model.save_pretrained(folder)
     (folder / "inputs.json").write_text(json.dumps({k: v.tolist() for k, v in inputs.items()}))
-    repo = str(Path(__file__).resolve().parents[1])
-    script = tmp_path / "load.py"
-    script.write_text(REMOTE_LOAD.replace("REPO", repr(repo)))
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_MODULES_CACHE": str(modules), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(
-        [sys.executable, str(script), str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_without_project(REMOTE_LOAD, folder, tmp_path)
     assert report["vqa_class"].startswith("transformers_modules.")
     assert report["vqa_class"].endswith("modeling_cmal.CMALForQuestionAnswering")
     assert report["encoder_class"] == "CMALModel"
-    assert Path(report["source"]).is_relative_to(modules)
+    assert Path(report["source"]).is_relative_to(tmp_path / "modules")
     assert Path(report["source"]).read_text() == (folder / "modeling_cmal.py").read_text()
     torch.testing.assert_close(torch.tensor(report["logits"]), model(**inputs).logits, atol=1e-6, rtol=1e-6)
 

@@ -1,0 +1,114 @@
+# Copyright 2026 The CMAL authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The paired CMAL processor: tokenizer + anchor lexicon + image-region processor, one call.
+
+Ships as Hub remote code next to `image_processing_cmal.py` and `anchor_lexicon.py`, which it
+imports relatively.
+"""
+
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .anchor_lexicon import AnchorLexicon
+from .image_processing_cmal import CMALImageProcessor
+
+
+class CMALProcessor(ProcessorMixin):
+    r"""
+    Turns text plus images (raw or as precomputed regions) into every input a CMAL model takes.
+
+    `processor(text=..., images=...)` gives `pixel_values` for a model with a detector;
+    `processor(text=..., regions=...)` gives the padded region inputs. Either way the text is
+    tokenised (any fast BERT-style tokenizer) and each word piece gets its concept id from the anchor
+    lexicon (`token_concept_ids`, -1 for none), so the model can find anchor points.
+
+    Args:
+        image_processor (`CMALImageProcessor`): regions and raw images.
+        tokenizer (`PreTrainedTokenizerFast`): a fast tokenizer (offsets and word ids are needed).
+        anchor_lexicon (`dict`, *optional*): `AnchorLexicon.to_dict()`; defaults to the lexicon built
+            from the image processor's `concept_names`. Saved in `processor_config.json`.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, anchor_lexicon: dict | None = None, **kwargs):
+        if image_processor is None or tokenizer is None:
+            raise ValueError("CMALProcessor needs both an `image_processor` and a `tokenizer`")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(
+                f"`tokenizer` must be a fast tokenizer (word offsets are needed), got {type(tokenizer).__name__}"
+            )
+        concept_names = image_processor.concept_names
+        if anchor_lexicon is None:
+            if concept_names is None:
+                raise ValueError("`image_processor.concept_names` is None: pass `anchor_lexicon` or the concept names")
+            anchor_lexicon = AnchorLexicon(concept_names).to_dict()
+        self.lexicon = AnchorLexicon.from_dict(anchor_lexicon)
+        if concept_names is not None and list(self.lexicon.concept_names) != list(concept_names):
+            raise ValueError("`anchor_lexicon` concept names differ from `image_processor.concept_names`")
+        self.anchor_lexicon = self.lexicon.to_dict()
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        regions=None,
+        padding: bool | str = True,
+        truncation: bool = True,
+        max_length: int | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """Tokenise `text` (a string or a list), label anchors, and process `images` or `regions`.
+
+        One text per image: `len(text)` must equal the number of images or region dicts.
+        """
+        if text is None:
+            raise ValueError("`text` is required: CMAL reads an image together with a text")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"`text` must be a string or a non-empty list of strings, got {type(text).__name__}")
+        if (images is None) == (regions is None):
+            raise ValueError("Pass exactly one of `images` (raw images) or `regions` (precomputed detections)")
+
+        encoding = self.tokenizer(
+            texts,
+            padding=padding,
+            truncation=truncation,
+            max_length=max_length,
+            return_offsets_mapping=True,
+            **kwargs,
+        )
+        token_concept_ids = [
+            self.lexicon.token_concept_ids(texts[i], encoding["offset_mapping"][i], encoding.word_ids(i))
+            for i in range(len(texts))
+        ]
+        data = {key: value for key, value in encoding.items() if key != "offset_mapping"}
+        data["token_concept_ids"] = token_concept_ids
+        text_features = BatchFeature(data=data, tensor_type=return_tensors)
+
+        visual = self.image_processor(images=images, regions=regions, return_tensors=return_tensors)
+        num_images = len(next(iter(visual.values())))
+        if num_images != len(texts):
+            raise ValueError(f"One text per image: got {len(texts)} texts and {num_images} images or region sets")
+        return BatchFeature(data={**text_features, **visual}, tensor_type=return_tensors)
+
+    @property
+    def model_input_names(self):
+        names = list(self.tokenizer.model_input_names) + ["token_concept_ids"]
+        return names + [name for name in self.image_processor.model_input_names if name not in names]
+
+
+CMALProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = ["CMALProcessor"]

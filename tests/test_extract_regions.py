@@ -1,0 +1,123 @@
+"""training/extract_regions.py: resumable extraction, and parity with the in-model raw-image path."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import REPO
+from test_detector import LABELS, cmal_config
+
+from modeling_cmal import CMALForQuestionAnswering, CMALModel
+from processors.image_processing_cmal import CMALImageProcessor
+from training import extract_regions
+from training.data.region_store import RegionStoreWriter, load_region_store, row_to_regions
+
+
+
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    CMALForQuestionAnswering(cmal_config()).save_pretrained(folder)
+    CMALImageProcessor(concept_names=LABELS, size={"height": 64, "width": 64}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    (folder / "sub").mkdir()
+    for i in range(7):
+        name = f"sub/img{i}.png" if i % 3 == 0 else f"img{i}.jpg"
+        PIL.Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def run(checkpoint, image_dir, output_dir, **kwargs):
+    model = CMALModel.from_pretrained(checkpoint)
+    processor = CMALImageProcessor.from_pretrained(checkpoint)
+    return extract_regions.extract(model, processor, str(image_dir), str(output_dir), **kwargs)
+
+
+def test_extraction_resumes_after_a_kill(checkpoint, image_dir, tmp_path, monkeypatch):
+    clean = tmp_path / "clean"
+    assert run(checkpoint, image_dir, clean, batch_size=2, shard_size=2) == 7
+    reference, meta = load_region_store(str(clean))
+    assert reference["image_id"] == sorted(reference["image_id"]) and len(reference) == 7
+    assert meta["source"] == "detector" and meta["concept_names"] == LABELS and meta["feature_dim"] == 32
+
+    # Kill the run right after its second shard lands: what was buffered is lost, shards stay.
+    killed = tmp_path / "killed"
+    flush = RegionStoreWriter.flush
+    calls = {"n": 0}
+
+    def flush_then_die(self):
+        flush(self)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RegionStoreWriter, "flush", flush_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(checkpoint, image_dir, killed, batch_size=2, shard_size=2)
+    monkeypatch.setattr(RegionStoreWriter, "flush", flush)
+    assert len(load_region_store(str(killed))[0]) == 4
+
+    assert run(checkpoint, image_dir, killed, batch_size=3, shard_size=2) == 3  # only the missing images
+    resumed, _ = load_region_store(str(killed))
+    assert resumed["image_id"] == reference["image_id"]  # each image once, in order
+    for a, b in zip(resumed.with_format("numpy"), reference.with_format("numpy")):
+        np.testing.assert_allclose(a["features"], b["features"], rtol=1e-3, atol=1e-6)  # another batch size
+        np.testing.assert_array_equal(a["concept_ids"], b["concept_ids"])
+    assert run(checkpoint, image_dir, killed) == 0
+
+
+def test_stored_regions_match_the_in_model_path(checkpoint, image_dir, tmp_path):
+    """A model fed the extracted store answers as it does on the raw image (float16 rounding aside)."""
+    run(checkpoint, image_dir, tmp_path / "store")
+    store, _ = load_region_store(str(tmp_path / "store"))
+    store = store.with_format("numpy")
+    model = CMALForQuestionAnswering.from_pretrained(checkpoint).eval()
+    processor = CMALImageProcessor.from_pretrained(checkpoint)
+    text = dict(input_ids=torch.tensor([[1, 11, 12, 2]] * 7))
+    paths = [path for _, path in extract_regions.list_images(str(image_dir))]
+    raw = model(**text, pixel_values=processor(images=[PIL.Image.open(p) for p in paths])["pixel_values"]).logits
+    regions = processor(regions=[row_to_regions(row) for row in store])
+    stored = model(**text, **regions).logits
+    torch.testing.assert_close(stored, raw, atol=2e-3, rtol=2e-3)
+    features = model.cmal.detect_regions(processor(images=PIL.Image.open(paths[0]))["pixel_values"])["visual_feats"][0]
+    np.testing.assert_allclose(store[0]["features"], features.numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_image_ids_and_sizes(checkpoint, image_dir, tmp_path):
+    run(checkpoint, image_dir, tmp_path / "store")
+    store, _ = load_region_store(str(tmp_path / "store"))
+    assert store["image_id"] == ["img1", "img2", "img4", "img5", "sub/img0", "sub/img3", "sub/img6"]
+    assert store[0]["image_width"] == 50 and store[0]["image_height"] == 41
+
+
+def test_cli(checkpoint, image_dir, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "training/extract_regions.py", "--model_name_or_path", str(checkpoint),
+               "--image_dir", str(image_dir), "--output_dir", str(tmp_path / "out"), "--shard_size", "3"]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "added 7 images" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "cmal_region_store.json", "shard-00000", "shard-00001", "shard-00002",
+    ]  # fmt: skip
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert "added 0 images" in again.stdout
+
+
+def test_folder_without_images(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="holds no images"):
+        run(checkpoint, tmp_path, tmp_path / "out")

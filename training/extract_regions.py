@@ -1,0 +1,134 @@
+"""Run a CMAL checkpoint's detector over an image folder and write a region feature store.
+
+    python training/extract_regions.py --model_name_or_path CKPT --image_dir DIR --output_dir OUT
+
+The checkpoint must carry a detector (`CMALConfig.from_detector`) and its image processor. The
+regions come from `CMALModel.detect_regions`, the very function the model runs on `pixel_values`,
+so a model trained on this store answers the same on the raw image. The store is written in shards,
+each atomically; re-running the same command after an interruption skips the images already stored.
+Schema and other routes into it: docs/DATA.md.
+"""
+
+import argparse
+import logging
+import os
+
+import PIL.Image
+import PIL.ImageOps
+import torch
+from tqdm.auto import tqdm
+
+
+from modeling_cmal import CMALModel
+from processors.image_processing_cmal import CMALImageProcessor
+from training.data.region_store import RegionStoreWriter
+
+
+logger = logging.getLogger("extract_regions")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def list_images(image_dir: str) -> list[tuple[str, str]]:
+    """(image id, path) of every image below `image_dir`, sorted; the id is the relative path without extension."""
+    found = []
+    for root, _, files in os.walk(image_dir):
+        for name in files:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                path = os.path.join(root, name)
+                image_id = os.path.splitext(os.path.relpath(path, image_dir))[0].replace(os.sep, "/")
+                found.append((image_id, path))
+    return sorted(found)
+
+
+def open_image(path: str) -> PIL.Image.Image:
+    image = PIL.Image.open(path)
+    image.load()
+    return image
+
+
+@torch.no_grad()
+def extract(
+    model: CMALModel,
+    image_processor: CMALImageProcessor,
+    image_dir: str,
+    output_dir: str,
+    batch_size: int = 8,
+    shard_size: int = 256,
+    detector_name: str | None = None,
+) -> int:
+    """Extract regions of every image not yet in the store; returns how many were added."""
+    images = list_images(image_dir)
+    if not images:
+        raise ValueError(f"`image_dir` {image_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    config = model.config
+    detector = {
+        "name_or_path": detector_name,
+        "model_type": config.detector_config["model_type"],
+        "num_regions": config.detector_num_regions,
+        "score_threshold": config.detector_score_threshold,
+    }
+    model.eval()
+    added = 0
+    with RegionStoreWriter(
+        output_dir, feature_dim=config.visual_feat_dim, concept_names=config.concept_names,
+        source="detector", detector=detector, shard_size=shard_size,
+    ) as writer:  # fmt: skip
+        todo = [(image_id, path) for image_id, path in images if image_id not in writer.done_image_ids]
+        logger.info(f"{len(images)} images, {len(images) - len(todo)} already stored, {len(todo)} to extract")
+        progress = tqdm(total=len(images), initial=len(images) - len(todo), desc="extracting regions", unit="img")
+        for start in range(0, len(todo), batch_size):
+            batch, opened = todo[start : start + batch_size], []
+            for image_id, path in batch:
+                try:
+                    opened.append((image_id, open_image(path)))
+                except (OSError, PIL.Image.DecompressionBombError) as error:
+                    logger.warning(f"skipping unreadable image {path}: {error}")
+            if not opened:
+                progress.update(len(batch))
+                continue
+            pixels = image_processor(images=[image for _, image in opened])["pixel_values"]
+            regions = model.detect_regions(pixels.to(model.device))
+            for i, (image_id, image) in enumerate(opened):
+                keep = regions["visual_attention_mask"][i].bool()
+                width, height = PIL.ImageOps.exif_transpose(image).size
+                writer.add(
+                    {
+                        "image_id": image_id,
+                        "image_width": width,
+                        "image_height": height,
+                        "features": regions["visual_feats"][i][keep].float().cpu().numpy(),
+                        "boxes": regions["visual_pos"][i][keep][:, :4].float().cpu().numpy(),
+                        "concept_ids": regions["region_concept_ids"][i][keep].cpu().numpy(),
+                        "scores": regions["region_scores"][i][keep].float().cpu().numpy(),
+                    }
+                )
+                added += 1
+            progress.update(len(batch))
+        progress.close()
+    return added
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", required=True, help="CMAL checkpoint (folder or Hub id) with a detector.")
+    parser.add_argument("--image_dir", required=True, help="Folder of images (searched recursively).")
+    parser.add_argument("--output_dir", required=True, help="Region store to create or resume.")
+    parser.add_argument("--batch_size", type=int, default=8, help="Images per detector call.")
+    parser.add_argument("--shard_size", type=int, default=256, help="Images per store shard (the unit of resume).")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Where the detector runs.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    model = CMALModel.from_pretrained(args.model_name_or_path).to(args.device)
+    if model.detector is None:
+        raise SystemExit(f"{args.model_name_or_path} has no detector (config.detector_config is None)")
+    image_processor = CMALImageProcessor.from_pretrained(args.model_name_or_path)
+    added = extract(
+        model, image_processor, args.image_dir, args.output_dir, args.batch_size, args.shard_size,
+        detector_name=args.model_name_or_path,
+    )  # fmt: skip
+    print(f"added {added} images to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
