@@ -67,11 +67,14 @@ class CMALProcessor(ProcessorMixin):
         truncation: bool = True,
         max_length: int | None = None,
         return_tensors: str | None = "pt",
+        return_word_ids: bool = False,
         **kwargs,
     ) -> BatchFeature:
         """Tokenise `text` (a string or a list), label anchors, and process `images` or `regions`.
 
         One text per image: `len(text)` must equal the number of images or region dicts.
+        `return_word_ids=True` adds `word_ids` (the word index of each token, -1 for special and
+        padding tokens), which whole-word masking needs; it is not a model input.
         """
         if text is None:
             raise ValueError("`text` is required: CMAL reads an image together with a text")
@@ -95,6 +98,8 @@ class CMALProcessor(ProcessorMixin):
         ]
         data = {key: value for key, value in encoding.items() if key != "offset_mapping"}
         data["token_concept_ids"] = token_concept_ids
+        if return_word_ids:
+            data["word_ids"] = [[-1 if w is None else w for w in encoding.word_ids(i)] for i in range(len(texts))]
         text_features = BatchFeature(data=data, tensor_type=return_tensors)
 
         visual = self.image_processor(images=images, regions=regions, return_tensors=return_tensors)

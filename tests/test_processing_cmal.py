@@ -154,3 +154,11 @@ def test_processor_and_model_load_as_remote_code_in_a_clean_process(tokenizer, t
     assert report["token_concept_ids"][0][4] == LABELS.index("bus")
     assert report["token_concept_ids"][1][3] == LABELS.index("person")
     torch.testing.assert_close(torch.tensor(report["logits"]), model(**expected_inputs).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_word_ids_for_whole_word_masking(processor):
+    out = processor(text=["giraffes eat", "a cat"], regions=[regions(["dog"]), regions(["cat"])], return_word_ids=True)
+    pieces = processor.tokenizer.convert_ids_to_tokens(out["input_ids"][0])
+    assert pieces[:5] == ["[CLS]", "gi", "##raf", "##fe", "##s"]
+    assert out["word_ids"].tolist() == [[-1, 0, 0, 0, 0, 1, -1], [-1, 0, 1, -1, -1, -1, -1]]
+    assert "word_ids" not in processor(text="a cat", regions=regions(["cat"]))

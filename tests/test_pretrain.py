@@ -1,0 +1,250 @@
+"""training/pretrain.py and its data pipeline, on a small hand-made corpus and a tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, run_without_project
+from datasets import Dataset, DatasetDict
+from safetensors.torch import load_file
+
+from modeling_cmal import CMALConfig
+from training import pretrain
+from training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator
+from training.data.region_store import RegionStoreWriter, load_region_store
+
+
+NAMES = ["dog", "cat", "ball", "box"]
+COLOURS = ["red", "green", "blue", "white"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """24 images of 1-4 objects whose features encode shape and colour; two captions each."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    captions = []
+    with RegionStoreWriter(str(root / "regions"), feature_dim=16, concept_names=NAMES, source="test", shard_size=10) as w:
+        for i in range(24):
+            n = int(rng.integers(1, 5))
+            shapes, colours = rng.integers(0, 4, n), rng.integers(0, 4, n)
+            features = np.zeros((n, 16), np.float32)
+            features[np.arange(n), shapes] = 1.0
+            features[np.arange(n), 4 + colours] = 1.0
+            features[:, 8:] = rng.normal(0, 0.1, (n, 8))
+            x = np.sort(rng.uniform(0, 1, (n, 2)), axis=1)
+            y = np.sort(rng.uniform(0, 1, (n, 2)), axis=1)
+            boxes = np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1)
+            w.add(dict(image_id=f"img{i}", image_width=64, image_height=64, features=features, boxes=boxes,
+                       concept_ids=shapes, scores=rng.uniform(0.5, 1, n)))  # fmt: skip
+            words = [f"a {COLOURS[c]} {NAMES[s]}" for s, c in zip(shapes, colours)]
+            captions.append({"image_id": f"img{i}", "text": "there is " + " and ".join(words) + " here"})
+            captions.append({"image_id": f"img{i}", "text": f"{n} things, one is {words[0]}"})
+    DatasetDict(train=Dataset.from_list(captions)).save_to_disk(str(root / "captions"))
+    config = CMALConfig.from_preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).to_dict()
+    (root / "tiny.json").write_text(json.dumps(config))
+    return root
+
+
+def args_for(corpus, output_dir, *extra):
+    return ["--dataset", str(corpus), "--model_config", str(corpus / "tiny.json"), "--output_dir", str(output_dir),
+            "--per_device_train_batch_size", "8", "--report_to", "none", "--num_warmup_steps", "2",
+            "--logging_steps", "4", *extra]  # fmt: skip
+
+
+def test_collator_targets(corpus):
+    captions, regions = DatasetDict.load_from_disk(str(corpus / "captions"))["train"], load_region_store(str(corpus / "regions"))[0]
+    args = pretrain.parse_args(args_for(corpus, corpus / "unused"))
+    tokenizer = pretrain.build_tokenizer(args, captions["text"])
+    config = pretrain.build_config(args, tokenizer, {"feature_dim": 16, "concept_names": NAMES})
+    from processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
+
+    processor = CMALProcessor(CMALImageProcessor(concept_names=NAMES), tokenizer, AnchorLexicon(NAMES).to_dict())
+    pairs = ImageTextPairs(captions, regions)
+    collator = PretrainingCollator(processor, pairs, mlm_probability=0.3, mrm_probability=0.3, seed=1)
+    items = [pairs[i] for i in range(16)]
+    batch = collator(items)
+    again = collator(items[::-1])  # another batch order: the same targets per example
+    for key in ("labels", "masked_regions", "itm_labels"):
+        assert torch.equal(again[key].flip(0)[:, : batch[key].shape[1]] if batch[key].dim() > 1 else again[key].flip(0), batch[key]), key
+    collator.epoch = 1
+    assert not torch.equal(collator(items)["labels"], batch["labels"])  # new epoch, new masks
+
+    mlm, mrm, matched = (batch["labels"] != -100).any(1), batch["masked_regions"].any(1), batch["itm_labels"] == 1
+    assert not (mlm & mrm).any()  # one modality at a time
+    assert not (~matched & (mlm | mrm)).any()  # mismatched pairs get no MLM/MRM targets
+    assert ((mlm | mrm) == matched).all() and 0 < matched.sum() < 16
+    masked_tokens = batch["labels"] != -100
+    assert (batch["token_concept_ids"][masked_tokens] == -1).all()  # anchors are never MLM targets
+    assert (batch["masked_regions"] <= batch["visual_attention_mask"].bool()).all()
+    keys = {"input_ids", "attention_mask", "token_type_ids", "token_concept_ids", "visual_feats", "visual_pos",
+            "visual_attention_mask", "region_concept_ids", "region_scores", "labels", "masked_regions", "itm_labels"}  # fmt: skip
+    assert set(batch) == keys
+
+
+def test_sampler_is_seeded_per_epoch_and_groups_lengths():
+    lengths = list(np.random.default_rng(0).integers(1, 50, 500))
+    sampler = LengthGroupedSampler(lengths, batch_size=2, seed=3, group_factor=10)
+    first = list(sampler)
+    assert sorted(first) == list(range(500)) and first == list(sampler)
+    assert all(lengths[a] >= lengths[b] for a, b in zip(first[:20], first[1:20]))  # sorted within a group
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+@pytest.mark.parametrize("objective", ["mlm", "mrm", "itm", "amc", "itc"])
+def test_each_objective_alone_learns(corpus, tmp_path, objective):
+    weights = {name: "0" for name in ("mlm", "mrm", "itm", "amc", "itc")}
+    weights[objective] = "1"
+    flags = [item for name, value in weights.items() for item in (f"--{name}", value)]
+    results = pretrain.main(args_for(corpus, tmp_path, *flags, "--max_train_steps", "90", "--learning_rate", "3e-3",
+                                     "--logging_steps", "15", "--per_device_train_batch_size", "16"))  # fmt: skip
+    first, last = results["first_losses"], results["final_losses"]  # means over the first and last 15 steps
+    parts = [name for name in last if name.startswith(objective)]
+    assert parts and set(last) == set(parts) | {"loss"}, last
+    assert last["loss"] < 0.9 * first["loss"], (first, last)
+
+
+def test_run_leaves_a_hub_ready_folder(corpus, tmp_path):
+    results = pretrain.main(args_for(corpus, tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "3"))
+    files = set(os.listdir(tmp_path))
+    assert {"config.json", "model.safetensors", "modeling_cmal.py", "configuration_cmal.py", "processing_cmal.py",
+            "image_processing_cmal.py", "anchor_lexicon.py", "processor_config.json", "tokenizer.json",
+            "README.md", "train_results.json", "checkpoints"} <= files  # fmt: skip
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_3", "step_6"]
+    assert results["steps"] == 6 and results["global_batch_size"] == 8
+    assert "custom_code" in (tmp_path / "README.md").read_text()
+    (tmp_path / "load").mkdir()
+    report = run_without_project(LOAD, tmp_path, tmp_path / "load")
+    assert report["class"].endswith("modeling_cmal.CMALForPreTraining") and report["finite"]
+    assert report["token_concept_ids"][2] == NAMES.index("dog")
+
+
+LOAD = """
+import json, sys
+import numpy as np
+from transformers import AutoModelForPreTraining, AutoProcessor
+
+folder = sys.argv[1]
+model = AutoModelForPreTraining.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+regions = {"features": np.ones((2, 16)), "boxes": [[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]], "boxes_normalized": True, "tags": ["dog", "cat"]}
+inputs = processor(text="a dog and a cat", regions=regions)
+out = model(**inputs)
+print(json.dumps({"class": type(model).__module__ + "." + type(model).__name__,
+                  "finite": bool(out.prediction_logits.isfinite().all()),
+                  "token_concept_ids": inputs["token_concept_ids"][0].tolist()}))
+"""
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    from modeling_cmal import CMALForPreTraining
+
+    forward, calls = CMALForPreTraining.forward, {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(CMALForPreTraining, "forward", poisoned)
+    with pytest.raises(RuntimeError, match=r"The loss became nan at step 4; stopping. The last good checkpoint is .*step_4"):
+        pretrain.main(args_for(corpus, tmp_path, "--max_train_steps", "10", "--checkpointing_steps", "2"))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_2", "step_4"]
+
+
+def test_killed_run_resumes_to_the_same_weights(corpus, tmp_path):
+    """SIGKILL mid-run (possibly mid-save), resume from `latest`: the same weights as an uninterrupted run."""
+    common = args_for(corpus, "OUT", "--max_train_steps", "30", "--checkpointing_steps", "2", "--checkpoints_total_limit", "100")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+    def command(output_dir, *extra):
+        return [sys.executable, "training/pretrain.py", *[str(output_dir) if a == "OUT" else a for a in common], *extra]
+
+    reference = tmp_path / "reference"
+    subprocess.run(command(reference), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "checkpoints" / "step_6").exists():
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    steps = sorted(int(n.split("_")[1].split(".")[0]) for n in os.listdir(killed / "checkpoints") if not n.endswith(".tmp"))
+    assert 6 <= steps[-1] < 30, steps  # killed mid-run
+    assert not (killed / "model.safetensors").exists()
+    resumed = subprocess.run(command(killed, "--resume_from_checkpoint", "latest"), cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from" in resumed.stderr
+    a, b = load_file(reference / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_two_process_ddp_matches_one_process(corpus, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo) with 4 examples per process vs one
+    process with 8: each step sees the same examples with the same masks (sampler and collator are seeded
+    per example); only the loss averaging and the anchor draws differ."""
+    from modeling_cmal import CMALForPreTraining
+    from processors import CMALProcessor
+
+    steps = ["--max_train_steps", "40", "--learning_rate", "1e-3", "--logging_steps", "40"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+              "training/pretrain.py", *args_for(corpus, tmp_path / "ddp", *steps, "--per_device_train_batch_size", "4")]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 processes" in result.stderr
+    ddp = json.loads((tmp_path / "ddp" / "train_results.json").read_text())
+    single = pretrain.main(args_for(corpus, tmp_path / "single", *steps, "--per_device_train_batch_size", "8"))
+    assert ddp["global_batch_size"] == single["global_batch_size"] == 8 and ddp["steps"] == single["steps"] == 40
+
+    # both models are equally good on the same batch, and both better than at the start
+    captions = DatasetDict.load_from_disk(str(corpus / "captions"))["train"]
+    regions = load_region_store(str(corpus / "regions"))[0]
+    processor = CMALProcessor.from_pretrained(tmp_path / "single")
+    pairs = ImageTextPairs(captions, regions)
+    batch = PretrainingCollator(processor, pairs, seed=123)([pairs[i] for i in range(0, 48, 2)])
+
+    def eval_loss(model):
+        with torch.no_grad():
+            return model.eval()(**batch).loss.item()
+
+    losses = {name: eval_loss(CMALForPreTraining.from_pretrained(tmp_path / name)) for name in ("ddp", "single")}
+    torch.manual_seed(0)
+    untrained = eval_loss(CMALForPreTraining(CMALForPreTraining.config_class.from_pretrained(tmp_path / "single")))
+    assert abs(losses["ddp"] - losses["single"]) < 0.02 * losses["single"], losses
+    assert max(losses.values()) < 0.95 * untrained, (losses, untrained)
+
+
+def test_push_to_hub_uploads_the_final_folder(corpus, tmp_path, monkeypatch):
+    """No upload happens here: `HfApi` is replaced at its boundary and the calls it got are checked."""
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, exist_ok=False):
+            calls.append(("create_repo", repo_id, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns):
+            calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path)), ignore_patterns))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    pretrain.main(args_for(corpus, tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2",
+                           "--push_to_hub", "--hub_model_id", "me/cmal-test"))  # fmt: skip
+    assert calls[0] == ("create_repo", "me/cmal-test", True)
+    name, repo, files, ignored = calls[1]
+    assert (name, repo) == ("upload_folder", "me/cmal-test") and ignored == ["checkpoints/*", "runs/*"]
+    assert {"model.safetensors", "config.json", "modeling_cmal.py", "processor_config.json", "README.md"} <= set(files)

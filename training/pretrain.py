@@ -1,0 +1,360 @@
+"""Pre-train CMAL with Accelerate (the `*_no_trainer.py` pattern of transformers' examples).
+
+    accelerate launch training/pretrain.py                       # small CMAL on the synthetic world
+    accelerate launch --multi_gpu --num_processes 2 training/pretrain.py --per_device_train_batch_size 16
+    accelerate launch --config_file training/configs/fsdp.yaml training/pretrain.py --model_config base ...
+
+With no arguments it pre-trains the `small` preset on the embedded synthetic scene world (generated
+once and cached) and leaves a Hub-ready folder in `--output_dir`: weights, config, code, processor,
+model card. Objectives: MLM, MRM, ITM, AMC (token, region, pointer parts) and optionally ITC, each
+weighted by its flag (0 switches it off) and logged on its own.
+
+Checkpoints (`--checkpointing_steps`) are written to `output_dir/checkpoints/step_N` atomically;
+`--resume_from_checkpoint latest` continues mid-epoch with the same data order and random state, so
+a killed run ends with the weights an uninterrupted run would have had.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, get_scheduler
+
+from modeling_cmal import CMAL_PRESETS, CMALConfig, CMALForPreTraining
+from modeling_cmal.convert_bert_to_cmal import load_bert_weights
+from processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
+from training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator
+from training.data.region_store import load_region_store
+from training.data.tokenizer import build_word_tokenizer
+
+
+logger = logging.getLogger("pretrain")
+LOSSES = ["mlm_loss", "mrm_feature_loss", "mrm_concept_loss", "itm_loss", "amc_token_loss", "amc_region_loss",
+          "amc_pointer_loss", "itc_loss"]  # fmt: skip
+CHECKPOINT = re.compile(r"step_(\d+)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="synthetic",
+                      help="'synthetic' (the embedded scene world) or a folder with `regions/` (a region store, "
+                           "docs/DATA.md) and `captions/` (a datasets table or DatasetDict with image_id, text).")
+    data.add_argument("--synthetic_images", type=int, default=2000, help="Images of the synthetic world.")
+    data.add_argument("--synthetic_seed", type=int, default=0, help="Seed of the synthetic world.")
+    data.add_argument("--max_text_length", type=int, default=40, help="Word pieces per text, [CLS]/[SEP] included.")
+    data.add_argument("--tokenizer", default=None,
+                      help="Tokenizer folder or Hub id (a fast BERT-style one). Default: with --init_text_from, "
+                           "that checkpoint's; otherwise a word-level vocabulary built from the corpus.")
+    model = p.add_argument_group("model")
+    model.add_argument("--model_config", default="small", help=f"Preset ({', '.join(CMAL_PRESETS)}) or a config JSON.")
+    model.add_argument("--init_text_from", default=None, help="BERT checkpoint (folder or Hub id) for the text path.")
+    for name, default, what in [("mlm", 1.0, "masked language modelling"), ("mrm", 1.0, "masked region modelling"),
+                                ("itm", 1.0, "image-text matching"), ("amc", 1.0, "associative mapping (all 3 parts)"),
+                                ("itc", 0.0, "image-text contrastive (the CMCL baseline)")]:  # fmt: skip
+        model.add_argument(f"--{name}", type=float, default=default, help=f"Weight of {what}; 0 switches it off.")
+    model.add_argument("--mlm_probability", type=float, default=0.15, help="Share of non-anchor words masked.")
+    model.add_argument("--mrm_probability", type=float, default=0.15, help="Share of regions masked.")
+    model.add_argument("--itm_negative_probability", type=float, default=0.5, help="Share of mismatched pairs.")
+    train = p.add_argument_group("training")
+    train.add_argument("--output_dir", default="outputs/cmal-small-synthetic", help="Checkpoints and the final model.")
+    train.add_argument("--per_device_train_batch_size", type=int, default=32)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--learning_rate", type=float, default=5e-4)
+    train.add_argument("--weight_decay", type=float, default=0.01)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--lr_scheduler_type", default="linear", help="Any transformers schedule: linear, cosine, constant...")
+    train.add_argument("--num_warmup_steps", type=int, default=50)
+    train.add_argument("--num_train_epochs", type=int, default=2)
+    train.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                       help="Default: what `accelerate config`/`accelerate launch` says, else no.")
+    train.add_argument("--checkpointing_steps", type=int, default=None, help="Save a resumable state every N steps.")
+    train.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep only the newest N checkpoints.")
+    train.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes.")
+    train.add_argument("--report_to", default="all", help="tensorboard, wandb, ... ; all = every installed tracker; none.")
+    train.add_argument("--logging_steps", type=int, default=10)
+    train.add_argument("--push_to_hub", action="store_true", help="Upload the final folder to --hub_model_id.")
+    train.add_argument("--hub_model_id", default=None)
+    return p.parse_args(argv)
+
+
+def load_corpus(args):
+    """(captions DatasetDict-or-Dataset, regions Dataset, region metadata, lexicon or None)."""
+    if args.dataset == "synthetic":
+        from training.data import synthetic
+
+        world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed))
+        return world["captions"], world["regions"], world["region_metadata"], synthetic.synthetic_lexicon()
+    from datasets import load_from_disk
+
+    regions, metadata = load_region_store(os.path.join(args.dataset, "regions"))
+    return load_from_disk(os.path.join(args.dataset, "captions")), regions, metadata, None
+
+
+def split(table, name):
+    """A split of a DatasetDict, or the whole table for a plain Dataset (training only)."""
+    if hasattr(table, "keys"):
+        return table[name] if name in table else None
+    return table if name == "train" else None
+
+
+def build_tokenizer(args, texts):
+    if args.tokenizer or args.init_text_from:
+        return AutoTokenizer.from_pretrained(args.tokenizer or args.init_text_from)
+    return build_word_tokenizer(texts, model_max_length=args.max_text_length)
+
+
+def build_config(args, tokenizer, metadata) -> CMALConfig:
+    """The preset or JSON config, fitted to the tokenizer and the region store, with the objective weights."""
+    if args.model_config in CMAL_PRESETS:
+        config = CMALConfig.from_preset(args.model_config).to_dict()
+    else:
+        config = CMALConfig.from_json_file(args.model_config).to_dict()
+    config.update(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, visual_feat_dim=metadata["feature_dim"],
+        concept_names=list(metadata["concept_names"]), num_concepts=None,
+        mlm_weight=args.mlm, mrm_weight=args.mrm, itm_weight=args.itm, itc_weight=args.itc,
+        amc_token_weight=args.amc, amc_region_weight=args.amc, amc_pointer_weight=args.amc,
+    )  # fmt: skip
+    return CMALConfig.from_dict(config)
+
+
+def build_model(args, config):
+    model = CMALForPreTraining(config)
+    if args.init_text_from:
+        logger.info("\n" + str(load_bert_weights(model, args.init_text_from)))
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def checkpoints(folder: str) -> list[tuple[int, str]]:
+    """Complete checkpoints, oldest first; a `.tmp` folder (a save cut short) is never one."""
+    root = os.path.join(folder, "checkpoints")
+    found = [(int(m.group(1)), os.path.join(root, n)) for n in os.listdir(root) if (m := CHECKPOINT.fullmatch(n))] \
+        if os.path.isdir(root) else []  # fmt: skip
+    return sorted(found)
+
+
+def save_checkpoint(accelerator, args, step: int):
+    """`save_state` into `step_N.tmp`, then rename: a checkpoint either exists whole or not at all."""
+    final = os.path.join(args.output_dir, "checkpoints", f"step_{step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp, final)
+        for _, old in checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def write_model_card(folder, args, config, results):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(library_name="transformers", tags=["cmal", "custom_code", "vision-language", "pretraining"],
+                         datasets=["synthetic-scene-world"] if args.dataset == "synthetic" else None)  # fmt: skip
+    losses = "\n".join(f"| {name} | {value:.4f} |" for name, value in results["final_losses"].items())
+    card = ModelCard(f"""---
+{data.to_yaml()}
+---
+
+# CMAL ({args.model_config}) pre-trained on {args.dataset}
+
+A CMAL model (Cross-Modal Associative Learning) pre-trained with `training/pretrain.py`.
+Load it with `AutoModelForPreTraining.from_pretrained(path, trust_remote_code=True)` (pin `revision=` on the Hub).
+
+- hidden size {config.hidden_size}; text/region/unified layers {config.num_text_layers}/{config.num_visual_layers}/{config.num_hidden_layers}
+- regions: {config.visual_feat_dim}-d features, {config.num_concepts} concepts
+- {results['steps']} steps at global batch {results['global_batch_size']}, {results['train_seconds']:.0f} s
+
+| loss (last {args.logging_steps} steps) | value |
+|---|---|
+{losses}
+""")
+    card.save(os.path.join(folder, "README.md"))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # heads whose weight is 0 get no gradient; DDP must be told
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=min(args.mlm, args.mrm, args.itm, args.amc) == 0)],
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)  # fmt: skip
+    set_seed(args.seed)
+
+    with accelerator.main_process_first():
+        captions, regions, metadata, lexicon = load_corpus(args)
+    train_texts = split(captions, "train")
+    tokenizer = build_tokenizer(args, train_texts["text"])
+    config = build_config(args, tokenizer, metadata)
+    image_processor = CMALImageProcessor(
+        concept_names=config.concept_names, max_regions=config.max_regions, visual_pos_dim=config.visual_pos_dim
+    )
+    lexicon = lexicon or AnchorLexicon(config.concept_names)
+    processor = CMALProcessor(image_processor, tokenizer, anchor_lexicon=lexicon.to_dict())
+    model = build_model(args, config)
+    train_set = ImageTextPairs(train_texts, regions)
+    collator = PretrainingCollator(
+        processor, train_set, args.mlm_probability, args.mrm_probability, args.itm_negative_probability,
+        max_length=args.max_text_length, seed=args.seed,
+    )  # fmt: skip
+    global_batch = args.per_device_train_batch_size * accelerator.num_processes
+    sampler = LengthGroupedSampler(train_set.lengths(), global_batch, seed=args.seed)
+    train_dataloader = DataLoader(
+        train_set, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collator,
+        num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed),
+    )  # fmt: skip
+
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "scale")
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(no_decay)],
+         "weight_decay": args.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(no_decay)], "weight_decay": 0.0},
+    ]  # fmt: skip
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate)
+    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )  # fmt: skip
+    model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)  # after sharding
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+
+    effective_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    if args.report_to != "none":
+        accelerator.init_trackers("cmal_pretrain", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    logger.info(f"{len(train_set)} pairs, {steps_per_epoch} steps/epoch, {max_steps} steps, {num_epochs} epochs; "
+                f"global batch {effective_batch} = {args.per_device_train_batch_size} per device x "
+                f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation")  # fmt: skip
+
+    completed, start_epoch, skip_batches = 0, 0, 0
+    if args.resume_from_checkpoint:
+        path = args.resume_from_checkpoint
+        if path == "latest":
+            found = checkpoints(args.output_dir)
+            path = found[-1][1] if found else None
+        if path is None:
+            logger.info("no checkpoint to resume from: starting fresh")
+        else:
+            accelerator.load_state(path)
+            completed = int(CHECKPOINT.fullmatch(os.path.basename(path.rstrip("/"))).group(1))
+            start_epoch, done_in_epoch = divmod(completed, steps_per_epoch)
+            skip_batches = done_in_epoch * args.gradient_accumulation_steps
+            logger.info(f"resumed from {path}: step {completed}, epoch {start_epoch}, skipping {skip_batches} batches")
+
+    progress = tqdm(total=max_steps, initial=completed, disable=not accelerator.is_local_main_process, desc="pre-training")
+    window = {name: [] for name in LOSSES + ["loss"]}
+    first_losses, pending = None, []
+    data_seconds = 0.0
+    start = time.perf_counter()
+    model.train()
+    for epoch in range(start_epoch, num_epochs):
+        train_dataloader.set_epoch(epoch)
+        collator.epoch = epoch
+        batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if epoch == start_epoch else train_dataloader
+        tick = time.perf_counter()
+        for batch in batches:
+            data_seconds += time.perf_counter() - tick
+            with accelerator.accumulate(model):
+                outputs = model(**batch)
+                loss = outputs.loss
+                if not bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()):
+                    last = checkpoints(args.output_dir)
+                    raise RuntimeError(
+                        f"The loss became {loss.item()} at step {completed}; stopping. The last good checkpoint is "
+                        f"{last[-1][1] if last else 'none (no checkpoint was written yet)'}. Lower --learning_rate, "
+                        "or use bf16 rather than fp16."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            names = [name for name in window if outputs.get(name) is not None]
+            pending.append(torch.stack([outputs[name].detach().float() for name in names]))
+            tick = time.perf_counter()
+            if not accelerator.sync_gradients:
+                continue
+            # One value per optimizer step: the mean over its micro-batches and over processes.
+            values = accelerator.reduce(torch.stack(pending).mean(0), "mean").tolist()
+            pending = []
+            for name, value in zip(names, values):
+                window[name] = (window[name] + [value])[-args.logging_steps :]
+            completed += 1
+            progress.update(1)
+            means = {name: sum(v) / len(v) for name, v in window.items() if v}
+            if completed == args.logging_steps and first_losses is None:
+                first_losses = means
+            progress.set_postfix({name.replace("_loss", ""): f"{value:.3f}" for name, value in means.items()})
+            if completed % args.logging_steps == 0:
+                accelerator.log({**{f"train/{k}": v for k, v in means.items()}, "train/lr": scheduler.get_last_lr()[0]}, step=completed)
+            if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, completed)
+            if completed >= max_steps:
+                break
+        if completed >= max_steps:
+            break
+    progress.close()
+    train_seconds = time.perf_counter() - start
+
+    accelerator.wait_for_everyone()
+    results = {
+        "steps": completed,
+        "last_learning_rate": scheduler.get_last_lr()[0],
+        "global_batch_size": effective_batch,
+        "train_seconds": train_seconds,
+        "data_loading_share": data_seconds / max(train_seconds, 1e-9),
+        "first_losses": first_losses,
+        "final_losses": {name: sum(v) / len(v) for name, v in window.items() if v},
+    }
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(args.output_dir, save_function=accelerator.save)
+        processor.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "train_results.json"), "w") as f:
+            json.dump({**results, "args": vars(args)}, f, indent=2)
+        write_model_card(args.output_dir, args, unwrapped.config, results)
+        logger.info(f"data loading took {100 * results['data_loading_share']:.1f}% of the training time")
+        print(f"final losses: {json.dumps({k: round(v, 4) for k, v in results['final_losses'].items()})}")
+        print(f"model saved to {os.path.abspath(args.output_dir)} ({train_seconds:.0f} s of training)")
+        if args.push_to_hub:
+            from huggingface_hub import HfApi
+
+            repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+            api = HfApi()
+            api.create_repo(repo_id, exist_ok=True)
+            api.upload_folder(repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoints/*", "runs/*"])
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main()
