@@ -248,3 +248,17 @@ def test_push_to_hub_uploads_the_final_folder(corpus, tmp_path, monkeypatch):
     name, repo, files, ignored = calls[1]
     assert (name, repo) == ("upload_folder", "me/cmal-test") and ignored == ["checkpoints/*", "runs/*"]
     assert {"model.safetensors", "config.json", "modeling_cmal.py", "processor_config.json", "README.md"} <= set(files)
+
+
+def test_tensorboard_logs_every_loss(corpus, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    arguments = args_for(corpus, tmp_path, "--max_train_steps", "4", "--logging_steps", "2")
+    arguments[arguments.index("--report_to") + 1] = "tensorboard"
+    pretrain.main(arguments)
+    runs = [root for root, _, files in os.walk(tmp_path) if any(f.startswith("events.out") for f in files)]
+    (events,) = [e for e in (EventAccumulator(run).Reload() for run in runs) if e.Tags()["scalars"]]
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/mlm_loss", "train/amc_pointer_loss", "train/lr"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
