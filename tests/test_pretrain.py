@@ -262,3 +262,8 @@ def test_tensorboard_logs_every_loss(corpus, tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/mlm_loss", "train/amc_pointer_loss", "train/lr"} <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
+
+
+def test_resume_from_a_wrong_path_is_refused(corpus, tmp_path):
+    with pytest.raises(ValueError, match=r"`--resume_from_checkpoint` must be 'latest' or a checkpoint folder"):
+        pretrain.main(args_for(corpus, tmp_path, "--max_train_steps", "2", "--resume_from_checkpoint", str(tmp_path / "nope")))

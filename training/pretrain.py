@@ -263,8 +263,13 @@ def main(argv=None):
         if path is None:
             logger.info("no checkpoint to resume from: starting fresh")
         else:
+            name = CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path)))
+            if not os.path.isdir(path) or name is None:
+                raise ValueError(
+                    f"`--resume_from_checkpoint` must be 'latest' or a checkpoint folder `.../checkpoints/step_N`, got {path!r}"
+                )
             accelerator.load_state(path)
-            completed = int(CHECKPOINT.fullmatch(os.path.basename(path.rstrip("/"))).group(1))
+            completed = int(name.group(1))
             start_epoch, done_in_epoch = divmod(completed, steps_per_epoch)
             skip_batches = done_in_epoch * args.gradient_accumulation_steps
             logger.info(f"resumed from {path}: step {completed}, epoch {start_epoch}, skipping {skip_batches} batches")
