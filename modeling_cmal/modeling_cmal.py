@@ -1081,16 +1081,14 @@ class CMALForPreTraining(CMALPreTrainedModel):
             _check_labels("itm_labels", itm_labels, (batch_size,), 2)
         if region_soft_labels is not None:
             _check_labels("region_soft_labels", region_soft_labels, (batch_size, num_regions, config.num_concepts))
-        if visual_attention_mask is None:
-            visual_attention_mask = torch.ones(batch_size, num_regions, dtype=torch.long, device=input_ids.device)
-        real_regions = visual_attention_mask.bool()
+        real_regions = outputs.region_mask
 
         sequence_output = outputs.last_hidden_state
         text_states, region_states = sequence_output[:, :text_len], sequence_output[:, text_len:]
         prediction_logits = self.lm_head(text_states)
         region_feature_predictions = self.feature_head(region_states)
         region_concept_logits = self.concept_head(region_states)
-        pointer_logits = _mask_padded_regions(self.pointer_head(text_states, region_states), visual_attention_mask)
+        pointer_logits = _mask_padded_regions(self.pointer_head(text_states, region_states), real_regions)
         itm_logits = self.itm_head(outputs.pooler_output)
 
         losses = {}

@@ -121,3 +121,13 @@ def test_cli(checkpoint, image_dir, tmp_path):
 def test_folder_without_images(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="holds no images"):
         run(checkpoint, tmp_path, tmp_path / "out")
+
+
+def test_upright_size_follows_the_exif_orientation(tmp_path):
+    image = PIL.Image.new("RGB", (40, 20))
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display: the upright image is 20 wide, 40 tall
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    image.save(tmp_path / "plain.jpg")
+    assert extract_regions.upright_size(extract_regions.open_image(str(tmp_path / "rotated.jpg"))) == (20, 40)
+    assert extract_regions.upright_size(extract_regions.open_image(str(tmp_path / "plain.jpg"))) == (40, 20)

@@ -14,7 +14,6 @@ import logging
 import os
 
 import PIL.Image
-import PIL.ImageOps
 import torch
 from tqdm.auto import tqdm
 
@@ -38,6 +37,12 @@ def list_images(image_dir: str) -> list[tuple[str, str]]:
                 image_id = os.path.splitext(os.path.relpath(path, image_dir))[0].replace(os.sep, "/")
                 found.append((image_id, path))
     return sorted(found)
+
+
+def upright_size(image: PIL.Image.Image) -> tuple[int, int]:
+    """(width, height) once the EXIF orientation is applied, read from the tag instead of rotating pixels."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(0x0112) in (5, 6, 7, 8) else (width, height)
 
 
 def open_image(path: str) -> PIL.Image.Image:
@@ -90,7 +95,7 @@ def extract(
             regions = model.detect_regions(pixels.to(model.device))
             for i, (image_id, image) in enumerate(opened):
                 keep = regions["visual_attention_mask"][i].bool()
-                width, height = PIL.ImageOps.exif_transpose(image).size
+                width, height = upright_size(image)
                 writer.add(
                     {
                         "image_id": image_id,
