@@ -9,6 +9,7 @@ from transformers import (
     AutoModel,
     AutoModelForPreTraining,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoModelForVisualQuestionAnswering,
 )
 
@@ -35,7 +36,10 @@ for _auto, _model in (
     (AutoModel, CMALModel),
     (AutoModelForPreTraining, CMALForPreTraining),
     (AutoModelForVisualQuestionAnswering, CMALForQuestionAnswering),
-    (AutoModelForSequenceClassification, CMALForImageTextClassification),
+    # Three heads share this auto class: transformers picks the one named in `config.architectures`
+    # (the first when none is), as a checkpoint's own `auto_map` does for remote code.
+    (AutoModelForSequenceClassification, (CMALForImageTextClassification, CMALForVisualReasoning, CMALForImageTextRetrieval)),
+    (AutoModelForTokenClassification, CMALForReferringExpression),
 ):
     _auto.register(CMALConfig, _model, exist_ok=True)
 

@@ -17,6 +17,8 @@ One flat file in the transformers style. It ships as Hub remote code, so it impo
 transformers and its sibling `configuration_cmal.py` (relatively).
 """
 
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,9 +30,12 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_cmal import CMALConfig
+
+
+logger = logging.get_logger(__name__)
 
 
 # Modality types of the unified encoder's input slots.
@@ -665,10 +670,23 @@ class CMALPreTrainedModel(PreTrainedModel):
         base.detector.model.load_state_dict(detector.state_dict())
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Also map the shared auto classes, so that any CMAL checkpoint loads its encoder with `AutoModel`."""
+        """Also map the shared auto classes, so that any CMAL checkpoint loads its encoder with `AutoModel`,
+        and ship the head's pipeline (`pipeline_cmal.py`, named in `config.custom_pipelines`)."""
         shared = {auto_class: f"modeling_cmal.{cls.__name__}" for auto_class, cls in CMAL_AUTO_MAP.items()}
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **shared}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        pipeline_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline_cmal.py")
+        task = CMAL_PIPELINE_TASKS.get(type(self))
+        if task is not None and os.path.isfile(pipeline_file):
+            name, pipeline_class = task
+            self.config.custom_pipelines = {
+                name: {"impl": f"pipeline_cmal.{pipeline_class}", "pt": [CMAL_HEAD_AUTO_CLASSES[type(self)]], "type": "multimodal"}
+            }
+        elif task is not None:  # loaded as remote code without its pipeline file: keep what the config says
+            logger.warning(f"pipeline_cmal.py is not beside {__file__}; the saved checkpoint has no pipeline code")
+        output = super().save_pretrained(save_directory, *args, **kwargs)
+        if task is not None and os.path.isfile(pipeline_file):
+            shutil.copy(pipeline_file, os.path.join(save_directory, "pipeline_cmal.py"))
+        return output
 
 
 class CMALModel(CMALPreTrainedModel):
@@ -1502,6 +1520,16 @@ CMAL_HEAD_AUTO_CLASSES = {
     CMALForVisualReasoning: "AutoModelForSequenceClassification",
     CMALForImageTextRetrieval: "AutoModelForSequenceClassification",
     CMALForReferringExpression: "AutoModelForTokenClassification",
+}
+
+
+# The pipeline (in pipeline_cmal.py) each fine-tuned head names in `config.custom_pipelines` when saved.
+CMAL_PIPELINE_TASKS = {
+    CMALForQuestionAnswering: ("visual-question-answering", "CMALVisualQuestionAnsweringPipeline"),
+    CMALForImageTextClassification: ("visual-entailment", "CMALVisualEntailmentPipeline"),
+    CMALForVisualReasoning: ("visual-reasoning", "CMALVisualReasoningPipeline"),
+    CMALForReferringExpression: ("referring-expression", "CMALReferringExpressionPipeline"),
+    CMALForImageTextRetrieval: ("image-text-retrieval", "CMALImageTextRetrievalPipeline"),
 }
 
 

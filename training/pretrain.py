@@ -19,8 +19,6 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 import time
 
 import torch
@@ -36,12 +34,12 @@ from processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
 from training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator
 from training.data.region_store import load_region_store
 from training.data.tokenizer import build_word_tokenizer
+from training.utils import add_training_args, check_finite, optimizer_groups, push_to_hub, resume, save_checkpoint, write_json
 
 
 logger = logging.getLogger("pretrain")
 LOSSES = ["mlm_loss", "mrm_feature_loss", "mrm_concept_loss", "itm_loss", "amc_token_loss", "amc_region_loss",
           "amc_pointer_loss", "itc_loss"]  # fmt: skip
-CHECKPOINT = re.compile(r"step_(\d+)")
 
 
 def parse_args(argv=None):
@@ -66,43 +64,28 @@ def parse_args(argv=None):
     model.add_argument("--mlm_probability", type=float, default=0.15, help="Share of non-anchor words masked.")
     model.add_argument("--mrm_probability", type=float, default=0.15, help="Share of regions masked.")
     model.add_argument("--itm_negative_probability", type=float, default=0.5, help="Share of mismatched pairs.")
-    train = p.add_argument_group("training")
-    train.add_argument("--output_dir", default="outputs/cmal-small-synthetic", help="Checkpoints and the final model.")
-    train.add_argument("--per_device_train_batch_size", type=int, default=32)
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--learning_rate", type=float, default=5e-4)
-    train.add_argument("--weight_decay", type=float, default=0.01)
-    train.add_argument("--max_grad_norm", type=float, default=1.0)
-    train.add_argument("--lr_scheduler_type", default="linear", help="Any transformers schedule: linear, cosine, constant...")
-    train.add_argument("--num_warmup_steps", type=int, default=50)
-    train.add_argument("--num_train_epochs", type=int, default=2)
-    train.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
-    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                       help="Default: what `accelerate config`/`accelerate launch` says, else no.")
-    train.add_argument("--checkpointing_steps", type=int, default=None, help="Save a resumable state every N steps.")
-    train.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep only the newest N checkpoints.")
-    train.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
-    train.add_argument("--gradient_checkpointing", action="store_true")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes.")
-    train.add_argument("--report_to", default="all", help="tensorboard, wandb, ... ; all = every installed tracker; none.")
-    train.add_argument("--logging_steps", type=int, default=10)
-    train.add_argument("--push_to_hub", action="store_true", help="Upload the final folder to --hub_model_id.")
-    train.add_argument("--hub_model_id", default=None)
+    add_training_args(p, "outputs/cmal-small-synthetic", batch_size=32, learning_rate=5e-4, epochs=2, warmup=50)
     return p.parse_args(argv)
 
 
 def load_corpus(args):
-    """(captions DatasetDict-or-Dataset, regions Dataset, region metadata, lexicon or None)."""
+    """(captions DatasetDict-or-Dataset, regions Dataset, region metadata, lexicon or None, vocabulary texts).
+
+    The vocabulary texts build the word-level tokenizer when no BERT one is given: for the synthetic
+    world they are every training text of every task, as a real vocabulary covers the words of the
+    downstream questions too.
+    """
     if args.dataset == "synthetic":
         from training.data import synthetic
 
         world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed))
-        return world["captions"], world["regions"], world["region_metadata"], synthetic.synthetic_lexicon()
+        texts = synthetic.world_texts(world)
+        return world["captions"], world["regions"], world["region_metadata"], synthetic.synthetic_lexicon(), texts
     from datasets import load_from_disk
 
     regions, metadata = load_region_store(os.path.join(args.dataset, "regions"))
-    return load_from_disk(os.path.join(args.dataset, "captions")), regions, metadata, None
+    captions = load_from_disk(os.path.join(args.dataset, "captions"))
+    return captions, regions, metadata, None, split(captions, "train")["text"]
 
 
 def split(table, name):
@@ -140,30 +123,6 @@ def build_model(args, config):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
-
-
-def checkpoints(folder: str) -> list[tuple[int, str]]:
-    """Complete checkpoints, oldest first; a `.tmp` folder (a save cut short) is never one."""
-    root = os.path.join(folder, "checkpoints")
-    found = [(int(m.group(1)), os.path.join(root, n)) for n in os.listdir(root) if (m := CHECKPOINT.fullmatch(n))] \
-        if os.path.isdir(root) else []  # fmt: skip
-    return sorted(found)
-
-
-def save_checkpoint(accelerator, args, step: int):
-    """`save_state` into `step_N.tmp`, then rename: a checkpoint either exists whole or not at all."""
-    final = os.path.join(args.output_dir, "checkpoints", f"step_{step}")
-    tmp = final + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        os.replace(tmp, final)
-        for _, old in checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
 
 
 def write_model_card(folder, args, config, results):
@@ -208,9 +167,9 @@ def main(argv=None):
     set_seed(args.seed)
 
     with accelerator.main_process_first():
-        captions, regions, metadata, lexicon = load_corpus(args)
+        captions, regions, metadata, lexicon, vocabulary_texts = load_corpus(args)
     train_texts = split(captions, "train")
-    tokenizer = build_tokenizer(args, train_texts["text"])
+    tokenizer = build_tokenizer(args, vocabulary_texts)
     config = build_config(args, tokenizer, metadata)
     image_processor = CMALImageProcessor(
         concept_names=config.concept_names, max_regions=config.max_regions, visual_pos_dim=config.visual_pos_dim
@@ -230,13 +189,7 @@ def main(argv=None):
         num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed),
     )  # fmt: skip
 
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "scale")
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(no_decay)],
-         "weight_decay": args.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(no_decay)], "weight_decay": 0.0},
-    ]  # fmt: skip
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
     steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     scheduler = get_scheduler(
@@ -254,25 +207,7 @@ def main(argv=None):
                 f"global batch {effective_batch} = {args.per_device_train_batch_size} per device x "
                 f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation")  # fmt: skip
 
-    completed, start_epoch, skip_batches = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = args.resume_from_checkpoint
-        if path == "latest":
-            found = checkpoints(args.output_dir)
-            path = found[-1][1] if found else None
-        if path is None:
-            logger.info("no checkpoint to resume from: starting fresh")
-        else:
-            name = CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path)))
-            if not os.path.isdir(path) or name is None:
-                raise ValueError(
-                    f"`--resume_from_checkpoint` must be 'latest' or a checkpoint folder `.../checkpoints/step_N`, got {path!r}"
-                )
-            accelerator.load_state(path)
-            completed = int(name.group(1))
-            start_epoch, done_in_epoch = divmod(completed, steps_per_epoch)
-            skip_batches = done_in_epoch * args.gradient_accumulation_steps
-            logger.info(f"resumed from {path}: step {completed}, epoch {start_epoch}, skipping {skip_batches} batches")
+    completed, start_epoch, skip_batches = resume(accelerator, args, steps_per_epoch)
 
     progress = tqdm(total=max_steps, initial=completed, disable=not accelerator.is_local_main_process, desc="pre-training")
     window = {name: [] for name in LOSSES + ["loss"]}
@@ -290,13 +225,7 @@ def main(argv=None):
             with accelerator.accumulate(model):
                 outputs = model(**batch)
                 loss = outputs.loss
-                if not bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()):
-                    last = checkpoints(args.output_dir)
-                    raise RuntimeError(
-                        f"The loss became {loss.item()} at step {completed}; stopping. The last good checkpoint is "
-                        f"{last[-1][1] if last else 'none (no checkpoint was written yet)'}. Lower --learning_rate, "
-                        "or use bf16 rather than fp16."
-                    )
+                check_finite(accelerator, loss, args, completed)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -344,19 +273,13 @@ def main(argv=None):
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(args.output_dir, save_function=accelerator.save)
         processor.save_pretrained(args.output_dir)
-        with open(os.path.join(args.output_dir, "train_results.json"), "w") as f:
-            json.dump({**results, "args": vars(args)}, f, indent=2)
+        write_json(os.path.join(args.output_dir, "train_results.json"), {**results, "args": vars(args)})
         write_model_card(args.output_dir, args, unwrapped.config, results)
         logger.info(f"data loading took {100 * results['data_loading_share']:.1f}% of the training time")
         print(f"final losses: {json.dumps({k: round(v, 4) for k, v in results['final_losses'].items()})}")
         print(f"model saved to {os.path.abspath(args.output_dir)} ({train_seconds:.0f} s of training)")
         if args.push_to_hub:
-            from huggingface_hub import HfApi
-
-            repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-            api = HfApi()
-            api.create_repo(repo_id, exist_ok=True)
-            api.upload_folder(repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoints/*", "runs/*"])
+            push_to_hub(args)
     accelerator.end_training()
     return results
 

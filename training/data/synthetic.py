@@ -846,6 +846,14 @@ def load_world(output_dir) -> dict:
     return world
 
 
+TEXT_COLUMNS = {"captions": "text", "vqa": "question", "ve": "hypothesis", "rec": "expression", "nlvr2": "sentence"}
+
+
+def world_texts(world: dict, split: str = "train") -> list[str]:
+    """Every text of one split of a loaded world, all tasks: what a word-level vocabulary is built from."""
+    return [text for task, column in TEXT_COLUMNS.items() for text in world[task][split][column]]
+
+
 def default_world(cache_dir=None, **kwargs) -> str:
     """The path of the world built with these `build_world` arguments, built on first use, then reused.
 

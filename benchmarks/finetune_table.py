@@ -1,0 +1,116 @@
+"""Pre-trained vs from-scratch fine-tuning on the synthetic world, every task, one table.
+
+    python benchmarks/finetune_table.py                      # pre-trains first if --pretrained is missing
+    python benchmarks/finetune_table.py --max_train_steps 400 --tasks vqa rec
+
+Each fine-tuning run is `accelerate launch training/finetune.py --task T [--model_name_or_path P]` with
+the same recipe for both starts; the table gives the main validation metric of each, and chance:
+the metric of uniformly random predictions (mean of 20 draws), and for VQA also always answering the
+most frequent training answer. Runs go two at a time (one CPU thread each); results land in
+`--output_dir/<task>-<start>/eval_results.json`, and the markdown table is printed and saved.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from training.data import downstream, synthetic  # noqa: E402
+from training.finetune import MAIN_METRIC, METRICS  # noqa: E402
+from training.metrics import load_metric  # noqa: E402
+
+
+def launch(script_args: list[str], log: str) -> None:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_cpu_threads_per_process", "1",
+               os.path.join(ROOT, "training", script_args[0]), *script_args[1:], "--report_to", "none"]  # fmt: skip
+    with open(log, "w") as f:
+        subprocess.run(command, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"})
+
+
+def chance(task: str, world: dict, draws: int = 20, retrieval_images: int = 50) -> dict:
+    """The main metric of random predictions on the validation split (and VQA's majority answer)."""
+    rng = np.random.default_rng(0)
+    table = downstream.synthetic_task(world, task)
+    train, validation = table["train"], table["validation"]
+    metric = load_metric(METRICS[task])
+    main = MAIN_METRIC[task]
+    values = []
+    if task == "vqa":
+        vocabulary = downstream.vqa_answer_vocabulary(train["answers"], 1)
+        for _ in range(draws):
+            guesses = [vocabulary[i] for i in rng.integers(len(vocabulary), size=len(validation))]
+            values.append(metric.compute(predictions=guesses, references=validation["answers"])[main])
+        majority = metric.compute(predictions=[vocabulary[0]] * len(validation), references=validation["answers"])[main]
+        return {"random": float(np.mean(values)), "majority": majority}
+    if task in ("ve", "nlvr2"):
+        classes = 3 if task == "ve" else 2
+        for _ in range(draws):
+            guesses = rng.integers(classes, size=len(validation)).tolist()
+            values.append(metric.compute(predictions=guesses, references=validation["label"])[main])
+        return {"random": float(np.mean(values))}
+    examples = downstream.TaskExamples(task, validation, world["regions"])
+    if task == "rec":
+        for _ in range(draws):
+            guesses = []
+            for rows in examples.image_rows:
+                boxes = examples.regions_of_image(rows[0])["boxes"]
+                guesses.append(boxes[rng.integers(len(boxes))].tolist())
+            values.append(metric.compute(predictions=guesses, references=examples.targets)[main])
+        return {"random": float(np.mean(values))}
+    grid = downstream.RetrievalGrid(examples, retrieval_images)
+    for _ in range(draws):
+        scores = rng.random((len(grid.references), len(grid.images))).tolist()
+        values.append(metric.compute(predictions=scores, references=grid.references)[main])
+    return {"random": float(np.mean(values))}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=list(downstream.TASKS), choices=downstream.TASKS)
+    p.add_argument("--pretrained", default="outputs/cmal-small-synthetic", help="Made with `pretrain.py` defaults if missing.")
+    p.add_argument("--output_dir", default="outputs/finetune-table")
+    p.add_argument("--max_train_steps", type=int, default=400)
+    p.add_argument("--parallel", type=int, default=2)
+    args, extra = p.parse_known_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if not os.path.isfile(os.path.join(args.pretrained, "config.json")):
+        launch(["pretrain.py", "--output_dir", args.pretrained], os.path.join(args.output_dir, "pretrain.log"))
+
+    runs = [(task, start) for task in args.tasks for start in ("pretrained", "scratch")]
+
+    def run(task_start):
+        task, start = task_start
+        folder = os.path.join(args.output_dir, f"{task}-{start}")
+        init = ["--model_name_or_path", args.pretrained] if start == "pretrained" else []
+        launch(["finetune.py", "--task", task, *init, "--max_train_steps", str(args.max_train_steps), "--output_dir", folder, *extra],
+               folder + ".log")  # fmt: skip
+        with open(os.path.join(folder, "eval_results.json")) as f:
+            return task_start, json.load(f)
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        results = dict(pool.map(run, runs))
+    world = synthetic.load_world(synthetic.default_world())
+    steps = f"--max_train_steps {args.max_train_steps}" + (" " + " ".join(extra) if extra else "")
+    lines = ["| task | metric | chance | from scratch | pre-trained (CMAL) |", "|---|---|---|---|---|"]
+    for task in args.tasks:
+        main_metric = MAIN_METRIC[task]
+        c = chance(task, world)
+        chance_text = f"{c['random']:.3f}" + (f" (majority {c['majority']:.3f})" if "majority" in c else "")
+        scratch, pretrained = results[(task, "scratch")][main_metric], results[(task, "pretrained")][main_metric]
+        lines.append(f"| {task} | {main_metric} | {chance_text} | {scratch:.3f} | {pretrained:.3f} |")
+    table = "\n".join(lines) + f"\n\nfine-tuning: `accelerate launch training/finetune.py --task <task> [--model_name_or_path {args.pretrained}] {steps}`\n"
+    with open(os.path.join(args.output_dir, "table.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""Downstream task data: readers for the real annotation formats, the synthetic world's tables, and the
+dataset + collator that join a task table to a region store and make each head's inputs and labels.
+
+Every reader returns a `datasets.Dataset` in one canonical layout per task, so training and
+evaluation never look at the original format:
+
+| task | columns |
+|---|---|
+| vqa | image_id, question, answers (the annotators' raw answers, usually 10) |
+| ve | image_id, hypothesis, label (0 entailment, 1 neutral, 2 contradiction) |
+| nlvr2 | left_image_id, right_image_id, sentence, label (1 true) |
+| rec | image_id, expression, target_box (x1, y1, x2, y2 normalised to [0, 1]) |
+| retrieval | image_id, text |
+
+`image_id` values are the ids of the region store (`training/extract_regions.py` uses the image's
+path relative to the image folder, without extension); `image_id_template` maps the ids of an
+annotation file onto them, e.g. `"COCO_train2014_{:012d}"` for VQA v2's integer COCO ids.
+"""
+
+import json
+import os
+import pickle
+from collections import Counter
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from training.metrics import import_metric_module
+
+from .region_store import row_to_regions
+
+
+TASKS = ("vqa", "ve", "nlvr2", "rec", "retrieval")
+VE_LABELS = ["entailment", "neutral", "contradiction"]
+NLVR2_LABELS = ["false", "true"]
+TEXT_COLUMN = {"vqa": "question", "ve": "hypothesis", "nlvr2": "sentence", "rec": "expression", "retrieval": "text"}
+TARGET_COLUMN = {"vqa": "answers", "ve": "label", "nlvr2": "label", "rec": "target_box", "retrieval": None}
+VQA_ANNOTATORS = 10  # a synthetic answer counts as given by every annotator of a real VQA v2 question
+
+_normalize_answer = import_metric_module("vqa_accuracy").normalize_answer
+
+
+def _json_lines(path: str) -> list[dict]:
+    """One JSON object per line: the format of SNLI-VE (`.jsonl`) and NLVR2 (`.json`)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _from_rows(rows: list[dict], columns: list[str], path: str) -> datasets.Dataset:
+    if not rows:
+        raise ValueError(f"{path!r} holds no examples for the requested split")
+    return datasets.Dataset.from_dict({c: [row[c] for row in rows] for c in columns})
+
+
+# ------------------------------------------------------------------------------------------------
+# Readers of the real formats
+# ------------------------------------------------------------------------------------------------
+
+
+def read_vqa_v2(questions_path: str, annotations_path: str | None = None, image_id_template: str = "{}") -> datasets.Dataset:
+    """VQA v2: `v2_OpenEnded_mscoco_*_questions.json` and, except for test, `v2_mscoco_*_annotations.json`.
+
+    Questions without annotations (the test split) get `answers=[]`.
+    """
+    with open(questions_path) as f:
+        questions = json.load(f)["questions"]
+    answers = {}
+    if annotations_path:
+        with open(annotations_path) as f:
+            answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in json.load(f)["annotations"]}
+        missing = [q["question_id"] for q in questions if q["question_id"] not in answers]
+        if missing:
+            raise ValueError(f"{len(missing)} questions of {questions_path!r} have no annotation, e.g. {missing[:3]}")
+    rows = [{"image_id": image_id_template.format(q["image_id"]), "question_id": q["question_id"],
+             "question": q["question"], "answers": answers.get(q["question_id"], [])} for q in questions]  # fmt: skip
+    return _from_rows(rows, ["image_id", "question_id", "question", "answers"], questions_path)
+
+
+def vqa_answer_vocabulary(answers: list[list[str]], min_count: int = 9) -> list[str]:
+    """Answers (normalised) that are the majority answer of at least `min_count` questions, most frequent first.
+
+    The bottom-up-attention recipe (9 on VQA v2 train gives the usual 3,129 answers).
+    """
+    majority = Counter(Counter(_normalize_answer(a) for a in given).most_common(1)[0][0] for given in answers if given)
+    return [a for a, n in sorted(majority.items(), key=lambda item: (-item[1], item[0])) if n >= min_count]
+
+
+def vqa_soft_scores(answers: list[str]) -> dict[str, float]:
+    """min(#annotators who gave the (normalised) answer / 3, 1) for each answer given."""
+    return {a: min(n / 3.0, 1.0) for a, n in Counter(_normalize_answer(a) for a in answers).items()}
+
+
+def read_snli_ve(path: str, image_id_template: str = "{}") -> datasets.Dataset:
+    """SNLI-VE jsonl (`snli_ve_{train,dev,test}.jsonl`): Flickr30K_ID, sentence2 (the hypothesis), gold_label."""
+    rows = []
+    for line_number, item in enumerate(_json_lines(path), 1):
+        if item["gold_label"] not in VE_LABELS:
+            raise ValueError(f"{path}:{line_number}: gold_label must be one of {VE_LABELS}, got {item['gold_label']!r}")
+        rows.append({"image_id": image_id_template.format(item["Flickr30K_ID"]), "hypothesis": item["sentence2"],
+                     "label": VE_LABELS.index(item["gold_label"])})  # fmt: skip
+    return _from_rows(rows, ["image_id", "hypothesis", "label"], path)
+
+
+def read_nlvr2(path: str, image_id_template: str = "{}") -> datasets.Dataset:
+    """NLVR2 json lines (`train.json`, `dev.json`, `test1.json`): identifier, sentence, label "True"/"False".
+
+    An identifier `dev-850-0-1` names the images `dev-850-0-img0` (left) and `dev-850-0-img1` (right).
+    """
+    rows = []
+    for line_number, item in enumerate(_json_lines(path), 1):
+        label = str(item["label"]).lower()
+        if label not in NLVR2_LABELS:
+            raise ValueError(f"{path}:{line_number}: label must be 'True' or 'False', got {item['label']!r}")
+        pair = item["identifier"].rsplit("-", 1)[0]
+        rows.append({"left_image_id": image_id_template.format(f"{pair}-img0"),
+                     "right_image_id": image_id_template.format(f"{pair}-img1"),
+                     "sentence": item["sentence"], "label": NLVR2_LABELS.index(label)})  # fmt: skip
+    return _from_rows(rows, ["left_image_id", "right_image_id", "sentence", "label"], path)
+
+
+def read_refcoco(refs_path: str, instances_path: str, split: str, image_id_template: str = "{}") -> datasets.Dataset:
+    """RefCOCO/RefCOCO+/RefCOCOg: `refs(unc).p` (a pickle, or the same list as JSON) and `instances.json`.
+
+    One row per referring sentence of the refs whose `split` is `split` (train, val, testA, testB,
+    test); the target is the referred annotation's box, normalised by the image size. Training
+    labels the region of the store that overlaps it most, so ground-truth-box stores and detected
+    stores are read the same way.
+    """
+    if refs_path.endswith(".json"):
+        with open(refs_path) as f:
+            refs = json.load(f)
+    else:
+        with open(refs_path, "rb") as f:
+            refs = pickle.load(f)  # the official files are pickles; only open files you trust
+    with open(instances_path) as f:
+        instances = json.load(f)
+    images = {image["id"]: image for image in instances["images"]}
+    boxes = {a["id"]: a["bbox"] for a in instances["annotations"]}
+    rows = []
+    for ref in refs:
+        if ref["split"] != split:
+            continue
+        image = images[ref["image_id"]]
+        x, y, w, h = boxes[ref["ann_id"]]
+        box = [x / image["width"], y / image["height"], (x + w) / image["width"], (y + h) / image["height"]]
+        for sentence in ref["sentences"]:
+            rows.append({"image_id": image_id_template.format(ref["image_id"]), "expression": sentence["sent"],
+                         "target_box": box, "ref_id": ref["ref_id"]})  # fmt: skip
+    splits = sorted({ref["split"] for ref in refs})
+    if not rows:
+        raise ValueError(f"{refs_path!r} has no refs in split {split!r}; its splits are {splits}")
+    return _from_rows(rows, ["image_id", "expression", "target_box", "ref_id"], refs_path)
+
+
+def read_karpathy(path: str, split: str, image_id_template: str = "{}") -> datasets.Dataset:
+    """Karpathy-split retrieval JSON (`dataset_coco.json`, `dataset_flickr30k.json`): one row per caption.
+
+    `split` is train (with COCO's restval), val or test; image ids are the file names without extension.
+    """
+    with open(path) as f:
+        images = json.load(f)["images"]
+    wanted = {"train", "restval"} if split == "train" else {split}
+    rows = [{"image_id": image_id_template.format(os.path.splitext(image["filename"])[0]), "text": sentence["raw"]}
+            for image in images if image["split"] in wanted for sentence in image["sentences"]]  # fmt: skip
+    return _from_rows(rows, ["image_id", "text"], path)
+
+
+def read_task_file(task: str, path: str, annotations: str | None = None, split: str | None = None,
+                   image_id_template: str = "{}") -> datasets.Dataset:  # fmt: skip
+    """Dispatch to the reader of `task`; `annotations` is VQA's annotation file or RefCOCO's instances.json."""
+    if task == "vqa":
+        return read_vqa_v2(path, annotations, image_id_template)
+    if task == "ve":
+        return read_snli_ve(path, image_id_template)
+    if task == "nlvr2":
+        return read_nlvr2(path, image_id_template)
+    if task == "rec":
+        if annotations is None:
+            raise ValueError("RefCOCO needs the COCO `instances.json` as its annotations file")
+        return read_refcoco(path, annotations, split, image_id_template)
+    if task == "retrieval":
+        return read_karpathy(path, split, image_id_template)
+    raise ValueError(f"`task` must be one of {TASKS}, got {task!r}")
+
+
+def synthetic_task(world: dict, task: str) -> datasets.DatasetDict:
+    """A task of a loaded synthetic world in the canonical layout (retrieval reads the captions)."""
+    table = world["captions" if task == "retrieval" else task]
+    if task == "vqa":
+        return table.map(lambda row: {"answers": [row["answer"]] * VQA_ANNOTATORS}, remove_columns=["answer"])
+    if task == "rec":
+        return table.remove_columns("target_index")  # the target is found by overlap, as for real data
+    return table
+
+
+# ------------------------------------------------------------------------------------------------
+# Datasets and the collator
+# ------------------------------------------------------------------------------------------------
+
+
+class TaskExamples(Dataset):
+    """A task table joined to a region store: each item is a text, its image row(s) and its target."""
+
+    def __init__(self, task: str, table: datasets.Dataset, regions: datasets.Dataset):
+        self.task = task
+        self.regions = regions.with_format("numpy")
+        position = {image_id: i for i, image_id in enumerate(regions["image_id"])}
+        columns = ["left_image_id", "right_image_id"] if task == "nlvr2" else ["image_id"]
+        ids = list(zip(*(table[c] for c in columns)))
+        missing = sorted({i for pair in ids for i in pair} - set(position))
+        if missing:
+            raise ValueError(f"{len(missing)} images of the {task} data are missing from the region store, e.g. {missing[:3]}")
+        self.image_rows = [[position[i] for i in pair] for pair in ids]
+        self.texts = table[TEXT_COLUMN[task]]
+        self.targets = table[TARGET_COLUMN[task]] if TARGET_COLUMN[task] else [1] * len(self.texts)
+
+    def __len__(self):
+        return len(self.texts)
+
+    def regions_of_image(self, row: int) -> dict:
+        return row_to_regions(self.regions[row])
+
+    def __getitem__(self, index):
+        return {"index": index, "text": self.texts[index], "image_rows": self.image_rows[index], "target": self.targets[index]}
+
+
+class RetrievalGrid(Dataset):
+    """Every (text, image) pair of the first `num_images` images of a retrieval table and their texts.
+
+    Scoring the whole grid gives the score matrix that recall@K is computed from; `references` is
+    the column of each text's own image.
+    """
+
+    def __init__(self, examples: TaskExamples, num_images: int):
+        images = list(dict.fromkeys(rows[0] for rows in examples.image_rows))[:num_images]
+        column = {row: j for j, row in enumerate(images)}
+        texts = [i for i, rows in enumerate(examples.image_rows) if rows[0] in column]
+        self.examples, self.images, self.texts = examples, images, texts
+        self.references = [column[examples.image_rows[i][0]] for i in texts]
+
+    def __len__(self):
+        return len(self.texts) * len(self.images)
+
+    def regions_of_image(self, row: int) -> dict:
+        return self.examples.regions_of_image(row)
+
+    def __getitem__(self, index):
+        t, j = divmod(index, len(self.images))
+        text = self.texts[t]
+        return {"index": index, "text": self.examples.texts[text], "image_rows": [self.images[j]],
+                "target": int(self.references[t] == j)}  # fmt: skip
+
+
+def box_iou(boxes: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """IoU of `boxes` `[..., N, 4]` with one box `[..., 4]` per row (x1, y1, x2, y2)."""
+    box = box.unsqueeze(-2)
+    lo, hi = torch.maximum(boxes[..., :2], box[..., :2]), torch.minimum(boxes[..., 2:], box[..., 2:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    area = lambda b: (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)  # noqa: E731
+    return inter / (area(boxes) + area(box) - inter).clamp(min=1e-9)
+
+
+class TaskCollator:
+    """Items of `TaskExamples`/`RetrievalGrid` -> the head's inputs and `labels`.
+
+    * vqa: soft scores over `label2id` (answers outside the vocabulary score nothing);
+    * ve, nlvr2: the class; nlvr2's region inputs get an image axis of size 2;
+    * rec: the region with the highest IoU with the target box (the batch keeps `target_boxes`
+      for the metric; pop it before the forward pass);
+    * retrieval: 1 for the pair, or, with probability `negative_probability`, 0 for the text with
+      another image, drawn from a generator seeded by (seed, epoch, index) as in pre-training.
+    """
+
+    def __init__(self, processor, task: str, dataset, label2id: dict | None = None, max_length: int = 40,
+                 negative_probability: float = 0.0, seed: int = 0):  # fmt: skip
+        self.processor, self.task, self.dataset = processor, task, dataset
+        self.label2id, self.max_length = label2id, max_length
+        self.negative_probability, self.seed, self.epoch = negative_probability, seed, 0
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        texts = [item["text"] for item in items]
+        rows = [list(item["image_rows"]) for item in items]
+        targets = [item["target"] for item in items]
+        if self.negative_probability:
+            num_images = len(self.dataset.regions)
+            for k, item in enumerate(items):
+                rng = np.random.default_rng([self.seed, self.epoch, item["index"]])
+                if num_images > 1 and rng.random() < self.negative_probability:
+                    rows[k] = [(rows[k][0] + 1 + int(rng.integers(num_images - 1))) % num_images]
+                    targets[k] = 0
+        per_image = len(rows[0])
+        batch = self.processor(
+            text=[t for t in texts for _ in range(per_image)],
+            regions=[self.dataset.regions_of_image(r) for pair in rows for r in pair],
+            max_length=self.max_length,
+        )
+        batch = dict(batch)
+        batch.pop("region_soft_labels", None)
+        if per_image > 1:  # nlvr2: one text, two images
+            visual = set(self.processor.image_processor.model_input_names)
+            batch = {k: v.reshape(len(items), per_image, *v.shape[1:]) if k in visual else v[::per_image]
+                     for k, v in batch.items()}  # fmt: skip
+        if self.task == "vqa":
+            labels = torch.zeros(len(items), len(self.label2id))
+            for k, answers in enumerate(targets):
+                for answer, score in vqa_soft_scores(answers).items():
+                    if answer in self.label2id:
+                        labels[k, self.label2id[answer]] = score
+            batch["labels"] = labels
+        elif self.task == "rec":
+            target_boxes = torch.tensor(targets, dtype=torch.float32)
+            iou = box_iou(batch["visual_pos"][..., :4], target_boxes).masked_fill(batch["visual_attention_mask"] == 0, -1)
+            batch["labels"] = iou.argmax(-1)
+            batch["target_boxes"] = target_boxes
+        else:
+            batch["labels"] = torch.tensor(targets)
+        return batch

@@ -1,0 +1,360 @@
+"""Fine-tune CMAL on a downstream task with Accelerate and evaluate it.
+
+    accelerate launch training/finetune.py --task vqa --model_name_or_path outputs/cmal-small-synthetic
+    accelerate launch training/finetune.py --task rec                      # from scratch, synthetic world
+    accelerate launch training/finetune.py --task vqa --model_name_or_path <pre-trained> --regions <store> \\
+        --train_file v2_OpenEnded_mscoco_train2014_questions.json --train_annotations v2_mscoco_train2014_annotations.json \\
+        --validation_file ..._val2014_questions.json --validation_annotations ..._val2014_annotations.json \\
+        --image_id_template "COCO_train2014_{:012d}"
+
+Tasks and heads: vqa (CMALForQuestionAnswering, VQA soft accuracy), ve (CMALForImageTextClassification,
+accuracy), nlvr2 (CMALForVisualReasoning, accuracy), rec (CMALForReferringExpression, accuracy at
+IoU >= 0.5), retrieval (CMALForImageTextRetrieval, recall@1/5/10 both ways over a candidate grid).
+
+Without --train_file the task comes from the embedded synthetic world (the one `pretrain.py` uses).
+With it, the files are read in their original formats (training/data/downstream.py) and joined to
+the region store given by --regions. The output folder holds the model, processor, model card,
+`train_results.json` and `eval_results.json`. Checkpoints and resuming work as in `pretrain.py`.
+"""
+
+import argparse
+import logging
+import math
+import os
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, get_scheduler
+
+from modeling_cmal import (
+    CMAL_PRESETS,
+    CMALConfig,
+    CMALForImageTextClassification,
+    CMALForImageTextRetrieval,
+    CMALForQuestionAnswering,
+    CMALForReferringExpression,
+    CMALForVisualReasoning,
+)
+from processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
+from training.data import downstream
+from training.data.region_store import load_region_store
+from training.data.tokenizer import build_word_tokenizer
+from training.metrics import load_metric
+from training.utils import add_training_args, check_finite, optimizer_groups, push_to_hub, resume, save_checkpoint, write_json
+
+
+logger = logging.getLogger("finetune")
+HEADS = {"vqa": CMALForQuestionAnswering, "ve": CMALForImageTextClassification, "nlvr2": CMALForVisualReasoning,
+         "rec": CMALForReferringExpression, "retrieval": CMALForImageTextRetrieval}  # fmt: skip
+METRICS = {"vqa": "vqa_accuracy", "ve": "classification_accuracy", "nlvr2": "classification_accuracy",
+           "rec": "rec_accuracy", "retrieval": "retrieval_recall"}  # fmt: skip
+MAIN_METRIC = {"vqa": "vqa_accuracy", "ve": "accuracy", "nlvr2": "accuracy", "rec": "accuracy", "retrieval": "rsum"}
+CARD = {"vqa": ("visual-question-answering", "VQA soft accuracy"), "ve": (None, "SNLI-VE accuracy"),
+        "nlvr2": (None, "NLVR2 accuracy"), "rec": (None, "REC accuracy (IoU >= 0.5)"), "retrieval": (None, "recall sum")}  # fmt: skip
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, choices=downstream.TASKS)
+    data = p.add_argument_group("data")
+    data.add_argument("--train_file", default=None, help="The task's training file in its original format; "
+                      "without it, the synthetic world. VQA: questions JSON; VE: jsonl; NLVR2: json lines; "
+                      "REC: refs .p/.json; retrieval: Karpathy JSON.")  # fmt: skip
+    data.add_argument("--validation_file", default=None, help="Default for REC/retrieval: --train_file (split by name).")
+    data.add_argument("--train_annotations", default=None, help="VQA: annotations JSON; REC: COCO instances.json.")
+    data.add_argument("--validation_annotations", default=None, help="Default: --train_annotations for REC.")
+    data.add_argument("--train_split", default="train", help="REC/retrieval: split name inside the file.")
+    data.add_argument("--validation_split", default="val", help="REC/retrieval: split name inside the file.")
+    data.add_argument("--regions", default=None, help="Region store (docs/DATA.md) of the images of the real data.")
+    data.add_argument("--image_id_template", default="{}", help="Maps the files' image ids to the store's.")
+    data.add_argument("--min_answer_count", type=int, default=None,
+                      help="VQA answers kept in the vocabulary: majority answer of >= N training questions "
+                           "(default 9 on real data, 1 on the synthetic world).")  # fmt: skip
+    data.add_argument("--synthetic_images", type=int, default=2000, help="Images of the synthetic world.")
+    data.add_argument("--synthetic_seed", type=int, default=0, help="Seed of the synthetic world.")
+    data.add_argument("--max_text_length", type=int, default=40, help="Word pieces per text, [CLS]/[SEP] included.")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training examples.")
+    data.add_argument("--max_eval_samples", type=int, default=None, help="Evaluate only the first N examples.")
+    data.add_argument("--retrieval_eval_images", type=int, default=50,
+                      help="Retrieval: score every text of the first N validation images against those N images.")
+    model = p.add_argument_group("model")
+    model.add_argument("--model_name_or_path", default=None, help="A pre-trained CMAL folder or Hub id; none: from scratch.")
+    model.add_argument("--model_config", default="small", help=f"From scratch: preset ({', '.join(CMAL_PRESETS)}) or JSON.")
+    model.add_argument("--tokenizer", default=None, help="From scratch: a fast BERT-style tokenizer (default: word-level).")
+    model.add_argument("--anchor_mask_prob", type=float, default=None,
+                       help="Anchor swaps while fine-tuning (default: the checkpoint's value).")  # fmt: skip
+    model.add_argument("--negative_probability", type=float, default=0.5, help="Retrieval: share of mismatched pairs.")
+    add_training_args(p, None, batch_size=32, learning_rate=1e-4, epochs=3, warmup=50)
+    p.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    args = p.parse_args(argv)
+    args.output_dir = args.output_dir or f"outputs/cmal-{args.task}"
+    if args.train_file is None and any([args.validation_file, args.train_annotations, args.regions]):
+        p.error("--validation_file, --train_annotations and --regions need --train_file (real data)")
+    if args.train_file is not None and args.regions is None:
+        p.error("real data (--train_file) needs --regions, the region store of its images")
+    return args
+
+
+def load_data(args):
+    """(train table, validation table, regions, region metadata, vocabulary texts, lexicon or None)."""
+    if args.train_file is None:
+        from training.data import synthetic
+
+        world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed))
+        table = downstream.synthetic_task(world, args.task)
+        return (table["train"], table["validation"], world["regions"], world["region_metadata"],
+                synthetic.world_texts(world), synthetic.synthetic_lexicon())  # fmt: skip
+    split_by_name = args.task in ("rec", "retrieval")
+    train = downstream.read_task_file(args.task, args.train_file, args.train_annotations, args.train_split, args.image_id_template)
+    validation = None
+    if args.validation_file or split_by_name:
+        validation = downstream.read_task_file(
+            args.task, args.validation_file or args.train_file,
+            args.validation_annotations or (args.train_annotations if args.task == "rec" else None),
+            args.validation_split, args.image_id_template,
+        )  # fmt: skip
+    regions, metadata = load_region_store(args.regions)
+    return train, validation, regions, metadata, train[downstream.TEXT_COLUMN[args.task]], None
+
+
+def label_maps(args, train) -> dict:
+    """id2label/label2id of the head (VQA: the answer vocabulary of the training split)."""
+    if args.task == "vqa":
+        min_count = args.min_answer_count or (1 if args.train_file is None else 9)
+        labels = downstream.vqa_answer_vocabulary(train["answers"], min_count)
+        if not labels:
+            raise ValueError(f"no VQA answer is the majority answer of >= {min_count} training questions: lower --min_answer_count")
+    else:
+        labels = {"ve": downstream.VE_LABELS, "nlvr2": downstream.NLVR2_LABELS, "retrieval": ["no match", "match"]}.get(args.task)
+    if labels is None:
+        return {}
+    return {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
+
+
+def build_model_and_processor(args, labels, metadata, vocabulary_texts, lexicon):
+    head = HEADS[args.task]
+    overrides = dict(labels)
+    if args.anchor_mask_prob is not None:
+        overrides["anchor_mask_prob"] = args.anchor_mask_prob
+    if args.model_name_or_path:
+        processor = CMALProcessor.from_pretrained(args.model_name_or_path)
+        config = CMALConfig.from_pretrained(args.model_name_or_path, **overrides)
+        if config.visual_feat_dim != metadata["feature_dim"] or list(config.concept_names) != list(metadata["concept_names"]):
+            raise ValueError(
+                f"{args.model_name_or_path!r} reads {config.visual_feat_dim}-d regions with concepts "
+                f"{list(config.concept_names)[:5]}..., but the region store has {metadata['feature_dim']}-d features "
+                f"and concepts {list(metadata['concept_names'])[:5]}...: extract the regions with the same detector"
+            )
+        # A different task's head (or another answer vocabulary) is replaced; the encoder must match exactly.
+        model = head.from_pretrained(args.model_name_or_path, config=config, ignore_mismatched_sizes=True)
+    else:
+        tokenizer = (AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer
+                     else build_word_tokenizer(vocabulary_texts, model_max_length=args.max_text_length))  # fmt: skip
+        base = CMALConfig.from_preset(args.model_config) if args.model_config in CMAL_PRESETS \
+            else CMALConfig.from_json_file(args.model_config)  # fmt: skip
+        config = CMALConfig.from_dict({
+            **base.to_dict(), **overrides, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+            "visual_feat_dim": metadata["feature_dim"], "concept_names": list(metadata["concept_names"]), "num_concepts": None,
+        })  # fmt: skip
+        image_processor = CMALImageProcessor(concept_names=config.concept_names, max_regions=config.max_regions,
+                                             visual_pos_dim=config.visual_pos_dim)  # fmt: skip
+        lexicon = lexicon or AnchorLexicon(config.concept_names)
+        processor = CMALProcessor(image_processor, tokenizer, anchor_lexicon=lexicon.to_dict())
+        model = head(config)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, processor
+
+
+def evaluate(model, dataloader, accelerator, args, references, id2label) -> dict:
+    """Run the model over the evaluation set (every process a shard), gather, and compute the task metric."""
+    model.eval()
+    predictions, losses = [], []
+    for batch in tqdm(dataloader, disable=not accelerator.is_local_main_process, desc="evaluating", leave=False):
+        batch.pop("target_boxes", None)
+        with torch.no_grad():
+            outputs = model(**batch)
+        if args.task == "rec":
+            prediction = outputs.predicted_boxes
+        elif args.task == "retrieval":
+            prediction = outputs.scores
+        else:
+            prediction = outputs.logits.argmax(-1)
+        predictions.append(accelerator.gather_for_metrics(prediction))
+        losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float().repeat(len(prediction))))
+    model.train()
+    predictions = torch.cat(predictions).cpu()
+    metric = load_metric(METRICS[args.task])
+    if args.task == "vqa":
+        result = metric.compute(predictions=[id2label[int(i)] for i in predictions], references=references)
+    elif args.task in ("ve", "nlvr2"):
+        result = metric.compute(predictions=predictions.tolist(), references=references, num_classes=len(id2label))
+    elif args.task == "rec":
+        result = metric.compute(predictions=predictions.tolist(), references=references)
+    else:
+        result = metric.compute(predictions=predictions.reshape(len(references), -1).tolist(), references=references)
+    return {"eval_loss": torch.cat(losses).mean().item(), **result, "eval_samples": len(predictions)}
+
+
+def write_model_card(folder, args, config, results, metrics):
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    pipeline_tag, metric_name = CARD[args.task]
+    dataset_name = "synthetic-scene-world" if args.train_file is None else os.path.basename(args.train_file)
+    main = MAIN_METRIC[args.task]
+    eval_results = [EvalResult(task_type=pipeline_tag or "other", dataset_type=dataset_name, dataset_name=dataset_name,
+                               dataset_split="validation", metric_type=main, metric_name=metric_name,
+                               metric_value=round(float(metrics[main]), 4))] if metrics else None  # fmt: skip
+    data = ModelCardData(
+        library_name="transformers", pipeline_tag=pipeline_tag, tags=["cmal", "custom_code", "vision-language", args.task],
+        base_model=args.model_name_or_path if args.model_name_or_path and not os.path.isdir(args.model_name_or_path) else None,
+        model_name=os.path.basename(os.path.abspath(folder)), eval_results=eval_results,
+    )  # fmt: skip
+    shown = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float))
+    card = ModelCard(f"""---
+{data.to_yaml()}
+---
+
+# CMAL ({HEADS[args.task].__name__}) fine-tuned for {args.task} on {dataset_name}
+
+Fine-tuned with `training/finetune.py --task {args.task}` from {args.model_name_or_path or 'scratch'}.
+Load it with `{HEADS[args.task].__name__}` or the auto class in `config.json` and `trust_remote_code=True`
+(pin `revision=` on the Hub).
+
+- hidden size {config.hidden_size}; text/region/unified layers {config.num_text_layers}/{config.num_visual_layers}/{config.num_hidden_layers}
+- {results['steps']} steps at global batch {results['global_batch_size']}, {results['train_seconds']:.0f} s
+
+| validation metric | value |
+|---|---|
+{shown}
+""")
+    card.save(os.path.join(folder, "README.md"))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)  # fmt: skip
+    set_seed(args.seed)
+
+    with accelerator.main_process_first():
+        train_table, eval_table, regions, metadata, vocabulary_texts, lexicon = load_data(args)
+    if args.max_train_samples:
+        train_table = train_table.select(range(min(args.max_train_samples, len(train_table))))
+    if eval_table is not None and args.max_eval_samples:
+        eval_table = eval_table.select(range(min(args.max_eval_samples, len(eval_table))))
+    labels = label_maps(args, train_table)
+    model, processor = build_model_and_processor(args, labels, metadata, vocabulary_texts, lexicon)
+    id2label = model.config.id2label
+
+    train_set = downstream.TaskExamples(args.task, train_table, regions)
+    negatives = args.negative_probability if args.task == "retrieval" else 0.0
+    collator = downstream.TaskCollator(processor, args.task, train_set, labels.get("label2id"), args.max_text_length,
+                                       negative_probability=negatives, seed=args.seed)  # fmt: skip
+    train_dataloader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collator,
+                                  num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
+    eval_dataloader, references = None, None
+    if eval_table is not None:
+        eval_set = downstream.TaskExamples(args.task, eval_table, regions)
+        references = eval_set.targets
+        if args.task == "retrieval":
+            eval_set = downstream.RetrievalGrid(eval_set, args.retrieval_eval_images)
+            references = eval_set.references
+        eval_collator = downstream.TaskCollator(processor, args.task, eval_set, labels.get("label2id"), args.max_text_length)
+        eval_dataloader = DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator,
+                                     num_workers=args.num_workers)  # fmt: skip
+
+    optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
+    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )  # fmt: skip
+    model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
+    if eval_dataloader is not None:
+        eval_dataloader = accelerator.prepare(eval_dataloader)
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)  # after sharding
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    effective_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    if args.report_to != "none":
+        accelerator.init_trackers(f"cmal_{args.task}", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    logger.info(f"{args.task}: {len(train_set)} training examples, {steps_per_epoch} steps/epoch, {max_steps} steps; "
+                f"global batch {effective_batch}; from {args.model_name_or_path or 'scratch'}")  # fmt: skip
+
+    completed, start_epoch, skip_batches = resume(accelerator, args, steps_per_epoch)
+    progress = tqdm(total=max_steps, initial=completed, disable=not accelerator.is_local_main_process, desc=f"fine-tuning {args.task}")
+    window, first_loss = [], None
+    start = time.perf_counter()
+    model.train()
+    for epoch in range(start_epoch, num_epochs):
+        train_dataloader.set_epoch(epoch)
+        collator.epoch = epoch
+        batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if epoch == start_epoch else train_dataloader
+        for batch in batches:
+            batch.pop("target_boxes", None)
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                check_finite(accelerator, loss, args, completed)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            window = (window + [accelerator.reduce(loss.detach().float(), "mean").item()])[-args.logging_steps :]
+            completed += 1
+            progress.update(1)
+            mean = sum(window) / len(window)
+            if completed == args.logging_steps and first_loss is None:
+                first_loss = mean
+            progress.set_postfix(loss=f"{mean:.4f}")
+            if completed % args.logging_steps == 0:
+                accelerator.log({"train/loss": mean, "train/lr": scheduler.get_last_lr()[0]}, step=completed)
+            if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, completed)
+            if completed >= max_steps:
+                break
+        if completed >= max_steps:
+            break
+    progress.close()
+    train_seconds = time.perf_counter() - start
+
+    metrics = {}
+    if eval_dataloader is not None:
+        metrics = evaluate(model, eval_dataloader, accelerator, args, references, id2label)
+        accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=completed)
+    accelerator.wait_for_everyone()
+    results = {"steps": completed, "global_batch_size": effective_batch, "train_seconds": train_seconds,
+               "first_loss": first_loss, "final_loss": sum(window) / len(window) if window else None}  # fmt: skip
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(args.output_dir, save_function=accelerator.save)
+        processor.save_pretrained(args.output_dir)
+        write_json(os.path.join(args.output_dir, "train_results.json"), {**results, "args": vars(args)})
+        if metrics:
+            write_json(os.path.join(args.output_dir, "eval_results.json"), {"task": args.task, **metrics})
+            print(f"{args.task} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        write_model_card(args.output_dir, args, unwrapped.config, results, metrics)
+        print(f"model saved to {os.path.abspath(args.output_dir)} ({train_seconds:.0f} s of training)")
+        if args.push_to_hub:
+            push_to_hub(args)
+    accelerator.end_training()
+    return {**results, "eval": metrics}
+
+
+if __name__ == "__main__":
+    main()
