@@ -213,8 +213,8 @@ class TaskExamples(Dataset):
         if missing:
             raise ValueError(f"{len(missing)} images of the {task} data are missing from the region store, e.g. {missing[:3]}")
         self.image_rows = [[position[i] for i in pair] for pair in ids]
-        self.texts = table[TEXT_COLUMN[task]]
-        self.targets = table[TARGET_COLUMN[task]] if TARGET_COLUMN[task] else [1] * len(self.texts)
+        self.texts = list(table[TEXT_COLUMN[task]])
+        self.targets = list(table[TARGET_COLUMN[task]]) if TARGET_COLUMN[task] else [1] * len(self.texts)
 
     def __len__(self):
         return len(self.texts)

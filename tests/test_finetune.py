@@ -1,0 +1,192 @@
+"""training/finetune.py end to end: every task on the synthetic world and on tiny files in each real format."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from test_downstream import write_json, write_lines
+
+from modeling_cmal import CMALConfig, CMALForImageTextClassification
+from processors import CMALProcessor
+from training import finetune
+from training.data import downstream, synthetic
+from training.data.region_store import RegionStoreWriter, load_region_store
+
+
+NAMES = ["cat", "dog"]
+BOXES = np.array([[0.0, 0.0, 0.4, 0.4], [0.5, 0.5, 1.0, 1.0], [0.1, 0.6, 0.4, 0.9]], np.float32)
+COCO = "COCO_train2014_{:012d}"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A region store of COCO-, Flickr- and NLVR2-named images and the files of every task in its own format."""
+    root = tmp_path_factory.mktemp("real")
+    rng = np.random.default_rng(0)
+    image_ids = [COCO.format(i) for i in range(1, 7)] + [str(100 + i) for i in range(6)]
+    image_ids += [f"{split}-{k}-0-img{side}" for split, n in (("train", 4), ("dev", 2)) for k in range(n) for side in (0, 1)]
+    with RegionStoreWriter(str(root / "regions"), feature_dim=8, concept_names=NAMES, source="test") as writer:
+        for image_id in image_ids:
+            writer.add(dict(image_id=image_id, image_width=200, image_height=100, boxes=BOXES,
+                            features=rng.normal(size=(3, 8)).astype(np.float32), concept_ids=rng.integers(0, 2, 3),
+                            scores=[0.9, 0.8, 0.7]))  # fmt: skip
+    files = {}
+    for split, images in (("train", range(1, 5)), ("val", range(5, 7))):
+        questions = [{"image_id": i, "question": q, "question_id": 10 * i + k}
+                     for i in images for k, q in enumerate(["what animal is this?", "is there a dog?"])]  # fmt: skip
+        annotations = [{"question_id": q["question_id"], "image_id": q["image_id"],
+                        "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": n + 1}
+                                    for n, a in enumerate((["dog"] * 7 + ["cat"] * 3) if q["question_id"] % 10 == 0
+                                                          else (["yes"] * 9 + ["no"]))]}
+                       for q in questions]  # fmt: skip
+        files[f"vqa_{split}"] = (write_json(root / f"v2_questions_{split}.json", {"questions": questions}),
+                                 write_json(root / f"v2_annotations_{split}.json", {"annotations": annotations}))  # fmt: skip
+    for split, ids in (("train", range(100, 104)), ("dev", range(104, 106))):
+        rows = [{"Flickr30K_ID": str(i), "sentence1": "-", "sentence2": h, "gold_label": label, "pairID": f"{i}-{label}"}
+                for i in ids for h, label in (("a dog is here.", "entailment"), ("the dog is old.", "neutral"),
+                                              ("there is no animal.", "contradiction"))]  # fmt: skip
+        files[f"ve_{split}"] = write_lines(root / f"snli_ve_{split}.jsonl", rows)
+        pairs = [{"identifier": f"{split}-{k}-0-{s}", "sentence": text, "label": label}
+                 for k in range(4 if split == "train" else 2)
+                 for s, (text, label) in enumerate((("both images show a dog.", "True"), ("neither has a cat.", "False")))]  # fmt: skip
+        files[f"nlvr2_{split}"] = write_lines(root / f"nlvr2_{split}.json", pairs)
+    instances = {"images": [{"id": i, "width": 200, "height": 100, "file_name": COCO.format(i) + ".jpg"} for i in range(1, 7)],
+                 "annotations": [{"id": 10 * i + r, "image_id": i, "category_id": 1,
+                                  "bbox": [float(x1 * 200), float(y1 * 100), float((x2 - x1) * 200), float((y2 - y1) * 100)]}
+                                 for i in range(1, 7) for r, (x1, y1, x2, y2) in enumerate(BOXES)],
+                 "categories": [{"id": 1, "name": "dog"}]}  # fmt: skip
+    refs = [{"ref_id": 10 * i + r, "ann_id": 10 * i + r, "image_id": i, "split": "train" if i < 5 else "val",
+             "sentences": [{"sent": sentence, "sent_id": 0}]}
+            for i in range(1, 7) for r, sentence in enumerate(["the top left dog", "the big dog at the bottom right"])]  # fmt: skip
+    files["rec"] = (write_json(root / "refs.json", refs), write_json(root / "instances.json", instances))
+    images = [{"filename": f"{100 + i}.jpg", "imgid": i, "split": split,
+               "sentences": [{"raw": f"caption {k} of image {i}", "tokens": [], "sentid": 2 * i + k} for k in range(2)]}
+              for i, split in enumerate(["train", "train", "restval", "train", "val", "val"])]  # fmt: skip
+    files["retrieval"] = write_json(root / "dataset_flickr30k.json", {"images": images, "dataset": "flickr30k"})
+    return root, files
+
+
+def real_args(task, root, files):
+    if task == "vqa":
+        return ["--train_file", files["vqa_train"][0], "--train_annotations", files["vqa_train"][1],
+                "--validation_file", files["vqa_val"][0], "--validation_annotations", files["vqa_val"][1],
+                "--image_id_template", COCO, "--min_answer_count", "1"]  # fmt: skip
+    if task in ("ve", "nlvr2"):
+        return ["--train_file", files[f"{task}_train"], "--validation_file", files[f"{task}_dev"]]
+    if task == "rec":
+        return ["--train_file", files["rec"][0], "--train_annotations", files["rec"][1], "--image_id_template", COCO]
+    return ["--train_file", files["retrieval"], "--retrieval_eval_images", "2"]
+
+
+def common(output_dir, steps=3, *extra):
+    return ["--model_config", "tiny", "--output_dir", str(output_dir), "--max_train_steps", str(steps),
+            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "3", "--report_to", "none",
+            "--num_warmup_steps", "0", "--logging_steps", "1", *extra]  # fmt: skip
+
+
+EXPECTED_METRICS = {"vqa": {"vqa_accuracy"}, "ve": {"accuracy", "per_class_accuracy"}, "nlvr2": {"accuracy", "per_class_accuracy"},
+                    "rec": {"accuracy", "mean_iou"}, "retrieval": {"text_to_image_r1", "image_to_text_r10", "rsum"}}  # fmt: skip
+
+
+def check_output(folder, task, eval_samples):
+    results = json.loads((folder / "eval_results.json").read_text())
+    assert results["task"] == task and results["eval_samples"] == eval_samples
+    assert EXPECTED_METRICS[task] <= set(results) and np.isfinite(results["eval_loss"])
+    main = finetune.MAIN_METRIC[task]
+    assert 0 <= results[main] <= (600 if task == "retrieval" else 1)
+    card = ModelCard.load(folder / "README.md")
+    assert "custom_code" in card.data.tags and card.data.eval_results[0].metric_value == pytest.approx(results[main], abs=1e-4)
+    assert (folder / "pipeline_cmal.py").is_file() and (folder / "processor_config.json").is_file()
+    return results
+
+
+@pytest.mark.parametrize("task", downstream.TASKS)
+def test_each_task_on_its_real_format(task, corpus, tmp_path):
+    root, files = corpus
+    results = finetune.main(common(tmp_path / task) + ["--task", task] + real_args(task, root, files) + ["--regions", str(root / "regions")])
+    eval_samples = {"vqa": 4, "ve": 6, "nlvr2": 4, "rec": 4, "retrieval": 2 * 2 * 2}[task]  # retrieval: 4 texts x 2 images
+    check_output(tmp_path / task, task, eval_samples)
+    assert results["steps"] == 3
+
+
+@pytest.mark.parametrize("task", downstream.TASKS)
+def test_each_task_on_the_synthetic_world(task, tmp_path):
+    finetune.main(common(tmp_path / task) + ["--task", task, "--synthetic_images", "30", "--max_eval_samples", "12",
+                                             "--retrieval_eval_images", "3"])  # fmt: skip
+    config = CMALConfig.from_pretrained(tmp_path / task)
+    assert config.architectures == [finetune.HEADS[task].__name__]
+    if task == "vqa":  # the answer vocabulary comes from the training split
+        assert set(config.label2id) <= set(synthetic.ANSWER_VOCABULARY) and {"yes", "no"} <= set(config.label2id)
+
+
+def test_evaluation_equals_the_metric_computed_by_hand(corpus, tmp_path):
+    """The gathered predictions are in dataset order: recompute VE accuracy example by example."""
+    root, files = corpus
+    finetune.main(common(tmp_path, 6) + ["--task", "ve"] + real_args("ve", root, files) + ["--regions", str(root / "regions")])
+    model = CMALForImageTextClassification.from_pretrained(tmp_path).eval()
+    processor = CMALProcessor.from_pretrained(tmp_path)
+    table = downstream.read_snli_ve(files["ve_dev"])
+    examples = downstream.TaskExamples("ve", table, load_region_store(str(root / "regions"))[0])
+    correct = []
+    for k in range(len(examples)):
+        batch = downstream.TaskCollator(processor, "ve", examples)([examples[k]])
+        with torch.no_grad():
+            correct.append(int(model(**batch).logits.argmax(-1).item() == table["label"][k]))
+    results = json.loads((tmp_path / "eval_results.json").read_text())
+    assert results["accuracy"] == pytest.approx(sum(correct) / len(correct))
+
+
+def test_loss_falls_from_scratch_and_from_a_pretrained_folder(corpus, tmp_path):
+    root, files = corpus
+    # SNLI-VE's hypotheses here decide the label alone: a model that learns at all fits them. Without
+    # dropout, whose noise hides the small input-dependence of a freshly initialised [CLS] for many steps.
+    config = CMALConfig.from_preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config.to_json_file(tmp_path / "tiny.json")
+    args = real_args("ve", root, files) + ["--task", "ve", "--regions", str(root / "regions"), "--learning_rate", "2e-3",
+                                           "--model_config", str(tmp_path / "tiny.json")]  # fmt: skip
+    scratch = finetune.main(common(tmp_path / "scratch", 40, "--logging_steps", "5", "--per_device_train_batch_size", "12") + args)
+    assert scratch["final_loss"] < 0.5 * scratch["first_loss"]
+    tuned = finetune.main(common(tmp_path / "again", 5, "--logging_steps", "5", "--model_name_or_path", str(tmp_path / "scratch")) + args)
+    assert tuned["first_loss"] < scratch["first_loss"]  # it starts from what it learnt
+
+
+def test_a_killed_run_resumes_to_the_same_weights(corpus, tmp_path, monkeypatch):
+    root, files = corpus
+    args = real_args("rec", root, files) + ["--task", "rec", "--regions", str(root / "regions"), "--checkpointing_steps", "2"]
+    finetune.main(common(tmp_path / "whole", 6) + args)
+
+    save = finetune.save_checkpoint
+
+    def save_then_die(accelerator, run_args, step):
+        save(accelerator, run_args, step)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(common(tmp_path / "killed", 6) + args)
+    monkeypatch.setattr(finetune, "save_checkpoint", save)
+    resumed = finetune.main(common(tmp_path / "killed", 6) + args + ["--resume_from_checkpoint", "latest"])
+    assert resumed["steps"] == 6
+    whole, again = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
+    for name in whole:
+        torch.testing.assert_close(again[name], whole[name], msg=name)
+
+
+def test_argument_errors(tmp_path, corpus):
+    root, files = corpus
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--task", "vqa", "--train_file", files["vqa_train"][0]])  # no --regions
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--task", "vqa", "--regions", str(root / "regions")])  # a store without files
+    other = tmp_path / "other"
+    with RegionStoreWriter(str(other), feature_dim=5, concept_names=NAMES, source="test") as writer:
+        writer.add(dict(image_id="x", image_width=2, image_height=2, boxes=BOXES[:1], features=np.zeros((1, 5), np.float32),
+                        concept_ids=[0], scores=[1.0]))  # fmt: skip
+    finetune.main(common(tmp_path / "pre", 1) + ["--task", "ve"] + real_args("ve", root, files) + ["--regions", str(root / "regions")])
+    with pytest.raises(ValueError, match=r"reads 8-d regions .* but the region store has 5-d features"):
+        finetune.main(common(tmp_path / "mismatch", 1) + ["--task", "retrieval", "--model_name_or_path", str(tmp_path / "pre"),
+                                                          "--train_file", files["retrieval"], "--regions", str(other)])  # fmt: skip
