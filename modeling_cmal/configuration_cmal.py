@@ -252,6 +252,9 @@ class CMALConfig(PreTrainedConfig):
         self.detector_score_threshold = detector_score_threshold
         self.train_detector = train_detector
         self.tie_word_embeddings = tie_word_embeddings
+        if kwargs.get("id2label") is not None and kwargs.get("label2id") is None:
+            # transformers 5 no longer derives it; pipelines and label lookups need both directions
+            kwargs["label2id"] = {label: int(i) for i, label in kwargs["id2label"].items()}
         super().__init__(**kwargs)
 
     @classmethod
