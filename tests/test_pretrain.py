@@ -63,6 +63,7 @@ def test_collator_targets(corpus):
     args = pretrain.parse_args(args_for(corpus, corpus / "unused"))
     tokenizer = pretrain.build_tokenizer(args, captions["text"])
     config = pretrain.build_config(args, tokenizer, {"feature_dim": 16, "concept_names": NAMES})
+    assert (config.vocab_size, config.visual_feat_dim, config.concept_names) == (len(tokenizer), 16, NAMES)
     from processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
 
     processor = CMALProcessor(CMALImageProcessor(concept_names=NAMES), tokenizer, AnchorLexicon(NAMES).to_dict())
@@ -185,7 +186,7 @@ def test_killed_run_resumes_to_the_same_weights(corpus, tmp_path):
     resumed = subprocess.run(command(killed, "--resume_from_checkpoint", "latest"), cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from" in resumed.stderr
+    assert "resumed from" in resumed.stderr
     a, b = load_file(reference / "model.safetensors"), load_file(killed / "model.safetensors")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

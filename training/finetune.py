@@ -19,16 +19,13 @@ the region store given by --regions. The output folder holds the model, processo
 
 import argparse
 import logging
-import math
 import os
 import time
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_scheduler
+from transformers import AutoTokenizer
 
 from modeling_cmal import (
     CMAL_PRESETS,
@@ -44,7 +41,16 @@ from training.data import downstream
 from training.data.region_store import load_region_store
 from training.data.tokenizer import build_word_tokenizer
 from training.metrics import load_metric
-from training.utils import add_training_args, check_finite, optimizer_groups, push_to_hub, resume, save_checkpoint, write_json
+from training.utils import (
+    add_training_args,
+    check_finite,
+    prepare_training,
+    push_to_hub,
+    resume,
+    save_checkpoint,
+    setup_accelerator,
+    write_json,
+)
 
 
 logger = logging.getLogger("finetune")
@@ -237,16 +243,7 @@ Load it with `{HEADS[args.task].__name__}` or the auto class in `config.json` an
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_dir=args.output_dir,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)  # fmt: skip
-    set_seed(args.seed)
+    accelerator = setup_accelerator(args)
 
     with accelerator.main_process_first():
         train_table, eval_table, regions, metadata, vocabulary_texts, lexicon = load_data(args)
@@ -275,18 +272,11 @@ def main(argv=None):
         eval_dataloader = DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator,
                                      num_workers=args.num_workers)  # fmt: skip
 
-    optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
-    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    scheduler = get_scheduler(
-        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
-    )  # fmt: skip
-    model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
+    model, optimizer, train_dataloader, scheduler, max_steps, steps_per_epoch, num_epochs = prepare_training(
+        accelerator, args, model, train_dataloader
+    )
     if eval_dataloader is not None:
         eval_dataloader = accelerator.prepare(eval_dataloader)
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)  # after sharding
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
     effective_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     if args.report_to != "none":
         accelerator.init_trackers(f"cmal_{args.task}", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})

@@ -17,16 +17,13 @@ a killed run ends with the weights an uninterrupted run would have had.
 import argparse
 import json
 import logging
-import math
 import os
 import time
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_scheduler
+from transformers import AutoTokenizer
 
 from modeling_cmal import CMAL_PRESETS, CMALConfig, CMALForPreTraining
 from modeling_cmal.convert_bert_to_cmal import load_bert_weights
@@ -34,7 +31,16 @@ from processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
 from training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator
 from training.data.region_store import load_region_store
 from training.data.tokenizer import build_word_tokenizer
-from training.utils import add_training_args, check_finite, optimizer_groups, push_to_hub, resume, save_checkpoint, write_json
+from training.utils import (
+    add_training_args,
+    check_finite,
+    prepare_training,
+    push_to_hub,
+    resume,
+    save_checkpoint,
+    setup_accelerator,
+    write_json,
+)
 
 
 logger = logging.getLogger("pretrain")
@@ -153,18 +159,8 @@ Load it with `AutoModelForPreTraining.from_pretrained(path, trust_remote_code=Tr
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_dir=args.output_dir,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        # heads whose weight is 0 get no gradient; DDP must be told
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=min(args.mlm, args.mrm, args.itm, args.amc) == 0)],
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)  # fmt: skip
-    set_seed(args.seed)
+    # heads whose weight is 0 get no gradient; DDP must be told
+    accelerator = setup_accelerator(args, find_unused_parameters=min(args.mlm, args.mrm, args.itm, args.amc) == 0)
 
     with accelerator.main_process_first():
         captions, regions, metadata, lexicon, vocabulary_texts = load_corpus(args)
@@ -189,16 +185,9 @@ def main(argv=None):
         num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed),
     )  # fmt: skip
 
-    optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
-    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    scheduler = get_scheduler(
-        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
-    )  # fmt: skip
-    model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)  # after sharding
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    model, optimizer, train_dataloader, scheduler, max_steps, steps_per_epoch, num_epochs = prepare_training(
+        accelerator, args, model, train_dataloader
+    )
 
     effective_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     if args.report_to != "none":

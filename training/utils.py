@@ -4,11 +4,15 @@ optimizer groups and the Hub upload. Kept small on purpose: each script stays re
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from transformers import get_scheduler
 
 
 logger = logging.getLogger(__name__)
@@ -41,6 +45,39 @@ def add_training_args(parser, output_dir: str, batch_size: int, learning_rate: f
     train.add_argument("--push_to_hub", action="store_true", help="Upload the final folder to --hub_model_id.")
     train.add_argument("--hub_model_id", default=None)
     return train
+
+
+def setup_accelerator(args, find_unused_parameters: bool = False) -> Accelerator:
+    """The Accelerator of both scripts (seedable sampler, so a resumed epoch has the same order), logging, seed."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)  # fmt: skip
+    set_seed(args.seed)
+    return accelerator
+
+
+def prepare_training(accelerator, args, model, train_dataloader):
+    """AdamW and the schedule sized from the data, prepared with the model and the data.
+
+    Returns (model, optimizer, dataloader, scheduler, max_steps, steps_per_epoch after sharding, epochs).
+    """
+    optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
+    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )  # fmt: skip
+    model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    return model, optimizer, train_dataloader, scheduler, max_steps, steps_per_epoch, math.ceil(max_steps / steps_per_epoch)
 
 
 def optimizer_groups(model, weight_decay: float) -> list[dict]:

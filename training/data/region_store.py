@@ -23,6 +23,7 @@ import shutil
 
 import datasets
 import numpy as np
+from training.utils import write_json
 
 
 SCHEMA_VERSION = 1
@@ -70,14 +71,6 @@ def _read_metadata(path: str) -> dict:
             f"{sidecar} has schema_version {metadata.get('schema_version')!r}; this code reads version {SCHEMA_VERSION}"
         )
     return metadata
-
-
-def _write_json_atomic(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 class RegionStoreWriter:
@@ -135,7 +128,7 @@ class RegionStoreWriter:
                 f"{path!r} is neither empty nor a CMAL region store (no {METADATA_FILE}); refusing to write"
             )
         # The sidecar goes first, so a store killed before close() is still recognised and resumable.
-        _write_json_atomic(os.path.join(path, METADATA_FILE), self.metadata)
+        write_json(os.path.join(path, METADATA_FILE), self.metadata)
 
         for name in os.listdir(path):
             leftover = os.path.join(path, name)
