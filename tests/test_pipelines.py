@@ -23,6 +23,7 @@ from modeling_cmal import (
 )
 from processors import CMALImageProcessor, CMALProcessor
 from training import extract_regions, finetune
+from training.data import synthetic
 from training.data.region_store import load_region_store, row_to_regions
 from training.data.tokenizer import build_word_tokenizer
 
@@ -149,6 +150,28 @@ def test_vqa_pipeline_on_precomputed_regions(region_inputs, tmp_path):
         vqa(image=PIL.Image.new("RGB", (32, 32)), question=QUESTIONS[1])
     with pytest.raises(ValueError, match="`question` must be a non-empty string, got None"):
         vqa(regions=region_inputs[0])
+
+
+def test_vqa_pipeline_on_a_synthetic_scene(tmp_path):
+    """The documented call on a scene of the synthetic world: `vqa(regions=row_to_regions(store row), question=...)`."""
+    world = synthetic.load_world(synthetic.build_world(tmp_path / "world", num_images=3))
+    question = world["vqa"]["train"][0]
+    processor = CMALProcessor(CMALImageProcessor(concept_names=synthetic.CONCEPT_NAMES),
+                              build_word_tokenizer(synthetic.world_texts(world)), synthetic.synthetic_lexicon().to_dict())  # fmt: skip
+    config = CMALConfig.from_preset("tiny", vocab_size=len(processor.tokenizer), visual_feat_dim=synthetic.FEATURE_DIM,
+                                    concept_names=synthetic.CONCEPT_NAMES, num_concepts=None,
+                                    id2label=dict(enumerate(synthetic.ANSWER_VOCABULARY)))  # fmt: skip
+    torch.manual_seed(0)
+    model = CMALForQuestionAnswering(config).eval()
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    vqa = pipeline("visual-question-answering", model=str(tmp_path / "model"), trust_remote_code=True)
+    row = world["regions"].with_format("numpy")[list(world["regions"]["image_id"]).index(question["image_id"])]
+    answers = vqa(regions=row_to_regions(row), question=question["question"], top_k=3)
+    batch = processor(text=question["question"], regions=[row_to_regions(row)])
+    assert (batch["token_concept_ids"] >= 0).any()  # the question names a shape: an anchor
+    assert_same_answers(answers, expected_answers(model, batch, 3))
+    assert {a["answer"] for a in answers} <= set(synthetic.ANSWER_VOCABULARY)
 
 
 def test_entailment_pipeline_gives_every_label_with_its_probability(region_inputs, tmp_path):
