@@ -176,12 +176,18 @@ def test_a_killed_run_resumes_to_the_same_weights(corpus, tmp_path, monkeypatch)
         torch.testing.assert_close(again[name], whole[name], msg=name)
 
 
-def test_argument_errors(tmp_path, corpus):
+def test_argument_errors(tmp_path, corpus, capsys):
     root, files = corpus
-    with pytest.raises(SystemExit):
-        finetune.parse_args(["--task", "vqa", "--train_file", files["vqa_train"][0]])  # no --regions
-    with pytest.raises(SystemExit):
-        finetune.parse_args(["--task", "vqa", "--regions", str(root / "regions")])  # a store without files
+    regions = ["--regions", str(root / "regions")]
+    for argv, message in [
+        (["--train_file", files["vqa_train"][0]], "real data (--train_file) needs --regions"),
+        (regions, "--validation_file, --train_annotations and --regions need --train_file"),
+        (["--train_file", files["vqa_train"][0], *regions, "--validation_file", files["vqa_val"][0]],
+         "VQA --validation_file needs --validation_annotations"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            finetune.parse_args(["--task", "vqa", *argv])
+        assert message in capsys.readouterr().err
     other = tmp_path / "other"
     with RegionStoreWriter(str(other), feature_dim=5, concept_names=NAMES, source="test") as writer:
         writer.add(dict(image_id="x", image_width=2, image_height=2, boxes=BOXES[:1], features=np.zeros((1, 5), np.float32),

@@ -102,6 +102,8 @@ def parse_args(argv=None):
         p.error("--validation_file, --train_annotations and --regions need --train_file (real data)")
     if args.train_file is not None and args.regions is None:
         p.error("real data (--train_file) needs --regions, the region store of its images")
+    if args.task == "vqa" and args.validation_file and not args.validation_annotations:
+        p.error("VQA --validation_file needs --validation_annotations: without answers there is nothing to score")
     return args
 
 
