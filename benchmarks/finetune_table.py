@@ -1,13 +1,13 @@
 """Pre-trained vs from-scratch fine-tuning on the synthetic world, every task, one table.
 
     python benchmarks/finetune_table.py                      # pre-trains first if --pretrained is missing
-    python benchmarks/finetune_table.py --max_train_steps 400 --tasks vqa rec
+    python benchmarks/finetune_table.py --tasks vqa rec --num_train_epochs 2   # other flags go to finetune.py
 
 Each fine-tuning run is `accelerate launch training/finetune.py --task T [--model_name_or_path P]` with
-the same recipe for both starts; the table gives the main validation metric of each, and chance:
-the metric of uniformly random predictions (mean of 20 draws), and for VQA also always answering the
-most frequent training answer. Runs go two at a time (one CPU thread each); results land in
-`--output_dir/<task>-<start>/eval_results.json`, and the markdown table is printed and saved.
+finetune.py's default recipe (or the extra flags given here) for both starts. The table gives the main
+validation metric of each and chance: the metric of uniformly random predictions (mean of 20 draws) and,
+for VQA, of always answering the most frequent training answer. Runs go two at a time (one CPU thread
+each); results land in `--output_dir/<task>-<start>/eval_results.json`; the table is printed and saved.
 """
 
 import argparse
@@ -77,7 +77,6 @@ def main(argv=None):
     p.add_argument("--tasks", nargs="+", default=list(downstream.TASKS), choices=downstream.TASKS)
     p.add_argument("--pretrained", default="outputs/cmal-small-synthetic", help="Made with `pretrain.py` defaults if missing.")
     p.add_argument("--output_dir", default="outputs/finetune-table")
-    p.add_argument("--max_train_steps", type=int, default=400)
     p.add_argument("--parallel", type=int, default=2)
     args, extra = p.parse_known_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -90,23 +89,26 @@ def main(argv=None):
         task, start = task_start
         folder = os.path.join(args.output_dir, f"{task}-{start}")
         init = ["--model_name_or_path", args.pretrained] if start == "pretrained" else []
-        launch(["finetune.py", "--task", task, *init, "--max_train_steps", str(args.max_train_steps), "--output_dir", folder, *extra],
-               folder + ".log")  # fmt: skip
+        launch(["finetune.py", "--task", task, *init, "--output_dir", folder, *extra], folder + ".log")
         with open(os.path.join(folder, "eval_results.json")) as f:
-            return task_start, json.load(f)
+            evaluation = json.load(f)
+        with open(os.path.join(folder, "train_results.json")) as f:
+            return task_start, {**evaluation, "steps": json.load(f)["steps"]}
 
     with ThreadPoolExecutor(args.parallel) as pool:
         results = dict(pool.map(run, runs))
     world = synthetic.load_world(synthetic.default_world())
-    steps = f"--max_train_steps {args.max_train_steps}" + (" " + " ".join(extra) if extra else "")
-    lines = ["| task | metric | chance | from scratch | pre-trained (CMAL) |", "|---|---|---|---|---|"]
+    flags = " ".join(extra)
+    lines = ["| task | metric | chance | from scratch | pre-trained (CMAL) | steps |", "|---|---|---|---|---|---|"]
     for task in args.tasks:
         main_metric = MAIN_METRIC[task]
         c = chance(task, world)
         chance_text = f"{c['random']:.3f}" + (f" (majority {c['majority']:.3f})" if "majority" in c else "")
         scratch, pretrained = results[(task, "scratch")][main_metric], results[(task, "pretrained")][main_metric]
-        lines.append(f"| {task} | {main_metric} | {chance_text} | {scratch:.3f} | {pretrained:.3f} |")
-    table = "\n".join(lines) + f"\n\nfine-tuning: `accelerate launch training/finetune.py --task <task> [--model_name_or_path {args.pretrained}] {steps}`\n"
+        steps = results[(task, "pretrained")]["steps"]
+        lines.append(f"| {task} | {main_metric} | {chance_text} | {scratch:.3f} | {pretrained:.3f} | {steps} |")
+    table = "\n".join(lines) + (f"\n\nfine-tuning: `accelerate launch training/finetune.py --task <task> "
+                                 f"[--model_name_or_path {args.pretrained}] {flags}`\n")  # fmt: skip
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:
         f.write(table)
     print(table)

@@ -94,7 +94,7 @@ def parse_args(argv=None):
     model.add_argument("--anchor_mask_prob", type=float, default=None,
                        help="Anchor swaps while fine-tuning (default: the checkpoint's value).")  # fmt: skip
     model.add_argument("--negative_probability", type=float, default=0.5, help="Retrieval: share of mismatched pairs.")
-    add_training_args(p, None, batch_size=32, learning_rate=1e-4, epochs=3, warmup=50)
+    add_training_args(p, None, batch_size=32, learning_rate=3e-4, epochs=4, warmup=50)
     p.add_argument("--per_device_eval_batch_size", type=int, default=64)
     args = p.parse_args(argv)
     args.output_dir = args.output_dir or f"outputs/cmal-{args.task}"
