@@ -1079,7 +1079,8 @@ class CMALForPreTraining(CMALPreTrainedModel):
         region_soft_labels (`torch.FloatTensor` of shape `(batch_size, num_regions, num_concepts)`, *optional*):
             Detector class distributions; the MRM concept loss becomes a KL divergence to them.
         itm_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-            1 when the image and the text belong together, 0 for a mismatched pair.
+            1 when the image and the text belong together, 0 for a mismatched pair. The masked regions
+            of a mismatched pair are no MRM targets.
         """
         config = self.config
         return_dict = config.return_dict if return_dict is None else return_dict
@@ -1114,6 +1115,8 @@ class CMALForPreTraining(CMALPreTrainedModel):
             losses["mlm_loss"] = _cross_entropy_where(prediction_logits, labels, labels != -100)
         if masked_regions is not None and config.mrm_weight > 0:
             masked = masked_regions.bool() & real_regions
+            if itm_labels is not None:  # a mismatched pair's regions are masked (so ITM can't tell) but not targets
+                masked = masked & (itm_labels == 1).unsqueeze(1)
             if bool(masked.any()):
                 target = visual_feats.to(region_feature_predictions.dtype)[masked]
                 losses["mrm_feature_loss"] = F.mse_loss(region_feature_predictions[masked].float(), target.float())

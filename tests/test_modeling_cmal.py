@@ -147,15 +147,38 @@ def test_pretraining_without_any_target_gives_zero_not_nan():
     out.loss.backward()  # the zero still carries a graph (needed under DDP)
 
 
+def test_itm_alone_fits_a_batch():
+    """ITM on its own trains the pooled output: it fits random match labels of a fixed batch."""
+    torch.manual_seed(0)
+    off = dict(mlm_weight=0, mrm_weight=0, amc_token_weight=0, amc_region_weight=0, amc_pointer_weight=0)
+    model = CMALForPreTraining(tiny_config(**off, **NO_DROPOUT)).train()
+    inputs = make_inputs(batch_size=16)
+    itm_labels = torch.tensor([0, 1] * 8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(100):
+        out = model(**inputs, itm_labels=itm_labels)
+        if step == 0:
+            assert abs(out.loss.item() - 0.693) < 0.05 and out.loss == out.itm_loss
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert out.itm_loss.item() < 0.1
+    assert (out.itm_logits.argmax(-1) == itm_labels).all()
+
+
 def test_mrm_soft_labels_use_kl():
     _, overrides, inputs, _, _ = head_case("pretraining")
     model = CMALForPreTraining(tiny_config(**NO_DROPOUT)).eval()
     soft = torch.softmax(torch.randn(3, 5, NUM_CONCEPTS), dim=-1)
     out = model(**inputs, region_soft_labels=soft)
-    masked = inputs["masked_regions"]
+    # Region 2 is masked in every pair, but pair 1 is mismatched (itm_labels [1, 0, 1]): no MRM target there.
+    masked = inputs["masked_regions"] & (inputs["itm_labels"] == 1).unsqueeze(1)
+    assert masked.sum() == 2
     log_probs = torch.log_softmax(out.region_concept_logits[masked], dim=-1)
     expected = torch.nn.functional.kl_div(log_probs, soft[masked], reduction="batchmean")
     assert torch.allclose(out.mrm_concept_loss, expected)
+    target = inputs["visual_feats"][masked]
+    assert torch.allclose(out.mrm_feature_loss, torch.nn.functional.mse_loss(out.region_feature_predictions[masked], target))
 
 
 def test_vqa_logits_do_not_depend_on_labels():
@@ -385,8 +408,15 @@ def test_auto_map_names_local_files(tmp_path):
         "AutoModelForSequenceClassification": "modeling_cmal.CMALForImageTextClassification",
         "AutoModelForTokenClassification": "modeling_cmal.CMALForReferringExpression",
     }
+    assert config.custom_pipelines == {
+        "referring-expression": {
+            "impl": "pipeline_cmal.CMALReferringExpressionPipeline",
+            "pt": ["AutoModelForTokenClassification"],
+            "type": "multimodal",
+        }
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "config.json", "configuration_cmal.py", "model.safetensors", "modeling_cmal.py",
+        "config.json", "configuration_cmal.py", "model.safetensors", "modeling_cmal.py", "pipeline_cmal.py",
     ]  # fmt: skip
 
 

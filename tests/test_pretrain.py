@@ -79,8 +79,10 @@ def test_collator_targets(corpus):
 
     mlm, mrm, matched = (batch["labels"] != -100).any(1), batch["masked_regions"].any(1), batch["itm_labels"] == 1
     assert not (mlm & mrm).any()  # one modality at a time
-    assert not (~matched & (mlm | mrm)).any()  # mismatched pairs get no MLM/MRM targets
-    assert ((mlm | mrm) == matched).all() and 0 < matched.sum() < 16
+    assert not (~matched & mlm).any()  # mismatched pairs get no MLM targets...
+    masked_words = (batch["input_ids"] == tokenizer.mask_token_id).any(1)
+    assert (~matched & masked_words).any() and (~matched & mrm).any()  # ...but are masked too: masking can't reveal ITM
+    assert (matched <= (mlm | mrm)).all() and 0 < matched.sum() < 16
     masked_tokens = batch["labels"] != -100
     assert (batch["token_concept_ids"][masked_tokens] == -1).all()  # anchors are never MLM targets
     assert (batch["masked_regions"] <= batch["visual_attention_mask"].bool()).all()
@@ -99,7 +101,10 @@ def test_sampler_is_seeded_per_epoch_and_groups_lengths():
     assert list(sampler) != first
 
 
-@pytest.mark.parametrize("objective", ["mlm", "mrm", "itm", "amc", "itc"])
+# ITM is not here: matching must be learnt across modalities from scratch, which takes far more than 24
+# images and 90 steps (with masking no longer revealing the label, its loss stays at ln 2 here). That ITM
+# trains is checked on a fixed batch in test_modeling_cmal.py; that masking can't reveal it, above.
+@pytest.mark.parametrize("objective", ["mlm", "mrm", "amc", "itc"])
 def test_each_objective_alone_learns(corpus, tmp_path, objective):
     weights = {name: "0" for name in ("mlm", "mrm", "itm", "amc", "itc")}
     weights[objective] = "1"
