@@ -237,23 +237,20 @@ def test_two_process_ddp_matches_one_process(corpus, tmp_path):
 def test_push_to_hub_uploads_the_final_folder(corpus, tmp_path, monkeypatch):
     """No upload happens here: `HfApi` is replaced at its boundary and the calls it got are checked."""
     import huggingface_hub
-
-    calls = []
-
-    class FakeApi:
-        def create_repo(self, repo_id, exist_ok=False):
-            calls.append(("create_repo", repo_id, exist_ok))
-
-        def upload_folder(self, repo_id, folder_path, ignore_patterns):
-            calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path)), ignore_patterns))
+    from test_push_to_hub import FakeApi
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    FakeApi.calls = []
     pretrain.main(args_for(corpus, tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2",
                            "--push_to_hub", "--hub_model_id", "me/cmal-test"))  # fmt: skip
-    assert calls[0] == ("create_repo", "me/cmal-test", True)
-    name, repo, files, ignored = calls[1]
-    assert (name, repo) == ("upload_folder", "me/cmal-test") and ignored == ["checkpoints/*", "runs/*"]
-    assert {"model.safetensors", "config.json", "modeling_cmal.py", "processor_config.json", "README.md"} <= set(files)
+    assert FakeApi.calls[0] == ("create_repo", "me/cmal-test", None, True)
+    name, repo, operations = FakeApi.calls[1]
+    assert (name, repo) == ("create_commit", "me/cmal-test")
+    assert [path for path, _ in operations] == [
+        "README.md", "anchor_lexicon.py", "config.json", "configuration_cmal.py", "image_processing_cmal.py",
+        "model.safetensors", "modeling_cmal.py", "processing_cmal.py", "processor_config.json", "tokenizer.json",
+        "tokenizer_config.json", "train_results.json",
+    ]  # fmt: skip  (no checkpoints/, no logs)
 
 
 def test_tensorboard_logs_every_loss(corpus, tmp_path):

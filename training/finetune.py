@@ -343,7 +343,7 @@ def main(argv=None):
         write_model_card(args.output_dir, args, unwrapped.config, results, metrics)
         print(f"model saved to {os.path.abspath(args.output_dir)} ({train_seconds:.0f} s of training)")
         if args.push_to_hub:
-            push_to_hub(args)
+            push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo or None)
     accelerator.end_training()
     return {**results, "eval": metrics}
 

@@ -268,7 +268,7 @@ def main(argv=None):
         print(f"final losses: {json.dumps({k: round(v, 4) for k, v in results['final_losses'].items()})}")
         print(f"model saved to {os.path.abspath(args.output_dir)} ({train_seconds:.0f} s of training)")
         if args.push_to_hub:
-            push_to_hub(args)
+            push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo or None)
     accelerator.end_training()
     return results
 

@@ -43,7 +43,8 @@ def add_training_args(parser, output_dir: str, batch_size: int, learning_rate: f
     train.add_argument("--report_to", default="all", help="tensorboard, wandb, ... ; all = every installed tracker; none.")
     train.add_argument("--logging_steps", type=int, default=10)
     train.add_argument("--push_to_hub", action="store_true", help="Upload the final folder to --hub_model_id.")
-    train.add_argument("--hub_model_id", default=None)
+    train.add_argument("--hub_model_id", default=None, help="Repo id (user/name); default: the output folder's name.")
+    train.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
     return train
 
 
@@ -157,11 +158,60 @@ def write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def push_to_hub(args) -> None:
-    """Upload the final folder (weights, code, processor, card, results), not the checkpoints or logs."""
-    from huggingface_hub import HfApi
+def hub_files(folder: str) -> list[str]:
+    """The files of `folder` that make its Hub repo, after checking that nothing a user needs is missing.
 
-    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    A repo loads with `trust_remote_code=True` only if every code file an `auto_map` or `custom_pipelines`
+    entry names is there, with the files those import (`from .x import`); it also needs its weights, its
+    processor and a model card. Checkpoints, logs and unfinished `.tmp` writes stay behind.
+    """
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    if not os.path.isdir(folder):
+        raise ValueError(f"expected a model folder to upload, got {folder!r} (not a directory)")
+    present = sorted(f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)) and not f.endswith(".tmp"))
+    needed = {"config.json": "the model config", "processor_config.json": "the processor", "README.md": "the model card"}
+    if "model.safetensors.index.json" in present:
+        with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+            needed.update({shard: "a weight shard" for shard in json.load(f)["weight_map"].values()})
+    else:
+        needed["model.safetensors"] = "the weights"
+    if "tokenizer.json" not in present and "vocab.txt" not in present:
+        needed["tokenizer.json"] = "the tokenizer"
+    for config_file in ("config.json", "processor_config.json", "tokenizer_config.json"):
+        if config_file not in present:
+            continue
+        with open(os.path.join(folder, config_file)) as f:
+            config = json.load(f)
+        references = list((config.get("auto_map") or {}).values())
+        references += [p["impl"] for p in (config.get("custom_pipelines") or {}).values()]
+        for reference in references:
+            reference = reference[0] if isinstance(reference, list) else reference  # tokenizers: [slow, fast]
+            if not reference:
+                continue
+            needed.setdefault(reference.split("--")[-1].rsplit(".", 1)[0] + ".py", f"code named in {config_file}")
+    modules = [name for name in needed if name.endswith(".py")]
+    for module in modules:  # grows as imports are found
+        if module in present:
+            for imported in get_relative_imports(os.path.join(folder, module)):
+                if imported + ".py" not in needed:
+                    needed[imported + ".py"] = f"code imported by {module}"
+                    modules.append(imported + ".py")
+    missing = [f"{name} ({why})" for name, why in needed.items() if name not in present]
+    if missing:
+        raise ValueError(f"{folder!r} is not a complete model folder, so it is not uploaded: missing {', '.join(missing)}")
+    return present
+
+
+def push_to_hub(folder: str, repo_id: str | None = None, private: bool | None = None, commit_message: str | None = None):
+    """Upload a checked training folder (`hub_files`) in one commit; returns the commit info."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    files = hub_files(folder)
+    repo_id = repo_id or os.path.basename(os.path.abspath(folder))
     api = HfApi()
-    api.create_repo(repo_id, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoints/*", "runs/*"])
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name)) for name in files]
+    info = api.create_commit(repo_id, operations=operations, commit_message=commit_message or f"Upload CMAL from {folder}")
+    logger.info(f"uploaded {len(files)} files to {repo_id}: {info.commit_url}")
+    return info

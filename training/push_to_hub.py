@@ -1,0 +1,26 @@
+"""Upload a finished training folder to the Hub, after checking it is complete (`utils.hub_files`).
+
+    python -m training.push_to_hub outputs/cmal-vqa me/cmal-small-vqa [--private]
+
+The same upload `pretrain.py`/`finetune.py --push_to_hub` do at the end of a run, for a folder trained
+without it. Log in first (`hf auth login`) or set `HF_TOKEN`.
+"""
+
+import argparse
+
+from training.utils import push_to_hub
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="A folder written by pretrain.py or finetune.py.")
+    parser.add_argument("repo_id", help="user/name of the model repo (created if missing).")
+    parser.add_argument("--private", action="store_true", help="Create the repo as private.")
+    parser.add_argument("--commit_message", default=None)
+    args = parser.parse_args(argv)
+    info = push_to_hub(args.folder, args.repo_id, private=args.private or None, commit_message=args.commit_message)
+    print(info.commit_url)
+
+
+if __name__ == "__main__":
+    main()
