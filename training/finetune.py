@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from model_cards import render as model_card
 from modeling_cmal import (
     CMAL_PRESETS,
     CMALConfig,
@@ -59,8 +60,6 @@ HEADS = {"vqa": CMALForQuestionAnswering, "ve": CMALForImageTextClassification, 
 METRICS = {"vqa": "vqa_accuracy", "ve": "classification_accuracy", "nlvr2": "classification_accuracy",
            "rec": "rec_accuracy", "retrieval": "retrieval_recall"}  # fmt: skip
 MAIN_METRIC = {"vqa": "vqa_accuracy", "ve": "accuracy", "nlvr2": "accuracy", "rec": "accuracy", "retrieval": "rsum"}
-CARD = {"vqa": ("visual-question-answering", "VQA soft accuracy"), "ve": (None, "SNLI-VE accuracy"),
-        "nlvr2": (None, "NLVR2 accuracy"), "rec": (None, "REC accuracy (IoU >= 0.5)"), "retrieval": (None, "recall sum")}  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -209,38 +208,11 @@ def evaluate(model, dataloader, accelerator, args, references, id2label) -> dict
 
 
 def write_model_card(folder, args, config, results, metrics):
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    pipeline_tag, metric_name = CARD[args.task]
-    dataset_name = "synthetic-scene-world" if args.train_file is None else os.path.basename(args.train_file)
-    main = MAIN_METRIC[args.task]
-    eval_results = [EvalResult(task_type=pipeline_tag or "other", dataset_type=dataset_name, dataset_name=dataset_name,
-                               dataset_split="validation", metric_type=main, metric_name=metric_name,
-                               metric_value=round(float(metrics[main]), 4))] if metrics else None  # fmt: skip
-    data = ModelCardData(
-        library_name="transformers", pipeline_tag=pipeline_tag, tags=["cmal", "custom_code", "vision-language", args.task],
-        base_model=args.model_name_or_path if args.model_name_or_path and not os.path.isdir(args.model_name_or_path) else None,
-        model_name=os.path.basename(os.path.abspath(folder)), eval_results=eval_results,
-    )  # fmt: skip
-    shown = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, float))
-    card = ModelCard(f"""---
-{data.to_yaml()}
----
-
-# CMAL ({HEADS[args.task].__name__}) fine-tuned for {args.task} on {dataset_name}
-
-Fine-tuned with `training/finetune.py --task {args.task}` from {args.model_name_or_path or 'scratch'}.
-Load it with `{HEADS[args.task].__name__}` or the auto class in `config.json` and `trust_remote_code=True`
-(pin `revision=` on the Hub).
-
-- hidden size {config.hidden_size}; text/region/unified layers {config.num_text_layers}/{config.num_visual_layers}/{config.num_hidden_layers}
-- {results['steps']} steps at global batch {results['global_batch_size']}, {results['train_seconds']:.0f} s
-
-| validation metric | value |
-|---|---|
-{shown}
-""")
-    card.save(os.path.join(folder, "README.md"))
+    """README.md from this run's config, arguments and validation metrics (templates and checks: model_cards/)."""
+    training_args = vars(args)
+    model_card.write_model_card(folder, args.task, config, training_args, results, metrics or None,
+                                base_model=model_card.hub_repo_id(args.model_name_or_path),
+                                dataset_name=model_card.dataset_name(training_args))  # fmt: skip
 
 
 def main(argv=None):

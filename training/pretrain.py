@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from model_cards import render as model_card
 from modeling_cmal import CMAL_PRESETS, CMALConfig, CMALForPreTraining
 from modeling_cmal.convert_bert_to_cmal import load_bert_weights
 from processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
@@ -132,29 +133,11 @@ def build_model(args, config):
 
 
 def write_model_card(folder, args, config, results):
-    from huggingface_hub import ModelCard, ModelCardData
-
-    data = ModelCardData(library_name="transformers", tags=["cmal", "custom_code", "vision-language", "pretraining"],
-                         datasets=["synthetic-scene-world"] if args.dataset == "synthetic" else None)  # fmt: skip
-    losses = "\n".join(f"| {name} | {value:.4f} |" for name, value in results["final_losses"].items())
-    card = ModelCard(f"""---
-{data.to_yaml()}
----
-
-# CMAL ({args.model_config}) pre-trained on {args.dataset}
-
-A CMAL model (Cross-Modal Associative Learning) pre-trained with `training/pretrain.py`.
-Load it with `AutoModelForPreTraining.from_pretrained(path, trust_remote_code=True)` (pin `revision=` on the Hub).
-
-- hidden size {config.hidden_size}; text/region/unified layers {config.num_text_layers}/{config.num_visual_layers}/{config.num_hidden_layers}
-- regions: {config.visual_feat_dim}-d features, {config.num_concepts} concepts
-- {results['steps']} steps at global batch {results['global_batch_size']}, {results['train_seconds']:.0f} s
-
-| loss (last {args.logging_steps} steps) | value |
-|---|---|
-{losses}
-""")
-    card.save(os.path.join(folder, "README.md"))
+    """README.md from this run's config, arguments and losses (templates and checks: model_cards/)."""
+    training_args = vars(args)
+    model_card.write_model_card(folder, "pretraining", config, training_args, results, None,
+                                base_model=model_card.hub_repo_id(args.init_text_from),
+                                dataset_name=model_card.dataset_name(training_args))  # fmt: skip
 
 
 def main(argv=None):

@@ -1,0 +1,340 @@
+"""Model cards of CMAL checkpoints, rendered from what a run recorded and measured.
+
+    python -m model_cards.render outputs/cmal-vqa                           # kind from eval_results.json
+    python -m model_cards.render outputs/cmal-small-synthetic --kind pretraining
+
+`templates/<kind>.md` (pretraining, vqa, ve, nlvr2, rec, retrieval) extends `templates/base.md`, which
+holds the sections every card shares, and fills in only what its task changes. The YAML metadata is
+built here: the `model-index` comes from the measured eval results, never from typed numbers, and each
+card is parsed back and checked offline (`validate_card`) before it is written.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import jinja2
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.repocard import REGEX_YAML_BLOCK
+from huggingface_hub.repocard_data import model_index_to_eval_results
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from modeling_cmal.modeling_cmal import (
+    CMAL_HEAD_AUTO_CLASSES,
+    CMAL_PIPELINE_TASKS,
+    CMALForImageTextClassification,
+    CMALForImageTextRetrieval,
+    CMALForPreTraining,
+    CMALForQuestionAnswering,
+    CMALForReferringExpression,
+    CMALForVisualReasoning,
+)
+from training.data.region_store import METADATA_FILE
+
+
+TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
+SYNTHETIC_DATASET = "synthetic-scene-world"
+REQUIRED_TAGS = ("cmal", "custom_code", "vision-language")
+REQUIRED_TRAIN_RESULTS = ("steps", "global_batch_size", "train_seconds")
+# A COCO photo (two cats and two remotes on a couch): its objects are classes of the default detector.
+VQA_WIDGET = [{"src": "http://images.cocodataset.org/val2017/000000039769.jpg", "text": "How many cats are there?",
+               "example_title": "Cats on a couch"}]  # fmt: skip
+
+
+class Metric(NamedTuple):
+    """A reported metric: its key in `eval_results.json`, its Hub metric id and the name the card shows."""
+
+    key: str
+    type: str
+    name: str
+
+
+class CardKind:
+    """What a card of one checkpoint kind states beyond the shared sections.
+
+    Metrics are listed main metric first: the first `model-index` entry is the one a leaderboard shows.
+    """
+
+    def __init__(self, head: type, task_name: str, metrics: tuple = (), pipeline_tag: str | None = None):
+        self.head, self.task_name, self.metrics, self.pipeline_tag = head, task_name, metrics, pipeline_tag
+        self.auto_class = CMAL_HEAD_AUTO_CLASSES[head]
+        # the task of the checkpoint's own pipeline (`config.custom_pipelines`); pre-training has none
+        self.pipeline_task = CMAL_PIPELINE_TASKS[head][0] if head in CMAL_PIPELINE_TASKS else None
+        # `model-index` task type: the Hub task where one fits (only VQA), else CMAL's pipeline task
+        self.task_type = pipeline_tag or self.pipeline_task
+
+
+RECALLS = tuple(Metric(f"{direction}_r{k}", "recall", f"{label} R@{k} (%)")
+                for direction, label in (("text_to_image", "Text-to-image"), ("image_to_text", "Image-to-text"))
+                for k in (1, 5, 10))  # fmt: skip
+KINDS = {
+    "pretraining": CardKind(CMALForPreTraining, "Vision-language pre-training"),
+    "vqa": CardKind(CMALForQuestionAnswering, "Visual Question Answering", (Metric("vqa_accuracy", "accuracy", "VQA accuracy"),),
+                    pipeline_tag="visual-question-answering"),
+    "ve": CardKind(CMALForImageTextClassification, "Visual Entailment", (Metric("accuracy", "accuracy", "Accuracy"),)),
+    "nlvr2": CardKind(CMALForVisualReasoning, "Visual Reasoning (NLVR2)", (Metric("accuracy", "accuracy", "Accuracy"),)),
+    "rec": CardKind(CMALForReferringExpression, "Referring Expression Comprehension",
+                    (Metric("accuracy", "accuracy", "Accuracy (IoU >= 0.5)"), Metric("mean_iou", "mean_iou", "Mean IoU"))),
+    "retrieval": CardKind(CMALForImageTextRetrieval, "Image-Text Retrieval", (Metric("rsum", "recall", "R-sum (%)"), *RECALLS)),
+}  # fmt: skip
+
+
+def _kind(kind: str) -> CardKind:
+    if kind not in KINDS:
+        raise ValueError(f"`kind` must be one of {', '.join(KINDS)}, got {kind!r}")
+    return KINDS[kind]
+
+
+def dataset_name(training_args: dict) -> str:
+    """The training data as a card names it: the synthetic world, or the file or folder it was read from."""
+    source = training_args.get("train_file") or training_args.get("dataset")
+    return SYNTHETIC_DATASET if source in (None, "synthetic") else os.path.basename(os.path.normpath(source))
+
+
+def hub_repo_id(name: str | None, root: str = ".") -> str | None:
+    """`name` if it names a Hub repo, None for a local path: `base_model` must link to a repo on the Hub.
+
+    A relative path is looked up under `root` (where training ran), since `owner/name` and `folder/name`
+    read the same.
+    """
+    if not name or os.path.exists(os.path.join(root, os.path.expanduser(name))):
+        return None
+    return name if _is_repo_id(name) else None
+
+
+def _is_repo_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _eval_results(kind: str, eval_results: dict, dataset: str) -> list[EvalResult]:
+    """The `model-index` entries of the measured metrics, values exactly as measured."""
+    spec = _kind(kind)
+    entries = []
+    for metric in spec.metrics:
+        value = eval_results.get(metric.key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(
+                f"eval_results[{metric.key!r}] ({metric.name}) must be a finite number for a {kind} card, got "
+                f"{value!r}; eval_results has {sorted(eval_results)}"
+            )
+        entries.append(EvalResult(task_type=spec.task_type, task_name=spec.task_name, dataset_type=dataset,
+                                  dataset_name=dataset, dataset_split="validation", metric_type=metric.type,
+                                  metric_name=metric.name, metric_value=float(value)))  # fmt: skip
+    return entries
+
+
+def _regions(config: dict, training_args: dict, root: str) -> dict:
+    """Where the checkpoint's regions come from: its own detector, else the region store it was trained on
+    (with the store's provenance when the store is at hand) or the synthetic world."""
+    store = training_args.get("regions")
+    if store is None and training_args.get("dataset") not in (None, "synthetic"):
+        store = os.path.join(training_args["dataset"], "regions")
+    provenance = {}
+    if store and os.path.isfile(os.path.join(root, store, METADATA_FILE)):
+        with open(os.path.join(root, store, METADATA_FILE)) as f:
+            provenance = json.load(f)
+    detector = config.get("detector_config")
+    return {
+        "feature_dim": config["visual_feat_dim"],
+        "concepts": list(config["concept_names"]),
+        "detector": detector and {"type": detector["model_type"], "checkpoint": detector.get("_name_or_path") or None},
+        "store": store,
+        "store_source": provenance.get("source"),
+        "store_detector": provenance.get("detector"),
+    }
+
+
+def render_model_card(
+    folder: str,
+    kind: str,
+    config,
+    training_args: dict,
+    train_results: dict,
+    eval_results: dict | None,
+    base_model: str | None,
+    dataset_name: str,
+    root: str = ".",
+) -> ModelCard:
+    """The model card of a checkpoint folder, checked with `validate_card`.
+
+    Args:
+        folder: the checkpoint folder; its name is the model's name unless `training_args["hub_model_id"]`.
+        kind: one of `KINDS`.
+        config: the model's `CMALConfig` or its `config.json` as a dict.
+        training_args: the run's arguments (`train_results.json["args"]`).
+        train_results: steps, global batch, seconds (and, for pre-training, the losses) of the run.
+        eval_results: the measured validation metrics (`eval_results.json`), None when nothing was evaluated.
+        base_model: the Hub repo it started from, None for a local checkpoint or random weights (`hub_repo_id`
+            tells them apart); the body names whatever `training_args` started from.
+        dataset_name: the training data's name (`dataset_name(training_args)`).
+        root: the directory training ran in, against which relative paths in `training_args` are resolved.
+    """
+    spec = _kind(kind)
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    if base_model is not None and not _is_repo_id(base_model):
+        raise ValueError(f"`base_model` must be a Hub repo id or None (a local path cannot be linked), got {base_model!r}")
+    missing = [key for key in REQUIRED_TRAIN_RESULTS if key not in train_results]
+    if missing:
+        raise ValueError(f"train_results lacks {', '.join(missing)}, which the card's training section reports")
+    hub_model_id = training_args.get("hub_model_id")
+    model_name = (hub_model_id or os.path.basename(os.path.abspath(folder))).split("/")[-1]
+    index = _eval_results(kind, eval_results, dataset_name) if eval_results and spec.metrics else None
+    data = ModelCardData(
+        language="en",
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag=spec.pipeline_tag,
+        tags=[*REQUIRED_TAGS, kind, *([spec.task_type] if spec.task_type else [])],
+        datasets=[dataset_name],
+        metrics=sorted({metric.type for metric in spec.metrics}) or None,
+        base_model=base_model,
+        model_name=model_name if index else None,  # only the `model-index` uses it
+        eval_results=index,
+        widget=VQA_WIDGET if spec.pipeline_tag == "visual-question-answering" else None,
+    )
+    regions = _regions(config, training_args, root)
+    card = ModelCard.from_template(
+        data,
+        template_path=os.path.join(TEMPLATES, f"{kind}.md"),
+        base=jinja2.Template(Path(TEMPLATES, "base.md").read_text(encoding="utf-8")),
+        kind=kind,
+        spec=spec,
+        model_name=model_name,
+        repo_id=hub_model_id or model_name,
+        config=config,
+        args=training_args,
+        results=train_results,
+        evaluation=eval_results or {},
+        metrics=[{"name": e.metric_name, "value": e.metric_value} for e in index or []],
+        init_from=training_args.get("model_name_or_path") or training_args.get("init_text_from"),
+        dataset_name=dataset_name,
+        synthetic=dataset_name == SYNTHETIC_DATASET,
+        regions=regions,
+        # the visual argument of the snippets: raw images through the checkpoint's detector, else region dicts
+        visual_one="image" if regions["detector"] else "regions",
+        visual_key="images" if regions["detector"] else "regions",
+    )
+    # Jinja leaves the blank lines of skipped blocks behind; Markdown needs at most one.
+    card = ModelCard(re.sub(r"\n{3,}", "\n\n", card.content).strip() + "\n")
+    validate_card(card, kind, eval_results)
+    return card
+
+
+def validate_card(card: ModelCard, kind: str, eval_results: dict | None = None) -> ModelCardData:
+    """Parse a card's YAML back and check what the Hub and users rely on; returns the parsed metadata.
+
+    Offline, unlike `ModelCard.validate` (which asks the Hub). With `eval_results`, the `model-index`
+    must hold every metric of the kind with exactly the measured value, both as written and as
+    `ModelCardData` reads it back. Raises `ValueError` naming the field at fault.
+    """
+    spec = _kind(kind)
+    match = REGEX_YAML_BLOCK.search(card.content)
+    if match is None:
+        raise ValueError("model card has no YAML metadata block")
+    raw = yaml.safe_load(match.group(2)) or {}
+    data = ModelCard(card.content).data
+
+    def check(field: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise ValueError(f"model card field `{field}`: expected {expected} for a {kind} card, got {raw.get(field)!r}")
+
+    check("library_name", data.library_name == "transformers", "'transformers'")
+    check("license", data.license == "apache-2.0", "'apache-2.0'")
+    check("tags", set(REQUIRED_TAGS) | {kind} <= set(data.tags or []), f"tags including {[*REQUIRED_TAGS, kind]}")
+    check("pipeline_tag", data.pipeline_tag == spec.pipeline_tag, repr(spec.pipeline_tag))
+    check("datasets", bool(data.datasets), "the training dataset")
+    check("base_model", data.base_model is None or _is_repo_id(data.base_model), "a Hub repo id or nothing")
+    if spec.pipeline_tag == "visual-question-answering":
+        widget = raw.get("widget") or [{}]
+        check("widget", all(example.get("src") and example.get("text") for example in widget), "examples with `src` and `text`")
+    for snippet in ("trust_remote_code=True", "revision="):
+        if snippet not in card.text:
+            raise ValueError(f"model card body: the loading snippet lacks `{snippet}`")
+    if not (eval_results and spec.metrics):
+        return data
+    check("model-index", bool(raw.get("model-index")), "results from eval_results")
+    _, written = model_index_to_eval_results(raw["model-index"])
+    if written != data.eval_results:
+        raise ValueError("model card field `model-index`: does not round-trip through ModelCardData.eval_results")
+    by_name = {entry.metric_name: entry for entry in written}
+    for expected in _eval_results(kind, eval_results, data.datasets[0]):
+        entry = by_name.get(expected.metric_name)
+        if entry is None:
+            raise ValueError(f"model card field `model-index`: no {expected.metric_name!r} result, though eval_results has it")
+        if entry != expected:
+            raise ValueError(f"model card field `model-index`: {expected.metric_name!r} is {entry}, expected {expected}")
+    return data
+
+
+def write_model_card(folder: str, *args, **kwargs) -> str:
+    """Render (`render_model_card`, same arguments) and save `folder/README.md` atomically; returns its path.
+
+    The card is written to a temporary file and renamed, so a killed run never leaves half a README.
+    """
+    card = render_model_card(folder, *args, **kwargs)
+    path = os.path.join(folder, "README.md")
+    card.save(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _training_root(folder: str, output_dir: str | None) -> str | None:
+    """The directory the run was launched from: `folder` minus the `--output_dir` it was given, so paths
+    the run recorded relative to it still resolve; None once the folder has moved."""
+    folder = os.path.abspath(folder)
+    suffix = os.sep + os.path.normpath(output_dir or "")
+    if not output_dir or os.path.isabs(output_dir) or not folder.endswith(suffix):
+        return None
+    return folder[: -len(suffix)] or os.sep
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def render_folder(folder: str, kind: str | None = None) -> str:
+    """Re-render `folder/README.md` from its config.json, train_results.json and eval_results.json."""
+    config = _read_json(os.path.join(folder, "config.json"))
+    train_results = _read_json(os.path.join(folder, "train_results.json"))
+    if config is None or train_results is None:
+        raise ValueError(f"{folder!r} needs config.json and train_results.json (written by the training scripts)")
+    eval_results = _read_json(os.path.join(folder, "eval_results.json"))
+    training_args = train_results.pop("args", {})
+    if kind is None:
+        kind = (eval_results or {}).get("task") or training_args.get("task")
+    if kind is None:
+        heads = {spec.head.__name__: name for name, spec in KINDS.items()}
+        kind = heads.get((config.get("architectures") or [None])[0])
+    if kind is None:
+        raise ValueError(f"cannot tell the kind of {folder!r} from its files: pass --kind ({', '.join(KINDS)})")
+    root = _training_root(folder, training_args.get("output_dir"))
+    # Once the folder has moved, `owner/name` may as well be a local path: no `base_model` then.
+    start = training_args.get("model_name_or_path") or training_args.get("init_text_from")
+    base_model = hub_repo_id(start, root) if root is not None else None
+    return write_model_card(folder, kind, config, training_args, train_results, eval_results, base_model,
+                            dataset_name(training_args), root=root or ".")  # fmt: skip
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", help="A checkpoint folder written by training/pretrain.py or training/finetune.py.")
+    parser.add_argument("--kind", choices=list(KINDS), default=None,
+                        help="Default: eval_results.json's task, else the head in config.json's `architectures`.")  # fmt: skip
+    args = parser.parse_args(argv)
+    print(f"model card written to {render_folder(args.folder, args.kind)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Model cards: every checkpoint kind renders a card whose YAML parses back to the measured numbers."""
+
+import json
+import os
+
+import pytest
+import yaml
+from conftest import tiny_config
+from huggingface_hub import ModelCard
+from test_detector import cmal_config
+
+from model_cards import render
+from model_cards.render import KINDS, hub_repo_id, render_model_card, validate_card, write_model_card
+from training import finetune, pretrain
+
+
+LABELS = {"vqa": ["yes", "no", "two"], "ve": ["entailment", "neutral", "contradiction"], "nlvr2": ["false", "true"],
+          "retrieval": ["no match", "match"]}  # fmt: skip
+RECALLS = {f"{d}_r{k}": 100 * k / 11 for d in ("text_to_image", "image_to_text") for k in (1, 5, 10)}
+EVAL = {
+    "vqa": {"vqa_accuracy": 0.1234567891234},
+    "ve": {"accuracy": 2 / 3, "per_class_accuracy": [1.0, 0.5, 0.5]},
+    "nlvr2": {"accuracy": 0.55},
+    "rec": {"accuracy": 0.4, "mean_iou": 1 / 3},
+    "retrieval": {**RECALLS, "rsum": sum(RECALLS.values())},
+}
+
+
+def config_for(kind):
+    labels = LABELS.get(kind)
+    return tiny_config(id2label=dict(enumerate(labels))) if labels else tiny_config()
+
+
+def args_for(kind, *extra):
+    """The real scripts' arguments, so a renamed flag breaks the card test rather than a user's card."""
+    args = pretrain.parse_args(list(extra)) if kind == "pretraining" else finetune.parse_args(["--task", kind, *extra])
+    return vars(args)
+
+
+def train_results_for(kind):
+    results = {"steps": 7, "global_batch_size": 32, "train_seconds": 12.5}  # the default 32 per device, 1 process
+    if kind == "pretraining":
+        losses = {"mlm_loss": 4.0, "amc_token_loss": 3.0, "loss": 7.0}
+        results.update(first_losses=losses, final_losses={name: value / 2 for name, value in losses.items()})
+    return results
+
+
+def eval_for(kind):
+    return None if kind == "pretraining" else {"task": kind, "eval_loss": 0.7, **EVAL[kind], "eval_samples": 12}
+
+
+def render_kind(kind, folder, base_model=None, **overrides):
+    values = dict(config=config_for(kind), training_args=args_for(kind), train_results=train_results_for(kind),
+                  eval_results=eval_for(kind), base_model=base_model, dataset_name="synthetic-scene-world")  # fmt: skip
+    values.update(overrides)
+    return render_model_card(str(folder), kind, **values)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_card_metadata_and_body(kind, tmp_path):
+    folder = tmp_path / f"cmal-{kind}"
+    folder.mkdir()
+    write_model_card(str(folder), kind, config_for(kind), args_for(kind), train_results_for(kind), eval_for(kind),
+                     "google-bert/bert-base-uncased", "synthetic-scene-world")  # fmt: skip
+    assert sorted(os.listdir(folder)) == ["README.md"]  # written atomically, no .tmp left
+    card = ModelCard.load(folder / "README.md")
+    data = card.data
+    assert data.library_name == "transformers" and data.license == "apache-2.0"
+    assert {"custom_code", "cmal", "vision-language", kind} <= set(data.tags)
+    assert data.pipeline_tag == ("visual-question-answering" if kind == "vqa" else None)
+    assert data.base_model == "google-bert/bert-base-uncased" and data.datasets == ["synthetic-scene-world"]
+    spec = KINDS[kind]
+    assert f"{spec.auto_class}.from_pretrained(repo_id, revision=revision, trust_remote_code=True)" in card.text
+    if spec.pipeline_task:
+        assert f'pipeline("{spec.pipeline_task}", model=repo_id, revision=revision, trust_remote_code=True)' in card.text
+    if kind == "pretraining":
+        assert data.eval_results is None and "accelerate launch training/finetune.py --task" in card.text
+        assert "| mlm_loss | 4.0000 | 2.0000 |" in card.text
+    else:
+        # exactly the measured values, main metric first (what a leaderboard shows)
+        measured = [(e.metric_type, e.metric_value) for e in data.eval_results]
+        assert measured == [(m.type, eval_for(kind)[m.key]) for m in spec.metrics]
+        assert data.eval_results[0].metric_value == eval_for(kind)[finetune.MAIN_METRIC[kind]]
+        assert {e.dataset_split for e in data.eval_results} == {"validation"} and data.eval_results[0].task_type == spec.task_type
+        assert data.metrics and set(data.metrics) == {m.type for m in spec.metrics}
+    assert ("widget" in data.to_dict()) == (kind == "vqa")
+    if kind == "vqa":
+        assert all(example["src"].startswith("http") and example["text"] for example in data.widget)
+    assert "@inproceedings" in card.text and "2410.12595" in card.text and "\n\n\n" not in card.content
+    assert validate_card(card, kind, eval_for(kind)).tags == data.tags
+
+
+def test_markdown_tables_are_unbroken(tmp_path):
+    lines = render_kind("retrieval", tmp_path).text.splitlines()
+    start = lines.index("| metric | value |")
+    assert [line.startswith("|") for line in lines[start : start + 9]] == [True] * 9 and lines[start + 9] == ""
+
+
+def test_base_model_only_for_hub_ids(tmp_path):
+    (tmp_path / "outputs" / "pre").mkdir(parents=True)
+    assert hub_repo_id("google-bert/bert-base-uncased", str(tmp_path)) == "google-bert/bert-base-uncased"
+    assert hub_repo_id("outputs/pre", str(tmp_path)) is None  # reads like owner/name, but is a folder there
+    assert hub_repo_id(str(tmp_path / "outputs" / "pre")) is None and hub_repo_id(None) is None
+    assert render_kind("vqa", tmp_path).data.base_model is None
+    with pytest.raises(ValueError, match="`base_model` must be a Hub repo id"):
+        render_kind("vqa", tmp_path, base_model="../outputs/pre")
+
+
+def test_missing_metric_is_named(tmp_path):
+    results = eval_for("retrieval")
+    del results["text_to_image_r5"]
+    with pytest.raises(ValueError, match=r"eval_results\['text_to_image_r5'\] \(Text-to-image R@5 \(%\)\)"):
+        render_kind("retrieval", tmp_path, eval_results=results)
+    with pytest.raises(ValueError, match="train_results lacks train_seconds"):
+        render_kind("vqa", tmp_path, train_results={"steps": 1, "global_batch_size": 2})
+    with pytest.raises(ValueError, match="`kind` must be one of"):
+        render_model_card(str(tmp_path), "captioning", tiny_config(), {}, {}, None, None, "x")
+
+
+def edit_metadata(card, edit) -> ModelCard:
+    _, header, body = card.content.split("---\n", 2)
+    metadata = yaml.safe_load(header)
+    edit(metadata)
+    return ModelCard(f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---\n{body}")
+
+
+def test_validation_names_the_field(tmp_path):
+    card = render_kind("vqa", tmp_path)
+    with pytest.raises(ValueError, match="`pipeline_tag`: expected 'visual-question-answering'"):
+        validate_card(edit_metadata(card, lambda m: m.pop("pipeline_tag")), "vqa")
+    with pytest.raises(ValueError, match="`widget`"):
+        validate_card(edit_metadata(card, lambda m: m.pop("widget")), "vqa")
+    with pytest.raises(ValueError, match="`tags`"):
+        validate_card(edit_metadata(card, lambda m: m["tags"].remove("custom_code")), "vqa")
+
+    def change_value(metadata):
+        metadata["model-index"][0]["results"][0]["metrics"][0]["value"] = 0.5
+
+    with pytest.raises(ValueError, match="`model-index`: 'VQA accuracy' is"):
+        validate_card(edit_metadata(card, change_value), "vqa", eval_for("vqa"))
+    with pytest.raises(ValueError, match="`model-index`: expected results"):
+        validate_card(edit_metadata(card, lambda m: m.pop("model-index")), "vqa", eval_for("vqa"))
+    with pytest.raises(ValueError, match="lacks `revision=`"):
+        validate_card(ModelCard(card.content.replace("revision=", "rev=")), "vqa")
+
+
+def test_detector_and_region_store_provenance(tmp_path):
+    config = cmal_config().to_dict()
+    config["detector_config"]["_name_or_path"] = "PekingU/rtdetr_r50vd"
+    card = render_kind("vqa", tmp_path, config=config)
+    assert "`rt_detr`, weights from `PekingU/rtdetr_r50vd`" in card.text
+    assert 'pipe(image=image, question="' in card.text and "images=[image]" in card.text
+
+    store = tmp_path / "regions"
+    store.mkdir()
+    (store / "cmal_region_store.json").write_text(json.dumps({"source": "bottom-up-attention tsv", "detector": None}))
+    args = args_for("ve", "--train_file", "snli_ve_train.jsonl", "--regions", "regions")
+    card = render_kind("ve", tmp_path, training_args=args, dataset_name=render.dataset_name(args), root=str(tmp_path))
+    assert "region store `regions` (source: bottom-up-attention tsv)" in card.text
+    assert card.data.datasets == ["snli_ve_train.jsonl"] and "synthetic scene world" not in card.text
+    assert 'pipe(regions=regions, hypothesis="' in card.text
+
+
+def save_run(folder, kind, output_dir, **arg_overrides):
+    """A checkpoint folder as the training scripts leave it (minus the weights)."""
+    folder.mkdir(parents=True)
+    config = config_for(kind)
+    config.architectures = [KINDS[kind].head.__name__]
+    config.save_pretrained(folder)
+    args = {**args_for(kind), "output_dir": output_dir, **arg_overrides}
+    (folder / "train_results.json").write_text(json.dumps({**train_results_for(kind), "args": args}))
+    if kind != "pretraining":
+        (folder / "eval_results.json").write_text(json.dumps(eval_for(kind)))
+
+
+def test_cli_rerenders_a_folder(tmp_path, capsys):
+    (tmp_path / "outputs" / "pre").mkdir(parents=True)
+    save_run(tmp_path / "outputs" / "vqa", "vqa", "outputs/vqa", model_name_or_path="outputs/pre")
+    render.main([str(tmp_path / "outputs" / "vqa")])  # kind from eval_results.json
+    assert "model card written to" in capsys.readouterr().out
+    card = ModelCard.load(tmp_path / "outputs" / "vqa" / "README.md")
+    # outputs/pre is a folder beside the run, not a Hub repo
+    assert card.data.base_model is None and "`outputs/pre`" in card.text
+    assert [e.metric_value for e in card.data.eval_results] == [EVAL["vqa"]["vqa_accuracy"]]
+
+    save_run(tmp_path / "pre", "pretraining", "pre", init_text_from="google-bert/bert-base-uncased")
+    render.main([str(tmp_path / "pre")])  # kind from config.json's architectures
+    card = ModelCard.load(tmp_path / "pre" / "README.md")
+    assert "pretraining" in card.data.tags and card.data.base_model == "google-bert/bert-base-uncased"
+
+    os.rename(tmp_path / "pre", tmp_path / "moved")  # its recorded paths no longer resolve: no base_model claimed
+    render.main([str(tmp_path / "moved"), "--kind", "pretraining"])
+    assert ModelCard.load(tmp_path / "moved" / "README.md").data.base_model is None
+    with pytest.raises(ValueError, match="needs config.json and train_results.json"):
+        render.main([str(tmp_path)])
