@@ -1,0 +1,62 @@
+"""Gradio Space: ask CMAL about an uploaded photo, and see the anchor points behind the answer.
+
+Hub widgets cannot run custom-code models, so the model card links this Space instead. The model
+(Hub id or folder, with a detector) comes from the `CMAL_MODEL` environment variable (a Space
+variable; `CMAL_REVISION` pins a commit). It loads with `trust_remote_code=True`, so the Space needs
+neither this project nor anything beyond `requirements.txt`. Copy `examples/visualize_anchors.py`
+next to this file.
+
+    CMAL_MODEL=outputs/my-vqa python examples/space/app.py
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import gradio as gr
+from transformers import pipeline
+
+
+# In a Space, visualize_anchors.py sits beside app.py (first on sys.path); in the repository, one folder up.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from visualize_anchors import anchor_picture  # noqa: E402
+
+
+MODEL = os.environ.get("CMAL_MODEL", "cmal/cmal-base-vqa")  # placeholder Hub id: set CMAL_MODEL
+REVISION = os.environ.get("CMAL_REVISION")  # the commit whose remote code you reviewed: it runs in the Space
+
+
+def build_demo(model_path: str, revision: str | None = None) -> gr.Blocks:
+    """The interface around one loaded pipeline; `launch()` is left to the caller (tests build it only)."""
+    vqa = pipeline("visual-question-answering", model=model_path, revision=revision, trust_remote_code=True)
+
+    def predict(image, question, top_k):
+        if image is None:
+            raise gr.Error("Upload an image first.")
+        if not question or not question.strip():
+            raise gr.Error("Type a question about the image.")
+        answers = vqa(image=image, question=question, top_k=int(top_k))
+        picture = anchor_picture(vqa.model, vqa.processor, question, image)
+        return {a["answer"]: a["score"] for a in answers}, picture
+
+    with gr.Blocks(title="CMAL visual question answering") as demo:
+        gr.Markdown(
+            f"# CMAL: ask about a photo\nModel: `{model_path}`. Regions come from the checkpoint's detector; "
+            "**anchor points** are words of your question that name a detected region's tag. The bars show "
+            "where the `[CLS]` token of the last layer looks."
+        )
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="pil", label="Image")
+                question = gr.Textbox(label="Question", placeholder="what is on the table?")
+                top_k = gr.Slider(1, 10, value=5, step=1, label="Answers")
+                ask = gr.Button("Ask", variant="primary")
+            with gr.Column():
+                answers = gr.Label(label="Answers")
+                anchors = gr.Image(type="pil", label="Regions, anchor points and [CLS] attention")
+        gr.on([ask.click, question.submit], predict, [image, question, top_k], [answers, anchors])  # one API endpoint
+    return demo
+
+
+if __name__ == "__main__":
+    build_demo(MODEL, REVISION).launch()
