@@ -77,7 +77,7 @@ import importlib.abc, sys
 class BlockProject(importlib.abc.MetaPathFinder):
     # The project must not be importable: whatever loads has to come from the saved folder.
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {{"modeling_cmal", "processors", "training"}}:
+        if name.split(".")[0] in {{"modeling_cmal", "processors", "training", "model_cards"}}:
             raise ModuleNotFoundError(f"blocked: {{name}}")
 
 sys.meta_path.insert(0, BlockProject())

@@ -20,6 +20,7 @@ the region store given by --regions. The output folder holds the model, processo
 import argparse
 import logging
 import os
+import shutil
 import time
 
 import torch
@@ -215,6 +216,19 @@ def write_model_card(folder, args, config, results, metrics):
                                 dataset_name=model_card.dataset_name(training_args))  # fmt: skip
 
 
+ENDPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "endpoint")
+
+
+def ship_endpoint_handler(folder: str) -> None:
+    """Put the Inference Endpoint handler at the root of a VQA checkpoint that reads raw images, as
+    Endpoints expect it, so its Hub repo deploys as is."""
+    if not os.path.isdir(ENDPOINT):  # installed without the repository's examples/
+        logger.warning(f"{ENDPOINT} not found: {folder} gets no Inference Endpoint handler")
+        return
+    for name in ("handler.py", "requirements.txt"):
+        shutil.copy(os.path.join(ENDPOINT, name), os.path.join(folder, name))
+
+
 def main(argv=None):
     args = parse_args(argv)
     accelerator = setup_accelerator(args)
@@ -313,6 +327,8 @@ def main(argv=None):
             write_json(os.path.join(args.output_dir, "eval_results.json"), {"task": args.task, **metrics})
             print(f"{args.task} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         write_model_card(args.output_dir, args, unwrapped.config, results, metrics)
+        if args.task == "vqa" and unwrapped.config.detector_config is not None:
+            ship_endpoint_handler(args.output_dir)
         print(f"model saved to {os.path.abspath(args.output_dir)} ({train_seconds:.0f} s of training)")
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo or None)
