@@ -9,15 +9,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import test_pipelines
-import torch
 from conftest import REPO
 from test_pipelines import QUESTIONS
 from transformers import pipeline
 
-from modeling_cmal import CMALConfig, CMALForQuestionAnswering
-from processors import CMALImageProcessor, CMALProcessor
 from training.data import synthetic
-from training.data.tokenizer import build_word_tokenizer
 
 
 def load_example(relative: str):
@@ -120,14 +116,7 @@ def test_visualize_anchors_on_a_photo(detector_folder, photos, tmp_path):
 def test_visualize_anchors_on_a_synthetic_scene(tmp_path):
     world_dir = synthetic.build_world(tmp_path / "world", num_images=3)
     world = synthetic.load_world(world_dir)
-    processor = CMALProcessor(CMALImageProcessor(concept_names=synthetic.CONCEPT_NAMES),
-                              build_word_tokenizer(synthetic.world_texts(world)), synthetic.synthetic_lexicon().to_dict())  # fmt: skip
-    config = CMALConfig.from_preset("tiny", vocab_size=len(processor.tokenizer), visual_feat_dim=synthetic.FEATURE_DIM,
-                                    concept_names=synthetic.CONCEPT_NAMES, num_concepts=None,
-                                    id2label=dict(enumerate(synthetic.ANSWER_VOCABULARY)))  # fmt: skip
-    torch.manual_seed(0)
-    CMALForQuestionAnswering(config).save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
+    test_pipelines.save_synthetic_vqa(world, tmp_path / "model")
 
     output = tmp_path / "scene.png"
     explained = visualize.main(["--model", str(tmp_path / "model"), "--synthetic_world", world_dir,

@@ -152,10 +152,8 @@ def test_vqa_pipeline_on_precomputed_regions(region_inputs, tmp_path):
         vqa(regions=region_inputs[0])
 
 
-def test_vqa_pipeline_on_a_synthetic_scene(tmp_path):
-    """The documented call on a scene of the synthetic world: `vqa(regions=row_to_regions(store row), question=...)`."""
-    world = synthetic.load_world(synthetic.build_world(tmp_path / "world", num_images=3))
-    question = world["vqa"]["train"][0]
+def save_synthetic_vqa(world, folder):
+    """A random tiny VQA model and processor for a synthetic world (its words, concepts, answers), saved."""
     processor = CMALProcessor(CMALImageProcessor(concept_names=synthetic.CONCEPT_NAMES),
                               build_word_tokenizer(synthetic.world_texts(world)), synthetic.synthetic_lexicon().to_dict())  # fmt: skip
     config = CMALConfig.from_preset("tiny", vocab_size=len(processor.tokenizer), visual_feat_dim=synthetic.FEATURE_DIM,
@@ -163,8 +161,16 @@ def test_vqa_pipeline_on_a_synthetic_scene(tmp_path):
                                     id2label=dict(enumerate(synthetic.ANSWER_VOCABULARY)))  # fmt: skip
     torch.manual_seed(0)
     model = CMALForQuestionAnswering(config).eval()
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+def test_vqa_pipeline_on_a_synthetic_scene(tmp_path):
+    """The documented call on a scene of the synthetic world: `vqa(regions=row_to_regions(store row), question=...)`."""
+    world = synthetic.load_world(synthetic.build_world(tmp_path / "world", num_images=3))
+    question = world["vqa"]["train"][0]
+    model, processor = save_synthetic_vqa(world, tmp_path / "model")
     vqa = pipeline("visual-question-answering", model=str(tmp_path / "model"), trust_remote_code=True)
     row = world["regions"].with_format("numpy")[list(world["regions"]["image_id"]).index(question["image_id"])]
     answers = vqa(regions=row_to_regions(row), question=question["question"], top_k=3)
