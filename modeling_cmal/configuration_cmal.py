@@ -102,6 +102,9 @@ class CMALConfig(PreTrainedConfig):
             concept of an example is masked and swap-filled.
         prompt_at_inference (`bool`, defaults to `False`): in evaluation, swap every anchor
             (`True`) or none (`False`).
+        anchor_fill (`str`, defaults to `"swap"`): what a chosen anchor slot receives: `"swap"`, the
+            partner feature of the other modality (CMAL); `"mask"`, nothing (a zero feature, so only
+            the prompt type embedding marks the slot): plain anchor masking, an ablation.
         mlm_weight, mrm_weight, itm_weight (`float`, default 1.0): weights of masked language
             modelling, masked region modelling (feature regression + concept classification) and
             image-text matching in `CMALForPreTraining`; 0 switches a loss off.
@@ -161,6 +164,7 @@ class CMALConfig(PreTrainedConfig):
         hypersphere_init_scale: float | None = None,
         anchor_mask_prob: float = 0.3,
         prompt_at_inference: bool = False,
+        anchor_fill: str = "swap",
         mlm_weight: float = 1.0,
         mrm_weight: float = 1.0,
         itm_weight: float = 1.0,
@@ -230,6 +234,9 @@ class CMALConfig(PreTrainedConfig):
         )
         self.anchor_mask_prob = anchor_mask_prob
         self.prompt_at_inference = prompt_at_inference
+        if anchor_fill not in ("swap", "mask"):
+            raise ValueError(f"`anchor_fill` must be 'swap' or 'mask', got {anchor_fill!r}")
+        self.anchor_fill = anchor_fill
         self.mlm_weight = mlm_weight
         self.mrm_weight = mrm_weight
         self.itm_weight = itm_weight

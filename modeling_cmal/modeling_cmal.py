@@ -529,8 +529,11 @@ class CMALAssociativePromptLayer(nn.Module):
             token_partner = torch.where(token_swapped, best_region, token_partner)
             region_partner = torch.where(region_swapped, first_token, region_partner)
 
-            fill_text = region_features.gather(1, best_region.unsqueeze(-1).expand(-1, -1, hidden_size))
-            fill_regions = text_features.gather(1, first_token.unsqueeze(-1).expand(-1, -1, hidden_size))
+            if self.config.anchor_fill == "swap":
+                fill_text = region_features.gather(1, best_region.unsqueeze(-1).expand(-1, -1, hidden_size))
+                fill_regions = text_features.gather(1, first_token.unsqueeze(-1).expand(-1, -1, hidden_size))
+            else:  # "mask": the slot keeps no feature of either modality
+                fill_text = fill_regions = text_features.new_zeros(())
             text_features = torch.where(token_swapped.unsqueeze(-1), fill_text, text_features)
             region_features = torch.where(region_swapped.unsqueeze(-1), fill_regions, region_features)
 

@@ -276,6 +276,27 @@ def test_associative_swap_by_hand():
     assert out_all.region_swapped.tolist() == [[True, False, True, True]]
 
 
+def test_mask_fill_keeps_no_partner_feature():
+    """anchor_fill="mask" (the ablation): chosen anchors lose their feature and receive none in exchange."""
+    model = CMALModel(tiny_config(anchor_fill="mask", **NO_DROPOUT)).eval()
+    input_ids = torch.tensor([[1, 20, 30, 2]])
+    common = dict(token_concept_ids=torch.tensor([[-1, -1, 3, -1]]), region_concept_ids=torch.tensor([[3, 0]]),
+                  anchor_selection=torch.ones(1, NUM_CONCEPTS, dtype=torch.bool))  # fmt: skip
+    visual_pos = torch.rand(1, 2, 7)
+    hidden = []
+    handle = model.encoder.register_forward_pre_hook(lambda mod, args: hidden.append(args[0]))
+    out = model(input_ids, torch.randn(1, 2, FEAT_DIM), visual_pos, **common)
+    model(input_ids, torch.randn(1, 2, FEAT_DIM), visual_pos, **common)  # other region features
+    handle.remove()
+    assert out.token_swapped.tolist() == [[False, False, True, False]] and out.region_swapped.tolist() == [[True, False]]
+    prompt = model.associative_prompt
+    mask_slot = prompt.LayerNorm(prompt.modality_type_embeddings.weight[2])  # the prompt type embedding alone
+    torch.testing.assert_close(hidden[0][0, 2], mask_slot)  # the token slot holds no region feature
+    torch.testing.assert_close(hidden[0][0, 4], mask_slot)  # nor the region slot a word feature
+    torch.testing.assert_close(hidden[1][0, 2], hidden[0][0, 2])
+    assert not torch.allclose(hidden[1][0, 5], hidden[0][0, 5])  # the unswapped region still carries its own
+
+
 def test_training_swaps_anchors_at_the_configured_rate():
     config = tiny_config(anchor_mask_prob=0.5)
     model = CMALModel(config).train()
@@ -486,6 +507,7 @@ def test_default_concepts_are_coco():
         (dict(num_hidden_layers=0), "`num_hidden_layers` must be >= 1, got 0"),
         (dict(num_text_layers=-1), "`num_text_layers` must be >= 0, got -1"),
         (dict(itc_temperature=0.0), "`itc_temperature` must be > 0, got 0.0"),
+        (dict(anchor_fill="zero"), "`anchor_fill` must be 'swap' or 'mask', got 'zero'"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):

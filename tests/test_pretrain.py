@@ -117,6 +117,35 @@ def test_each_objective_alone_learns(corpus, tmp_path, objective):
     assert last["loss"] < 0.9 * first["loss"], (first, last)
 
 
+def test_ablation_flags_reach_the_config(corpus):
+    args = pretrain.parse_args(args_for(corpus, "unused", "--amc_parts", "region", "pointer", "--no_hypersphere",
+                                        "--anchor_fill", "mask", "--anchor_mask_prob", "0.5", "--amc", "2"))  # fmt: skip
+    config = pretrain.build_config(args, *_tokenizer_and_metadata(corpus, args))
+    assert (config.amc_token_weight, config.amc_region_weight, config.amc_pointer_weight) == (0.0, 2.0, 2.0)
+    assert (config.hypersphere, config.anchor_fill, config.anchor_mask_prob) == (False, "mask", 0.5)
+    default = pretrain.build_config(pretrain.parse_args(args_for(corpus, "unused")), *_tokenizer_and_metadata(corpus, args))
+    assert (default.amc_token_weight, default.hypersphere, default.anchor_fill, default.anchor_mask_prob) == (1.0, True, "swap", 0.3)
+
+
+def _tokenizer_and_metadata(corpus, args):
+    captions, _, metadata, _, texts = pretrain.load_corpus(args)
+    return pretrain.build_tokenizer(args, texts), metadata
+
+
+@pytest.mark.parametrize("fraction, images", [(1.0, 24), (0.5, 12), (0.25, 6), (0.01, 1)])
+def test_corpus_fraction_keeps_whole_images(corpus, fraction, images):
+    captions, *_ = pretrain.load_corpus(pretrain.parse_args(args_for(corpus, "unused")))
+    subset = pretrain.corpus_subset(captions["train"], fraction)
+    assert len(set(subset["image_id"])) == images and len(subset) == 2 * images  # both captions of each kept image
+    assert subset["image_id"][: 2 * images] == captions["train"]["image_id"][: 2 * images]
+
+
+def test_corpus_fraction_out_of_range_is_refused(corpus):
+    captions, *_ = pretrain.load_corpus(pretrain.parse_args(args_for(corpus, "unused")))
+    with pytest.raises(ValueError, match=r"--corpus_fraction must lie in \(0, 1\], got 0"):
+        pretrain.corpus_subset(captions["train"], 0)
+
+
 def test_run_leaves_a_hub_ready_folder(corpus, tmp_path):
     results = pretrain.main(args_for(corpus, tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "3"))
     files = set(os.listdir(tmp_path))

@@ -47,6 +47,7 @@ from training.utils import (
 logger = logging.getLogger("pretrain")
 LOSSES = ["mlm_loss", "mrm_feature_loss", "mrm_concept_loss", "itm_loss", "amc_token_loss", "amc_region_loss",
           "amc_pointer_loss", "itc_loss"]  # fmt: skip
+AMC_PARTS = ("token", "region", "pointer")
 
 
 def parse_args(argv=None):
@@ -58,6 +59,8 @@ def parse_args(argv=None):
     data.add_argument("--synthetic_images", type=int, default=2000, help="Images of the synthetic world.")
     data.add_argument("--synthetic_seed", type=int, default=0, help="Seed of the synthetic world.")
     data.add_argument("--max_text_length", type=int, default=40, help="Word pieces per text, [CLS]/[SEP] included.")
+    data.add_argument("--corpus_fraction", type=float, default=1.0,
+                      help="Pre-train on the texts of the first fraction of the training images (data-scale studies).")
     data.add_argument("--tokenizer", default=None,
                       help="Tokenizer folder or Hub id (a fast BERT-style one). Default: with --init_text_from, "
                            "that checkpoint's; otherwise a word-level vocabulary built from the corpus.")
@@ -68,6 +71,13 @@ def parse_args(argv=None):
                                 ("itm", 1.0, "image-text matching"), ("amc", 1.0, "associative mapping (all 3 parts)"),
                                 ("itc", 0.0, "image-text contrastive (the CMCL baseline)")]:  # fmt: skip
         model.add_argument(f"--{name}", type=float, default=default, help=f"Weight of {what}; 0 switches it off.")
+    model.add_argument("--amc_parts", nargs="+", choices=AMC_PARTS, default=list(AMC_PARTS),
+                       help="AMC parts that get the --amc weight (ablations); the others are off.")
+    model.add_argument("--anchor_mask_prob", type=float, default=None,
+                       help="Probability that an anchor concept is swapped in training (default: the config's, 0.3).")
+    model.add_argument("--no_hypersphere", action="store_true", help="Keep plain uni-modal features (an ablation).")
+    model.add_argument("--anchor_fill", choices=["swap", "mask"], default="swap",
+                       help="Fill chosen anchors with the partner modality's feature (swap) or nothing (mask, an ablation).")
     model.add_argument("--mlm_probability", type=float, default=0.15, help="Share of non-anchor words masked.")
     model.add_argument("--mrm_probability", type=float, default=0.15, help="Share of regions masked.")
     model.add_argument("--itm_negative_probability", type=float, default=0.5, help="Share of mismatched pairs.")
@@ -102,6 +112,17 @@ def split(table, name):
     return table if name == "train" else None
 
 
+def corpus_subset(texts, fraction: float):
+    """The texts of the first `fraction` of the images, in order of first appearance: less data, same kind."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--corpus_fraction must lie in (0, 1], got {fraction}")
+    if fraction == 1:
+        return texts
+    images = list(dict.fromkeys(texts["image_id"]))
+    kept = set(images[: max(1, round(fraction * len(images)))])
+    return texts.select([i for i, image_id in enumerate(texts["image_id"]) if image_id in kept])
+
+
 def build_tokenizer(args, texts):
     if args.tokenizer or args.init_text_from:
         return AutoTokenizer.from_pretrained(args.tokenizer or args.init_text_from)
@@ -118,8 +139,11 @@ def build_config(args, tokenizer, metadata) -> CMALConfig:
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, visual_feat_dim=metadata["feature_dim"],
         concept_names=list(metadata["concept_names"]), num_concepts=None,
         mlm_weight=args.mlm, mrm_weight=args.mrm, itm_weight=args.itm, itc_weight=args.itc,
-        amc_token_weight=args.amc, amc_region_weight=args.amc, amc_pointer_weight=args.amc,
+        **{f"amc_{part}_weight": args.amc if part in args.amc_parts else 0.0 for part in AMC_PARTS},
+        hypersphere=not args.no_hypersphere, anchor_fill=args.anchor_fill,
     )  # fmt: skip
+    if args.anchor_mask_prob is not None:
+        config["anchor_mask_prob"] = args.anchor_mask_prob
     return CMALConfig.from_dict(config)
 
 
@@ -143,11 +167,11 @@ def write_model_card(folder, args, config, results):
 def main(argv=None):
     args = parse_args(argv)
     # heads whose weight is 0 get no gradient; DDP must be told
-    accelerator = setup_accelerator(args, find_unused_parameters=min(args.mlm, args.mrm, args.itm, args.amc) == 0)
+    accelerator = setup_accelerator(args, find_unused_parameters=min(args.mlm, args.mrm, args.itm, args.amc) == 0 or len(set(args.amc_parts)) < len(AMC_PARTS))
 
     with accelerator.main_process_first():
         captions, regions, metadata, lexicon, vocabulary_texts = load_corpus(args)
-    train_texts = split(captions, "train")
+    train_texts = corpus_subset(split(captions, "train"), args.corpus_fraction)
     tokenizer = build_tokenizer(args, vocabulary_texts)
     config = build_config(args, tokenizer, metadata)
     image_processor = CMALImageProcessor(
