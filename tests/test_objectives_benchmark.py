@@ -1,0 +1,63 @@
+"""benchmarks/objectives.py: the study's grid, its table, and a tiny end-to-end run that resumes."""
+
+import json
+import os
+import sys
+
+from conftest import REPO
+from PIL import Image
+
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import objectives  # noqa: E402
+
+
+def test_default_grid():
+    units = objectives.units(objectives.parse_args([]))
+    # (a) once per seed; (b)-(d) per fraction and seed; 5 ablations at 100% per seed.
+    assert len(units) == 3 * (1 + 3 * 3) + 3 * 5
+    assert len({unit["name"] for unit in units}) == len(units)
+    scratch = [unit for unit in units if unit["flags"] is None]
+    assert [unit["name"] for unit in scratch] == ["a-s0", "a-s1", "a-s2"]
+    assert sorted({unit["fraction"] for unit in units if unit["flags"] is not None}) == [0.25, 0.5, 1.0]
+
+
+def test_table_gives_mean_and_std_over_seeds():
+    args = objectives.parse_args(["--fractions", "1.0", "--seeds", "0", "1"])
+    results = []
+    for seed, offset in ((0, 0.0), (1, 0.2)):
+        results.append({"condition": "a: none", "fraction": None, "seed": seed, "vqa": 0.1 + offset, "ve": 0.5, "rec": 0.3})
+        for condition in [*list(objectives.CONDITIONS)[1:], *objectives.ABLATIONS]:
+            results.append({"condition": condition, "fraction": 1.0, "seed": seed, "vqa": 0.4, "ve": 0.6 + offset, "rec": 0.2})
+    table = objectives.tables(results, args, {"vqa": 0.05, "ve": 0.33, "rec": 0.18})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
+    assert rows["a: none"] == "| a: none | 0.200 ± 0.100 | 0.500 ± 0.000 | 0.300 ± 0.000 |"
+    assert rows["chance"] == "| chance | 0.050 | 0.330 | 0.180 |"
+    # ablation rows add the mean over tasks: per seed (0.4+0.6+0.2)/3 and (0.4+0.8+0.2)/3
+    assert rows["CMAL, mask only (no swap)"].endswith("| 0.400 ± 0.000 | 0.700 ± 0.100 | 0.200 ± 0.000 | 0.433 ± 0.033 |")
+
+
+def test_tiny_study_runs_and_resumes(tmp_path):
+    argv = ["--output_dir", str(tmp_path), "--model_config", "tiny", "--synthetic_images", "120", "--seeds", "0",
+            "--fractions", "1.0", "--pretrain_epochs", "1", "--finetune_steps", "2", "--no_ablations", "--jobs", "1"]  # fmt: skip
+    objectives.main(argv)
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(r["name"] for r in summary["results"]) == ["a-s0", "b-f1-s0", "c-f1-s0", "d-f1-s0"]
+    for result in summary["results"]:
+        assert all(0 <= result[task] <= 1 for task in objectives.TASKS), result
+        assert (result["condition"] == "a: none") == ("pretrain_steps" not in result)
+    contrastive = next(r for r in summary["results"] if r["name"] == "b-f1-s0")["pretrain_final_losses"]
+    assert "itc_loss" in contrastive and "amc_token_loss" not in contrastive and "mrm_feature_loss" not in contrastive
+    cmal = next(r for r in summary["results"] if r["name"] == "c-f1-s0")["pretrain_final_losses"]
+    assert "amc_token_loss" in cmal and "mrm_feature_loss" in cmal and "itc_loss" not in cmal
+    assert not (tmp_path / "c-f1-s0" / "vqa").exists()  # fine-tuned weights are dropped, the metric kept
+    with Image.open(tmp_path / "objectives.png") as image:
+        assert image.size[0] > 400
+    assert (tmp_path / "table.md").read_text().count("\n| ") >= 5
+
+    # A second run finds every unit done and redoes none of them.
+    logs = {path: os.path.getmtime(path) for path in tmp_path.glob("*/log.txt")}
+    objectives.main(argv)
+    assert {path: os.path.getmtime(path) for path in tmp_path.glob("*/log.txt")} == logs
+    assert json.loads((tmp_path / "results.json").read_text())["results"] == summary["results"]
+
