@@ -371,7 +371,9 @@ class CMALSelfAttention(nn.Module):
         # Only eager materialises the weights; asking for them switches this call to eager.
         attention_interface: Callable = eager_attention_forward
         if self.config._attn_implementation not in (None, "eager") and not output_attentions:
-            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
         attn_output, attn_weights = attention_interface(
             self,
             query,
@@ -382,7 +384,7 @@ class CMALSelfAttention(nn.Module):
             scaling=self.scaling,
             is_causal=False,
         )
-        return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
+        return attn_output.reshape(*input_shape, -1), attn_weights
 
 
 class CMALSelfOutput(nn.Module):
@@ -754,40 +756,46 @@ class CMALModel(CMALPreTrainedModel):
         masked_regions,
         anchor_selection,
     ):
-        """Check every input at the boundary; each error names the argument, what was expected and what came."""
+        """Check every input at the boundary; each error names the argument, what was expected and what came.
+
+        Checks of values (ranges, finiteness, empty texts) need the data: each only queues a 0-d "bad" flag,
+        and all queued flags are read in one host sync (`_raise_first_bad`), before any later shape error
+        and at the end, so that the first failing check in the order below raises, as if each ran at once.
+        """
         config = self.config
+        pending = []  # (0-d bool tensor: the check failed, callable raising its error), in check order
+
+        def fail(error: Exception):
+            self._raise_first_bad(pending)
+            raise error
+
         for name, value in (("input_ids", input_ids), ("visual_feats", visual_feats), ("visual_pos", visual_pos)):
             if not isinstance(value, torch.Tensor):
-                raise ValueError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
+                fail(ValueError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}"))
         if input_ids.dim() != 2:
-            raise ValueError(
-                f"`input_ids` must have shape (batch_size, text_len), got shape {tuple(input_ids.shape)}"
-            )
+            fail(ValueError(f"`input_ids` must have shape (batch_size, text_len), got shape {tuple(input_ids.shape)}"))
         batch_size, text_len = input_ids.shape
         if batch_size == 0:
-            raise ValueError("`input_ids` must hold at least one example, got batch_size 0")
+            fail(ValueError("`input_ids` must hold at least one example, got batch_size 0"))
         if text_len == 0:
-            raise ValueError(
+            fail(ValueError(
                 "`input_ids` is empty (text_len 0): every example needs at least a [CLS] token; "
                 "tokenize with the processor, which adds [CLS] and [SEP]"
-            )
+            ))  # fmt: skip
         if input_ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
-            raise ValueError(f"`input_ids` must be an integer tensor, got dtype {input_ids.dtype}")
+            fail(ValueError(f"`input_ids` must be an integer tensor, got dtype {input_ids.dtype}"))
         if text_len > config.max_position_embeddings:
-            raise ValueError(
+            fail(ValueError(
                 f"`input_ids` has {text_len} tokens, more than config.max_position_embeddings "
                 f"({config.max_position_embeddings}); truncate the text"
-            )
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= config.vocab_size:
-            raise ValueError(
-                f"`input_ids` values must lie in [0, {config.vocab_size}) (config.vocab_size), got range [{low}, {high}]"
-            )
+            ))  # fmt: skip
+        pending.append(self._range_check("input_ids", input_ids, 0, config.vocab_size,
+                                         f"must lie in [0, {config.vocab_size}) (config.vocab_size)"))  # fmt: skip
         if visual_feats.dim() != 3:
-            raise ValueError(
+            fail(ValueError(
                 f"`visual_feats` must have shape (batch_size, num_regions, {config.visual_feat_dim}), "
                 f"got shape {tuple(visual_feats.shape)}"
-            )
+            ))  # fmt: skip
         num_regions = visual_feats.shape[1]
         text_shape, region_shape = (batch_size, text_len), (batch_size, num_regions)
         # name -> (value, layout in words, expected shape)
@@ -807,48 +815,81 @@ class CMALModel(CMALPreTrainedModel):
             if value is None:
                 continue
             if not isinstance(value, torch.Tensor):
-                raise ValueError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
+                fail(ValueError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}"))
             if tuple(value.shape) != shape:
-                raise ValueError(
+                fail(ValueError(
                     f"`{name}` must have shape {layout} = {shape} (from `input_ids` and `visual_feats`), "
                     f"got shape {tuple(value.shape)}"
-                )
+                ))  # fmt: skip
         if num_regions > config.max_regions:
-            raise ValueError(
+            fail(ValueError(
                 f"`visual_feats` has {num_regions} regions, more than config.max_regions ({config.max_regions}); "
                 "keep the top regions by detector score"
-            )
+            ))  # fmt: skip
         for name in ("visual_feats", "visual_pos", "region_scores"):
             value = checks[name][0]
             if value is None:
                 continue
             if not value.is_floating_point():
-                raise ValueError(f"`{name}` must be a floating-point tensor, got dtype {value.dtype}")
-            if not bool(torch.isfinite(value).all()):
-                bad = (~torch.isfinite(value)).nonzero()[0].tolist()
-                raise ValueError(f"`{name}` must be finite, got NaN or inf (first at index {tuple(bad)})")
-        if attention_mask is not None and not bool(attention_mask.bool().any(dim=1).all()):
-            empty = (~attention_mask.bool().any(dim=1)).nonzero()[0, 0].item()
-            raise ValueError(f"`attention_mask` masks every token of example {empty}: the text is empty")
-        if token_type_ids is not None and token_type_ids.numel() and (
-            int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= config.type_vocab_size
-        ):
-            raise ValueError(
-                f"`token_type_ids` values must lie in [0, {config.type_vocab_size}) (config.type_vocab_size), "
-                f"got range [{int(token_type_ids.min())}, {int(token_type_ids.max())}]"
-            )
+                fail(ValueError(f"`{name}` must be a floating-point tensor, got dtype {value.dtype}"))
+            pending.append(self._finite_check(name, value))
+        if attention_mask is not None:
+            pending.append((~attention_mask.bool().any(dim=1).all(), lambda: self._raise_empty_text(attention_mask)))
+        if token_type_ids is not None and token_type_ids.numel():
+            pending.append(self._range_check("token_type_ids", token_type_ids, 0, config.type_vocab_size,
+                                             f"must lie in [0, {config.type_vocab_size}) (config.type_vocab_size)"))  # fmt: skip
         for name in ("token_concept_ids", "region_concept_ids"):
             value = checks[name][0]
             if value is None or value.numel() == 0:
                 continue
             if value.is_floating_point():
-                raise ValueError(f"`{name}` must be an integer tensor, got dtype {value.dtype}")
-            low, high = int(value.min()), int(value.max())
-            if low < -1 or high >= config.num_concepts:
-                raise ValueError(
-                    f"`{name}` values must be -1 (no concept) or lie in [0, {config.num_concepts}) "
-                    f"(config.num_concepts), got range [{low}, {high}]"
-                )
+                fail(ValueError(f"`{name}` must be an integer tensor, got dtype {value.dtype}"))
+            pending.append(self._range_check(
+                name, value, -1, config.num_concepts,
+                f"must be -1 (no concept) or lie in [0, {config.num_concepts}) (config.num_concepts)",
+            ))  # fmt: skip
+        self._raise_first_bad(pending)
+
+    @staticmethod
+    def _raise_first_bad(pending: list) -> None:
+        """Read every queued check's flag in one host sync; raise the error of the first that failed
+        (a flag may be a cheap bound: its check then confirms before raising)."""
+        if not pending:
+            return
+        bad = torch.stack([flag for flag, _ in pending]).tolist()
+        for failed, (_, raise_error) in zip(bad, pending):
+            if failed:
+                raise_error()
+        pending.clear()
+
+    @staticmethod
+    def _range_check(name: str, value: torch.Tensor, low: int, high: int, rule: str):
+        """A queued check that the values of `value` lie in [low, high)."""
+        value_min, value_max = value.min(), value.max()
+
+        def raise_error():
+            raise ValueError(f"`{name}` values {rule}, got range [{int(value_min)}, {int(value_max)}]")
+
+        return (value_min < low) | (value_max >= high), raise_error
+
+    @staticmethod
+    def _finite_check(name: str, value: torch.Tensor):
+        """A queued finiteness check. A NaN or inf anywhere makes the sum NaN or inf, so a finite sum (one
+        reduction, no temporaries; `isfinite` makes four tensor-sized ones) clears the tensor; a sum that
+        is not finite, which overflow can cause too, is then checked element by element."""
+
+        def raise_error():
+            if bool(torch.isfinite(value).all()):
+                return
+            bad = (~torch.isfinite(value)).nonzero()[0].tolist()
+            raise ValueError(f"`{name}` must be finite, got NaN or inf (first at index {tuple(bad)})")
+
+        return ~torch.isfinite(value.sum(dtype=torch.float32)), raise_error
+
+    @staticmethod
+    def _raise_empty_text(attention_mask: torch.Tensor):
+        empty = (~attention_mask.bool().any(dim=1)).nonzero()[0, 0].item()
+        raise ValueError(f"`attention_mask` masks every token of example {empty}: the text is empty")
 
     def forward(
         self,

@@ -1,0 +1,89 @@
+"""benchmarks/speed.py at tiny size: the structure of its result, its FLOP count, and that gradient
+checkpointing cuts CMAL's activation memory (MemTracker, deterministic). Nothing here is timed."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import speed  # noqa: E402
+
+from modeling_cmal import CMALConfig  # noqa: E402
+
+
+BATCH_SIZE = 2
+
+
+@pytest.fixture(scope="module")
+def result():
+    args = speed.parse_args(["--size", "tiny", "--batch_size", str(BATCH_SIZE), "--steps", "1", "--warmup", "0", "--no_data"])
+    return speed.benchmark(args)
+
+
+def cmal_forward_flops(config: CMALConfig, text_len: int, num_regions: int) -> int:
+    """2 x (weights in matmuls) x positions, plus 4 x L^2 x hidden per attention layer, plus pooler and head."""
+    h, i = config.hidden_size, config.intermediate_size
+    layer_weights = 4 * h * h + 2 * h * i
+
+    def encoder(num_layers, length):
+        return num_layers * (2 * layer_weights * length + 4 * length * length * h)
+
+    visual_embeddings = 2 * (config.visual_feat_dim + config.visual_pos_dim) * h * num_regions
+    pooler_and_head = 2 * h * h + 2 * h * speed.NUM_CLASSES
+    return (
+        encoder(config.num_text_layers, text_len)
+        + encoder(config.num_visual_layers, num_regions)
+        + encoder(config.num_hidden_layers, text_len + num_regions)
+        + visual_embeddings
+        + pooler_and_head
+    )
+
+
+def test_every_row_present(result):
+    keys = {(row["model"], row["mode"], row["attention"], row["checkpointing"]) for row in result["rows"]}
+    expected = {
+        (model, mode, attention, checkpointing)
+        for model in ("CMAL", "VisualBERT", "LXMERT")
+        for attention in ("eager", "sdpa")
+        for mode, options in (("inference", (False,)), ("training", (False, True)))
+        for checkpointing in options
+    }
+    assert keys == expected
+    assert set(result["models"]) == {"CMAL", "VisualBERT", "LXMERT"}
+    assert all(model["params"] > 0 and model["depth"] for model in result["models"].values())
+    assert {"torch", "transformers", "device_name", "threads", "date"} <= set(result["environment"])
+
+
+def test_supported_rows_are_measured(result):
+    cmal = [row for row in result["rows"] if row["model"] == "CMAL"]
+    assert all(row["supported"] for row in cmal)  # CMAL supports eager, sdpa and checkpointing
+    for row in result["rows"]:
+        if not row["supported"]:
+            continue
+        assert row["samples_per_s"] > 0 and row["flops_per_sample"] > 0 and row["mfu"] > 0
+        assert row["peak_total"] > 0 and row["peak_activations"] > 0
+        if row["model"] != "CMAL":
+            assert row["cmal_speed_ratio"] > 0 and row["cmal_memory_ratio"] > 0
+    assert result["matmul_peak_flops"] > 0
+    table = speed.markdown(result)
+    assert "| CMAL | training | sdpa | on |" in table and "n/a" in table
+
+
+def test_cmal_forward_flops_match_analytic_count(result):
+    config = CMALConfig.from_preset("tiny")
+    expected = cmal_forward_flops(config, result["text_len"], result["num_regions"])
+    (row,) = [row for row in result["rows"]
+              if (row["model"], row["mode"], row["attention"]) == ("CMAL", "inference", "eager")]  # fmt: skip
+    assert row["flops_per_sample"] == pytest.approx(expected, rel=0.10)
+    (train,) = [row for row in result["rows"]
+                if (row["model"], row["mode"], row["attention"], row["checkpointing"]) == ("CMAL", "training", "eager", False)]  # fmt: skip
+    # backward = 2 x forward, less the input gradient of the region projections (the inputs need none)
+    visual_embeddings = 2 * (config.visual_feat_dim + config.visual_pos_dim) * config.hidden_size * result["num_regions"]
+    assert train["flops_per_sample"] == pytest.approx(3 * expected - visual_embeddings, rel=0.10)
+
+
+def test_gradient_checkpointing_cuts_cmal_activations(result):
+    assert result["environment"]["device"] == "cpu"  # activations from MemTracker
+    assert result["cmal_checkpointing_saving"] >= 0.40
