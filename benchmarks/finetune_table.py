@@ -61,7 +61,7 @@ def chance(task: str, world: dict, draws: int = 20, retrieval_images: int = 50) 
         for _ in range(draws):
             guesses = []
             for rows in examples.image_rows:
-                boxes = examples.regions_of_image(rows[0])["boxes"]
+                boxes = examples.regions_of_images([rows[0]])[0]["boxes"]
                 guesses.append(boxes[rng.integers(len(boxes))].tolist())
             values.append(metric.compute(predictions=guesses, references=examples.targets)[main])
         return {"random": float(np.mean(values))}

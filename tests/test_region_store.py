@@ -18,6 +18,7 @@ from training.data.region_store import (
     load_region_store,
     region_store_features,
     row_to_regions,
+    rows_to_regions,
 )
 
 
@@ -155,6 +156,13 @@ def test_schema_round_trips_dynamic_region_counts_including_zero(tmp_path):
     empty = row_to_regions(dataset.with_format("numpy")[1])
     assert empty["features"].shape == (0, D) and empty["boxes"].shape == (0, 4)
     assert row_to_regions(dataset[1])["boxes"].shape == (0, 4)  # plain rows work too
+    # One read of several rows (repeats and empty images included) gives what row-by-row reads give.
+    table, rows = dataset.with_format("numpy"), [1, 0, 3, 0, 2]
+    for together, alone in zip(rows_to_regions(table, rows), [row_to_regions(table[r]) for r in rows], strict=True):
+        assert together.keys() == alone.keys()
+        for key in alone:
+            np.testing.assert_array_equal(together[key], alone[key], strict=True)
+    assert [r["features"].shape for r in rows_to_regions(table, [1, 3])] == [(0, D), (0, D)]
 
 
 def test_tsv_bottom_up_attention(tmp_path):

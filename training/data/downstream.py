@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from training.metrics import import_metric_module
 
-from .region_store import row_to_regions
+from .region_store import rows_to_regions
 
 
 TASKS = ("vqa", "ve", "nlvr2", "rec", "retrieval")
@@ -219,8 +219,8 @@ class TaskExamples(Dataset):
     def __len__(self):
         return len(self.texts)
 
-    def regions_of_image(self, row: int) -> dict:
-        return row_to_regions(self.regions[row])
+    def regions_of_images(self, rows: list[int]) -> list[dict]:
+        return rows_to_regions(self.regions, rows)
 
     def __getitem__(self, index):
         return {"index": index, "text": self.texts[index], "image_rows": self.image_rows[index], "target": self.targets[index]}
@@ -243,8 +243,8 @@ class RetrievalGrid(Dataset):
     def __len__(self):
         return len(self.texts) * len(self.images)
 
-    def regions_of_image(self, row: int) -> dict:
-        return self.examples.regions_of_image(row)
+    def regions_of_images(self, rows: list[int]) -> list[dict]:
+        return self.examples.regions_of_images(rows)
 
     def __getitem__(self, index):
         t, j = divmod(index, len(self.images))
@@ -293,7 +293,7 @@ class TaskCollator:
         per_image = len(rows[0])
         batch = self.processor(
             text=[t for t in texts for _ in range(per_image)],
-            regions=[self.dataset.regions_of_image(r) for pair in rows for r in pair],
+            regions=self.dataset.regions_of_images([r for pair in rows for r in pair]),
             max_length=self.max_length,
         )
         batch = dict(batch)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .region_store import row_to_regions
+from .region_store import rows_to_regions
 
 
 class ImageTextPairs(Dataset):
@@ -31,11 +31,11 @@ class ImageTextPairs(Dataset):
 
     def lengths(self) -> list[int]:
         """Words plus regions of each pair: what the batch is padded to."""
-        counts = self.regions["num_regions"]
+        counts = self.regions["num_regions"][:]  # one read; a Column read row by row formats each row
         return [len(text.split()) + int(counts[row]) for text, row in zip(self.texts["text"], self.image_rows)]
 
-    def regions_of_image(self, row: int) -> dict:
-        return row_to_regions(self.regions[row])
+    def regions_of_images(self, rows: list[int]) -> list[dict]:
+        return rows_to_regions(self.regions, rows)
 
     def __getitem__(self, index):
         return {"index": index, "text": self.texts[index]["text"], "image_row": self.image_rows[index]}
@@ -112,7 +112,7 @@ class PretrainingCollator:
             itm_labels.append(int(row == item["image_row"]))
         batch = self.processor(
             text=[item["text"] for item in items],
-            regions=[self.dataset.regions_of_image(row) for row in image_rows],
+            regions=self.dataset.regions_of_images(image_rows),
             max_length=self.max_length,
             return_word_ids=True,
         )
