@@ -325,30 +325,11 @@ def checkpointing_saving(rows: list[dict], model: str = "CMAL", attention: str =
 
 def time_data_pipeline(args, device) -> dict:
     """Pre-training batches/s of `training/pretrain.py`'s data pipeline vs the `small` model's training step."""
-    from torch.utils.data import DataLoader
-
     from modeling_cmal import CMALForPreTraining
-    from processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
     from training import pretrain
-    from training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator
 
     p = pretrain.parse_args([])
-    captions, regions, metadata, lexicon, vocabulary_texts = pretrain.load_corpus(p)
-    train_texts = pretrain.corpus_subset(pretrain.split(captions, "train"), p.corpus_fraction)
-    tokenizer = pretrain.build_tokenizer(p, vocabulary_texts)
-    config = pretrain.build_config(p, tokenizer, metadata)
-    image_processor = CMALImageProcessor(
-        concept_names=config.concept_names, max_regions=config.max_regions, visual_pos_dim=config.visual_pos_dim
-    )
-    processor = CMALProcessor(image_processor, tokenizer, anchor_lexicon=(lexicon or AnchorLexicon(config.concept_names)).to_dict())
-    train_set = ImageTextPairs(train_texts, regions)
-    collator = PretrainingCollator(
-        processor, train_set, p.mlm_probability, p.mrm_probability, p.itm_negative_probability,
-        max_length=p.max_text_length, seed=p.seed,
-    )  # fmt: skip
-    sampler = LengthGroupedSampler(train_set.lengths(), p.per_device_train_batch_size, seed=p.seed)
-    loader = DataLoader(train_set, batch_size=p.per_device_train_batch_size, sampler=sampler, collate_fn=collator,
-                        num_workers=p.num_workers)  # fmt: skip
+    config, _, _, _, loader = pretrain.build_data(p, pretrain.load_corpus(p))
 
     batches, iterator = [], iter(loader)
     batches.append(next(iterator))  # first batch: iterator start-up, not counted

@@ -147,6 +147,32 @@ def build_config(args, tokenizer, metadata) -> CMALConfig:
     return CMALConfig.from_dict(config)
 
 
+def build_data(args, corpus, num_processes: int = 1):
+    """(config, processor, pairs, collator, dataloader) of a `load_corpus` result: the pipeline `main`
+    trains on, and the one `benchmarks/speed.py` times."""
+    captions, regions, metadata, lexicon, vocabulary_texts = corpus
+    train_texts = corpus_subset(split(captions, "train"), args.corpus_fraction)
+    tokenizer = build_tokenizer(args, vocabulary_texts)
+    config = build_config(args, tokenizer, metadata)
+    image_processor = CMALImageProcessor(
+        concept_names=config.concept_names, max_regions=config.max_regions, visual_pos_dim=config.visual_pos_dim
+    )
+    lexicon = lexicon or AnchorLexicon(config.concept_names)
+    processor = CMALProcessor(image_processor, tokenizer, anchor_lexicon=lexicon.to_dict())
+    train_set = ImageTextPairs(train_texts, regions)
+    collator = PretrainingCollator(
+        processor, train_set, args.mlm_probability, args.mrm_probability, args.itm_negative_probability,
+        max_length=args.max_text_length, seed=args.seed,
+    )  # fmt: skip
+    global_batch = args.per_device_train_batch_size * num_processes
+    sampler = LengthGroupedSampler(train_set.lengths(), global_batch, seed=args.seed)
+    train_dataloader = DataLoader(
+        train_set, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collator,
+        num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed),
+    )  # fmt: skip
+    return config, processor, train_set, collator, train_dataloader
+
+
 def build_model(args, config):
     model = CMALForPreTraining(config)
     if args.init_text_from:
@@ -170,27 +196,9 @@ def main(argv=None):
     accelerator = setup_accelerator(args, find_unused_parameters=min(args.mlm, args.mrm, args.itm, args.amc) == 0 or len(set(args.amc_parts)) < len(AMC_PARTS))
 
     with accelerator.main_process_first():
-        captions, regions, metadata, lexicon, vocabulary_texts = load_corpus(args)
-    train_texts = corpus_subset(split(captions, "train"), args.corpus_fraction)
-    tokenizer = build_tokenizer(args, vocabulary_texts)
-    config = build_config(args, tokenizer, metadata)
-    image_processor = CMALImageProcessor(
-        concept_names=config.concept_names, max_regions=config.max_regions, visual_pos_dim=config.visual_pos_dim
-    )
-    lexicon = lexicon or AnchorLexicon(config.concept_names)
-    processor = CMALProcessor(image_processor, tokenizer, anchor_lexicon=lexicon.to_dict())
+        corpus = load_corpus(args)
+    config, processor, train_set, collator, train_dataloader = build_data(args, corpus, accelerator.num_processes)
     model = build_model(args, config)
-    train_set = ImageTextPairs(train_texts, regions)
-    collator = PretrainingCollator(
-        processor, train_set, args.mlm_probability, args.mrm_probability, args.itm_negative_probability,
-        max_length=args.max_text_length, seed=args.seed,
-    )  # fmt: skip
-    global_batch = args.per_device_train_batch_size * accelerator.num_processes
-    sampler = LengthGroupedSampler(train_set.lengths(), global_batch, seed=args.seed)
-    train_dataloader = DataLoader(
-        train_set, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collator,
-        num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed),
-    )  # fmt: skip
 
     model, optimizer, train_dataloader, scheduler, max_steps, steps_per_epoch, num_epochs = prepare_training(
         accelerator, args, model, train_dataloader

@@ -16,9 +16,12 @@ from .region_store import rows_to_regions
 class ImageTextPairs(Dataset):
     """(text, regions of its image) pairs: a text table with `image_id`, `text` joined to a region store."""
 
-    def __init__(self, texts, regions):
+    def __init__(self, texts, regions, preload_max_bytes: int = 256 * 2**20):
+        """A region store of at most `preload_max_bytes` (Arrow size) is decoded into memory once: each image
+        is read several times an epoch (its captions, ITM negatives), and decoding dominates the collator."""
         self.texts = texts
         self.regions = regions.with_format("numpy")
+        self.preloaded = rows_to_regions(self.regions, range(len(regions))) if regions.data.nbytes <= preload_max_bytes else None
         position = {image_id: i for i, image_id in enumerate(regions["image_id"])}
         missing = sorted(set(texts["image_id"]) - set(position))
         if missing:
@@ -35,6 +38,8 @@ class ImageTextPairs(Dataset):
         return [len(text.split()) + int(counts[row]) for text, row in zip(self.texts["text"], self.image_rows)]
 
     def regions_of_images(self, rows: list[int]) -> list[dict]:
+        if self.preloaded is not None:
+            return [self.preloaded[row] for row in rows]
         return rows_to_regions(self.regions, rows)
 
     def __getitem__(self, index):
