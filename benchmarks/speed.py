@@ -1,6 +1,6 @@
 """Speed, memory and FLOPs of CMAL against VisualBERT and LXMERT (transformers) on the same inputs.
 
-    python benchmarks/speed.py                                    # CPU, base size, batch 8, fp32, ~5 min on 2 idle cores
+    python benchmarks/speed.py                                    # CPU, base size, batch 8, fp32, ~6 min on 2 cores
     python benchmarks/speed.py --output_json outputs/speed.json   # also write the results as JSON
     python benchmarks/speed.py --device cuda --batch_size 64 --steps 20 --warmup 5   # GPU, bf16
     python benchmarks/speed.py --size tiny --batch_size 2 --steps 1 --warmup 0 --no_data   # smoke test
