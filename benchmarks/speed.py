@@ -167,9 +167,9 @@ def configure(entry, attention: str, checkpointing: bool, training: bool):
     model = entry["model"]
     model.backbone.set_attn_implementation(attention)
     if checkpointing:
-        model.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif entry["checkpointing"]:
-        model.backbone.activation_checkpointing_disable()
+        model.backbone.gradient_checkpointing_disable()
     model.train(training)
 
 

@@ -371,9 +371,14 @@ class CMALSelfAttention(nn.Module):
         # Only eager materialises the weights; asking for them switches this call to eager.
         attention_interface: Callable = eager_attention_forward
         if self.config._attn_implementation not in (None, "eager") and not output_attentions:
-            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, eager_attention_forward
-            )
+            # transformers reads this file to decide whether `set_attn_implementation` may switch a loaded model:
+            # newer 5.x look for the `get_interface(` call, 5.0 (which lacks it) for the item lookup.
+            if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+                attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                    self.config._attn_implementation, eager_attention_forward
+                )
+            else:
+                attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         attn_output, attn_weights = attention_interface(
             self,
             query,
