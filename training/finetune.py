@@ -38,7 +38,7 @@ from modeling_cmal import (
     CMALForReferringExpression,
     CMALForVisualReasoning,
 )
-from processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
+from processors import CMALProcessor
 from training.data import downstream
 from training.data.region_store import load_region_store
 from training.data.tokenizer import build_word_tokenizer
@@ -46,6 +46,8 @@ from training.metrics import load_metric
 from training.utils import (
     add_training_args,
     check_finite,
+    new_model_config,
+    new_processor,
     prepare_training,
     push_to_hub,
     resume,
@@ -162,16 +164,8 @@ def build_model_and_processor(args, labels, metadata, vocabulary_texts, lexicon)
     else:
         tokenizer = (AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer
                      else build_word_tokenizer(vocabulary_texts, model_max_length=args.max_text_length))  # fmt: skip
-        base = CMALConfig.from_preset(args.model_config) if args.model_config in CMAL_PRESETS \
-            else CMALConfig.from_json_file(args.model_config)  # fmt: skip
-        config = CMALConfig.from_dict({
-            **base.to_dict(), **overrides, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-            "visual_feat_dim": metadata["feature_dim"], "concept_names": list(metadata["concept_names"]), "num_concepts": None,
-        })  # fmt: skip
-        image_processor = CMALImageProcessor(concept_names=config.concept_names, max_regions=config.max_regions,
-                                             visual_pos_dim=config.visual_pos_dim)  # fmt: skip
-        lexicon = lexicon or AnchorLexicon(config.concept_names)
-        processor = CMALProcessor(image_processor, tokenizer, anchor_lexicon=lexicon.to_dict())
+        config = new_model_config(args.model_config, tokenizer, metadata, **overrides)
+        processor = new_processor(config, tokenizer, lexicon)
         model = head(config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -28,13 +28,14 @@ from transformers import AutoTokenizer
 from model_cards import render as model_card
 from modeling_cmal import CMAL_PRESETS, CMALConfig, CMALForPreTraining
 from modeling_cmal.convert_bert_to_cmal import load_bert_weights
-from processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
 from training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator
 from training.data.region_store import load_region_store
 from training.data.tokenizer import build_word_tokenizer
 from training.utils import (
     add_training_args,
     check_finite,
+    new_model_config,
+    new_processor,
     prepare_training,
     push_to_hub,
     resume,
@@ -131,20 +132,14 @@ def build_tokenizer(args, texts):
 
 def build_config(args, tokenizer, metadata) -> CMALConfig:
     """The preset or JSON config, fitted to the tokenizer and the region store, with the objective weights."""
-    if args.model_config in CMAL_PRESETS:
-        config = CMALConfig.from_preset(args.model_config).to_dict()
-    else:
-        config = CMALConfig.from_json_file(args.model_config).to_dict()
-    config.update(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, visual_feat_dim=metadata["feature_dim"],
-        concept_names=list(metadata["concept_names"]), num_concepts=None,
+    weights = dict(
         mlm_weight=args.mlm, mrm_weight=args.mrm, itm_weight=args.itm, itc_weight=args.itc,
         **{f"amc_{part}_weight": args.amc if part in args.amc_parts else 0.0 for part in AMC_PARTS},
-        hypersphere=not args.no_hypersphere, anchor_fill=args.anchor_fill,
     )  # fmt: skip
     if args.anchor_mask_prob is not None:
-        config["anchor_mask_prob"] = args.anchor_mask_prob
-    return CMALConfig.from_dict(config)
+        weights["anchor_mask_prob"] = args.anchor_mask_prob
+    return new_model_config(args.model_config, tokenizer, metadata, hypersphere=not args.no_hypersphere,
+                            anchor_fill=args.anchor_fill, **weights)  # fmt: skip
 
 
 def build_data(args, corpus, num_processes: int = 1):
@@ -154,11 +149,7 @@ def build_data(args, corpus, num_processes: int = 1):
     train_texts = corpus_subset(split(captions, "train"), args.corpus_fraction)
     tokenizer = build_tokenizer(args, vocabulary_texts)
     config = build_config(args, tokenizer, metadata)
-    image_processor = CMALImageProcessor(
-        concept_names=config.concept_names, max_regions=config.max_regions, visual_pos_dim=config.visual_pos_dim
-    )
-    lexicon = lexicon or AnchorLexicon(config.concept_names)
-    processor = CMALProcessor(image_processor, tokenizer, anchor_lexicon=lexicon.to_dict())
+    processor = new_processor(config, tokenizer, lexicon)
     train_set = ImageTextPairs(train_texts, regions)
     collator = PretrainingCollator(
         processor, train_set, args.mlm_probability, args.mrm_probability, args.itm_negative_probability,

@@ -1,5 +1,5 @@
-"""What `pretrain.py` and `finetune.py` share: training arguments, atomic checkpoints, resuming,
-optimizer groups and the Hub upload. Kept small on purpose: each script stays readable top to bottom.
+"""What `pretrain.py` and `finetune.py` share: a new model's config and processor, training arguments,
+atomic checkpoints, resuming, optimizer groups and the Hub upload. Kept small on purpose: each script stays readable top to bottom.
 """
 
 import json
@@ -14,9 +14,32 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from transformers import get_scheduler
 
+from modeling_cmal import CMAL_PRESETS, CMALConfig
+from processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
+
 
 logger = logging.getLogger(__name__)
 CHECKPOINT = re.compile(r"step_(\d+)")
+
+
+def new_model_config(model_config: str, tokenizer, metadata: dict, **overrides) -> CMALConfig:
+    """A preset name or config JSON, fitted to the tokenizer and the region store: a model trained from scratch."""
+    base = CMALConfig.from_preset(model_config) if model_config in CMAL_PRESETS else CMALConfig.from_json_file(model_config)
+    return CMALConfig.from_dict({
+        **base.to_dict(), "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+        "visual_feat_dim": metadata["feature_dim"], "concept_names": list(metadata["concept_names"]), "num_concepts": None,
+        **overrides,
+    })  # fmt: skip
+
+
+def new_processor(config: CMALConfig, tokenizer, lexicon: AnchorLexicon | None = None) -> CMALProcessor:
+    """The processor of a new model: its concepts and region limits, the tokenizer, and the anchor lexicon
+    (default: the concept names themselves)."""
+    image_processor = CMALImageProcessor(
+        concept_names=config.concept_names, max_regions=config.max_regions, visual_pos_dim=config.visual_pos_dim
+    )
+    lexicon = lexicon or AnchorLexicon(config.concept_names)
+    return CMALProcessor(image_processor, tokenizer, anchor_lexicon=lexicon.to_dict())
 
 
 def add_training_args(parser, output_dir: str, batch_size: int, learning_rate: float, epochs: int, warmup: int):
