@@ -23,9 +23,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from training.data import downstream, synthetic  # noqa: E402
-from training.finetune import MAIN_METRIC, METRICS  # noqa: E402
-from training.metrics import load_metric  # noqa: E402
+from cmal.training.data import downstream, synthetic  # noqa: E402
+from cmal.training.finetune import MAIN_METRIC, METRICS  # noqa: E402
+from cmal.training.metrics import load_metric  # noqa: E402
 
 
 def launch(script_args: list[str], log: str) -> None:

@@ -109,7 +109,7 @@ def init_worker():
 def run_unit(job) -> dict:
     """Pre-train (unless condition a), fine-tune on each task, keep only the metrics."""
     unit, args = job
-    from training import finetune, pretrain
+    from cmal.training import finetune, pretrain
 
     folder = os.path.join(args.output_dir, unit["name"])
     result_file = os.path.join(folder, "result.json")
@@ -208,7 +208,7 @@ def main(argv=None):
             json.dump(STUDY_CONFIG, f, indent=2)
     from finetune_table import chance as chance_of  # noqa: E402  (benchmarks/ is this script's folder)
 
-    from training.data import synthetic
+    from cmal.training.data import synthetic
 
     world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images))  # built once, before the workers
     chance = {task: chance_of(task, world)["random"] for task in TASKS}

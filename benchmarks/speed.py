@@ -38,7 +38,7 @@ import transformers
 from transformers import LxmertConfig, LxmertModel, VisualBertConfig, VisualBertModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from modeling_cmal import CMALConfig, CMALModel  # noqa: E402
+from cmal.modeling_cmal import CMALConfig, CMALModel  # noqa: E402
 
 
 LXMERT_LAYERS = {"tiny": (1, 1, 1), "small": (3, 2, 2), "base": (9, 5, 5)}  # (l, x, r); base is LXMERT's own
@@ -325,8 +325,8 @@ def checkpointing_saving(rows: list[dict], model: str = "CMAL", attention: str =
 
 def time_data_pipeline(args, device) -> dict:
     """Pre-training batches/s of `training/pretrain.py`'s data pipeline vs the `small` model's training step."""
-    from modeling_cmal import CMALForPreTraining
-    from training import pretrain
+    from cmal.modeling_cmal import CMALForPreTraining
+    from cmal.training import pretrain
 
     p = pretrain.parse_args([])
     config, _, _, _, loader = pretrain.build_data(p, pretrain.load_corpus(p))

@@ -10,7 +10,7 @@ loss of every pre-training objective. Region features are random: the model is u
 
 import torch
 
-from modeling_cmal import COCO_CONCEPT_NAMES, CMALConfig, CMALForPreTraining
+from cmal.modeling_cmal import COCO_CONCEPT_NAMES, CMALConfig, CMALForPreTraining
 
 
 torch.manual_seed(0)

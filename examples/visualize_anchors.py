@@ -178,8 +178,8 @@ def anchor_picture(model, processor, text: str, image, regions=None, max_regions
 
 def synthetic_scene(index: int, world_dir: str | None, synthetic_images: int, synthetic_seed: int):
     """Scene `index` of a synthetic world: (rendered image, its region dict, its first caption)."""
-    from training.data import synthetic
-    from training.data.region_store import row_to_regions
+    from cmal.training.data import synthetic
+    from cmal.training.data.region_store import row_to_regions
 
     world = synthetic.load_world(world_dir or synthetic.default_world(num_images=synthetic_images, seed=synthetic_seed))
     image_id = f"synthetic-{index:06d}"

@@ -1,7 +1,7 @@
 """Model cards of CMAL checkpoints, rendered from what a run recorded and measured.
 
-    python -m model_cards.render outputs/cmal-vqa                           # kind from eval_results.json
-    python -m model_cards.render outputs/cmal-small-synthetic --kind pretraining
+    python -m cmal.model_cards.render outputs/cmal-vqa                           # kind from eval_results.json
+    python -m cmal.model_cards.render outputs/cmal-small-synthetic --kind pretraining
 
 `templates/<kind>.md` (pretraining, vqa, ve, nlvr2, rec, retrieval) extends `templates/base.md`, which
 holds the sections every card shares, and fills in only what its task changes. The YAML metadata is
@@ -24,7 +24,7 @@ from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from modeling_cmal.modeling_cmal import (
+from cmal.modeling_cmal.modeling_cmal import (
     CMAL_HEAD_AUTO_CLASSES,
     CMAL_PIPELINE_TASKS,
     CMALForImageTextClassification,
@@ -34,7 +34,7 @@ from modeling_cmal.modeling_cmal import (
     CMALForReferringExpression,
     CMALForVisualReasoning,
 )
-from training.data.region_store import METADATA_FILE
+from cmal.training.data.region_store import METADATA_FILE
 
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")

@@ -25,7 +25,7 @@ exports, old TF conversions with `LayerNorm.gamma/beta`), from a local folder or
 Usage:
 
 ```bash
-python -m modeling_cmal.convert_bert_to_cmal --bert google-bert/bert-base-uncased \
+python -m cmal.modeling_cmal.convert_bert_to_cmal --bert google-bert/bert-base-uncased \
     --model_config base --output_dir cmal-base-from-bert
 ```
 """

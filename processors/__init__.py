@@ -6,7 +6,7 @@ Importing the package registers them with `AutoImageProcessor`/`AutoProcessor` f
 
 from transformers import AutoImageProcessor, AutoProcessor
 
-from modeling_cmal import CMALConfig
+from ..modeling_cmal import CMALConfig
 
 from .anchor_lexicon import AnchorLexicon
 from .image_processing_cmal import CMALImageProcessor

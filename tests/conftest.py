@@ -16,7 +16,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from modeling_cmal import CMALConfig  # noqa: E402
+from cmal.modeling_cmal import CMALConfig  # noqa: E402
 
 
 VOCAB_SIZE, FEAT_DIM, NUM_CONCEPTS = 99, 16, 10
@@ -77,13 +77,13 @@ import importlib.abc, sys
 class BlockProject(importlib.abc.MetaPathFinder):
     # The project must not be importable: whatever loads has to come from the saved folder.
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {{"modeling_cmal", "processors", "training", "model_cards"}}:
+        if name.split(".")[0] in {{"cmal", "modeling_cmal", "processors", "training", "model_cards"}}:
             raise ModuleNotFoundError(f"blocked: {{name}}")
 
 sys.meta_path.insert(0, BlockProject())
 sys.path = [p for p in sys.path if p not in ("", ".", {str(REPO)!r})]
 try:
-    import modeling_cmal
+    import cmal.modeling_cmal
     raise SystemExit("the project is importable")
 except ModuleNotFoundError:
     pass

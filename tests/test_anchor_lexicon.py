@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from modeling_cmal import COCO_CONCEPT_NAMES
-from processors.anchor_lexicon import DEFAULT_SYNONYMS, AnchorLexicon, pluralize
+from cmal.modeling_cmal import COCO_CONCEPT_NAMES
+from cmal.processors.anchor_lexicon import DEFAULT_SYNONYMS, AnchorLexicon, pluralize
 
 
 C = {name: i for i, name in enumerate(COCO_CONCEPT_NAMES)}

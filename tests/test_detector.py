@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig
 
-from modeling_cmal import (
+from cmal.modeling_cmal import (
     COCO_CONCEPT_NAMES,
     CMALConfig,
     CMALForQuestionAnswering,
@@ -15,7 +15,7 @@ from modeling_cmal import (
     CMALForVisualReasoning,
     CMALModel,
 )
-from processors.image_processing_cmal import CMALImageProcessor
+from cmal.processors.image_processing_cmal import CMALImageProcessor
 
 
 LABELS = COCO_CONCEPT_NAMES[:10]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from training.data import downstream
-from training.data.region_store import RegionStoreWriter, load_region_store
+from cmal.training.data import downstream
+from cmal.training.data.region_store import RegionStoreWriter, load_region_store
 
 
 def write_json(path, data):
@@ -152,8 +152,8 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def processor():
-    from processors import CMALImageProcessor, CMALProcessor
-    from training.data.tokenizer import build_word_tokenizer
+    from cmal.processors import CMALImageProcessor, CMALProcessor
+    from cmal.training.data.tokenizer import build_word_tokenizer
 
     tokenizer = build_word_tokenizer(["the dog is brown", "a cat and a dog", "what colour is the cat"])
     return CMALProcessor(CMALImageProcessor(concept_names=["cat", "dog"]), tokenizer)

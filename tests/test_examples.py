@@ -13,7 +13,7 @@ from conftest import REPO
 from test_pipelines import QUESTIONS
 from transformers import pipeline
 
-from training.data import synthetic
+from cmal.training.data import synthetic
 
 
 def load_example(relative: str):

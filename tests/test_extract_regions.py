@@ -11,10 +11,10 @@ import torch
 from conftest import REPO
 from test_detector import LABELS, cmal_config
 
-from modeling_cmal import CMALForQuestionAnswering, CMALModel
-from processors.image_processing_cmal import CMALImageProcessor
-from training import extract_regions
-from training.data.region_store import RegionStoreWriter, load_region_store, row_to_regions
+from cmal.modeling_cmal import CMALForQuestionAnswering, CMALModel
+from cmal.processors.image_processing_cmal import CMALImageProcessor
+from cmal.training import extract_regions
+from cmal.training.data.region_store import RegionStoreWriter, load_region_store, row_to_regions
 
 
 

@@ -9,11 +9,11 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from test_downstream import write_json, write_lines
 
-from modeling_cmal import CMALConfig, CMALForImageTextClassification
-from processors import CMALProcessor
-from training import finetune
-from training.data import downstream, synthetic
-from training.data.region_store import RegionStoreWriter, load_region_store
+from cmal.modeling_cmal import CMALConfig, CMALForImageTextClassification
+from cmal.processors import CMALProcessor
+from cmal.training import finetune
+from cmal.training.data import downstream, synthetic
+from cmal.training.data.region_store import RegionStoreWriter, load_region_store
 
 
 NAMES = ["cat", "dog"]

@@ -12,11 +12,11 @@ from conftest import run_without_project
 from huggingface_hub import ModelCard
 from test_pipelines import QUESTIONS, assert_same_answers, detector_folder, expected_answers, photos  # noqa: F401  (fixtures)
 
-from model_cards.render import validate_card
-from modeling_cmal import CMALForQuestionAnswering
-from processors import CMALProcessor
-from training import extract_regions, finetune
-from training.utils import hub_files
+from cmal.model_cards.render import validate_card
+from cmal.modeling_cmal import CMALForQuestionAnswering
+from cmal.processors import CMALProcessor
+from cmal.training import extract_regions, finetune
+from cmal.training.utils import hub_files
 
 
 FRESH = """

@@ -7,7 +7,7 @@ import PIL.Image
 import pytest
 import torch
 
-from processors.image_processing_cmal import CMALImageProcessor
+from cmal.processors.image_processing_cmal import CMALImageProcessor
 
 
 NAMES = ["dog", "cat", "person", "traffic light"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import FEAT_DIM, NUM_CONCEPTS, make_inputs, tiny_config
 
-from modeling_cmal import CMALForPreTraining, CMALForQuestionAnswering, CMALForReferringExpression, CMALModel
+from cmal.modeling_cmal import CMALForPreTraining, CMALForQuestionAnswering, CMALForReferringExpression, CMALModel
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_bad_itm_labels(model):
 
 
 def test_nlvr2_needs_two_images():
-    from modeling_cmal import CMALForVisualReasoning
+    from cmal.modeling_cmal import CMALForVisualReasoning
 
     model = CMALForVisualReasoning(tiny_config()).eval()
     with pytest.raises(ValueError, match=r"`visual_feats` must have shape \(batch_size, 2, num_regions, visual_feat_dim\)"):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from training.metrics import METRIC_NAMES, import_metric_module, load_metric
+from cmal.training.metrics import METRIC_NAMES, import_metric_module, load_metric
 
 
 @pytest.fixture(scope="module")

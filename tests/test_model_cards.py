@@ -9,9 +9,9 @@ from conftest import tiny_config
 from huggingface_hub import ModelCard
 from test_detector import cmal_config
 
-from model_cards import render
-from model_cards.render import KINDS, hub_repo_id, render_model_card, validate_card, write_model_card
-from training import finetune, pretrain
+from cmal.model_cards import render
+from cmal.model_cards.render import KINDS, hub_repo_id, render_model_card, validate_card, write_model_card
+from cmal.training import finetune, pretrain
 
 
 LABELS = {"vqa": ["yes", "no", "two"], "ve": ["entailment", "neutral", "contradiction"], "nlvr2": ["false", "true"],

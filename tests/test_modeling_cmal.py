@@ -8,7 +8,7 @@ import torch
 from conftest import FEAT_DIM, NUM_CONCEPTS, VOCAB_SIZE, make_inputs, run_without_project, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForVisualQuestionAnswering
 
-from modeling_cmal import (
+from cmal.modeling_cmal import (
     CMAL_PRESETS,
     CMALConfig,
     CMALForImageTextClassification,
@@ -400,7 +400,10 @@ def test_save_and_load_is_exact(name, tmp_path):
     assert state.keys() == loaded_state.keys()
     for key in state:
         assert torch.equal(state[key], loaded_state[key]), key
-    assert torch.equal(loaded(**inputs)[logits_name], model(**inputs)[logits_name])
+    # Weights are bit-exact (above); outputs are equal up to float rounding: the loader maps tensors out of the
+    # safetensors file at addresses that need not be 64-byte aligned, and CPU kernels then take another SIMD path
+    # (measured: 7e-9..3e-8 apart, 0 after cloning every parameter to fresh, aligned memory).
+    torch.testing.assert_close(loaded(**inputs)[logits_name], model(**inputs)[logits_name], rtol=1e-5, atol=1e-6)
     assert {**loaded.config.to_dict(), "_name_or_path": ""} == model.config.to_dict()
 
 

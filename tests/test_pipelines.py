@@ -13,7 +13,7 @@ from conftest import run_without_project
 from test_detector import LABELS, cmal_config
 from transformers import pipeline
 
-from modeling_cmal import (
+from cmal.modeling_cmal import (
     CMALConfig,
     CMALForImageTextClassification,
     CMALForImageTextRetrieval,
@@ -21,11 +21,11 @@ from modeling_cmal import (
     CMALForReferringExpression,
     CMALForVisualReasoning,
 )
-from processors import CMALImageProcessor, CMALProcessor
-from training import extract_regions, finetune
-from training.data import synthetic
-from training.data.region_store import load_region_store, row_to_regions
-from training.data.tokenizer import build_word_tokenizer
+from cmal.processors import CMALImageProcessor, CMALProcessor
+from cmal.training import extract_regions, finetune
+from cmal.training.data import synthetic
+from cmal.training.data.region_store import load_region_store, row_to_regions
+from cmal.training.data.tokenizer import build_word_tokenizer
 
 
 QUESTIONS = ["what is the person holding?", "is there a cup?", "what animal is this?", "is the cat sleeping?"]

@@ -14,10 +14,10 @@ from conftest import REPO, run_without_project
 from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 
-from modeling_cmal import CMALConfig
-from training import pretrain
-from training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator
-from training.data.region_store import RegionStoreWriter, load_region_store
+from cmal.modeling_cmal import CMALConfig
+from cmal.training import pretrain
+from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator
+from cmal.training.data.region_store import RegionStoreWriter, load_region_store
 
 
 NAMES = ["dog", "cat", "ball", "box"]
@@ -64,7 +64,7 @@ def test_collator_targets(corpus):
     tokenizer = pretrain.build_tokenizer(args, captions["text"])
     config = pretrain.build_config(args, tokenizer, {"feature_dim": 16, "concept_names": NAMES})
     assert (config.vocab_size, config.visual_feat_dim, config.concept_names) == (len(tokenizer), 16, NAMES)
-    from processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
+    from cmal.processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
 
     processor = CMALProcessor(CMALImageProcessor(concept_names=NAMES), tokenizer, AnchorLexicon(NAMES).to_dict())
     pairs = ImageTextPairs(captions, regions)
@@ -193,7 +193,7 @@ print(json.dumps({"class": type(model).__module__ + "." + type(model).__name__,
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
-    from modeling_cmal import CMALForPreTraining
+    from cmal.modeling_cmal import CMALForPreTraining
 
     forward, calls = CMALForPreTraining.forward, {"n": 0}
 
@@ -244,8 +244,8 @@ def test_two_process_ddp_matches_one_process(corpus, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo) with 4 examples per process vs one
     process with 8: each step sees the same examples with the same masks (sampler and collator are seeded
     per example); only the loss averaging and the anchor draws differ."""
-    from modeling_cmal import CMALForPreTraining
-    from processors import CMALProcessor
+    from cmal.modeling_cmal import CMALForPreTraining
+    from cmal.processors import CMALProcessor
 
     steps = ["--max_train_steps", "40", "--learning_rate", "1e-3", "--logging_steps", "40"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

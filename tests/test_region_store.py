@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.convert_features import convert_npz, convert_tsv
-from training.data.region_store import (
+from cmal.training.convert_features import convert_npz, convert_tsv
+from cmal.training.data.region_store import (
     METADATA_FILE,
     RegionStoreWriter,
     load_region_store,

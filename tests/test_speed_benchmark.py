@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import speed  # noqa: E402
 
-from modeling_cmal import CMALConfig  # noqa: E402
+from cmal.modeling_cmal import CMALConfig  # noqa: E402
 
 
 BATCH_SIZE = 2

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data import synthetic
-from training.data.region_store import load_region_store, row_to_regions
-from training.data.synthetic import (
+from cmal.training.data import synthetic
+from cmal.training.data.region_store import load_region_store, row_to_regions
+from cmal.training.data.synthetic import (
     COLOURS,
     FEATURE_DIM,
     MAX_OVERLAP,

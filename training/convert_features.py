@@ -15,7 +15,7 @@ import datasets
 import numpy as np
 from tqdm import tqdm
 
-from training.data.region_store import RegionStoreWriter
+from cmal.training.data.region_store import RegionStoreWriter
 
 
 # bottom-up-attention's generate_tsv.py writes 6 fields; LXMERT's TSVs add object and attribute

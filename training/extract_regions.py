@@ -18,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 
-from modeling_cmal import CMALModel
-from processors.image_processing_cmal import CMALImageProcessor
-from training.data.region_store import RegionStoreWriter
+from cmal.modeling_cmal import CMALModel
+from cmal.processors.image_processing_cmal import CMALImageProcessor
+from cmal.training.data.region_store import RegionStoreWriter
 
 
 logger = logging.getLogger("extract_regions")

@@ -18,9 +18,9 @@ the region store given by --regions. The output folder holds the model, processo
 """
 
 import argparse
+import importlib.resources
 import logging
 import os
-import shutil
 import time
 
 import torch
@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from model_cards import render as model_card
-from modeling_cmal import (
+from cmal.model_cards import render as model_card
+from cmal.modeling_cmal import (
     CMAL_PRESETS,
     CMALConfig,
     CMALForImageTextClassification,
@@ -38,12 +38,12 @@ from modeling_cmal import (
     CMALForReferringExpression,
     CMALForVisualReasoning,
 )
-from processors import CMALProcessor
-from training.data import downstream
-from training.data.region_store import load_region_store
-from training.data.tokenizer import build_word_tokenizer
-from training.metrics import load_metric
-from training.utils import (
+from cmal.processors import CMALProcessor
+from cmal.training.data import downstream
+from cmal.training.data.region_store import load_region_store
+from cmal.training.data.tokenizer import build_word_tokenizer
+from cmal.training.metrics import load_metric
+from cmal.training.utils import (
     add_training_args,
     check_finite,
     new_model_config,
@@ -112,7 +112,7 @@ def parse_args(argv=None):
 def load_data(args):
     """(train table, validation table, regions, region metadata, vocabulary texts, lexicon or None)."""
     if args.train_file is None:
-        from training.data import synthetic
+        from cmal.training.data import synthetic
 
         world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed))
         table = downstream.synthetic_task(world, args.task)
@@ -210,17 +210,13 @@ def write_model_card(folder, args, config, results, metrics):
                                 dataset_name=model_card.dataset_name(training_args))  # fmt: skip
 
 
-ENDPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "endpoint")
-
-
 def ship_endpoint_handler(folder: str) -> None:
-    """Put the Inference Endpoint handler at the root of a VQA checkpoint that reads raw images, as
-    Endpoints expect it, so its Hub repo deploys as is."""
-    if not os.path.isdir(ENDPOINT):  # installed without the repository's examples/
-        logger.warning(f"{ENDPOINT} not found: {folder} gets no Inference Endpoint handler")
-        return
+    """Put the Inference Endpoint handler (`cmal.endpoint`) at the root of a VQA checkpoint that reads raw
+    images, as Endpoints expect it, so its Hub repo deploys as is."""
+    endpoint = importlib.resources.files("cmal.endpoint")
     for name in ("handler.py", "requirements.txt"):
-        shutil.copy(os.path.join(ENDPOINT, name), os.path.join(folder, name))
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(endpoint.joinpath(name).read_bytes())
 
 
 def main(argv=None):

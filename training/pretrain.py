@@ -25,13 +25,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from model_cards import render as model_card
-from modeling_cmal import CMAL_PRESETS, CMALConfig, CMALForPreTraining
-from modeling_cmal.convert_bert_to_cmal import load_bert_weights
-from training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator
-from training.data.region_store import load_region_store
-from training.data.tokenizer import build_word_tokenizer
-from training.utils import (
+from cmal.model_cards import render as model_card
+from cmal.modeling_cmal import CMAL_PRESETS, CMALConfig, CMALForPreTraining
+from cmal.modeling_cmal.convert_bert_to_cmal import load_bert_weights
+from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator
+from cmal.training.data.region_store import load_region_store
+from cmal.training.data.tokenizer import build_word_tokenizer
+from cmal.training.utils import (
     add_training_args,
     check_finite,
     new_model_config,
@@ -94,7 +94,7 @@ def load_corpus(args):
     downstream questions too.
     """
     if args.dataset == "synthetic":
-        from training.data import synthetic
+        from cmal.training.data import synthetic
 
         world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed))
         texts = synthetic.world_texts(world)

@@ -1,6 +1,6 @@
 """Upload a finished training folder to the Hub, after checking it is complete (`utils.hub_files`).
 
-    python -m training.push_to_hub outputs/cmal-vqa me/cmal-small-vqa [--private]
+    python -m cmal.training.push_to_hub outputs/cmal-vqa me/cmal-small-vqa [--private]
 
 The same upload `pretrain.py`/`finetune.py --push_to_hub` do at the end of a run, for a folder trained
 without it. Log in first (`hf auth login`) or set `HF_TOKEN`.
@@ -8,7 +8,7 @@ without it. Log in first (`hf auth login`) or set `HF_TOKEN`.
 
 import argparse
 
-from training.utils import push_to_hub
+from cmal.training.utils import push_to_hub
 
 
 def main(argv=None):

@@ -14,8 +14,8 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from transformers import get_scheduler
 
-from modeling_cmal import CMAL_PRESETS, CMALConfig
-from processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
+from cmal.modeling_cmal import CMAL_PRESETS, CMALConfig
+from cmal.processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
 
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from training.metrics import import_metric_module
+from cmal.training.metrics import import_metric_module
 
 from .region_store import rows_to_regions
 

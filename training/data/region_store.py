@@ -23,7 +23,7 @@ import shutil
 
 import datasets
 import numpy as np
-from training.utils import write_json
+from cmal.training.utils import write_json
 
 
 SCHEMA_VERSION = 1

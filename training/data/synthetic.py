@@ -58,7 +58,7 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
-from processors.anchor_lexicon import AnchorLexicon, pluralize
+from cmal.processors.anchor_lexicon import AnchorLexicon, pluralize
 
 from .region_store import RegionStoreWriter, load_region_store
 
