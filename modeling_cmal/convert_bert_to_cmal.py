@@ -13,8 +13,8 @@
 # limitations under the License.
 """Initialise a CMAL model from a BERT checkpoint.
 
-CMAL's text path (text embeddings -> text encoder -> unified encoder) has BERT's module names, so
-BERT layer `i` becomes text layer `i` for `i < num_text_layers` and unified layer
+CMAL's text path (text encoder embeddings and layers -> unified encoder) has BERT's module names
+below each unit, so BERT layer `i` becomes text layer `i` for `i < num_text_layers` and unified layer
 `i - num_text_layers` after that: the text path keeps BERT's depth. The region encoder, the
 associative prompt layer and the region heads have no BERT counterpart and keep their init.
 
@@ -51,12 +51,15 @@ ROW_TABLES = (
     "word_embeddings.weight",
     "position_embeddings.weight",
     "token_type_embeddings.weight",
-    "lm_head.decoder.weight",
-    "lm_head.decoder.bias",
-    "lm_head.bias",
+    "token_head.decoder.weight",
+    "token_head.decoder.bias",
+    "token_head.bias",
 )
+# Where BERT's MLM head (`cls.predictions`) goes: the vocabulary head of the associative mapping head.
+LM_HEAD = "mapping_head.token_head."
+
 # Parts of a CMAL model that BERT can initialise; what of them no BERT tensor reaches is reported as new.
-BERT_SCOPE = ("text_embeddings.", "text_encoder.", "encoder.", "pooler.")
+BERT_SCOPE = ("text_encoder.embeddings.", "text_encoder.layer.", "unified_encoder.", "pooler.")
 
 
 def _shape(shape) -> str:
@@ -169,15 +172,15 @@ def _cmal_name(bert_name: str, base_prefix: str, num_text_layers: int) -> str | 
         return None
     module, layer, tail = match.groups()
     if module == "cls.predictions":
-        return f"lm_head.{tail}"
+        return f"{LM_HEAD}{tail}"
     if layer is not None:
         index = int(layer)
         if index < num_text_layers:
             module = f"text_encoder.layer.{index}"
         else:
-            module = f"encoder.layer.{index - num_text_layers}"
+            module = f"unified_encoder.layer.{index - num_text_layers}"
     elif module == "embeddings":
-        module = "text_embeddings"
+        module = "text_encoder.embeddings"
     return f"{base_prefix}{module}.{tail}"
 
 
@@ -196,9 +199,9 @@ def load_bert_weights(
         bert_name_or_path: a local folder or a Hub id of any BERT-architecture checkpoint.
         revision, token: passed to the Hub download for Hub ids.
 
-    Mapping: `embeddings.*` -> `text_embeddings.*`; `encoder.layer.i` -> `text_encoder.layer.i` for
-    `i < config.num_text_layers`, else `encoder.layer.{i - num_text_layers}`; `pooler.dense` ->
-    `pooler.dense`; `cls.predictions.*` -> `lm_head.*` when the model has an `lm_head`.
+    Mapping: `embeddings.*` -> `text_encoder.embeddings.*`; `encoder.layer.i` -> `text_encoder.layer.i`
+    for `i < config.num_text_layers`, else `unified_encoder.layer.{i - num_text_layers}`; `pooler.dense` ->
+    `pooler.dense`; `cls.predictions.*` -> `mapping_head.token_head.*` when the model has that head.
 
     A vocabulary, position or segment table of another row count gets its overlapping rows (reported
     as resized); any other shape mismatch, e.g. another hidden size, leaves the tensor at its init
@@ -257,7 +260,7 @@ def load_bert_weights(
                 continue
         filled[id(param)] = (cmal_name, bert_name)
 
-    scope = tuple(base_prefix + part for part in BERT_SCOPE) + ("lm_head.",)
+    scope = tuple(base_prefix + part for part in BERT_SCOPE) + (LM_HEAD,)
     report.new = [
         name for name, param in model.named_parameters() if name.startswith(scope) and id(param) not in reached
     ]
@@ -276,7 +279,7 @@ def main():
         "--head",
         choices=["pretraining", "model"],
         default="pretraining",
-        help="`pretraining` builds CMALForPreTraining (BERT's MLM head fills `lm_head`), `model` the bare CMALModel.",
+        help="`pretraining` builds CMALForPreTraining (BERT's MLM head fills `mapping_head.token_head`), `model` the bare CMALModel.",
     )
     parser.add_argument("--revision", default=None, help="Hub revision of `--bert` (branch, tag or commit).")
     parser.add_argument("--output_dir", required=True, help="Where `save_pretrained` writes the CMAL model.")

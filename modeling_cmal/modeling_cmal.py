@@ -13,26 +13,45 @@
 # limitations under the License.
 """PyTorch CMAL model: Cross-Modal Associative Learning over image regions and text.
 
-One flat file in the transformers style. It ships as Hub remote code, so it imports only torch,
-transformers and its sibling `configuration_cmal.py` (relatively).
+One flat file in the transformers style, its units in data-flow order (DESIGN §1):
+
+    0. raw images -> regions           `CMALRegionDetector` (optional)
+    1. anchor detection ⊕              `anchor_operator`
+    2. uni-modal encoders + sphere     `CMALUnimodalEncoder` (text: `CMALTextEmbeddings`, regions:
+                                       `CMALVisualEmbeddings`; `CMALHypersphere`)
+    3. associative prompt layer        `CMALAssociativePromptLayer` -> `CMALAssociativePromptOutput`
+    4. unified encoder + pooler        `CMALUnifiedEncoder`, `CMALPooler`
+    5. associative mapping (AMC)       `CMALAssociativeMappingHead` -> `CMALAssociativeMappingOutput`
+
+It ships as Hub remote code, so it imports only torch, transformers and its sibling
+`configuration_cmal.py` (relatively).
 """
 
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Unpack
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, TransformersKwargs, auto_docstring, can_return_tuple, logging
 
 from .configuration_cmal import CMALConfig
+
+
+try:  # transformers >= 5.2: output capturing has its own decorator
+    from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+except ImportError:  # transformers 5.0/5.1: `check_model_inputs` captures outputs
+    from transformers.utils.generic import OutputRecorder
+    from transformers.utils.generic import check_model_inputs as capture_outputs
 
 
 logger = logging.get_logger(__name__)
@@ -60,17 +79,18 @@ class CMALModelOutput(ModelOutput):
         Uni-modal region encoder output (on the hypersphere when `config.hypersphere`).
     text_embeds, image_embeds (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
         Unit vectors of the text `[CLS]` feature and the mean region feature, used by the ITC loss.
-    anchor_map (`torch.BoolTensor` of shape `(batch_size, text_len, num_regions)`):
-        The anchor operator ⊕: `anchor_map[b, t, r]` is true when token `t` and region `r` denote the
-        same concept.
-    token_swapped, region_swapped (`torch.BoolTensor` of shape `(batch_size, text_len)` / `(batch_size, num_regions)`):
-        Slots whose own feature was masked and replaced by their partner's feature.
+    anchor_map (`torch.LongTensor` of shape `(batch_size, text_len, num_regions)`):
+        The anchor operator ⊕: `anchor_map[b, t, r]` is 1 when token `t` and region `r` denote the same
+        concept. This and the other masks of the output are 0/1 integers, not booleans, so that every
+        output tensor supports the arithmetic and comparisons transformers applies to outputs.
+    token_swapped, region_swapped (`torch.LongTensor` of shape `(batch_size, text_len)` / `(batch_size, num_regions)`):
+        1 at slots whose own feature was masked and replaced by their partner's feature.
     token_partner, region_partner (`torch.LongTensor`, same shapes):
         For each swapped slot, the index of the partner whose feature filled it; -1 elsewhere.
     region_boxes (`torch.FloatTensor` of shape `(batch_size, num_regions, 4)`):
         The regions' normalised `(x1, y1, x2, y2)`, detected from `pixel_values` or given in `visual_pos`.
     region_concept_ids, region_scores, region_mask (`(batch_size, num_regions)`):
-        The regions' concept ids, detector scores and validity mask (detected or as given).
+        The regions' concept ids, detector scores and validity mask (1 for a real region; detected or as given).
     hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         Unified-encoder input and the output of each of its layers.
     attentions (`tuple(torch.FloatTensor)`, *optional*):
@@ -83,15 +103,15 @@ class CMALModelOutput(ModelOutput):
     region_features: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
-    anchor_map: torch.BoolTensor | None = None
-    token_swapped: torch.BoolTensor | None = None
-    region_swapped: torch.BoolTensor | None = None
+    anchor_map: torch.LongTensor | None = None
+    token_swapped: torch.LongTensor | None = None
+    region_swapped: torch.LongTensor | None = None
     token_partner: torch.LongTensor | None = None
     region_partner: torch.LongTensor | None = None
     region_boxes: torch.FloatTensor | None = None
     region_concept_ids: torch.LongTensor | None = None
     region_scores: torch.FloatTensor | None = None
-    region_mask: torch.BoolTensor | None = None
+    region_mask: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -133,9 +153,9 @@ class CMALForPreTrainingOutput(ModelOutput):
     pointer_logits: torch.FloatTensor | None = None
     itm_logits: torch.FloatTensor | None = None
     itc_logits: torch.FloatTensor | None = None
-    anchor_map: torch.BoolTensor | None = None
-    token_swapped: torch.BoolTensor | None = None
-    region_swapped: torch.BoolTensor | None = None
+    anchor_map: torch.LongTensor | None = None
+    token_swapped: torch.LongTensor | None = None
+    region_swapped: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -179,29 +199,241 @@ class CMALImageTextRetrievalOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-# ----------------------------------------------------------------------------------------------
-# Building blocks
-# ----------------------------------------------------------------------------------------------
+@dataclass
+class CMALAssociativePromptOutput(ModelOutput):
+    r"""
+    The associative prompt layer's result (DESIGN §1, step 3).
 
-
-def anchor_operator(
-    token_concept_ids: torch.LongTensor,
-    region_concept_ids: torch.LongTensor,
-    attention_mask: torch.Tensor | None = None,
-    visual_attention_mask: torch.Tensor | None = None,
-) -> torch.BoolTensor:
-    """The anchor operator ⊕ as one tensor op.
-
-    `anchor_map[b, t, r] = token_concept_ids[b, t] == region_concept_ids[b, r] >= 0`, restricted to
-    real (unmasked) tokens and regions. Shapes: `(B, T)`, `(B, N)` -> `(B, T, N)`.
+    hybrid_states (`torch.FloatTensor` of shape `(batch_size, text_len + num_regions, hidden_size)`):
+        The hybrid associative prompt: text then region slots, swapped slots filled from the other modality,
+        every slot with its modality type embedding; the unified encoder's input.
+    token_swapped, region_swapped (`torch.BoolTensor` of shape `(batch_size, text_len)` / `(batch_size, num_regions)`):
+        Slots whose own feature was masked and replaced.
+    token_partner, region_partner (`torch.LongTensor`, same shapes):
+        For each swapped slot, the index of the partner whose feature filled it; -1 elsewhere.
     """
-    token_ids = token_concept_ids.unsqueeze(2)
-    anchor_map = (token_ids == region_concept_ids.unsqueeze(1)) & (token_ids >= 0)
+
+    hybrid_states: torch.FloatTensor | None = None
+    token_swapped: torch.BoolTensor | None = None
+    region_swapped: torch.BoolTensor | None = None
+    token_partner: torch.LongTensor | None = None
+    region_partner: torch.LongTensor | None = None
+
+
+@dataclass
+class CMALAssociativeMappingOutput(ModelOutput):
+    r"""
+    Scores of the associative mapping head (DESIGN §1, step 5), at every slot.
+
+    token_logits (`torch.FloatTensor` of shape `(batch_size, text_len, vocab_size)`):
+        Vocabulary scores of every text slot (AMC-token; MLM reads the same head).
+    region_logits (`torch.FloatTensor` of shape `(batch_size, num_regions, num_concepts)`):
+        Concept scores of every region slot (AMC-region; MRM's concept part reads the same head).
+    pointer_logits (`torch.FloatTensor` of shape `(batch_size, text_len, num_regions)`):
+        Score of every region as the partner of every token (AMC-pointer); padded regions get the dtype's minimum.
+    """
+
+    token_logits: torch.FloatTensor | None = None
+    region_logits: torch.FloatTensor | None = None
+    pointer_logits: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Input validation: every input is checked at the boundary, and each error names the argument,
+# what was expected and what came.
+# ----------------------------------------------------------------------------------------------
+
+
+def validate_model_inputs(
+    config: CMALConfig,
+    input_ids,
+    inputs_embeds,
+    visual_feats,
+    visual_pos,
+    attention_mask,
+    token_type_ids,
+    visual_attention_mask,
+    token_concept_ids,
+    region_concept_ids,
+    region_scores,
+    masked_regions,
+    anchor_selection,
+) -> None:
+    """Check every input of `CMALModel.forward`.
+
+    Checks of values (ranges, finiteness, empty texts) need the data: each only queues a 0-d "bad" flag,
+    and all queued flags are read in one host sync (`_raise_first_bad`), before any later shape error and
+    at the end, so that the first failing check in the order below raises, as if each ran at once.
+    """
+    pending = []  # (0-d bool tensor: the check failed, callable raising its error), in check order
+
+    def fail(error: Exception):
+        _raise_first_bad(pending)
+        raise error
+
+    if (input_ids is None) == (inputs_embeds is None):
+        fail(ValueError("Pass exactly one of `input_ids` and `inputs_embeds`"))
+    text, text_name = (input_ids, "input_ids") if input_ids is not None else (inputs_embeds, "inputs_embeds")
+    for name, value in ((text_name, text), ("visual_feats", visual_feats), ("visual_pos", visual_pos)):
+        if not isinstance(value, torch.Tensor):
+            fail(ValueError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}"))
+    if input_ids is not None and input_ids.dim() != 2:
+        fail(ValueError(f"`input_ids` must have shape (batch_size, text_len), got shape {tuple(input_ids.shape)}"))
+    if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size):
+        fail(ValueError(
+            f"`inputs_embeds` must have shape (batch_size, text_len, config.hidden_size={config.hidden_size}), "
+            f"got shape {tuple(inputs_embeds.shape)}"
+        ))  # fmt: skip
+    batch_size, text_len = text.shape[:2]
+    if batch_size == 0:
+        fail(ValueError(f"`{text_name}` must hold at least one example, got batch_size 0"))
+    if text_len == 0:
+        fail(ValueError(
+            f"`{text_name}` is empty (text_len 0): every example needs at least a [CLS] token; "
+            "tokenize with the processor, which adds [CLS] and [SEP]"
+        ))  # fmt: skip
+    if input_ids is not None and (input_ids.is_floating_point() or input_ids.dtype == torch.bool):
+        fail(ValueError(f"`input_ids` must be an integer tensor, got dtype {input_ids.dtype}"))
+    if inputs_embeds is not None and not inputs_embeds.is_floating_point():
+        fail(ValueError(f"`inputs_embeds` must be a floating-point tensor, got dtype {inputs_embeds.dtype}"))
+    if text_len > config.max_position_embeddings:
+        fail(ValueError(
+            f"`{text_name}` has {text_len} tokens, more than config.max_position_embeddings "
+            f"({config.max_position_embeddings}); truncate the text"
+        ))  # fmt: skip
+    if input_ids is not None:
+        pending.append(_range_check("input_ids", input_ids, 0, config.vocab_size,
+                                    f"must lie in [0, {config.vocab_size}) (config.vocab_size)"))  # fmt: skip
+    if visual_feats.dim() != 3:
+        fail(ValueError(
+            f"`visual_feats` must have shape (batch_size, num_regions, {config.visual_feat_dim}), "
+            f"got shape {tuple(visual_feats.shape)}"
+        ))  # fmt: skip
+    num_regions = visual_feats.shape[1]
+    text_shape, region_shape = (batch_size, text_len), (batch_size, num_regions)
+    # name -> (value, layout in words, expected shape)
+    checks = {
+        "visual_feats": (visual_feats, "(batch_size, num_regions, config.visual_feat_dim)", (*region_shape, config.visual_feat_dim)),
+        "visual_pos": (visual_pos, "(batch_size, num_regions, config.visual_pos_dim)", (*region_shape, config.visual_pos_dim)),
+        "attention_mask": (attention_mask, "(batch_size, text_len)", text_shape),
+        "token_type_ids": (token_type_ids, "(batch_size, text_len)", text_shape),
+        "token_concept_ids": (token_concept_ids, "(batch_size, text_len)", text_shape),
+        "visual_attention_mask": (visual_attention_mask, "(batch_size, num_regions)", region_shape),
+        "region_concept_ids": (region_concept_ids, "(batch_size, num_regions)", region_shape),
+        "region_scores": (region_scores, "(batch_size, num_regions)", region_shape),
+        "masked_regions": (masked_regions, "(batch_size, num_regions)", region_shape),
+        "anchor_selection": (anchor_selection, "(batch_size, config.num_concepts)", (batch_size, config.num_concepts)),
+    }  # fmt: skip
+    for name, (value, layout, shape) in checks.items():
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            fail(ValueError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}"))
+        if tuple(value.shape) != shape:
+            fail(ValueError(
+                f"`{name}` must have shape {layout} = {shape} (from `{text_name}` and `visual_feats`), "
+                f"got shape {tuple(value.shape)}"
+            ))  # fmt: skip
+    if num_regions > config.max_regions:
+        fail(ValueError(
+            f"`visual_feats` has {num_regions} regions, more than config.max_regions ({config.max_regions}); "
+            "keep the top regions by detector score"
+        ))  # fmt: skip
+    floats = {"visual_feats": visual_feats, "visual_pos": visual_pos, "region_scores": region_scores}
+    if inputs_embeds is not None:
+        floats = {"inputs_embeds": inputs_embeds, **floats}
+    for name, value in floats.items():
+        if value is None:
+            continue
+        if not value.is_floating_point():
+            fail(ValueError(f"`{name}` must be a floating-point tensor, got dtype {value.dtype}"))
+        pending.append(_finite_check(name, value))
     if attention_mask is not None:
-        anchor_map &= attention_mask.bool().unsqueeze(2)
-    if visual_attention_mask is not None:
-        anchor_map &= visual_attention_mask.bool().unsqueeze(1)
-    return anchor_map
+        pending.append((~attention_mask.bool().any(dim=1).all(), lambda: _raise_empty_text(attention_mask)))
+    if token_type_ids is not None and token_type_ids.numel():
+        pending.append(_range_check("token_type_ids", token_type_ids, 0, config.type_vocab_size,
+                                    f"must lie in [0, {config.type_vocab_size}) (config.type_vocab_size)"))  # fmt: skip
+    for name in ("token_concept_ids", "region_concept_ids"):
+        value = checks[name][0]
+        if value is None or value.numel() == 0:
+            continue
+        if value.is_floating_point():
+            fail(ValueError(f"`{name}` must be an integer tensor, got dtype {value.dtype}"))
+        pending.append(_range_check(
+            name, value, -1, config.num_concepts,
+            f"must be -1 (no concept) or lie in [0, {config.num_concepts}) (config.num_concepts)",
+        ))  # fmt: skip
+    _raise_first_bad(pending)
+
+
+def _raise_first_bad(pending: list) -> None:
+    """Read every queued check's flag in one host sync; raise the error of the first that failed
+    (a flag may be a cheap bound: its check then confirms before raising)."""
+    if not pending:
+        return
+    bad = torch.stack([flag for flag, _ in pending]).tolist()
+    for failed, (_, raise_error) in zip(bad, pending):
+        if failed:
+            raise_error()
+    pending.clear()
+
+
+def _range_check(name: str, value: torch.Tensor, low: int, high: int, rule: str):
+    """A queued check that the values of `value` lie in [low, high)."""
+    value_min, value_max = value.min(), value.max()
+
+    def raise_error():
+        raise ValueError(f"`{name}` values {rule}, got range [{int(value_min)}, {int(value_max)}]")
+
+    return (value_min < low) | (value_max >= high), raise_error
+
+
+def _finite_check(name: str, value: torch.Tensor):
+    """A queued finiteness check. A NaN or inf anywhere makes the sum NaN or inf, so a finite sum (one
+    reduction, no temporaries; `isfinite` makes four tensor-sized ones) clears the tensor; a sum that
+    is not finite, which overflow can cause too, is then checked element by element."""
+
+    def raise_error():
+        if bool(torch.isfinite(value).all()):
+            return
+        bad = (~torch.isfinite(value)).nonzero()[0].tolist()
+        raise ValueError(f"`{name}` must be finite, got NaN or inf (first at index {tuple(bad)})")
+
+    return ~torch.isfinite(value.sum(dtype=torch.float32)), raise_error
+
+
+def _raise_empty_text(attention_mask: torch.Tensor):
+    empty = (~attention_mask.bool().any(dim=1)).nonzero()[0, 0].item()
+    raise ValueError(f"`attention_mask` masks every token of example {empty}: the text is empty")
+
+
+def _check_labels(name: str, labels: torch.Tensor, shape: tuple, num_classes: int | None = None) -> None:
+    """Validate a label tensor at the head boundary (shape, dtype and range)."""
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"`{name}` must be a torch.Tensor, got {type(labels).__name__}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"`{name}` must have shape {tuple(shape)}, got shape {tuple(labels.shape)}")
+    if num_classes is None:  # soft scores / distributions
+        if not labels.is_floating_point() or not bool(torch.isfinite(labels).all()):
+            raise ValueError(f"`{name}` must be finite floating-point scores, got dtype {labels.dtype}")
+        if labels.numel() and (float(labels.min()) < 0 or float(labels.max()) > 1):
+            raise ValueError(
+                f"`{name}` must lie in [0, 1], got range [{float(labels.min()):.4g}, {float(labels.max()):.4g}]"
+            )
+        return
+    if labels.is_floating_point():
+        raise ValueError(f"`{name}` must be an integer tensor of class indices, got dtype {labels.dtype}")
+    valid = labels[labels != -100]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_classes):
+        raise ValueError(
+            f"`{name}` values must lie in [0, {num_classes}) (or be -100 to ignore), "
+            f"got range [{int(valid.min())}, {int(valid.max())}]"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 0 (raw images only): regions from a detector
+# ----------------------------------------------------------------------------------------------
 
 
 def boxes_to_visual_pos(boxes: torch.Tensor) -> torch.Tensor:
@@ -216,7 +448,7 @@ class CMALRegionDetector(nn.Module):
     A region's feature is the detector's decoder output for its query (the vector its box and class
     were read from), its box the predicted box, its concept the predicted label mapped by name onto
     `config.concept_names` (-1 when the name is not a concept), its score the label's probability.
-    Any DETR-family detector works; the default is RT-DETR (see `CMALModel.set_detector`).
+    Any DETR-family detector works (`CMALConfig.from_detector`, `load_detector_weights`).
     """
 
     def __init__(self, config: CMALConfig):
@@ -268,62 +500,34 @@ class CMALRegionDetector(nn.Module):
         }
 
 
-class CMALTextEmbeddings(nn.Module):
-    """Word + position + segment embeddings, named as in BERT so BERT weights load one-to-one."""
-
-    def __init__(self, config: CMALConfig):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.position_ids = nn.Buffer(torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False)
-
-    def forward(self, input_ids: torch.LongTensor, token_type_ids: torch.LongTensor) -> torch.Tensor:
-        position_ids = self.position_ids[:, : input_ids.shape[1]]
-        embeddings = (
-            self.word_embeddings(input_ids)
-            + self.position_embeddings(position_ids)
-            + self.token_type_embeddings(token_type_ids)
-        )
-        return self.dropout(self.LayerNorm(embeddings))
+# ----------------------------------------------------------------------------------------------
+# Step 1: the anchor operator ⊕
+# ----------------------------------------------------------------------------------------------
 
 
-class CMALVisualEmbeddings(nn.Module):
-    """Region feature and box projections, each layer-normalised, then summed (as in UNITER)."""
+def anchor_operator(
+    token_concept_ids: torch.LongTensor,
+    region_concept_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    visual_attention_mask: torch.Tensor | None = None,
+) -> torch.BoolTensor:
+    """The anchor operator ⊕ as one tensor op.
 
-    def __init__(self, config: CMALConfig):
-        super().__init__()
-        self.feature_projection = nn.Linear(config.visual_feat_dim, config.hidden_size)
-        self.feature_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.box_projection = nn.Linear(config.visual_pos_dim, config.hidden_size)
-        self.box_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, visual_feats: torch.Tensor, visual_pos: torch.Tensor) -> torch.Tensor:
-        features = self.feature_layer_norm(self.feature_projection(visual_feats))
-        boxes = self.box_layer_norm(self.box_projection(visual_pos))
-        return self.dropout(self.LayerNorm(features + boxes))
-
-
-class CMALHypersphere(nn.Module):
-    """Puts a modality's features on a sphere of learnable radius (identity when disabled).
-
-    Both modalities live on spheres so that the associative prompt layer can put a region feature
-    into a word slot (and back) without a scale mismatch.
+    `anchor_map[b, t, r] = token_concept_ids[b, t] == region_concept_ids[b, r] >= 0`, restricted to
+    real (unmasked) tokens and regions. Shapes: `(B, T)`, `(B, N)` -> `(B, T, N)`.
     """
+    token_ids = token_concept_ids.unsqueeze(2)
+    anchor_map = (token_ids == region_concept_ids.unsqueeze(1)) & (token_ids >= 0)
+    if attention_mask is not None:
+        anchor_map &= attention_mask.bool().unsqueeze(2)
+    if visual_attention_mask is not None:
+        anchor_map &= visual_attention_mask.bool().unsqueeze(1)
+    return anchor_map
 
-    def __init__(self, config: CMALConfig):
-        super().__init__()
-        self.enabled = config.hypersphere
-        self.scale = nn.Parameter(torch.tensor(float(config.hypersphere_init_scale))) if self.enabled else None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return hidden_states
-        return F.normalize(hidden_states, dim=-1) * self.scale
+# ----------------------------------------------------------------------------------------------
+# The transformer layer every encoder is made of (BERT's names, so BERT weights load one-to-one)
+# ----------------------------------------------------------------------------------------------
 
 
 def eager_attention_forward(
@@ -337,7 +541,9 @@ def eager_attention_forward(
     **kwargs,
 ):
     attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # a mask made for sdpa: True = attend
+        attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+    elif attention_mask is not None:
         attn_weights = attn_weights + attention_mask
     attn_weights = nn.functional.softmax(attn_weights, dim=-1)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
@@ -357,10 +563,10 @@ class CMALSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
-        self.is_causal = False  # read by the sdpa/flash backends: an encoder must never be causal
+        self.is_causal = False  # read by the sdpa backend: an encoder must never be causal
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, output_attentions: bool = False
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Unpack[TransformersKwargs]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.attention_head_size)
@@ -370,7 +576,7 @@ class CMALSelfAttention(nn.Module):
 
         # Only eager materialises the weights; asking for them switches this call to eager.
         attention_interface: Callable = eager_attention_forward
-        if self.config._attn_implementation not in (None, "eager") and not output_attentions:
+        if self.config._attn_implementation not in (None, "eager") and not kwargs.get("output_attentions"):
             # transformers reads this file to decide whether `set_attn_implementation` may switch a loaded model:
             # newer 5.x look for the `get_interface(` call, 5.0 (which lacks it) for the item lookup.
             if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
@@ -410,9 +616,9 @@ class CMALAttention(nn.Module):
         self.output = CMALSelfOutput(config)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, output_attentions: bool = False
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Unpack[TransformersKwargs]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_output, attn_weights = self.self(hidden_states, attention_mask, output_attentions)
+        attn_output, attn_weights = self.self(hidden_states, attention_mask, **kwargs)
         return self.output(attn_output, hidden_states), attn_weights
 
 
@@ -447,36 +653,106 @@ class CMALLayer(GradientCheckpointingLayer):
         self.output = CMALOutput(config)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, output_attentions: bool = False
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Unpack[TransformersKwargs]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attention_output, attn_weights = self.attention(hidden_states, attention_mask, output_attentions)
+        attention_output, attn_weights = self.attention(hidden_states, attention_mask, **kwargs)
         layer_output = self.output(self.intermediate(attention_output), attention_output)
         return layer_output, attn_weights
 
 
-class CMALEncoder(nn.Module):
-    """A stack of `CMALLayer`s; used for the text, the region and the unified encoders alike."""
+# ----------------------------------------------------------------------------------------------
+# Step 2: the uni-modal semantic encoders ("hypersphere spaces")
+# ----------------------------------------------------------------------------------------------
 
-    def __init__(self, config: CMALConfig, num_layers: int):
+
+class CMALTextEmbeddings(nn.Module):
+    """Word + position + segment embeddings, named as in BERT so BERT weights load one-to-one."""
+
+    def __init__(self, config: CMALConfig):
         super().__init__()
-        self.layer = nn.ModuleList([CMALLayer(config) for _ in range(num_layers)])
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.position_ids = nn.Buffer(torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False)
 
     def forward(
         self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        for layer in self.layer:
-            hidden_states, attn_weights = layer(hidden_states, attention_mask, output_attentions)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (attn_weights,)
-        return hidden_states, all_hidden_states, all_attentions
+        input_ids: torch.LongTensor | None,
+        token_type_ids: torch.LongTensor,
+        inputs_embeds: torch.FloatTensor | None = None,
+    ) -> torch.Tensor:
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        position_ids = self.position_ids[:, : inputs_embeds.shape[1]]
+        embeddings = inputs_embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class CMALVisualEmbeddings(nn.Module):
+    """Region feature and box projections, each layer-normalised, then summed (as in UNITER)."""
+
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.feature_projection = nn.Linear(config.visual_feat_dim, config.hidden_size)
+        self.feature_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.box_projection = nn.Linear(config.visual_pos_dim, config.hidden_size)
+        self.box_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, visual_feats: torch.Tensor, visual_pos: torch.Tensor) -> torch.Tensor:
+        features = self.feature_layer_norm(self.feature_projection(visual_feats))
+        boxes = self.box_layer_norm(self.box_projection(visual_pos))
+        return self.dropout(self.LayerNorm(features + boxes))
+
+
+class CMALHypersphere(nn.Module):
+    """Puts a modality's features on a sphere of learnable radius (identity when disabled).
+
+    Both modalities live on spheres so that the associative prompt layer can put a region feature
+    into a word slot (and back) without a scale mismatch.
+    """
+
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.enabled = config.hypersphere
+        self.scale = nn.Parameter(torch.tensor(float(config.hypersphere_init_scale))) if self.enabled else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return hidden_states
+        return F.normalize(hidden_states, dim=-1) * self.scale
+
+
+class CMALUnimodalEncoder(nn.Module):
+    """One modality's semantic encoder: its embeddings, `num_layers` transformer layers, then the hypersphere.
+
+    Built twice by `CMALModel`: over text (`CMALTextEmbeddings`, `config.num_text_layers`) and over regions
+    (`CMALVisualEmbeddings`, `config.num_visual_layers`).
+    """
+
+    def __init__(self, config: CMALConfig, embeddings: nn.Module, num_layers: int):
+        super().__init__()
+        self.config = config
+        self.embeddings = embeddings
+        self.layer = nn.ModuleList([CMALLayer(config) for _ in range(num_layers)])
+        self.hypersphere = CMALHypersphere(config)
+
+    def forward(self, *embedding_inputs, attention_mask: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+        """`embedding_inputs` go to the embeddings; `attention_mask` is the (batch_size, length) 0/1 mask."""
+        hidden_states = self.embeddings(*embedding_inputs)
+        if hidden_states.shape[1] > 0 and len(self.layer) > 0:  # an image may have no regions
+            mask = create_bidirectional_mask(self.config, hidden_states, attention_mask)
+            for layer in self.layer:
+                hidden_states, _ = layer(hidden_states, mask, **kwargs)
+        return self.hypersphere(hidden_states)
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 3: the cross-modal associative prompt layer
+# ----------------------------------------------------------------------------------------------
 
 
 class CMALAssociativePromptLayer(nn.Module):
@@ -514,7 +790,7 @@ class CMALAssociativePromptLayer(nn.Module):
         region_concept_ids: torch.LongTensor,
         region_scores: torch.Tensor | None,
         anchor_selection: torch.BoolTensor | None,
-    ):
+    ) -> CMALAssociativePromptOutput:
         batch_size, text_len, hidden_size = text_features.shape
         num_regions = region_features.shape[1]
         device = text_features.device
@@ -552,8 +828,38 @@ class CMALAssociativePromptLayer(nn.Module):
             dim=1,
         )
         hybrid = torch.cat([text_features, region_features], dim=1) + self.modality_type_embeddings(type_ids)
-        hybrid = self.dropout(self.LayerNorm(hybrid))
-        return hybrid, token_swapped, region_swapped, token_partner, region_partner
+        return CMALAssociativePromptOutput(
+            hybrid_states=self.dropout(self.LayerNorm(hybrid)),
+            token_swapped=token_swapped,
+            region_swapped=region_swapped,
+            token_partner=token_partner,
+            region_partner=region_partner,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 4: the unified semantic encoder
+# ----------------------------------------------------------------------------------------------
+
+
+class CMALUnifiedLayer(CMALLayer):
+    """A layer of the unified encoder: the layers whose outputs `CMALModel` reports as `hidden_states` and
+    `attentions` (the uni-modal encoders' layers are plain `CMALLayer`s)."""
+
+
+class CMALUnifiedEncoder(nn.Module):
+    """`config.num_hidden_layers` layers over the hybrid associative prompt `[CLS] text [SEP] regions`."""
+
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([CMALUnifiedLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Unpack[TransformersKwargs]
+    ) -> torch.Tensor:
+        for layer in self.layer:
+            hidden_states, _ = layer(hidden_states, attention_mask, **kwargs)
+        return hidden_states
 
 
 class CMALPooler(nn.Module):
@@ -564,6 +870,11 @@ class CMALPooler(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.activation(self.dense(hidden_states[:, 0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 5: associative mapping classification (and the heads it shares with MLM/MRM)
+# ----------------------------------------------------------------------------------------------
 
 
 class CMALPredictionHeadTransform(nn.Module):
@@ -578,7 +889,7 @@ class CMALPredictionHeadTransform(nn.Module):
 
 
 class CMALLMPredictionHead(nn.Module):
-    """Vocabulary head, tied to the word embeddings; named as BERT's `cls.predictions`."""
+    """Vocabulary head, tied to the word embeddings; its parameters are named as BERT's `cls.predictions`."""
 
     def __init__(self, config: CMALConfig):
         super().__init__()
@@ -591,7 +902,7 @@ class CMALLMPredictionHead(nn.Module):
 
 
 class CMALRegionPredictionHead(nn.Module):
-    """Transform then a linear output: region feature regression or concept classification."""
+    """Transform then a linear output: region feature regression, concept classification or a region score."""
 
     def __init__(self, config: CMALConfig, out_features: int):
         super().__init__()
@@ -615,12 +926,12 @@ class CMALPointerHead(nn.Module):
         return torch.matmul(self.query(text_states), self.key(region_states).transpose(1, 2)) * self.scaling
 
 
-def _mask_padded_regions(logits: torch.Tensor, visual_attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _mask_padded_regions(logits: torch.Tensor, region_mask: torch.Tensor | None) -> torch.Tensor:
     """Give padded regions (last dim of `logits`) the dtype's minimum so softmax ignores them."""
-    if visual_attention_mask is None:
+    if region_mask is None:
         return logits
-    shape = (visual_attention_mask.shape[0],) + (1,) * (logits.dim() - 2) + (visual_attention_mask.shape[1],)
-    return logits.masked_fill(~visual_attention_mask.bool().view(shape), torch.finfo(logits.dtype).min)
+    shape = (region_mask.shape[0],) + (1,) * (logits.dim() - 2) + (region_mask.shape[1],)
+    return logits.masked_fill(~region_mask.bool().view(shape), torch.finfo(logits.dtype).min)
 
 
 def _cross_entropy_where(logits: torch.Tensor, labels: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -634,11 +945,157 @@ def _cross_entropy_where(logits: torch.Tensor, labels: torch.Tensor, where: torc
     return F.cross_entropy(logits[where].float(), labels[where])
 
 
+class CMALAssociativeMappingHead(nn.Module):
+    """Associative mapping classification: at each slot the swap filled, recover the mapping it hid.
+
+    A swapped token slot predicts its original word (`token_head`, the vocabulary head tied to the word
+    embeddings) and, optionally, which region filled it (`pointer_head`); a swapped region slot predicts
+    its region's concept (`region_head`). MLM and MRM's concept part read the token and region heads too.
+    """
+
+    def __init__(self, config: CMALConfig):
+        super().__init__()
+        self.config = config
+        self.token_head = CMALLMPredictionHead(config)
+        self.region_head = CMALRegionPredictionHead(config, config.num_concepts)
+        self.pointer_head = CMALPointerHead(config)
+
+    def forward(
+        self, text_states: torch.Tensor, region_states: torch.Tensor, region_mask: torch.Tensor
+    ) -> CMALAssociativeMappingOutput:
+        return CMALAssociativeMappingOutput(
+            token_logits=self.token_head(text_states),
+            region_logits=self.region_head(region_states),
+            pointer_logits=_mask_padded_regions(self.pointer_head(text_states, region_states), region_mask),
+        )
+
+    def loss(
+        self,
+        scores: CMALAssociativeMappingOutput,
+        input_ids: torch.LongTensor | None,
+        region_concept_ids: torch.LongTensor | None,
+        token_swapped: torch.Tensor,
+        region_swapped: torch.Tensor,
+        token_partner: torch.LongTensor,
+    ) -> dict[str, torch.Tensor]:
+        """The AMC parts whose weight in the config is > 0, each unweighted. The targets of the swapped slots
+        (`token_swapped`/`region_swapped`, 0/1) are the word they held (`input_ids`), their region's concept
+        and the partner region that filled them (`token_partner`)."""
+        config, losses = self.config, {}
+        token_swapped, region_swapped = token_swapped.bool(), region_swapped.bool()
+        if config.amc_token_weight > 0 and input_ids is not None:
+            losses["amc_token_loss"] = _cross_entropy_where(scores.token_logits, input_ids, token_swapped)
+        if config.amc_region_weight > 0 and region_concept_ids is not None:
+            losses["amc_region_loss"] = _cross_entropy_where(
+                scores.region_logits, region_concept_ids.clamp(min=0), region_swapped
+            )
+        if config.amc_pointer_weight > 0:
+            losses["amc_pointer_loss"] = _cross_entropy_where(
+                scores.pointer_logits, token_partner.clamp(min=0), token_swapped
+            )
+        return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# The other pre-training objectives, one function each
+# ----------------------------------------------------------------------------------------------
+
+
+def masked_language_modeling_loss(token_logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+    """Cross-entropy at the masked word pieces (`labels` != -100)."""
+    return _cross_entropy_where(token_logits, labels, labels != -100)
+
+
+def masked_region_modeling_losses(
+    feature_predictions: torch.Tensor,
+    concept_logits: torch.Tensor,
+    visual_feats: torch.Tensor,
+    region_concept_ids: torch.LongTensor | None,
+    region_soft_labels: torch.Tensor | None,
+    masked: torch.BoolTensor,
+) -> dict[str, torch.Tensor]:
+    """MRM at the `masked` regions: feature regression (MSE) and concept classification (cross-entropy on
+    the tags, or KL divergence to the detector's class distributions when `region_soft_labels` are given)."""
+    losses = {}
+    if bool(masked.any()):
+        target = visual_feats.to(feature_predictions.dtype)[masked]
+        losses["mrm_feature_loss"] = F.mse_loss(feature_predictions[masked].float(), target.float())
+    else:
+        losses["mrm_feature_loss"] = (feature_predictions * 0.0).sum()
+    if region_soft_labels is not None:
+        log_probs = F.log_softmax(concept_logits[masked].float(), dim=-1)
+        soft = region_soft_labels[masked].float()
+        losses["mrm_concept_loss"] = (
+            F.kl_div(log_probs, soft, reduction="batchmean") if bool(masked.any()) else (log_probs * 0.0).sum()
+        )
+    elif region_concept_ids is not None:
+        losses["mrm_concept_loss"] = _cross_entropy_where(
+            concept_logits, region_concept_ids.clamp(min=0), masked & (region_concept_ids >= 0)
+        )
+    return losses
+
+
+def image_text_contrastive_loss(
+    text_embeds: torch.Tensor, image_embeds: torch.Tensor, pairs: torch.BoolTensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, loss): symmetric InfoNCE between the uni-modal vectors over the in-batch `pairs` (true pairs
+    with at least one region); 0 when fewer than two pairs are left."""
+    logits = text_embeds @ image_embeds.t() / temperature
+    if int(pairs.sum()) < 2:
+        return logits, (logits * 0.0).sum()
+    kept = logits[pairs][:, pairs].float()
+    targets = torch.arange(kept.shape[0], device=kept.device)
+    return logits, (F.cross_entropy(kept, targets) + F.cross_entropy(kept.t(), targets)) / 2
+
+
 # ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
 
 
+# The inputs every CMAL forward takes, documented once (`auto_docstring(custom_args=...)`).
+CMAL_INPUTS_DOCSTRING = r"""
+    input_ids (`torch.LongTensor` of shape `(batch_size, text_len)`):
+        Word-piece ids of `[CLS] text [SEP]`, from the processor (any BERT-uncased tokenizer).
+    visual_feats (`torch.FloatTensor` of shape `(batch_size, num_regions, visual_feat_dim)`):
+        Region features; `num_regions` may be 0.
+    visual_pos (`torch.FloatTensor` of shape `(batch_size, num_regions, visual_pos_dim)`):
+        Normalised boxes `(x1, y1, x2, y2, w, h, area)`.
+    visual_attention_mask (`torch.Tensor` of shape `(batch_size, num_regions)`, *optional*):
+        1 for real regions, 0 for padding.
+    token_concept_ids (`torch.LongTensor` of shape `(batch_size, text_len)`, *optional*):
+        Concept id of each token (-1 for none), from the processor's anchor lexicon.
+    region_concept_ids (`torch.LongTensor` of shape `(batch_size, num_regions)`, *optional*):
+        Concept id of each region's detected tag (-1 for none).
+    region_scores (`torch.FloatTensor` of shape `(batch_size, num_regions)`, *optional*):
+        Detector confidences; pick the partner region of a swapped token.
+    pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
+        Raw images from the processor, instead of the five region inputs above; needs a detector
+        (`config.detector_config`).
+    masked_regions (`torch.BoolTensor` of shape `(batch_size, num_regions)`, *optional*):
+        Regions whose features are zeroed (masked region modelling); they never act as anchors.
+    anchor_selection (`torch.BoolTensor` of shape `(batch_size, num_concepts)`, *optional*):
+        Which anchor concepts to swap, overriding the random choice of training and the
+        `prompt_at_inference` rule of evaluation.
+"""
+
+
+# Checkpoints saved before the named units (CMAL <= 0.1.0.dev0 of 2026-11) keep loading: their parameter
+# names -> today's. Passed as `key_mapping` by `from_pretrained`; patterns are regexes on checkpoint keys.
+LEGACY_KEY_MAPPING = {
+    r"text_embeddings\.": "text_encoder.embeddings.",
+    r"text_hypersphere\.": "text_encoder.hypersphere.",
+    r"visual_embeddings\.": "visual_encoder.embeddings.",
+    r"visual_hypersphere\.": "visual_encoder.hypersphere.",
+    r"^encoder\.": "unified_encoder.",
+    r"^cmal\.encoder\.": "cmal.unified_encoder.",
+    r"^lm_head\.": "mapping_head.token_head.",
+    r"^concept_head\.": "mapping_head.region_head.",
+    r"^pointer_head\.": "mapping_head.pointer_head.",
+}
+
+
+@auto_docstring
 class CMALPreTrainedModel(PreTrainedModel):
     config: CMALConfig
     config_class = CMALConfig
@@ -646,10 +1103,12 @@ class CMALPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["CMALTextEmbeddings", "CMALVisualEmbeddings", "CMALAssociativePromptLayer", "CMALLayer"]
-    # Backends receive a (batch, 1, 1, seq_len) additive float mask; eager and sdpa are tested, and an
-    # `AttentionInterface`-registered function works if it accepts that mask.
+    # Masks come from `create_bidirectional_mask`, so each backend gets its own kind; eager and sdpa are tested.
     _supports_sdpa = True
-    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(CMALUnifiedLayer, index=0),
+        "attentions": OutputRecorder(CMALUnifiedLayer, index=1),
+    }
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -662,6 +1121,13 @@ class CMALPreTrainedModel(PreTrainedModel):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
         elif isinstance(module, CMALRegionDetector):
             init.copy_(module.label_to_concept, torch.tensor(module.concept_of_label))
+
+    @classmethod
+    def from_pretrained(cls, *args, key_mapping: dict[str, str] | None = None, **kwargs):
+        """As `PreTrainedModel.from_pretrained`; checkpoints with the parameter names of older CMAL releases
+        load too (`LEGACY_KEY_MAPPING`). transformers re-saves a model loaded from such a checkpoint under
+        the names it was loaded from, so both layouts stay in use; both load."""
+        return super().from_pretrained(*args, key_mapping={**LEGACY_KEY_MAPPING, **(key_mapping or {})}, **kwargs)
 
     def load_detector_weights(self, detector: PreTrainedModel) -> None:
         """Copy a pre-trained detector (e.g. `RTDetrForObjectDetection.from_pretrained("PekingU/rtdetr_r50vd")`)
@@ -699,29 +1165,28 @@ class CMALPreTrainedModel(PreTrainedModel):
         return output
 
 
+@auto_docstring(custom_intro="The bare CMAL encoder: uni-modal encoders -> associative prompt layer -> unified encoder.")
 class CMALModel(CMALPreTrainedModel):
-    """The bare CMAL encoder: uni-modal encoders -> associative prompt layer -> unified encoder."""
-
     def __init__(self, config: CMALConfig, add_pooling_layer: bool = True):
+        r"""
+        add_pooling_layer (`bool`, *optional*, defaults to `True`):
+            Whether to add the tanh pooler over the unified `[CLS]` slot.
+        """
         super().__init__(config)
         self.config = config
-        self.text_embeddings = CMALTextEmbeddings(config)
-        self.text_encoder = CMALEncoder(config, config.num_text_layers)
-        self.text_hypersphere = CMALHypersphere(config)
-        self.visual_embeddings = CMALVisualEmbeddings(config)
-        self.visual_encoder = CMALEncoder(config, config.num_visual_layers)
-        self.visual_hypersphere = CMALHypersphere(config)
+        self.text_encoder = CMALUnimodalEncoder(config, CMALTextEmbeddings(config), config.num_text_layers)
+        self.visual_encoder = CMALUnimodalEncoder(config, CMALVisualEmbeddings(config), config.num_visual_layers)
         self.associative_prompt = CMALAssociativePromptLayer(config)
-        self.encoder = CMALEncoder(config, config.num_hidden_layers)
+        self.unified_encoder = CMALUnifiedEncoder(config)
         self.pooler = CMALPooler(config) if add_pooling_layer else None
         self.detector = CMALRegionDetector(config) if config.detector_config is not None else None
         self.post_init()
 
     def get_input_embeddings(self):
-        return self.text_embeddings.word_embeddings
+        return self.text_encoder.embeddings.word_embeddings
 
     def set_input_embeddings(self, value):
-        self.text_embeddings.word_embeddings = value
+        self.text_encoder.embeddings.word_embeddings = value
 
     def detect_regions(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the detector: `pixel_values` (from the processor) -> the region inputs of `forward`.
@@ -732,7 +1197,8 @@ class CMALModel(CMALPreTrainedModel):
         if self.detector is None:
             raise ValueError(
                 "`pixel_values` need a detector, but this model has none (config.detector_config is None): "
-                "pass precomputed regions (`visual_feats`, `visual_pos`) or add one with `set_detector`"
+                "pass precomputed regions (`visual_feats`, `visual_pos`), or build the model from "
+                "`CMALConfig.from_detector(...)` and copy the detector in with `load_detector_weights`"
             )
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
@@ -743,159 +1209,8 @@ class CMALModel(CMALPreTrainedModel):
         regions = self.detector(pixel_values.to(detector_dtype))
         return {key: value.to(self.dtype) if value.is_floating_point() else value for key, value in regions.items()}
 
-    def _extended_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(B, L) 0/1 mask -> (B, 1, 1, L) additive mask, the form eager and sdpa both take."""
-        return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-
-    def _validate_inputs(
-        self,
-        input_ids,
-        visual_feats,
-        visual_pos,
-        attention_mask,
-        token_type_ids,
-        visual_attention_mask,
-        token_concept_ids,
-        region_concept_ids,
-        region_scores,
-        masked_regions,
-        anchor_selection,
-    ):
-        """Check every input at the boundary; each error names the argument, what was expected and what came.
-
-        Checks of values (ranges, finiteness, empty texts) need the data: each only queues a 0-d "bad" flag,
-        and all queued flags are read in one host sync (`_raise_first_bad`), before any later shape error
-        and at the end, so that the first failing check in the order below raises, as if each ran at once.
-        """
-        config = self.config
-        pending = []  # (0-d bool tensor: the check failed, callable raising its error), in check order
-
-        def fail(error: Exception):
-            self._raise_first_bad(pending)
-            raise error
-
-        for name, value in (("input_ids", input_ids), ("visual_feats", visual_feats), ("visual_pos", visual_pos)):
-            if not isinstance(value, torch.Tensor):
-                fail(ValueError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}"))
-        if input_ids.dim() != 2:
-            fail(ValueError(f"`input_ids` must have shape (batch_size, text_len), got shape {tuple(input_ids.shape)}"))
-        batch_size, text_len = input_ids.shape
-        if batch_size == 0:
-            fail(ValueError("`input_ids` must hold at least one example, got batch_size 0"))
-        if text_len == 0:
-            fail(ValueError(
-                "`input_ids` is empty (text_len 0): every example needs at least a [CLS] token; "
-                "tokenize with the processor, which adds [CLS] and [SEP]"
-            ))  # fmt: skip
-        if input_ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
-            fail(ValueError(f"`input_ids` must be an integer tensor, got dtype {input_ids.dtype}"))
-        if text_len > config.max_position_embeddings:
-            fail(ValueError(
-                f"`input_ids` has {text_len} tokens, more than config.max_position_embeddings "
-                f"({config.max_position_embeddings}); truncate the text"
-            ))  # fmt: skip
-        pending.append(self._range_check("input_ids", input_ids, 0, config.vocab_size,
-                                         f"must lie in [0, {config.vocab_size}) (config.vocab_size)"))  # fmt: skip
-        if visual_feats.dim() != 3:
-            fail(ValueError(
-                f"`visual_feats` must have shape (batch_size, num_regions, {config.visual_feat_dim}), "
-                f"got shape {tuple(visual_feats.shape)}"
-            ))  # fmt: skip
-        num_regions = visual_feats.shape[1]
-        text_shape, region_shape = (batch_size, text_len), (batch_size, num_regions)
-        # name -> (value, layout in words, expected shape)
-        checks = {
-            "visual_feats": (visual_feats, "(batch_size, num_regions, config.visual_feat_dim)", (*region_shape, config.visual_feat_dim)),
-            "visual_pos": (visual_pos, "(batch_size, num_regions, config.visual_pos_dim)", (*region_shape, config.visual_pos_dim)),
-            "attention_mask": (attention_mask, "(batch_size, text_len)", text_shape),
-            "token_type_ids": (token_type_ids, "(batch_size, text_len)", text_shape),
-            "token_concept_ids": (token_concept_ids, "(batch_size, text_len)", text_shape),
-            "visual_attention_mask": (visual_attention_mask, "(batch_size, num_regions)", region_shape),
-            "region_concept_ids": (region_concept_ids, "(batch_size, num_regions)", region_shape),
-            "region_scores": (region_scores, "(batch_size, num_regions)", region_shape),
-            "masked_regions": (masked_regions, "(batch_size, num_regions)", region_shape),
-            "anchor_selection": (anchor_selection, "(batch_size, config.num_concepts)", (batch_size, config.num_concepts)),
-        }  # fmt: skip
-        for name, (value, layout, shape) in checks.items():
-            if value is None:
-                continue
-            if not isinstance(value, torch.Tensor):
-                fail(ValueError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}"))
-            if tuple(value.shape) != shape:
-                fail(ValueError(
-                    f"`{name}` must have shape {layout} = {shape} (from `input_ids` and `visual_feats`), "
-                    f"got shape {tuple(value.shape)}"
-                ))  # fmt: skip
-        if num_regions > config.max_regions:
-            fail(ValueError(
-                f"`visual_feats` has {num_regions} regions, more than config.max_regions ({config.max_regions}); "
-                "keep the top regions by detector score"
-            ))  # fmt: skip
-        for name in ("visual_feats", "visual_pos", "region_scores"):
-            value = checks[name][0]
-            if value is None:
-                continue
-            if not value.is_floating_point():
-                fail(ValueError(f"`{name}` must be a floating-point tensor, got dtype {value.dtype}"))
-            pending.append(self._finite_check(name, value))
-        if attention_mask is not None:
-            pending.append((~attention_mask.bool().any(dim=1).all(), lambda: self._raise_empty_text(attention_mask)))
-        if token_type_ids is not None and token_type_ids.numel():
-            pending.append(self._range_check("token_type_ids", token_type_ids, 0, config.type_vocab_size,
-                                             f"must lie in [0, {config.type_vocab_size}) (config.type_vocab_size)"))  # fmt: skip
-        for name in ("token_concept_ids", "region_concept_ids"):
-            value = checks[name][0]
-            if value is None or value.numel() == 0:
-                continue
-            if value.is_floating_point():
-                fail(ValueError(f"`{name}` must be an integer tensor, got dtype {value.dtype}"))
-            pending.append(self._range_check(
-                name, value, -1, config.num_concepts,
-                f"must be -1 (no concept) or lie in [0, {config.num_concepts}) (config.num_concepts)",
-            ))  # fmt: skip
-        self._raise_first_bad(pending)
-
-    @staticmethod
-    def _raise_first_bad(pending: list) -> None:
-        """Read every queued check's flag in one host sync; raise the error of the first that failed
-        (a flag may be a cheap bound: its check then confirms before raising)."""
-        if not pending:
-            return
-        bad = torch.stack([flag for flag, _ in pending]).tolist()
-        for failed, (_, raise_error) in zip(bad, pending):
-            if failed:
-                raise_error()
-        pending.clear()
-
-    @staticmethod
-    def _range_check(name: str, value: torch.Tensor, low: int, high: int, rule: str):
-        """A queued check that the values of `value` lie in [low, high)."""
-        value_min, value_max = value.min(), value.max()
-
-        def raise_error():
-            raise ValueError(f"`{name}` values {rule}, got range [{int(value_min)}, {int(value_max)}]")
-
-        return (value_min < low) | (value_max >= high), raise_error
-
-    @staticmethod
-    def _finite_check(name: str, value: torch.Tensor):
-        """A queued finiteness check. A NaN or inf anywhere makes the sum NaN or inf, so a finite sum (one
-        reduction, no temporaries; `isfinite` makes four tensor-sized ones) clears the tensor; a sum that
-        is not finite, which overflow can cause too, is then checked element by element."""
-
-        def raise_error():
-            if bool(torch.isfinite(value).all()):
-                return
-            bad = (~torch.isfinite(value)).nonzero()[0].tolist()
-            raise ValueError(f"`{name}` must be finite, got NaN or inf (first at index {tuple(bad)})")
-
-        return ~torch.isfinite(value.sum(dtype=torch.float32)), raise_error
-
-    @staticmethod
-    def _raise_empty_text(attention_mask: torch.Tensor):
-        empty = (~attention_mask.bool().any(dim=1)).nonzero()[0, 0].item()
-        raise ValueError(f"`attention_mask` masks every token of example {empty}: the text is empty")
-
+    @capture_outputs
+    @auto_docstring(custom_args=CMAL_INPUTS_DOCSTRING)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -910,44 +1225,12 @@ class CMALModel(CMALPreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         masked_regions: torch.BoolTensor | None = None,
         anchor_selection: torch.BoolTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> CMALModelOutput | tuple:
-        r"""
-        Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, text_len)`):
-                Word-piece ids of `[CLS] text [SEP]`, from the processor (any BERT-uncased tokenizer).
-            visual_feats (`torch.FloatTensor` of shape `(batch_size, num_regions, visual_feat_dim)`):
-                Region features; `num_regions` may be 0.
-            visual_pos (`torch.FloatTensor` of shape `(batch_size, num_regions, visual_pos_dim)`):
-                Normalised boxes `(x1, y1, x2, y2, w, h, area)`.
-            attention_mask (`torch.Tensor` of shape `(batch_size, text_len)`, *optional*): 1 for real tokens.
-            token_type_ids (`torch.LongTensor` of shape `(batch_size, text_len)`, *optional*): BERT segment ids.
-            visual_attention_mask (`torch.Tensor` of shape `(batch_size, num_regions)`, *optional*): 1 for real regions.
-            token_concept_ids (`torch.LongTensor` of shape `(batch_size, text_len)`, *optional*):
-                Concept id of each token (-1 for none), from the processor's anchor lexicon.
-            region_concept_ids (`torch.LongTensor` of shape `(batch_size, num_regions)`, *optional*):
-                Concept id of each region's detected tag (-1 for none).
-            region_scores (`torch.FloatTensor` of shape `(batch_size, num_regions)`, *optional*):
-                Detector confidences; pick the partner region of a swapped token.
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
-                Raw images from the processor, instead of the five region inputs above; needs a
-                detector (`config.detector_config`).
-            masked_regions (`torch.BoolTensor` of shape `(batch_size, num_regions)`, *optional*):
-                Regions whose features are zeroed (masked region modelling); they never act as anchors.
-            anchor_selection (`torch.BoolTensor` of shape `(batch_size, num_concepts)`, *optional*):
-                Which anchor concepts to swap, overriding the random choice of training and the
-                `prompt_at_inference` rule of evaluation.
-        """
-        if kwargs:
-            raise TypeError(f"CMALModel.forward() got unexpected arguments {sorted(kwargs)}")
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        )
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CMALModelOutput:
+        unknown = sorted(set(kwargs) - set(TransformersKwargs.__annotations__))
+        if unknown:  # a misspelt input would otherwise be dropped without a word
+            raise TypeError(f"CMALModel.forward() got unexpected arguments {unknown}")
         if pixel_values is not None:
             given = dict(
                 visual_feats=visual_feats, visual_pos=visual_pos, visual_attention_mask=visual_attention_mask,
@@ -956,23 +1239,24 @@ class CMALModel(CMALPreTrainedModel):
             if any(value is not None for value in given.values()):
                 both = sorted(name for name, value in given.items() if value is not None)
                 raise ValueError(f"Pass either `pixel_values` or precomputed regions, not both (got {both} too)")
-            if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and len(pixel_values) != len(input_ids):
+            text = input_ids if input_ids is not None else inputs_embeds
+            if isinstance(text, torch.Tensor) and text.dim() >= 2 and len(pixel_values) != len(text):
                 raise ValueError(
-                    f"`pixel_values` must hold one image per text: batch_size {len(input_ids)}, got {len(pixel_values)}"
+                    f"`pixel_values` must hold one image per text: batch_size {len(text)}, got {len(pixel_values)}"
                 )
             regions = self.detect_regions(pixel_values)
             visual_feats, visual_pos = regions["visual_feats"], regions["visual_pos"]
             visual_attention_mask, region_scores = regions["visual_attention_mask"], regions["region_scores"]
             region_concept_ids = regions["region_concept_ids"]
-        self._validate_inputs(
-            input_ids, visual_feats, visual_pos, attention_mask, token_type_ids, visual_attention_mask,
-            token_concept_ids, region_concept_ids, region_scores, masked_regions, anchor_selection,
+        validate_model_inputs(
+            self.config, input_ids, inputs_embeds, visual_feats, visual_pos, attention_mask, token_type_ids,
+            visual_attention_mask, token_concept_ids, region_concept_ids, region_scores, masked_regions, anchor_selection,
         )  # fmt: skip
 
-        batch_size, text_len = input_ids.shape
+        batch_size, text_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         num_regions = visual_feats.shape[1]
-        device = input_ids.device
-        dtype = self.text_embeddings.word_embeddings.weight.dtype
+        device = visual_feats.device
+        dtype = self.text_encoder.embeddings.word_embeddings.weight.dtype
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, text_len, dtype=torch.long, device=device)
         if token_type_ids is None:
@@ -983,36 +1267,26 @@ class CMALModel(CMALPreTrainedModel):
             token_concept_ids = torch.full((batch_size, text_len), -1, dtype=torch.long, device=device)
         if region_concept_ids is None:
             region_concept_ids = torch.full((batch_size, num_regions), -1, dtype=torch.long, device=device)
-        visual_feats = visual_feats.to(dtype)
-        visual_pos = visual_pos.to(dtype)
-        regions = dict(
-            region_boxes=visual_pos[..., :4] if self.config.visual_pos_dim >= 4 else None,
-            region_concept_ids=region_concept_ids,
-            region_scores=region_scores,
-            region_mask=visual_attention_mask.bool(),
-        )
+        visual_feats, visual_pos = visual_feats.to(dtype), visual_pos.to(dtype)
+        region_mask = visual_attention_mask.bool()
+        region_boxes = visual_pos[..., :4] if self.config.visual_pos_dim >= 4 else None
+        given_concepts = region_concept_ids
         if masked_regions is not None:
             masked_regions = masked_regions.bool()
             visual_feats = visual_feats.masked_fill(masked_regions.unsqueeze(-1), 0.0)
             region_concept_ids = region_concept_ids.masked_fill(masked_regions, -1)
 
-        # Uni-modal semantic encoders, each onto its hypersphere.
-        text_hidden = self.text_embeddings(input_ids, token_type_ids)
-        text_hidden, _, _ = self.text_encoder(text_hidden, self._extended_mask(attention_mask, dtype))
-        text_features = self.text_hypersphere(text_hidden)
-        region_hidden = self.visual_embeddings(visual_feats, visual_pos)
-        if num_regions > 0:
-            region_hidden, _, _ = self.visual_encoder(region_hidden, self._extended_mask(visual_attention_mask, dtype))
-        region_features = self.visual_hypersphere(region_hidden)
-
+        # 1. The anchor operator; 2. the uni-modal encoders, each onto its hypersphere.
+        anchor_map = anchor_operator(token_concept_ids, region_concept_ids, attention_mask, visual_attention_mask)
+        text_features = self.text_encoder(input_ids, token_type_ids, inputs_embeds, attention_mask=attention_mask, **kwargs)
+        region_features = self.visual_encoder(visual_feats, visual_pos, attention_mask=visual_attention_mask, **kwargs)
         text_embeds = F.normalize(text_features[:, 0], dim=-1)
         region_weights = visual_attention_mask.to(dtype).unsqueeze(-1)
         mean_region = (region_features * region_weights).sum(1) / region_weights.sum(1).clamp(min=1.0)
         image_embeds = F.normalize(mean_region, dim=-1)
 
-        # Anchor operator, then the associative prompt layer and the unified encoder.
-        anchor_map = anchor_operator(token_concept_ids, region_concept_ids, attention_mask, visual_attention_mask)
-        hybrid, token_swapped, region_swapped, token_partner, region_partner = self.associative_prompt(
+        # 3. The associative prompt layer; 4. the unified encoder.
+        prompt = self.associative_prompt(
             text_features,
             region_features,
             anchor_map,
@@ -1021,85 +1295,83 @@ class CMALModel(CMALPreTrainedModel):
             None if region_scores is None else region_scores.to(dtype),
             None if anchor_selection is None else anchor_selection.bool(),
         )
-        joint_mask = self._extended_mask(torch.cat([attention_mask, visual_attention_mask], dim=1), dtype)
-        sequence_output, all_hidden_states, all_attentions = self.encoder(
-            hybrid, joint_mask, output_attentions, output_hidden_states
+        joint_mask = create_bidirectional_mask(
+            self.config, prompt.hybrid_states, torch.cat([attention_mask, visual_attention_mask], dim=1)
         )
-        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
-
-        output = CMALModelOutput(
+        sequence_output = self.unified_encoder(prompt.hybrid_states, joint_mask, **kwargs)
+        return CMALModelOutput(
             last_hidden_state=sequence_output,
-            pooler_output=pooled_output,
+            pooler_output=self.pooler(sequence_output) if self.pooler is not None else None,
             text_features=text_features,
             region_features=region_features,
             text_embeds=text_embeds,
             image_embeds=image_embeds,
-            anchor_map=anchor_map,
-            token_swapped=token_swapped,
-            region_swapped=region_swapped,
-            token_partner=token_partner,
-            region_partner=region_partner,
-            **regions,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-        )
-        return output if return_dict else output.to_tuple()
-
-
-def _check_labels(name: str, labels: torch.Tensor, shape: tuple, num_classes: int | None = None) -> None:
-    """Validate a label tensor at the head boundary (shape, dtype and range)."""
-    if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"`{name}` must be a torch.Tensor, got {type(labels).__name__}")
-    if tuple(labels.shape) != tuple(shape):
-        raise ValueError(f"`{name}` must have shape {tuple(shape)}, got shape {tuple(labels.shape)}")
-    if num_classes is None:  # soft scores / distributions
-        if not labels.is_floating_point() or not bool(torch.isfinite(labels).all()):
-            raise ValueError(f"`{name}` must be finite floating-point scores, got dtype {labels.dtype}")
-        if labels.numel() and (float(labels.min()) < 0 or float(labels.max()) > 1):
-            raise ValueError(
-                f"`{name}` must lie in [0, 1], got range [{float(labels.min()):.4g}, {float(labels.max()):.4g}]"
-            )
-        return
-    if labels.is_floating_point():
-        raise ValueError(f"`{name}` must be an integer tensor of class indices, got dtype {labels.dtype}")
-    valid = labels[labels != -100]
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_classes):
-        raise ValueError(
-            f"`{name}` values must lie in [0, {num_classes}) (or be -100 to ignore), "
-            f"got range [{int(valid.min())}, {int(valid.max())}]"
+            anchor_map=anchor_map.long(),
+            token_swapped=prompt.token_swapped.long(),
+            region_swapped=prompt.region_swapped.long(),
+            token_partner=prompt.token_partner,
+            region_partner=prompt.region_partner,
+            region_boxes=region_boxes,
+            region_concept_ids=given_concepts,
+            region_scores=region_scores,
+            region_mask=region_mask.long(),
         )
 
 
-class CMALForPreTraining(CMALPreTrainedModel):
-    """CMAL with every pre-training objective: MLM, MRM, ITM, AMC (token/region/pointer) and ITC.
+# Each pre-training loss and the config field that weighs it in the total.
+PRETRAINING_LOSS_WEIGHTS = {
+    "mlm_loss": "mlm_weight",
+    "mrm_feature_loss": "mrm_weight",
+    "mrm_concept_loss": "mrm_weight",
+    "itm_loss": "itm_weight",
+    "amc_token_loss": "amc_token_weight",
+    "amc_region_loss": "amc_region_weight",
+    "amc_pointer_loss": "amc_pointer_weight",
+    "itc_loss": "itc_weight",
+}
 
-    Each loss is returned on its own and combined with the weights of the config. Masking of
-    words and regions is the data collator's job (`labels`, `masked_regions`); the anchor swap
-    and its AMC targets are produced inside the model.
+
+@auto_docstring(
+    custom_intro="""
+    CMAL with every pre-training objective: MLM, MRM, ITM, AMC (token/region/pointer) and ITC. Each loss is
+    returned on its own and combined with the weights of the config. Masking words and regions is the data
+    collator's job (`labels`, `masked_regions`); the anchor swap and its AMC targets come from the model.
     """
-
+)
+class CMALForPreTraining(CMALPreTrainedModel):
     _tied_weights_keys = {
-        "lm_head.decoder.weight": "cmal.text_embeddings.word_embeddings.weight",
-        "lm_head.decoder.bias": "lm_head.bias",
+        "mapping_head.token_head.decoder.weight": "cmal.text_encoder.embeddings.word_embeddings.weight",
+        "mapping_head.token_head.decoder.bias": "mapping_head.token_head.bias",
     }
 
     def __init__(self, config: CMALConfig):
         super().__init__(config)
         self.cmal = CMALModel(config)
-        self.lm_head = CMALLMPredictionHead(config)
+        self.mapping_head = CMALAssociativeMappingHead(config)
         self.feature_head = CMALRegionPredictionHead(config, config.visual_feat_dim)
-        self.concept_head = CMALRegionPredictionHead(config, config.num_concepts)
-        self.pointer_head = CMALPointerHead(config)
         self.itm_head = nn.Linear(config.hidden_size, 2)
         self.post_init()
 
     def get_output_embeddings(self):
-        return self.lm_head.decoder
+        return self.mapping_head.token_head.decoder
 
     def set_output_embeddings(self, new_embeddings):
-        self.lm_head.decoder = new_embeddings
-        self.lm_head.bias = new_embeddings.bias
+        self.mapping_head.token_head.decoder = new_embeddings
+        self.mapping_head.token_head.bias = new_embeddings.bias
 
+    @can_return_tuple
+    @auto_docstring(
+        custom_args=CMAL_INPUTS_DOCSTRING
+        + r"""
+    labels (`torch.LongTensor` of shape `(batch_size, text_len)`, *optional*):
+        MLM targets: the original id at masked word pieces, -100 elsewhere.
+    region_soft_labels (`torch.FloatTensor` of shape `(batch_size, num_regions, num_concepts)`, *optional*):
+        Detector class distributions; the MRM concept loss becomes a KL divergence to them.
+    itm_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+        1 when the image and the text belong together, 0 for a mismatched pair. The masked regions
+        of a mismatched pair are no MRM targets.
+    """
+    )
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1116,115 +1388,64 @@ class CMALForPreTraining(CMALPreTrainedModel):
         labels: torch.LongTensor | None = None,
         region_soft_labels: torch.FloatTensor | None = None,
         itm_labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> CMALForPreTrainingOutput | tuple:
-        r"""
-        Inputs as in [`CMALModel.forward`], plus:
-
-        labels (`torch.LongTensor` of shape `(batch_size, text_len)`, *optional*):
-            MLM targets: the original id at masked word pieces, -100 elsewhere.
-        region_soft_labels (`torch.FloatTensor` of shape `(batch_size, num_regions, num_concepts)`, *optional*):
-            Detector class distributions; the MRM concept loss becomes a KL divergence to them.
-        itm_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-            1 when the image and the text belong together, 0 for a mismatched pair. The masked regions
-            of a mismatched pair are no MRM targets.
-        """
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CMALForPreTrainingOutput:
         config = self.config
-        return_dict = config.return_dict if return_dict is None else return_dict
         outputs = self.cmal(
             input_ids, visual_feats, visual_pos,
             attention_mask=attention_mask, token_type_ids=token_type_ids,
             visual_attention_mask=visual_attention_mask, token_concept_ids=token_concept_ids,
             region_concept_ids=region_concept_ids, region_scores=region_scores,
-            masked_regions=masked_regions, anchor_selection=anchor_selection,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+            masked_regions=masked_regions, anchor_selection=anchor_selection, inputs_embeds=inputs_embeds,
+            return_dict=True, **kwargs,
         )  # fmt: skip
-        batch_size, text_len = input_ids.shape
-        num_regions = visual_feats.shape[1]
+        batch_size, text_len = outputs.token_swapped.shape
+        num_regions = outputs.region_swapped.shape[1]
         if labels is not None:
             _check_labels("labels", labels, (batch_size, text_len), config.vocab_size)
         if itm_labels is not None:
             _check_labels("itm_labels", itm_labels, (batch_size,), 2)
         if region_soft_labels is not None:
             _check_labels("region_soft_labels", region_soft_labels, (batch_size, num_regions, config.num_concepts))
-        real_regions = outputs.region_mask
-
-        sequence_output = outputs.last_hidden_state
-        text_states, region_states = sequence_output[:, :text_len], sequence_output[:, text_len:]
-        prediction_logits = self.lm_head(text_states)
+        real_regions = outputs.region_mask.bool()
+        text_states, region_states = outputs.last_hidden_state[:, :text_len], outputs.last_hidden_state[:, text_len:]
+        scores = self.mapping_head(text_states, region_states, real_regions)
         region_feature_predictions = self.feature_head(region_states)
-        region_concept_logits = self.concept_head(region_states)
-        pointer_logits = _mask_padded_regions(self.pointer_head(text_states, region_states), real_regions)
         itm_logits = self.itm_head(outputs.pooler_output)
 
         losses = {}
         if labels is not None and config.mlm_weight > 0:
-            losses["mlm_loss"] = _cross_entropy_where(prediction_logits, labels, labels != -100)
+            losses["mlm_loss"] = masked_language_modeling_loss(scores.token_logits, labels)
         if masked_regions is not None and config.mrm_weight > 0:
             masked = masked_regions.bool() & real_regions
             if itm_labels is not None:  # a mismatched pair's regions are masked (so ITM can't tell) but not targets
                 masked = masked & (itm_labels == 1).unsqueeze(1)
-            if bool(masked.any()):
-                target = visual_feats.to(region_feature_predictions.dtype)[masked]
-                losses["mrm_feature_loss"] = F.mse_loss(region_feature_predictions[masked].float(), target.float())
-            else:
-                losses["mrm_feature_loss"] = (region_feature_predictions * 0.0).sum()
-            if region_soft_labels is not None:
-                log_probs = F.log_softmax(region_concept_logits[masked].float(), dim=-1)
-                soft = region_soft_labels[masked].float()
-                losses["mrm_concept_loss"] = (
-                    F.kl_div(log_probs, soft, reduction="batchmean") if bool(masked.any()) else (log_probs * 0.0).sum()
-                )
-            elif region_concept_ids is not None:
-                losses["mrm_concept_loss"] = _cross_entropy_where(
-                    region_concept_logits, region_concept_ids.clamp(min=0), masked & (region_concept_ids >= 0)
-                )
+            losses |= masked_region_modeling_losses(
+                region_feature_predictions, scores.region_logits, visual_feats, region_concept_ids, region_soft_labels,
+                masked,
+            )  # fmt: skip
         if itm_labels is not None and config.itm_weight > 0:
             losses["itm_loss"] = F.cross_entropy(itm_logits.float(), itm_labels)
-        if config.amc_token_weight > 0:
-            losses["amc_token_loss"] = _cross_entropy_where(prediction_logits, input_ids, outputs.token_swapped)
-        if config.amc_region_weight > 0 and region_concept_ids is not None:
-            losses["amc_region_loss"] = _cross_entropy_where(
-                region_concept_logits, region_concept_ids.clamp(min=0), outputs.region_swapped
-            )
-        if config.amc_pointer_weight > 0:
-            losses["amc_pointer_loss"] = _cross_entropy_where(
-                pointer_logits, outputs.token_partner.clamp(min=0), outputs.token_swapped
-            )
+        losses |= self.mapping_head.loss(
+            scores, input_ids, region_concept_ids, outputs.token_swapped, outputs.region_swapped, outputs.token_partner
+        )
         itc_logits = None
         if config.itc_weight > 0:
-            itc_logits = outputs.text_embeds @ outputs.image_embeds.t() / config.itc_temperature
             # Contrast only real pairs that have at least one region; mismatched ITM pairs are not positives.
-            pairs = real_regions.any(dim=1)
-            if itm_labels is not None:
-                pairs &= itm_labels == 1
-            if int(pairs.sum()) >= 2:
-                logits = itc_logits[pairs][:, pairs].float()
-                targets = torch.arange(logits.shape[0], device=logits.device)
-                losses["itc_loss"] = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
-            else:
-                losses["itc_loss"] = (itc_logits * 0.0).sum()
+            pairs = real_regions.any(dim=1) if itm_labels is None else real_regions.any(dim=1) & (itm_labels == 1)
+            itc_logits, losses["itc_loss"] = image_text_contrastive_loss(
+                outputs.text_embeds, outputs.image_embeds, pairs, config.itc_temperature
+            )
 
-        weights = {
-            "mlm_loss": config.mlm_weight,
-            "mrm_feature_loss": config.mrm_weight,
-            "mrm_concept_loss": config.mrm_weight,
-            "itm_loss": config.itm_weight,
-            "amc_token_loss": config.amc_token_weight,
-            "amc_region_loss": config.amc_region_weight,
-            "amc_pointer_loss": config.amc_pointer_weight,
-            "itc_loss": config.itc_weight,
-        }
-        loss = sum(weights[name] * value for name, value in losses.items()) if losses else None
-        output = CMALForPreTrainingOutput(
+        loss = sum(getattr(config, PRETRAINING_LOSS_WEIGHTS[name]) * value for name, value in losses.items()) if losses else None
+        return CMALForPreTrainingOutput(
             loss=loss,
             **losses,
-            prediction_logits=prediction_logits,
+            prediction_logits=scores.token_logits,
             region_feature_predictions=region_feature_predictions,
-            region_concept_logits=region_concept_logits,
-            pointer_logits=pointer_logits,
+            region_concept_logits=scores.region_logits,
+            pointer_logits=scores.pointer_logits,
             itm_logits=itm_logits,
             itc_logits=itc_logits,
             anchor_map=outputs.anchor_map,
@@ -1233,16 +1454,39 @@ class CMALForPreTraining(CMALPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
 
-class CMALForQuestionAnswering(CMALPreTrainedModel):
-    """VQA head: an MLP on the pooled output, one sigmoid score per answer of `config.id2label`.
+def _classification_loss(config: CMALConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss of `config.problem_type`, as transformers' sequence classifiers define it (inferred when unset:
+    regression for one label, single-label for integer labels, multi-label for float ones)."""
+    problem_type = config.problem_type or (
+        "regression" if config.num_labels == 1
+        else "multi_label_classification" if labels.is_floating_point()
+        else "single_label_classification"
+    )  # fmt: skip
+    if problem_type == "single_label_classification":
+        _check_labels("labels", labels, logits.shape[:1], config.num_labels)
+        return F.cross_entropy(logits.float(), labels)
+    if problem_type == "multi_label_classification":
+        _check_labels("labels", labels, logits.shape)
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    if not isinstance(labels, torch.Tensor) or not labels.is_floating_point() or labels.numel() != logits.numel():
+        got = f"dtype {labels.dtype}, shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(
+            f"`labels` must be floating-point regression targets, {config.num_labels} per example "
+            f"(config.num_labels), got {got}"
+        )
+    return F.mse_loss(logits.float(), labels.float().view_as(logits))
 
-    Trained with binary cross-entropy on soft scores, so `logits` mean the same with or without
-    `labels`, and `pipeline("visual-question-answering")`'s sigmoid gives each answer's score.
+
+@auto_docstring(
+    custom_intro="""
+    VQA head: an MLP on the pooled output, one sigmoid score per answer of `config.id2label`. Trained with
+    binary cross-entropy on soft scores, so `logits` mean the same with or without `labels`, and
+    `pipeline("visual-question-answering")`'s sigmoid gives each answer's score.
     """
-
+)
+class CMALForQuestionAnswering(CMALPreTrainedModel):
     def __init__(self, config: CMALConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -1255,6 +1499,14 @@ class CMALForQuestionAnswering(CMALPreTrainedModel):
         )
         self.post_init()
 
+    @can_return_tuple
+    @auto_docstring(
+        custom_args=CMAL_INPUTS_DOCSTRING
+        + r"""
+    labels (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
+        Soft answer scores in [0, 1] (VQA: min(#annotators who gave the answer / 3, 1)).
+    """
+    )
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1268,37 +1520,34 @@ class CMALForQuestionAnswering(CMALPreTrainedModel):
         region_scores: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         labels: torch.FloatTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> SequenceClassifierOutput | tuple:
-        r"""
-        labels (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*):
-            Soft answer scores in [0, 1] (VQA: min(#annotators who gave the answer / 3, 1)).
-        """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutput:
         outputs = self.cmal(
             input_ids, visual_feats, visual_pos,
             attention_mask=attention_mask, token_type_ids=token_type_ids,
             visual_attention_mask=visual_attention_mask, token_concept_ids=token_concept_ids,
             region_concept_ids=region_concept_ids, region_scores=region_scores, pixel_values=pixel_values,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+            inputs_embeds=inputs_embeds, return_dict=True, **kwargs,
         )  # fmt: skip
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
-            _check_labels("labels", labels, (input_ids.shape[0], self.num_labels))
+            _check_labels("labels", labels, logits.shape)
             # Mean over answers times their number: the sum over answers averaged over the batch (ViLT, BAN).
             loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float()) * self.num_labels
-        output = SequenceClassifierOutput(
+        return SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if return_dict else output.to_tuple()
 
 
+@auto_docstring(
+    custom_intro="""
+    One label per image-text pair (SNLI-VE: entailment / neutral / contradiction, or any image+text label), on
+    the pooled output; the loss follows `config.problem_type` (single-label, multi-label or regression).
+    """
+)
 class CMALForImageTextClassification(CMALPreTrainedModel):
-    """One label per image-text pair (SNLI-VE: entailment / neutral / contradiction), cross-entropy."""
-
     def __init__(self, config: CMALConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -1308,6 +1557,15 @@ class CMALForImageTextClassification(CMALPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
+    @auto_docstring(
+        custom_args=CMAL_INPUTS_DOCSTRING
+        + r"""
+    labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+        Class indices into `config.id2label`; float `(batch_size, num_labels)` targets for multi-label
+        classification or regression (`config.problem_type`).
+    """
+    )
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1320,40 +1578,32 @@ class CMALForImageTextClassification(CMALPreTrainedModel):
         region_concept_ids: torch.LongTensor | None = None,
         region_scores: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> SequenceClassifierOutput | tuple:
-        r"""
-        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class indices into `config.id2label`.
-        """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutput:
         outputs = self.cmal(
             input_ids, visual_feats, visual_pos,
             attention_mask=attention_mask, token_type_ids=token_type_ids,
             visual_attention_mask=visual_attention_mask, token_concept_ids=token_concept_ids,
             region_concept_ids=region_concept_ids, region_scores=region_scores, pixel_values=pixel_values,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+            inputs_embeds=inputs_embeds, return_dict=True, **kwargs,
         )  # fmt: skip
         logits = self.classifier(self.dropout(outputs.pooler_output))
-        loss = None
-        if labels is not None:
-            _check_labels("labels", labels, (input_ids.shape[0],), self.num_labels)
-            loss = F.cross_entropy(logits.float(), labels)
-        output = SequenceClassifierOutput(
+        loss = _classification_loss(self.config, logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if return_dict else output.to_tuple()
 
 
-class CMALForVisualReasoning(CMALPreTrainedModel):
-    """NLVR2: one sentence, two images; the two pooled outputs are concatenated and classified.
-
-    Visual inputs carry an extra image axis of size 2: `visual_feats` is
+@auto_docstring(
+    custom_intro="""
+    NLVR2: one sentence, two images; the two pooled outputs are concatenated and classified (the loss follows
+    `config.problem_type`). Region inputs carry an extra image axis of size 2: `visual_feats` is
     `(batch_size, 2, num_regions, visual_feat_dim)`, and so on for the other region inputs.
     """
-
+)
+class CMALForVisualReasoning(CMALPreTrainedModel):
     def __init__(self, config: CMALConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -1366,6 +1616,16 @@ class CMALForVisualReasoning(CMALPreTrainedModel):
         )
         self.post_init()
 
+    @can_return_tuple
+    @auto_docstring(
+        custom_args=CMAL_INPUTS_DOCSTRING
+        + r"""
+    labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+        1 if the sentence is true of the pair (or targets of `config.problem_type`). `hidden_states` and
+        `attentions` are returned for the `2 * batch_size` (text, image) rows, example `b`'s images at rows
+        `2b` and `2b + 1`.
+    """
+    )
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1378,18 +1638,10 @@ class CMALForVisualReasoning(CMALPreTrainedModel):
         region_concept_ids: torch.LongTensor | None = None,
         region_scores: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> SequenceClassifierOutput | tuple:
-        r"""
-        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): 1 if the sentence is true of the pair.
-
-        `hidden_states`/`attentions` are returned for the `2 * batch_size` (text, image) rows, example `b`'s
-        images at rows `2b` and `2b + 1`.
-        """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutput:
         images, name, layout = (
             (pixel_values, "pixel_values", "(batch_size, 2, 3, height, width)")
             if pixel_values is not None
@@ -1421,30 +1673,35 @@ class CMALForVisualReasoning(CMALPreTrainedModel):
             region_concept_ids=pairs_to_rows("region_concept_ids", region_concept_ids),
             region_scores=pairs_to_rows("region_scores", region_scores),
             pixel_values=pairs_to_rows("pixel_values", pixel_values),
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+            inputs_embeds=pairs_to_rows("inputs_embeds", inputs_embeds, text_side=True),
             return_dict=True,
+            **kwargs,
         )
         logits = self.classifier(outputs.pooler_output.reshape(batch_size, -1))
-        loss = None
-        if labels is not None:
-            _check_labels("labels", labels, (batch_size,), self.num_labels)
-            loss = F.cross_entropy(logits.float(), labels)
-        output = SequenceClassifierOutput(
+        loss = _classification_loss(self.config, logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if return_dict else output.to_tuple()
 
 
+@auto_docstring(
+    custom_intro="Referring expression comprehension: one score per region, cross-entropy over the regions."
+)
 class CMALForReferringExpression(CMALPreTrainedModel):
-    """Referring expression comprehension: one score per region, cross-entropy over the regions."""
-
     def __init__(self, config: CMALConfig):
         super().__init__(config)
         self.cmal = CMALModel(config, add_pooling_layer=False)
         self.region_scorer = CMALRegionPredictionHead(config, 1)
         self.post_init()
 
+    @can_return_tuple
+    @auto_docstring(
+        custom_args=CMAL_INPUTS_DOCSTRING
+        + r"""
+    labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+        Index of the referred region.
+    """
+    )
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1458,25 +1715,19 @@ class CMALForReferringExpression(CMALPreTrainedModel):
         region_scores: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> CMALReferringExpressionOutput | tuple:
-        r"""
-        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): index of the referred region.
-        """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CMALReferringExpressionOutput:
         outputs = self.cmal(
             input_ids, visual_feats, visual_pos,
             attention_mask=attention_mask, token_type_ids=token_type_ids,
             visual_attention_mask=visual_attention_mask, token_concept_ids=token_concept_ids,
             region_concept_ids=region_concept_ids, region_scores=region_scores, pixel_values=pixel_values,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+            inputs_embeds=inputs_embeds, return_dict=True, **kwargs,
         )  # fmt: skip
-        batch_size, text_len = input_ids.shape
-        region_mask = outputs.region_mask
-        num_regions = region_mask.shape[1]
-        region_states = outputs.last_hidden_state[:, text_len:]
+        region_mask = outputs.region_mask.bool()
+        batch_size, num_regions = region_mask.shape
+        region_states = outputs.last_hidden_state[:, -num_regions:] if num_regions else outputs.last_hidden_state[:, :0]
         logits = _mask_padded_regions(self.region_scorer(region_states).squeeze(-1), region_mask)
         predicted_boxes = None
         if outputs.region_boxes is not None and num_regions > 0:
@@ -1491,7 +1742,7 @@ class CMALForReferringExpression(CMALPreTrainedModel):
             if not bool((target_real | (labels == -100)).all()):
                 raise ValueError("`labels` must point at a real region; one points at a padded region")
             loss = F.cross_entropy(logits.float(), labels)
-        output = CMALReferringExpressionOutput(
+        return CMALReferringExpressionOutput(
             loss=loss,
             logits=logits,
             predicted_boxes=predicted_boxes,
@@ -1499,22 +1750,35 @@ class CMALForReferringExpression(CMALPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
 
-class CMALForImageTextRetrieval(CMALPreTrainedModel):
-    """Image-text matching, trainable: a 2-way classifier on the pooled output (as pre-training's ITM).
-
-    Its `itm_head` has the name and shape of `CMALForPreTraining.itm_head`, so a pre-trained ITM
-    head loads into it. Rank candidates by `scores`; report recall@K over a candidate pool.
+@auto_docstring(
+    custom_intro="""
+    Image-text matching, trainable: a 2-way classifier on the pooled output (as pre-training's ITM). Its
+    `itm_head` has the name and shape of `CMALForPreTraining.itm_head`, so a pre-trained ITM head loads into
+    it. Rank candidates by `scores`; report recall@K over a candidate pool.
     """
-
+)
+class CMALForImageTextRetrieval(CMALPreTrainedModel):
     def __init__(self, config: CMALConfig):
         super().__init__(config)
+        if config.num_labels != 2:
+            raise ValueError(
+                "CMALForImageTextRetrieval decides match / no match: config.num_labels must be 2, "
+                f"got {config.num_labels}"
+            )
         self.cmal = CMALModel(config)
         self.itm_head = nn.Linear(config.hidden_size, 2)
         self.post_init()
 
+    @can_return_tuple
+    @auto_docstring(
+        custom_args=CMAL_INPUTS_DOCSTRING
+        + r"""
+    labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+        1 for a matching pair, 0 otherwise.
+    """
+    )
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1528,34 +1792,28 @@ class CMALForImageTextRetrieval(CMALPreTrainedModel):
         region_scores: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> CMALImageTextRetrievalOutput | tuple:
-        r"""
-        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): 1 for a matching pair, 0 otherwise.
-        """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CMALImageTextRetrievalOutput:
         outputs = self.cmal(
             input_ids, visual_feats, visual_pos,
             attention_mask=attention_mask, token_type_ids=token_type_ids,
             visual_attention_mask=visual_attention_mask, token_concept_ids=token_concept_ids,
             region_concept_ids=region_concept_ids, region_scores=region_scores, pixel_values=pixel_values,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+            inputs_embeds=inputs_embeds, return_dict=True, **kwargs,
         )  # fmt: skip
         logits = self.itm_head(outputs.pooler_output)
         loss = None
         if labels is not None:
-            _check_labels("labels", labels, (input_ids.shape[0],), 2)
+            _check_labels("labels", labels, logits.shape[:1], 2)
             loss = F.cross_entropy(logits.float(), labels)
-        output = CMALImageTextRetrievalOutput(
+        return CMALImageTextRetrievalOutput(
             loss=loss,
             logits=logits,
             scores=logits[:, 1] - logits[:, 0],
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
 
 # Auto classes. Each head saves its own entry (`register_for_auto_class`); `CMALPreTrainedModel.save_pretrained`

@@ -57,8 +57,8 @@ def test_copies_bert_layers_into_text_and_unified_encoders(bert_path, bert):
         assert torch.equal(params[cmal_name], bert[bert_name]), cmal_name
     for name in LAYER_TENSORS:
         assert torch.equal(params[f"text_encoder.layer.1.{name}"], bert[f"encoder.layer.1.{name}"])
-        assert torch.equal(params[f"encoder.layer.0.{name}"], bert[f"encoder.layer.2.{name}"])
-    assert ("text_embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight") in report.copied
+        assert torch.equal(params[f"unified_encoder.layer.0.{name}"], bert[f"encoder.layer.2.{name}"])
+    assert ("text_encoder.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight") in report.copied
     assert ("pooler.dense.weight", "pooler.dense.weight") in report.copied
     assert {f"encoder.layer.5.{name}" for name in LAYER_TENSORS} <= set(report.unused)
     assert "encoder.layer.5  (16)" in str(report)
@@ -74,16 +74,16 @@ def test_smaller_vocabulary_is_resized_and_stays_tied(bert_path, bert):
     model = CMALForPreTraining(CMALConfig(**MINILM_SIZED, vocab_size=1000))
     report = load_bert_weights(model, bert_path)
 
-    embeddings = model.cmal.text_embeddings.word_embeddings.weight
+    embeddings = model.cmal.text_encoder.embeddings.word_embeddings.weight
     assert torch.equal(embeddings, bert["embeddings.word_embeddings.weight"][:1000])
     assert report.resized == [
-        ("cmal.text_embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight", (30522, 384), (1000, 384))
+        ("cmal.text_encoder.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight", (30522, 384), (1000, 384))
     ]
     assert "30522x384 -> 1000x384" in str(report)
-    assert model.lm_head.decoder.weight is embeddings
-    assert torch.equal(model.lm_head.decoder.weight, embeddings)
-    # MiniLM has no MLM head: the rest of `lm_head` keeps its init.
-    assert {"lm_head.bias", "lm_head.transform.dense.weight"} <= set(report.new)
+    assert model.mapping_head.token_head.decoder.weight is embeddings
+    assert torch.equal(model.mapping_head.token_head.decoder.weight, embeddings)
+    # MiniLM has no MLM head: the rest of the vocabulary head keeps its init.
+    assert {"mapping_head.token_head.bias", "mapping_head.token_head.transform.dense.weight"} <= set(report.new)
 
 
 def test_other_hidden_size_is_skipped_and_untouched(bert_path):
@@ -93,7 +93,7 @@ def test_other_hidden_size_is_skipped_and_untouched(bert_path):
 
     assert not report.copied and not report.resized
     skipped = {cmal_name: reason for cmal_name, _, reason in report.skipped}
-    assert skipped["text_embeddings.word_embeddings.weight"] == "shape 30522x384 does not fit 30522x32"
+    assert skipped["text_encoder.embeddings.word_embeddings.weight"] == "shape 30522x384 does not fit 30522x32"
     assert skipped["text_encoder.layer.0.output.LayerNorm.weight"] == "shape 384 does not fit 32"
     assert "shape 384x384 does not fit 32x32" in str(report)
     for name, param in model.named_parameters():
@@ -116,14 +116,14 @@ def test_prefixed_bin_with_gamma_beta_and_tied_decoder(tmp_path, bert):
     model = CMALForPreTraining(CMALConfig(**MINILM_SIZED))
     report = load_bert_weights(model, str(tmp_path))
 
-    assert torch.equal(model.cmal.text_embeddings.LayerNorm.weight, bert["embeddings.LayerNorm.weight"])
-    assert torch.equal(model.cmal.text_embeddings.LayerNorm.bias, bert["embeddings.LayerNorm.bias"])
-    assert torch.equal(model.cmal.text_embeddings.word_embeddings.weight, bert["embeddings.word_embeddings.weight"])
-    assert torch.equal(model.lm_head.bias, mlm_bias) and model.lm_head.decoder.bias is model.lm_head.bias
-    assert ("lm_head.bias", "cls.predictions.bias") in report.copied
+    assert torch.equal(model.cmal.text_encoder.embeddings.LayerNorm.weight, bert["embeddings.LayerNorm.weight"])
+    assert torch.equal(model.cmal.text_encoder.embeddings.LayerNorm.bias, bert["embeddings.LayerNorm.bias"])
+    assert torch.equal(model.cmal.text_encoder.embeddings.word_embeddings.weight, bert["embeddings.word_embeddings.weight"])
+    assert torch.equal(model.mapping_head.token_head.bias, mlm_bias) and model.mapping_head.token_head.decoder.bias is model.mapping_head.token_head.bias
+    assert ("mapping_head.token_head.bias", "cls.predictions.bias") in report.copied
     [(cmal_name, bert_name, reason)] = report.skipped
-    assert (cmal_name, bert_name) == ("lm_head.decoder.weight", "cls.predictions.decoder.weight")
-    assert reason.startswith("tied to cmal.text_embeddings.word_embeddings.weight")
+    assert (cmal_name, bert_name) == ("mapping_head.token_head.decoder.weight", "cls.predictions.decoder.weight")
+    assert reason.startswith("tied to cmal.text_encoder.embeddings.word_embeddings.weight")
     assert "cls.seq_relationship.weight" in report.unused
     assert "cmal.text_encoder.layer.0.output.dense.weight" in report.new
 
@@ -140,7 +140,7 @@ def test_sharded_safetensors(tmp_path, bert):
     model = CMALModel(CMALConfig(**MINILM_SIZED))
     report = load_bert_weights(model, str(tmp_path))
     assert len(report.copied) == 5 + 5 * 16 + 2  # embeddings, layers 0-4, pooler
-    assert torch.equal(model.encoder.layer[2].output.dense.weight, bert["encoder.layer.4.output.dense.weight"])
+    assert torch.equal(model.unified_encoder.layer[2].output.dense.weight, bert["encoder.layer.4.output.dense.weight"])
 
 
 def test_not_bert_raises_naming_the_argument(tmp_path):
@@ -154,7 +154,7 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path, bert_path, bert):
     CMALConfig(**MINILM_SIZED).to_json_file(config_path)
     output_dir = tmp_path / "cmal-from-minilm"
     command = [
-        sys.executable, "-m", "modeling_cmal.convert_bert_to_cmal", "--bert", bert_path,
+        sys.executable, "-m", "cmal.modeling_cmal.convert_bert_to_cmal", "--bert", bert_path,
         "--model_config", str(config_path), "--output_dir", str(output_dir),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -163,6 +163,6 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path, bert_path, bert):
     assert "BERT -> CMAL: 87 copied" in result.stdout
 
     model = CMALModel.from_pretrained(output_dir)
-    assert torch.equal(model.text_embeddings.word_embeddings.weight, bert["embeddings.word_embeddings.weight"])
+    assert torch.equal(model.text_encoder.embeddings.word_embeddings.weight, bert["embeddings.word_embeddings.weight"])
     query = bert["encoder.layer.2.attention.self.query.weight"]
-    assert torch.equal(model.encoder.layer[0].attention.self.query.weight, query)
+    assert torch.equal(model.unified_encoder.layer[0].attention.self.query.weight, query)

@@ -105,14 +105,14 @@ def test_labels_that_are_not_concepts_get_no_concept():
 
 def test_detector_is_frozen_by_default(image_processor, photos):
     model = CMALForQuestionAnswering(cmal_config()).train()
-    assert not model.cmal.detector.training and model.cmal.encoder.training
+    assert not model.cmal.detector.training and model.cmal.unified_encoder.training
     assert not any(p.requires_grad for p in model.cmal.detector.parameters())
     labels = torch.zeros(3, 3)
     labels[:, 0] = 1
     out = model(**text_inputs(3), pixel_values=image_processor(images=photos)["pixel_values"], labels=labels)
     out.loss.backward()
     assert all(p.grad is None for p in model.cmal.detector.parameters())
-    assert model.cmal.visual_embeddings.feature_projection.weight.grad.abs().sum() > 0
+    assert model.cmal.visual_encoder.embeddings.feature_projection.weight.grad.abs().sum() > 0
 
     trainable = CMALForQuestionAnswering(cmal_config(train_detector=True)).train()
     assert trainable.cmal.detector.training

@@ -92,7 +92,7 @@ def test_head_forward_backward(name):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is None or torch.isfinite(g).all() for g in grads)
     # the encoder itself learns from every head's loss
-    assert model.cmal.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    assert model.cmal.unified_encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", HEADS)
@@ -257,7 +257,7 @@ def test_associative_swap_by_hand():
 
     # The unified encoder's input holds the partner features: rebuild it by hand from the uni-modal features.
     hidden = {}
-    handle = model.encoder.register_forward_pre_hook(lambda mod, args: hidden.update(x=args[0]))
+    handle = model.unified_encoder.register_forward_pre_hook(lambda mod, args: hidden.update(x=args[0]))
     model(input_ids, visual_feats, visual_pos, anchor_selection=selection, **common)
     handle.remove()
     text, regions = out.text_features[0].clone(), out.region_features[0].clone()
@@ -284,7 +284,7 @@ def test_mask_fill_keeps_no_partner_feature():
                   anchor_selection=torch.ones(1, NUM_CONCEPTS, dtype=torch.bool))  # fmt: skip
     visual_pos = torch.rand(1, 2, 7)
     hidden = []
-    handle = model.encoder.register_forward_pre_hook(lambda mod, args: hidden.append(args[0]))
+    handle = model.unified_encoder.register_forward_pre_hook(lambda mod, args: hidden.append(args[0]))
     out = model(input_ids, torch.randn(1, 2, FEAT_DIM), visual_pos, **common)
     model(input_ids, torch.randn(1, 2, FEAT_DIM), visual_pos, **common)  # other region features
     handle.remove()
@@ -318,12 +318,12 @@ def test_hypersphere_puts_features_on_a_sphere():
     torch.testing.assert_close(out.text_embeds.norm(dim=-1), torch.ones(3))
     # The radius is learnt; without the sphere, features keep whatever norm the encoder gives them.
     with torch.no_grad():
-        model.text_hypersphere.scale.fill_(2.0)
+        model.text_encoder.hypersphere.scale.fill_(2.0)
         model.text_encoder.layer[-1].output.LayerNorm.weight.mul_(3.0)
     torch.testing.assert_close(model(**inputs).text_features.norm(dim=-1), torch.full((3, 8), 2.0))
     plain = CMALModel(tiny_config(hypersphere=False)).eval()
     plain.load_state_dict(model.state_dict(), strict=False)
-    assert plain.text_hypersphere.scale is None
+    assert plain.text_encoder.hypersphere.scale is None
     torch.testing.assert_close(plain(**inputs).text_features.norm(dim=-1), torch.full((3, 8), 3.0 * scale))
 
 
@@ -367,8 +367,11 @@ def test_gradient_checkpointing_gives_same_gradients(name):
     model(**inputs).loss.backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert all(layer.gradient_checkpointing for layer in model.cmal.encoder.layer)
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; 5.0 has the old name only
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert all(layer.gradient_checkpointing for layer in model.cmal.unified_encoder.layer)
     torch.manual_seed(1)
     model(**inputs).loss.backward()
     for n, p in model.named_parameters():
@@ -410,7 +413,7 @@ def test_save_and_load_is_exact(name, tmp_path):
 def test_tied_word_embeddings_survive_loading(tmp_path):
     CMALForPreTraining(tiny_config()).save_pretrained(tmp_path)
     model = CMALForPreTraining.from_pretrained(tmp_path)
-    assert model.lm_head.decoder.weight is model.cmal.text_embeddings.word_embeddings.weight
+    assert model.mapping_head.token_head.decoder.weight is model.cmal.text_encoder.embeddings.word_embeddings.weight
 
 
 def test_local_auto_classes():
@@ -530,13 +533,13 @@ def test_heads_start_from_a_pretraining_checkpoint(tmp_path):
     """Fine-tuning starts here: the encoder loads exactly, the ITM head carries over to retrieval, new heads init."""
     pretrained = CMALForPreTraining(tiny_config())
     with torch.no_grad():
-        pretrained.cmal.text_hypersphere.scale.fill_(3.0)
+        pretrained.cmal.text_encoder.hypersphere.scale.fill_(3.0)
     pretrained.save_pretrained(tmp_path)
     retrieval = CMALForImageTextRetrieval.from_pretrained(tmp_path)
     for name, tensor in pretrained.cmal.state_dict().items():
         assert torch.equal(retrieval.cmal.state_dict()[name], tensor), name
     assert torch.equal(retrieval.itm_head.weight, pretrained.itm_head.weight)
-    assert retrieval.cmal.text_hypersphere.scale.item() == 3.0
+    assert retrieval.cmal.text_encoder.hypersphere.scale.item() == 3.0
     vqa = CMALForQuestionAnswering.from_pretrained(tmp_path, id2label={i: str(i) for i in range(7)})
     head = vqa.classifier[3].weight
     assert head.shape == (7, 64) and torch.isfinite(head).all()
@@ -551,3 +554,47 @@ def test_bfloat16_forward_backward():
     assert out[logits_name].dtype == torch.bfloat16 and out[logits_name].shape == shape
     assert torch.isfinite(out.loss)
     out.loss.backward()
+
+
+LEGACY_KEYS = json.loads((Path(__file__).parent / "fixtures" / "checkpoint_keys_v0.json").read_text())
+
+
+@pytest.mark.parametrize("class_name", [name for name in LEGACY_KEYS if not name.startswith("_")])
+def test_checkpoint_of_the_old_layout_loads(class_name, tmp_path):
+    """A folder with the parameter names CMAL saved before its named units (the fixture lists them, taken from a
+    save by that code) loads every tensor into the unit that now holds it, and re-saved it loads the same."""
+    import cmal
+    from safetensors.torch import save_file
+
+    model_class = getattr(cmal, class_name)
+    generator = torch.Generator().manual_seed(0)
+    old = {name: torch.randn(shape, generator=generator) for name, shape in LEGACY_KEYS[class_name].items()}
+    save_file(old, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    labels = {0: "no match", 1: "match"} if class_name == "CMALForImageTextRetrieval" else {0: "a", 1: "b", 2: "c"}
+    tiny_config(id2label=labels).save_pretrained(tmp_path)
+    model, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+    new = model.state_dict()
+    # old name -> the new names holding its values (tied parameters hold one tensor under two names)
+    renamed = {old_name: {new_name for new_name in new if torch.equal(new[new_name], value)} for old_name, value in old.items()}
+    assert all(renamed.values())  # every saved tensor reached the model
+    word_embeddings = next(name for name in old if name.endswith("text_embeddings.word_embeddings.weight"))
+    assert any(name.endswith("text_encoder.embeddings.word_embeddings.weight") for name in renamed[word_embeddings])
+    if class_name == "CMALForPreTraining":
+        assert renamed["pointer_head.query.weight"] == {"mapping_head.pointer_head.query.weight"}
+        assert renamed["cmal.encoder.layer.1.output.dense.weight"] == {"cmal.unified_encoder.layer.1.output.dense.weight"}
+        assert model.mapping_head.token_head.decoder.weight is model.cmal.text_encoder.embeddings.word_embeddings.weight
+
+    model.save_pretrained(tmp_path / "again")
+    again = model_class.from_pretrained(tmp_path / "again")
+    assert all(torch.equal(again.state_dict()[name], value) for name, value in new.items())
+
+
+def test_new_checkpoints_use_the_unit_names(tmp_path):
+    from safetensors.torch import load_file
+
+    CMALForPreTraining(tiny_config()).save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / "model.safetensors"))
+    assert "cmal.text_encoder.hypersphere.scale" in keys and "mapping_head.pointer_head.key.bias" in keys
+    assert not {key for key in keys if key.startswith(("lm_head.", "concept_head.", "cmal.encoder.", "cmal.text_embeddings."))}
