@@ -69,32 +69,36 @@ TEXT_TYPE, REGION_TYPE, PROMPT_TYPE = 0, 1, 2
 @dataclass
 class CMALModelOutput(ModelOutput):
     r"""
-    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, text_len + num_regions, hidden_size)`):
-        Unified-encoder output over `[CLS] text [SEP] regions`; the first `text_len` slots are text.
-    pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
-        tanh pooler over the unified `[CLS]` slot.
-    text_features (`torch.FloatTensor` of shape `(batch_size, text_len, hidden_size)`):
-        Uni-modal text encoder output (on the hypersphere when `config.hypersphere`).
-    region_features (`torch.FloatTensor` of shape `(batch_size, num_regions, hidden_size)`):
-        Uni-modal region encoder output (on the hypersphere when `config.hypersphere`).
-    text_embeds, image_embeds (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
-        Unit vectors of the text `[CLS]` feature and the mean region feature, used by the ITC loss.
-    anchor_map (`torch.LongTensor` of shape `(batch_size, text_len, num_regions)`):
-        The anchor operator ⊕: `anchor_map[b, t, r]` is 1 when token `t` and region `r` denote the same
-        concept. This and the other masks of the output are 0/1 integers, not booleans, so that every
-        output tensor supports the arithmetic and comparisons transformers applies to outputs.
-    token_swapped, region_swapped (`torch.LongTensor` of shape `(batch_size, text_len)` / `(batch_size, num_regions)`):
-        1 at slots whose own feature was masked and replaced by their partner's feature.
-    token_partner, region_partner (`torch.LongTensor`, same shapes):
-        For each swapped slot, the index of the partner whose feature filled it; -1 elsewhere.
-    region_boxes (`torch.FloatTensor` of shape `(batch_size, num_regions, 4)`):
-        The regions' normalised `(x1, y1, x2, y2)`, detected from `pixel_values` or given in `visual_pos`.
-    region_concept_ids, region_scores, region_mask (`(batch_size, num_regions)`):
-        The regions' concept ids, detector scores and validity mask (1 for a real region; detected or as given).
-    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-        Unified-encoder input and the output of each of its layers.
-    attentions (`tuple(torch.FloatTensor)`, *optional*):
-        Attention weights of each unified-encoder layer, `(batch_size, num_heads, seq_len, seq_len)`.
+    Output of [`CMALModel`]: the unified encoder's states, the uni-modal features, and what the anchor operator
+    and the associative prompt layer did.
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, text_len + num_regions, hidden_size)`):
+            Unified-encoder output over `[CLS] text [SEP] regions`; the first `text_len` slots are text.
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            tanh pooler over the unified `[CLS]` slot.
+        text_features (`torch.FloatTensor` of shape `(batch_size, text_len, hidden_size)`):
+            Uni-modal text encoder output (on the hypersphere when `config.hypersphere`).
+        region_features (`torch.FloatTensor` of shape `(batch_size, num_regions, hidden_size)`):
+            Uni-modal region encoder output (on the hypersphere when `config.hypersphere`).
+        text_embeds, image_embeds (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            Unit vectors of the text `[CLS]` feature and the mean region feature, used by the ITC loss.
+        anchor_map (`torch.LongTensor` of shape `(batch_size, text_len, num_regions)`):
+            The anchor operator ⊕: `anchor_map[b, t, r]` is 1 when token `t` and region `r` denote the same
+            concept. This and the other masks of the output are 0/1 integers, not booleans, so that every
+            output tensor supports the arithmetic and comparisons transformers applies to outputs.
+        token_swapped, region_swapped (`torch.LongTensor` of shape `(batch_size, text_len)` / `(batch_size, num_regions)`):
+            1 at slots whose own feature was masked and replaced by their partner's feature.
+        token_partner, region_partner (`torch.LongTensor`, same shapes):
+            For each swapped slot, the index of the partner whose feature filled it; -1 elsewhere.
+        region_boxes (`torch.FloatTensor` of shape `(batch_size, num_regions, 4)`):
+            The regions' normalised `(x1, y1, x2, y2)`, detected from `pixel_values` or given in `visual_pos`.
+        region_concept_ids, region_scores, region_mask (`(batch_size, num_regions)`):
+            The regions' concept ids, detector scores and validity mask (1 for a real region; detected or as given).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Unified-encoder input and the output of each of its layers.
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            Attention weights of each unified-encoder layer, `(batch_size, num_heads, seq_len, seq_len)`.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -119,23 +123,26 @@ class CMALModelOutput(ModelOutput):
 @dataclass
 class CMALForPreTrainingOutput(ModelOutput):
     r"""
-    loss (`torch.FloatTensor` of shape `()`, *optional*):
-        Sum of the losses below, each times its weight in the config; `None` when none was computed.
-    mlm_loss, mrm_feature_loss, mrm_concept_loss, itm_loss, amc_token_loss, amc_region_loss, amc_pointer_loss, itc_loss (`torch.FloatTensor`, *optional*):
-        Each objective on its own, unweighted; `None` when switched off or without targets.
-    prediction_logits (`torch.FloatTensor` of shape `(batch_size, text_len, vocab_size)`):
-        Vocabulary scores at every text slot (MLM and AMC-token).
-    region_feature_predictions (`torch.FloatTensor` of shape `(batch_size, num_regions, visual_feat_dim)`):
-        Regressed region features (MRM).
-    region_concept_logits (`torch.FloatTensor` of shape `(batch_size, num_regions, num_concepts)`):
-        Concept scores at every region slot (MRM and AMC-region).
-    pointer_logits (`torch.FloatTensor` of shape `(batch_size, text_len, num_regions)`):
-        Score of every region as the partner of every token (AMC-pointer); padded regions get the
-        dtype's minimum.
-    itm_logits (`torch.FloatTensor` of shape `(batch_size, 2)`):
-        Image-text matching scores; index 1 means "the pair matches".
-    itc_logits (`torch.FloatTensor` of shape `(batch_size, batch_size)`, *optional*):
-        Text-to-image similarity divided by the ITC temperature.
+    Output of [`CMALForPreTraining`]: the weighted total loss, each objective's loss and the heads' scores.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Sum of the losses below, each times its weight in the config; `None` when none was computed.
+        mlm_loss, mrm_feature_loss, mrm_concept_loss, itm_loss, amc_token_loss, amc_region_loss, amc_pointer_loss, itc_loss (`torch.FloatTensor`, *optional*):
+            Each objective on its own, unweighted; `None` when switched off or without targets.
+        prediction_logits (`torch.FloatTensor` of shape `(batch_size, text_len, vocab_size)`):
+            Vocabulary scores at every text slot (MLM and AMC-token).
+        region_feature_predictions (`torch.FloatTensor` of shape `(batch_size, num_regions, visual_feat_dim)`):
+            Regressed region features (MRM).
+        region_concept_logits (`torch.FloatTensor` of shape `(batch_size, num_regions, num_concepts)`):
+            Concept scores at every region slot (MRM and AMC-region).
+        pointer_logits (`torch.FloatTensor` of shape `(batch_size, text_len, num_regions)`):
+            Score of every region as the partner of every token (AMC-pointer); padded regions get the
+            dtype's minimum.
+        itm_logits (`torch.FloatTensor` of shape `(batch_size, 2)`):
+            Image-text matching scores; index 1 means "the pair matches".
+        itc_logits (`torch.FloatTensor` of shape `(batch_size, batch_size)`, *optional*):
+            Text-to-image similarity divided by the ITC temperature.
     """
 
     loss: torch.FloatTensor | None = None
@@ -163,14 +170,17 @@ class CMALForPreTrainingOutput(ModelOutput):
 @dataclass
 class CMALReferringExpressionOutput(ModelOutput):
     r"""
-    loss (`torch.FloatTensor` of shape `()`, *optional*):
-        Cross-entropy over the regions of each example, returned when `labels` is given.
-    logits (`torch.FloatTensor` of shape `(batch_size, num_regions)`):
-        One score per region; padded regions get the dtype's minimum.
-    predicted_boxes (`torch.FloatTensor` of shape `(batch_size, 4)`):
-        Normalised `(x1, y1, x2, y2)` of the best-scoring region of each example.
-    region_boxes (`torch.FloatTensor` of shape `(batch_size, num_regions, 4)`):
-        Normalised boxes of all regions (detected from `pixel_values` or given in `visual_pos`).
+    Output of [`CMALForReferringExpression`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Cross-entropy over the regions of each example, returned when `labels` is given.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_regions)`):
+            One score per region; padded regions get the dtype's minimum.
+        predicted_boxes (`torch.FloatTensor` of shape `(batch_size, 4)`):
+            Normalised `(x1, y1, x2, y2)` of the best-scoring region of each example.
+        region_boxes (`torch.FloatTensor` of shape `(batch_size, num_regions, 4)`):
+            Normalised boxes of all regions (detected from `pixel_values` or given in `visual_pos`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -184,12 +194,15 @@ class CMALReferringExpressionOutput(ModelOutput):
 @dataclass
 class CMALImageTextRetrievalOutput(ModelOutput):
     r"""
-    loss (`torch.FloatTensor` of shape `()`, *optional*):
-        Cross-entropy of the match/no-match decision, returned when `labels` is given.
-    logits (`torch.FloatTensor` of shape `(batch_size, 2)`):
-        Image-text matching scores; index 1 means "the pair matches".
-    scores (`torch.FloatTensor` of shape `(batch_size,)`):
-        `logits[:, 1] - logits[:, 0]`, the log-odds of a match, the number to rank candidates by.
+    Output of [`CMALForImageTextRetrieval`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Cross-entropy of the match/no-match decision, returned when `labels` is given.
+        logits (`torch.FloatTensor` of shape `(batch_size, 2)`):
+            Image-text matching scores; index 1 means "the pair matches".
+        scores (`torch.FloatTensor` of shape `(batch_size,)`):
+            `logits[:, 1] - logits[:, 0]`, the log-odds of a match, the number to rank candidates by.
     """
 
     loss: torch.FloatTensor | None = None
@@ -204,13 +217,14 @@ class CMALAssociativePromptOutput(ModelOutput):
     r"""
     The associative prompt layer's result (DESIGN §1, step 3).
 
-    hybrid_states (`torch.FloatTensor` of shape `(batch_size, text_len + num_regions, hidden_size)`):
-        The hybrid associative prompt: text then region slots, swapped slots filled from the other modality,
-        every slot with its modality type embedding; the unified encoder's input.
-    token_swapped, region_swapped (`torch.BoolTensor` of shape `(batch_size, text_len)` / `(batch_size, num_regions)`):
-        Slots whose own feature was masked and replaced.
-    token_partner, region_partner (`torch.LongTensor`, same shapes):
-        For each swapped slot, the index of the partner whose feature filled it; -1 elsewhere.
+    Args:
+        hybrid_states (`torch.FloatTensor` of shape `(batch_size, text_len + num_regions, hidden_size)`):
+            The hybrid associative prompt: text then region slots, swapped slots filled from the other modality,
+            every slot with its modality type embedding; the unified encoder's input.
+        token_swapped, region_swapped (`torch.BoolTensor` of shape `(batch_size, text_len)` / `(batch_size, num_regions)`):
+            Slots whose own feature was masked and replaced.
+        token_partner, region_partner (`torch.LongTensor`, same shapes):
+            For each swapped slot, the index of the partner whose feature filled it; -1 elsewhere.
     """
 
     hybrid_states: torch.FloatTensor | None = None
@@ -225,12 +239,13 @@ class CMALAssociativeMappingOutput(ModelOutput):
     r"""
     Scores of the associative mapping head (DESIGN §1, step 5), at every slot.
 
-    token_logits (`torch.FloatTensor` of shape `(batch_size, text_len, vocab_size)`):
-        Vocabulary scores of every text slot (AMC-token; MLM reads the same head).
-    region_logits (`torch.FloatTensor` of shape `(batch_size, num_regions, num_concepts)`):
-        Concept scores of every region slot (AMC-region; MRM's concept part reads the same head).
-    pointer_logits (`torch.FloatTensor` of shape `(batch_size, text_len, num_regions)`):
-        Score of every region as the partner of every token (AMC-pointer); padded regions get the dtype's minimum.
+    Args:
+        token_logits (`torch.FloatTensor` of shape `(batch_size, text_len, vocab_size)`):
+            Vocabulary scores of every text slot (AMC-token; MLM reads the same head).
+        region_logits (`torch.FloatTensor` of shape `(batch_size, num_regions, num_concepts)`):
+            Concept scores of every region slot (AMC-region; MRM's concept part reads the same head).
+        pointer_logits (`torch.FloatTensor` of shape `(batch_size, text_len, num_regions)`):
+            Score of every region as the partner of every token (AMC-pointer); padded regions get the dtype's minimum.
     """
 
     token_logits: torch.FloatTensor | None = None
