@@ -23,9 +23,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cmal.training.data import downstream, synthetic  # noqa: E402
-from cmal.training.finetune import MAIN_METRIC, METRICS  # noqa: E402
-from cmal.training.metrics import load_metric  # noqa: E402
+from cmal.training.data import synthetic  # noqa: E402
+from cmal.training.data.downstream import TaskExamples  # noqa: E402
+from cmal.training.tasks import TASKS  # noqa: E402
 
 
 def launch(script_args: list[str], log: str) -> None:
@@ -35,41 +35,18 @@ def launch(script_args: list[str], log: str) -> None:
         subprocess.run(command, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"})
 
 
-def chance(task: str, world: dict, draws: int = 20, retrieval_images: int = 50) -> dict:
-    """The main metric of random predictions on the validation split (and VQA's majority answer)."""
+def chance(task, world: dict, draws: int = 20, retrieval_images: int = 50) -> dict:
+    """The main metric of the task's chance baselines on the validation split (`task.chance_predictions`:
+    uniformly random predictions, mean of `draws`; for VQA also the majority answer)."""
     rng = np.random.default_rng(0)
-    table = downstream.synthetic_task(world, task)
-    train, validation = table["train"], table["validation"]
-    metric = load_metric(METRICS[task])
-    main = MAIN_METRIC[task]
-    values = []
-    if task == "vqa":
-        vocabulary = downstream.vqa_answer_vocabulary(train["answers"], 1)
-        for _ in range(draws):
-            guesses = [vocabulary[i] for i in rng.integers(len(vocabulary), size=len(validation))]
-            values.append(metric.compute(predictions=guesses, references=validation["answers"])[main])
-        majority = metric.compute(predictions=[vocabulary[0]] * len(validation), references=validation["answers"])[main]
-        return {"random": float(np.mean(values)), "majority": majority}
-    if task in ("ve", "nlvr2"):
-        classes = 3 if task == "ve" else 2
-        for _ in range(draws):
-            guesses = rng.integers(classes, size=len(validation)).tolist()
-            values.append(metric.compute(predictions=guesses, references=validation["label"])[main])
-        return {"random": float(np.mean(values))}
-    examples = downstream.TaskExamples(task, validation, world["regions"])
-    if task == "rec":
-        for _ in range(draws):
-            guesses = []
-            for rows in examples.image_rows:
-                boxes = examples.regions_of_images([rows[0]])[0]["boxes"]
-                guesses.append(boxes[rng.integers(len(boxes))].tolist())
-            values.append(metric.compute(predictions=guesses, references=examples.targets)[main])
-        return {"random": float(np.mean(values))}
-    grid = downstream.RetrievalGrid(examples, retrieval_images)
+    table = world[task.synthetic_table]
+    id2label = dict(enumerate(task.label_names(table["train"], 1)))
+    evaluation_set, references = task.evaluation_set(TaskExamples(task, table["validation"], world["regions"]), retrieval_images)
+    values = {}
     for _ in range(draws):
-        scores = rng.random((len(grid.references), len(grid.images))).tolist()
-        values.append(metric.compute(predictions=scores, references=grid.references)[main])
-    return {"random": float(np.mean(values))}
+        for name, predictions in task.chance_predictions(rng, evaluation_set, id2label).items():
+            values.setdefault(name, []).append(task.score(predictions, references, id2label)[task.main_metric])
+    return {name: float(np.mean(v)) for name, v in values.items()}
 
 
 # Per-task flags on top of finetune.py's defaults, the same for both starts. Retrieval's ITM head learns
@@ -79,7 +56,7 @@ TASK_FLAGS = {"retrieval": ["--learning_rate", "1e-4"]}
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=list(downstream.TASKS), choices=downstream.TASKS)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--pretrained", default="outputs/cmal-small-synthetic", help="Made with `pretrain.py` defaults if missing.")
     p.add_argument("--output_dir", default="outputs/finetune-table")
     p.add_argument("--parallel", type=int, default=2)
@@ -106,8 +83,8 @@ def main(argv=None):
     flags = " ".join(extra)
     lines = ["| task | metric | chance | from scratch | pre-trained (CMAL) | steps |", "|---|---|---|---|---|---|"]
     for task in args.tasks:
-        main_metric = MAIN_METRIC[task]
-        c = chance(task, world)
+        main_metric = TASKS[task].main_metric
+        c = chance(TASKS[task], world)
         chance_text = f"{c['random']:.3f}" + (f" (majority {c['majority']:.3f})" if "majority" in c else "")
         scratch, pretrained = results[(task, "scratch")][main_metric], results[(task, "pretrained")][main_metric]
         steps = results[(task, "pretrained")]["steps"]

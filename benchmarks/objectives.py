@@ -38,6 +38,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from cmal.training import tasks  # noqa: E402
+
 TASKS = ("vqa", "ve", "rec")
 # Pre-training flags of each condition on top of pretrain.py's defaults (MLM, MRM, ITM, AMC on; ITC off).
 CONDITIONS = {
@@ -136,7 +138,7 @@ def run_unit(job) -> dict:
             run = finetune.main([*common, "--task", task, *init, "--output_dir", output, "--anchor_mask_prob", "0",
                                  "--max_train_steps", str(args.finetune_steps),
                                  "--learning_rate", str(args.finetune_learning_rate)])  # fmt: skip
-            result[task] = run["eval"][finetune.MAIN_METRIC[task]]
+            result[task] = run["eval"][tasks.TASKS[task].main_metric]
             shutil.rmtree(output)  # the metric is all the study needs
     result["seconds"] = time.perf_counter() - start
     with open(result_file + ".tmp", "w") as f:
@@ -190,7 +192,7 @@ def plot(results, args, chance, path):
             else:
                 ax.errorbar(x, means, yerr=stds, marker="o", capsize=3, label=condition)
         ax.axhline(chance[task], color="black", linewidth=0.8, linestyle=":", label="chance")
-        ax.set_title({"vqa": "VQA accuracy", "ve": "VE accuracy", "rec": "REC accuracy@0.5"}[task])
+        ax.set_title(f"{task}: {tasks.TASKS[task].main_metric}")
         ax.set_xlabel("% of pre-training images")
         ax.set_xticks(x)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -211,7 +213,7 @@ def main(argv=None):
     from cmal.training.data import synthetic
 
     world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images))  # built once, before the workers
-    chance = {task: chance_of(task, world)["random"] for task in TASKS}
+    chance = {task: chance_of(tasks.TASKS[task], world)["random"] for task in TASKS}
     todo = units(args)
     start = time.perf_counter()
     results = []

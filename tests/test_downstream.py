@@ -10,6 +10,7 @@ from datasets import Dataset
 
 from cmal.training.data import downstream
 from cmal.training.data.region_store import RegionStoreWriter, load_region_store
+from cmal.training.tasks import TASKS
 
 
 def write_json(path, data):
@@ -127,10 +128,10 @@ def test_karpathy_reader(tmp_path):
     assert downstream.read_karpathy(path, "val")["text"] == ["Caption 0 of image 2.", "Caption 1 of image 2."]
 
 
-def test_read_task_file_needs_the_instances_for_rec(tmp_path):
+def test_rec_needs_the_instances(tmp_path):
     refs, _ = refcoco_files(tmp_path)
     with pytest.raises(ValueError, match="RefCOCO needs the COCO `instances.json`"):
-        downstream.read_task_file("rec", refs, None, "train")
+        TASKS["rec"].read(refs, None, "train")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,9 +163,9 @@ def processor():
 def test_vqa_collator_makes_soft_scores(store, processor):
     table = Dataset.from_dict({"image_id": ["img0", "img1"], "question": ["what colour is the dog"] * 2,
                                "answers": [["brown"] * 2 + ["black"] * 8, ["white"] * 10]})  # fmt: skip
-    examples = downstream.TaskExamples("vqa", table, store)
+    examples = downstream.TaskExamples(TASKS["vqa"], table, store)
     label2id = {"black": 0, "brown": 1}
-    batch = downstream.TaskCollator(processor, "vqa", examples, label2id)([examples[0], examples[1]])
+    batch = downstream.TaskCollator(processor, TASKS["vqa"], examples, label2id)([examples[0], examples[1]])
     torch.testing.assert_close(batch["labels"], torch.tensor([[1.0, 2 / 3], [0.0, 0.0]]))  # "white" is not in the vocabulary
     assert batch["visual_feats"].shape == (2, 3, 8) and "region_soft_labels" not in batch
     assert batch["token_concept_ids"][0].tolist().count(1) == 1  # "dog" is an anchor
@@ -173,18 +174,17 @@ def test_vqa_collator_makes_soft_scores(store, processor):
 def test_rec_collator_labels_the_region_that_overlaps_most(store, processor):
     table = Dataset.from_dict({"image_id": ["img0", "img2"], "expression": ["the dog", "the cat"],
                                "target_box": [[0.55, 0.5, 1.0, 0.95], [0.0, 0.0, 0.25, 0.2]]})  # fmt: skip
-    examples = downstream.TaskExamples("rec", table, store)
-    batch = downstream.TaskCollator(processor, "rec", examples)([examples[0], examples[1]])
+    examples = downstream.TaskExamples(TASKS["rec"], table, store)
+    batch = downstream.TaskCollator(processor, TASKS["rec"], examples)([examples[0], examples[1]])
     # regions are ordered by score (0.9, 0.8, 0.7), so the stored order is kept
     assert batch["labels"].tolist() == [1, 0]
-    torch.testing.assert_close(batch["target_boxes"], torch.tensor(table["target_box"]))
 
 
 def test_nlvr2_collator_stacks_the_two_images(store, processor):
     table = Dataset.from_dict({"left_image_id": ["img0", "img1"], "right_image_id": ["img2", "img0"],
                                "sentence": ["a cat and a dog", "the dog"], "label": [1, 0]})  # fmt: skip
-    examples = downstream.TaskExamples("nlvr2", table, store)
-    batch = downstream.TaskCollator(processor, "nlvr2", examples)([examples[0], examples[1]])
+    examples = downstream.TaskExamples(TASKS["nlvr2"], table, store)
+    batch = downstream.TaskCollator(processor, TASKS["nlvr2"], examples)([examples[0], examples[1]])
     assert batch["visual_feats"].shape == (2, 2, 3, 8) and batch["input_ids"].shape[0] == 2
     assert batch["visual_feats"][0, :, 0, 0].tolist() == [0.0, 2.0] and batch["visual_feats"][1, :, 0, 0].tolist() == [1.0, 0.0]
     assert batch["labels"].tolist() == [1, 0]
@@ -192,8 +192,8 @@ def test_nlvr2_collator_stacks_the_two_images(store, processor):
 
 def test_retrieval_negatives_are_seeded_and_grid_covers_every_pair(store, processor):
     table = Dataset.from_dict({"image_id": ["img0", "img0", "img1", "img2"], "text": ["a cat", "the dog", "a dog", "cat"]})
-    examples = downstream.TaskExamples("retrieval", table, store)
-    collator = downstream.TaskCollator(processor, "retrieval", examples, negative_probability=0.5, seed=3)
+    examples = downstream.TaskExamples(TASKS["retrieval"], table, store)
+    collator = downstream.TaskCollator(processor, TASKS["retrieval"], examples, negative_probability=0.5, seed=3)
     items = [examples[i] for i in range(4)] * 8
     items = [{**item, "index": k} for k, item in enumerate(items)]
     first, again = collator(items), collator(items)
@@ -211,4 +211,4 @@ def test_retrieval_negatives_are_seeded_and_grid_covers_every_pair(store, proces
 def test_missing_images_are_named(store):
     table = Dataset.from_dict({"image_id": ["img0", "nope"], "hypothesis": ["x", "y"], "label": [0, 1]})
     with pytest.raises(ValueError, match=r"1 images of the ve data are missing from the region store, e.g. \['nope'\]"):
-        downstream.TaskExamples("ve", table, store)
+        downstream.TaskExamples(TASKS["ve"], table, store)

@@ -14,6 +14,7 @@ from cmal.processors import CMALProcessor
 from cmal.training import finetune
 from cmal.training.data import downstream, synthetic
 from cmal.training.data.region_store import RegionStoreWriter, load_region_store
+from cmal.training.tasks import TASKS
 
 
 NAMES = ["cat", "dog"]
@@ -95,7 +96,7 @@ def check_output(folder, task, eval_samples):
     results = json.loads((folder / "eval_results.json").read_text())
     assert results["task"] == task and results["eval_samples"] == eval_samples
     assert EXPECTED_METRICS[task] <= set(results) and np.isfinite(results["eval_loss"])
-    main = finetune.MAIN_METRIC[task]
+    main = TASKS[task].main_metric
     assert 0 <= results[main] <= (600 if task == "retrieval" else 1)
     card = ModelCard.load(folder / "README.md")
     assert "custom_code" in card.data.tags and card.data.eval_results[0].metric_value == pytest.approx(results[main], abs=1e-4)
@@ -103,7 +104,7 @@ def check_output(folder, task, eval_samples):
     return results
 
 
-@pytest.mark.parametrize("task", downstream.TASKS)
+@pytest.mark.parametrize("task", TASKS)
 def test_each_task_on_its_real_format(task, corpus, tmp_path):
     root, files = corpus
     results = finetune.main(common(tmp_path / task) + ["--task", task] + real_args(task, root, files) + ["--regions", str(root / "regions")])
@@ -112,12 +113,12 @@ def test_each_task_on_its_real_format(task, corpus, tmp_path):
     assert results["steps"] == 3
 
 
-@pytest.mark.parametrize("task", downstream.TASKS)
+@pytest.mark.parametrize("task", TASKS)
 def test_each_task_on_the_synthetic_world(task, tmp_path):
     finetune.main(common(tmp_path / task) + ["--task", task, "--synthetic_images", "30", "--max_eval_samples", "12",
                                              "--retrieval_eval_images", "3"])  # fmt: skip
     config = CMALConfig.from_pretrained(tmp_path / task)
-    assert config.architectures == [finetune.HEADS[task].__name__]
+    assert config.architectures == [TASKS[task].head.__name__]
     if task == "vqa":  # the answer vocabulary comes from the training split
         assert set(config.label2id) <= set(synthetic.ANSWER_VOCABULARY) and {"yes", "no"} <= set(config.label2id)
 
@@ -129,10 +130,10 @@ def test_evaluation_equals_the_metric_computed_by_hand(corpus, tmp_path):
     model = CMALForImageTextClassification.from_pretrained(tmp_path).eval()
     processor = CMALProcessor.from_pretrained(tmp_path)
     table = downstream.read_snli_ve(files["ve_dev"])
-    examples = downstream.TaskExamples("ve", table, load_region_store(str(root / "regions"))[0])
+    examples = downstream.TaskExamples(TASKS["ve"], table, load_region_store(str(root / "regions"))[0])
     correct = []
     for k in range(len(examples)):
-        batch = downstream.TaskCollator(processor, "ve", examples)([examples[k]])
+        batch = downstream.TaskCollator(processor, TASKS["ve"], examples)([examples[k]])
         with torch.no_grad():
             correct.append(int(model(**batch).logits.argmax(-1).item() == table["label"][k]))
     results = json.loads((tmp_path / "eval_results.json").read_text())

@@ -12,6 +12,7 @@ from test_detector import cmal_config
 from cmal.model_cards import render
 from cmal.model_cards.render import KINDS, hub_repo_id, render_model_card, validate_card, write_model_card
 from cmal.training import finetune, pretrain
+from cmal.training.tasks import TASKS
 
 
 LABELS = {"vqa": ["yes", "no", "two"], "ve": ["entailment", "neutral", "contradiction"], "nlvr2": ["false", "true"],
@@ -80,7 +81,7 @@ def test_card_metadata_and_body(kind, tmp_path):
         # exactly the measured values, main metric first (what a leaderboard shows)
         measured = [(e.metric_type, e.metric_value) for e in data.eval_results]
         assert measured == [(m.type, eval_for(kind)[m.key]) for m in spec.metrics]
-        assert data.eval_results[0].metric_value == eval_for(kind)[finetune.MAIN_METRIC[kind]]
+        assert data.eval_results[0].metric_value == eval_for(kind)[TASKS[kind].main_metric]
         assert {e.dataset_split for e in data.eval_results} == {"validation"} and data.eval_results[0].task_type == spec.task_type
         assert data.metrics and set(data.metrics) == {m.type for m in spec.metrics}
     assert ("widget" in data.to_dict()) == (kind == "vqa")

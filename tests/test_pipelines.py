@@ -26,6 +26,7 @@ from cmal.training import extract_regions, finetune
 from cmal.training.data import synthetic
 from cmal.training.data.region_store import load_region_store, row_to_regions
 from cmal.training.data.tokenizer import build_word_tokenizer
+from cmal.training.tasks import synthetic_texts
 
 
 QUESTIONS = ["what is the person holding?", "is there a cup?", "what animal is this?", "is the cat sleeping?"]
@@ -155,7 +156,7 @@ def test_vqa_pipeline_on_precomputed_regions(region_inputs, tmp_path):
 def save_synthetic_vqa(world, folder):
     """A random tiny VQA model and processor for a synthetic world (its words, concepts, answers), saved."""
     processor = CMALProcessor(CMALImageProcessor(concept_names=synthetic.CONCEPT_NAMES),
-                              build_word_tokenizer(synthetic.world_texts(world)), synthetic.synthetic_lexicon().to_dict())  # fmt: skip
+                              build_word_tokenizer(synthetic_texts(world)), synthetic.synthetic_lexicon().to_dict())  # fmt: skip
     config = CMALConfig.from_preset("tiny", vocab_size=len(processor.tokenizer), visual_feat_dim=synthetic.FEATURE_DIM,
                                     concept_names=synthetic.CONCEPT_NAMES, num_concepts=None,
                                     id2label=dict(enumerate(synthetic.ANSWER_VOCABULARY)))  # fmt: skip

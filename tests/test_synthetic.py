@@ -295,7 +295,8 @@ def test_labels_are_balanced_and_answers_in_the_vocabulary(world):
     assert abs(nlvr2.mean() - 0.5) <= 0.15
     vocabulary = set(world["world"]["answer_vocabulary"])
     for split in ("train", "validation", "test"):
-        assert set(world["vqa"][split]["answer"]) <= vocabulary
+        for answers in world["vqa"][split]["answers"]:  # one answer, given by every annotator
+            assert len(answers) == synthetic.VQA_ANNOTATORS and set(answers) <= vocabulary and len(set(answers)) == 1
     assert set(world["vqa"]["train"]["question_type"]) == {"colour", "shape", "count", "existence", "relation"}
 
 

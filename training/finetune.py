@@ -14,7 +14,8 @@ IoU >= 0.5), retrieval (CMALForImageTextRetrieval, recall@1/5/10 both ways over 
 Without --train_file the task comes from the embedded synthetic world (the one `pretrain.py` uses).
 With it, the files are read in their original formats (training/data/downstream.py) and joined to
 the region store given by --regions. The output folder holds the model, processor, model card,
-`train_results.json` and `eval_results.json`. Checkpoints and resuming work as in `pretrain.py`.
+`train_results.json` and `eval_results.json`. Checkpoints and resuming work as in `pretrain.py`. What
+differs per task (head, reader, columns, labels, metric) is the task's record in `training/tasks.py`.
 """
 
 import argparse
@@ -29,20 +30,12 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from cmal.model_cards import render as model_card
-from cmal.modeling_cmal import (
-    CMAL_PRESETS,
-    CMALConfig,
-    CMALForImageTextClassification,
-    CMALForImageTextRetrieval,
-    CMALForQuestionAnswering,
-    CMALForReferringExpression,
-    CMALForVisualReasoning,
-)
+from cmal.modeling_cmal import CMAL_PRESETS, CMALConfig
 from cmal.processors import CMALProcessor
-from cmal.training.data import downstream
+from cmal.training.data.downstream import TaskCollator, TaskExamples
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
-from cmal.training.metrics import load_metric
+from cmal.training.tasks import TASKS, synthetic_texts
 from cmal.training.utils import (
     add_training_args,
     check_finite,
@@ -58,16 +51,11 @@ from cmal.training.utils import (
 
 
 logger = logging.getLogger("finetune")
-HEADS = {"vqa": CMALForQuestionAnswering, "ve": CMALForImageTextClassification, "nlvr2": CMALForVisualReasoning,
-         "rec": CMALForReferringExpression, "retrieval": CMALForImageTextRetrieval}  # fmt: skip
-METRICS = {"vqa": "vqa_accuracy", "ve": "classification_accuracy", "nlvr2": "classification_accuracy",
-           "rec": "rec_accuracy", "retrieval": "retrieval_recall"}  # fmt: skip
-MAIN_METRIC = {"vqa": "vqa_accuracy", "ve": "accuracy", "nlvr2": "accuracy", "rec": "accuracy", "retrieval": "rsum"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=downstream.TASKS)
+    p.add_argument("--task", required=True, choices=TASKS)
     data = p.add_argument_group("data")
     data.add_argument("--train_file", default=None, help="The task's training file in its original format; "
                       "without it, the synthetic world. VQA: questions JSON; VE: jsonl; NLVR2: json lines; "
@@ -104,49 +92,43 @@ def parse_args(argv=None):
         p.error("--validation_file, --train_annotations and --regions need --train_file (real data)")
     if args.train_file is not None and args.regions is None:
         p.error("real data (--train_file) needs --regions, the region store of its images")
-    if args.task == "vqa" and args.validation_file and not args.validation_annotations:
-        p.error("VQA --validation_file needs --validation_annotations: without answers there is nothing to score")
+    task = TASKS[args.task]
+    per_file_annotations = "annotations" in task.reader_args and not task.split_by_name
+    if per_file_annotations and args.validation_file and not args.validation_annotations:
+        p.error(f"{task.name.upper()} --validation_file needs --validation_annotations: without answers there is nothing to score")
     return args
 
 
-def load_data(args):
-    """(train table, validation table, regions, region metadata, vocabulary texts, lexicon or None)."""
+def load_data(args, task):
+    """(train table, validation table or None, regions, region metadata, vocabulary texts, lexicon or None)."""
     if args.train_file is None:
         from cmal.training.data import synthetic
 
         world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed))
-        table = downstream.synthetic_task(world, args.task)
+        table = world[task.synthetic_table]
         return (table["train"], table["validation"], world["regions"], world["region_metadata"],
-                synthetic.world_texts(world), synthetic.synthetic_lexicon())  # fmt: skip
-    split_by_name = args.task in ("rec", "retrieval")
-    train = downstream.read_task_file(args.task, args.train_file, args.train_annotations, args.train_split, args.image_id_template)
+                synthetic_texts(world), synthetic.synthetic_lexicon())  # fmt: skip
+    train = task.read(args.train_file, args.train_annotations, args.train_split, args.image_id_template)
     validation = None
-    if args.validation_file or split_by_name:
-        validation = downstream.read_task_file(
-            args.task, args.validation_file or args.train_file,
-            args.validation_annotations or (args.train_annotations if args.task == "rec" else None),
+    if args.validation_file or task.split_by_name:
+        validation = task.read(
+            args.validation_file or args.train_file,
+            args.validation_annotations or (args.train_annotations if task.split_by_name else None),
             args.validation_split, args.image_id_template,
         )  # fmt: skip
     regions, metadata = load_region_store(args.regions)
-    return train, validation, regions, metadata, train[downstream.TEXT_COLUMN[args.task]], None
+    return train, validation, regions, metadata, train[task.text_column], None
 
 
-def label_maps(args, train) -> dict:
-    """id2label/label2id of the head (VQA: the answer vocabulary of the training split)."""
-    if args.task == "vqa":
-        min_count = args.min_answer_count or (1 if args.train_file is None else 9)
-        labels = downstream.vqa_answer_vocabulary(train["answers"], min_count)
-        if not labels:
-            raise ValueError(f"no VQA answer is the majority answer of >= {min_count} training questions: lower --min_answer_count")
-    else:
-        labels = {"ve": downstream.VE_LABELS, "nlvr2": downstream.NLVR2_LABELS, "retrieval": ["no match", "match"]}.get(args.task)
-    if labels is None:
+def label_maps(args, task, train) -> dict:
+    """id2label/label2id of the head (VQA: the answer vocabulary of the training split); none for REC."""
+    names = task.label_names(train, args.min_answer_count or (1 if args.train_file is None else 9))
+    if not names:
         return {}
-    return {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
+    return {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
 
 
-def build_model_and_processor(args, labels, metadata, vocabulary_texts, lexicon):
-    head = HEADS[args.task]
+def build_model_and_processor(args, task, labels, metadata, vocabulary_texts, lexicon):
     overrides = dict(labels)
     if args.anchor_mask_prob is not None:
         overrides["anchor_mask_prob"] = args.anchor_mask_prob
@@ -160,45 +142,31 @@ def build_model_and_processor(args, labels, metadata, vocabulary_texts, lexicon)
                 f"and concepts {list(metadata['concept_names'])[:5]}...: extract the regions with the same detector"
             )
         # A different task's head (or another answer vocabulary) is replaced; the encoder must match exactly.
-        model = head.from_pretrained(args.model_name_or_path, config=config, ignore_mismatched_sizes=True)
+        model = task.head.from_pretrained(args.model_name_or_path, config=config, ignore_mismatched_sizes=True)
     else:
         tokenizer = (AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer
                      else build_word_tokenizer(vocabulary_texts, model_max_length=args.max_text_length))  # fmt: skip
         config = new_model_config(args.model_config, tokenizer, metadata, **overrides)
         processor = new_processor(config, tokenizer, lexicon)
-        model = head(config)
+        model = task.head(config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
 
 
-def evaluate(model, dataloader, accelerator, args, references, id2label) -> dict:
+def evaluate(model, dataloader, accelerator, task, references, id2label) -> dict:
     """Run the model over the evaluation set (every process a shard), gather, and compute the task metric."""
     model.eval()
     predictions, losses = [], []
     for batch in tqdm(dataloader, disable=not accelerator.is_local_main_process, desc="evaluating", leave=False):
-        batch.pop("target_boxes", None)
         with torch.no_grad():
             outputs = model(**batch)
-        if args.task == "rec":
-            prediction = outputs.predicted_boxes
-        elif args.task == "retrieval":
-            prediction = outputs.scores
-        else:
-            prediction = outputs.logits.argmax(-1)
+        prediction = task.predict(outputs)
         predictions.append(accelerator.gather_for_metrics(prediction))
         losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float().repeat(len(prediction))))
     model.train()
     predictions = torch.cat(predictions).cpu()
-    metric = load_metric(METRICS[args.task])
-    if args.task == "vqa":
-        result = metric.compute(predictions=[id2label[int(i)] for i in predictions], references=references)
-    elif args.task in ("ve", "nlvr2"):
-        result = metric.compute(predictions=predictions.tolist(), references=references, num_classes=len(id2label))
-    elif args.task == "rec":
-        result = metric.compute(predictions=predictions.tolist(), references=references)
-    else:
-        result = metric.compute(predictions=predictions.reshape(len(references), -1).tolist(), references=references)
+    result = task.score(predictions, references, id2label)
     return {"eval_loss": torch.cat(losses).mean().item(), **result, "eval_samples": len(predictions)}
 
 
@@ -211,7 +179,7 @@ def write_model_card(folder, args, config, results, metrics):
 
 
 def ship_endpoint_handler(folder: str) -> None:
-    """Put the Inference Endpoint handler (`cmal.endpoint`) at the root of a VQA checkpoint that reads raw
+    """Put the Inference Endpoint handler (`cmal.endpoint`) at the root of a checkpoint that reads raw
     images, as Endpoints expect it, so its Hub repo deploys as is."""
     endpoint = importlib.resources.files("cmal.endpoint")
     for name in ("handler.py", "requirements.txt"):
@@ -221,32 +189,28 @@ def ship_endpoint_handler(folder: str) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    task = TASKS[args.task]
     accelerator = setup_accelerator(args)
 
     with accelerator.main_process_first():
-        train_table, eval_table, regions, metadata, vocabulary_texts, lexicon = load_data(args)
+        train_table, eval_table, regions, metadata, vocabulary_texts, lexicon = load_data(args, task)
     if args.max_train_samples:
         train_table = train_table.select(range(min(args.max_train_samples, len(train_table))))
     if eval_table is not None and args.max_eval_samples:
         eval_table = eval_table.select(range(min(args.max_eval_samples, len(eval_table))))
-    labels = label_maps(args, train_table)
-    model, processor = build_model_and_processor(args, labels, metadata, vocabulary_texts, lexicon)
+    labels = label_maps(args, task, train_table)
+    model, processor = build_model_and_processor(args, task, labels, metadata, vocabulary_texts, lexicon)
     id2label = model.config.id2label
 
-    train_set = downstream.TaskExamples(args.task, train_table, regions)
-    negatives = args.negative_probability if args.task == "retrieval" else 0.0
-    collator = downstream.TaskCollator(processor, args.task, train_set, labels.get("label2id"), args.max_text_length,
-                                       negative_probability=negatives, seed=args.seed)  # fmt: skip
+    train_set = TaskExamples(task, train_table, regions)
+    collator = TaskCollator(processor, task, train_set, labels.get("label2id"), args.max_text_length,
+                            negative_probability=args.negative_probability if task.negatives else 0.0, seed=args.seed)  # fmt: skip
     train_dataloader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collator,
                                   num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
-    eval_dataloader, references = None, None
+    eval_dataloader = references = None
     if eval_table is not None:
-        eval_set = downstream.TaskExamples(args.task, eval_table, regions)
-        references = eval_set.targets
-        if args.task == "retrieval":
-            eval_set = downstream.RetrievalGrid(eval_set, args.retrieval_eval_images)
-            references = eval_set.references
-        eval_collator = downstream.TaskCollator(processor, args.task, eval_set, labels.get("label2id"), args.max_text_length)
+        eval_set, references = task.evaluation_set(TaskExamples(task, eval_table, regions), args.retrieval_eval_images)
+        eval_collator = TaskCollator(processor, task, eval_set, labels.get("label2id"), args.max_text_length)
         eval_dataloader = DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator,
                                      num_workers=args.num_workers)  # fmt: skip
 
@@ -257,12 +221,12 @@ def main(argv=None):
         eval_dataloader = accelerator.prepare(eval_dataloader)
     effective_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     if args.report_to != "none":
-        accelerator.init_trackers(f"cmal_{args.task}", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-    logger.info(f"{args.task}: {len(train_set)} training examples, {steps_per_epoch} steps/epoch, {max_steps} steps; "
+        accelerator.init_trackers(f"cmal_{task.name}", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    logger.info(f"{task.name}: {len(train_set)} training examples, {steps_per_epoch} steps/epoch, {max_steps} steps; "
                 f"global batch {effective_batch}; from {args.model_name_or_path or 'scratch'}")  # fmt: skip
 
     completed, start_epoch, skip_batches = resume(accelerator, args, steps_per_epoch)
-    progress = tqdm(total=max_steps, initial=completed, disable=not accelerator.is_local_main_process, desc=f"fine-tuning {args.task}")
+    progress = tqdm(total=max_steps, initial=completed, disable=not accelerator.is_local_main_process, desc=f"fine-tuning {task.name}")
     window, first_loss = [], None
     start = time.perf_counter()
     model.train()
@@ -271,7 +235,6 @@ def main(argv=None):
         collator.epoch = epoch
         batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if epoch == start_epoch else train_dataloader
         for batch in batches:
-            batch.pop("target_boxes", None)
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 check_finite(accelerator, loss, args, completed)
@@ -303,7 +266,7 @@ def main(argv=None):
 
     metrics = {}
     if eval_dataloader is not None:
-        metrics = evaluate(model, eval_dataloader, accelerator, args, references, id2label)
+        metrics = evaluate(model, eval_dataloader, accelerator, task, references, id2label)
         accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=completed)
     accelerator.wait_for_everyone()
     results = {"steps": completed, "global_batch_size": effective_batch, "train_seconds": train_seconds,
@@ -314,10 +277,10 @@ def main(argv=None):
         processor.save_pretrained(args.output_dir)
         write_json(os.path.join(args.output_dir, "train_results.json"), {**results, "args": vars(args)})
         if metrics:
-            write_json(os.path.join(args.output_dir, "eval_results.json"), {"task": args.task, **metrics})
-            print(f"{args.task} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            write_json(os.path.join(args.output_dir, "eval_results.json"), {"task": task.name, **metrics})
+            print(f"{task.name} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         write_model_card(args.output_dir, args, unwrapped.config, results, metrics)
-        if args.task == "vqa" and unwrapped.config.detector_config is not None:
+        if task.endpoint_handler and unwrapped.config.detector_config is not None:
             ship_endpoint_handler(args.output_dir)
         print(f"model saved to {os.path.abspath(args.output_dir)} ({train_seconds:.0f} s of training)")
         if args.push_to_hub:

@@ -31,6 +31,7 @@ from cmal.modeling_cmal.convert_bert_to_cmal import load_bert_weights
 from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
+from cmal.training.tasks import synthetic_texts
 from cmal.training.utils import (
     add_training_args,
     check_finite,
@@ -97,7 +98,7 @@ def load_corpus(args):
         from cmal.training.data import synthetic
 
         world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed))
-        texts = synthetic.world_texts(world)
+        texts = synthetic_texts(world)
         return world["captions"], world["regions"], world["region_metadata"], synthetic.synthetic_lexicon(), texts
     from datasets import load_from_disk
 

@@ -1,8 +1,8 @@
-"""Downstream task data: readers for the real annotation formats, the synthetic world's tables, and the
-dataset + collator that join a task table to a region store and make each head's inputs and labels.
+"""Downstream task data: readers for the real annotation formats, and the dataset + collator that join a
+task table to a region store and make each head's inputs and labels.
 
-Every reader returns a `datasets.Dataset` in one canonical layout per task, so training and
-evaluation never look at the original format:
+Every reader returns a `datasets.Dataset` in one canonical layout per task, the layout the synthetic
+world writes too, so training and evaluation never look at the original format:
 
 | task | columns |
 |---|---|
@@ -11,6 +11,10 @@ evaluation never look at the original format:
 | nlvr2 | left_image_id, right_image_id, sentence, label (1 true) |
 | rec | image_id, expression, target_box (x1, y1, x2, y2 normalised to [0, 1]) |
 | retrieval | image_id, text |
+
+A table may carry more columns (VQA's `question_id`, RefCOCO's `ref_id`, the synthetic world's
+`question_type` and `target_index`); training and evaluation do not read them. Which columns a task
+reads, and how, is its record in `training/tasks.py`.
 
 `image_id` values are the ids of the region store (`training/extract_regions.py` uses the image's
 path relative to the image folder, without extension); `image_id_template` maps the ids of an
@@ -32,12 +36,8 @@ from cmal.training.metrics import import_metric_module
 from .region_store import rows_to_regions
 
 
-TASKS = ("vqa", "ve", "nlvr2", "rec", "retrieval")
 VE_LABELS = ["entailment", "neutral", "contradiction"]
 NLVR2_LABELS = ["false", "true"]
-TEXT_COLUMN = {"vqa": "question", "ve": "hypothesis", "nlvr2": "sentence", "rec": "expression", "retrieval": "text"}
-TARGET_COLUMN = {"vqa": "answers", "ve": "label", "nlvr2": "label", "rec": "target_box", "retrieval": None}
-VQA_ANNOTATORS = 10  # a synthetic answer counts as given by every annotator of a real VQA v2 question
 
 _normalize_answer = import_metric_module("vqa_accuracy").normalize_answer
 
@@ -128,6 +128,8 @@ def read_refcoco(refs_path: str, instances_path: str, split: str, image_id_templ
     labels the region of the store that overlaps it most, so ground-truth-box stores and detected
     stores are read the same way.
     """
+    if instances_path is None:
+        raise ValueError("RefCOCO needs the COCO `instances.json` as its annotations file")
     if refs_path.endswith(".json"):
         with open(refs_path) as f:
             refs = json.load(f)
@@ -167,54 +169,27 @@ def read_karpathy(path: str, split: str, image_id_template: str = "{}") -> datas
     return _from_rows(rows, ["image_id", "text"], path)
 
 
-def read_task_file(task: str, path: str, annotations: str | None = None, split: str | None = None,
-                   image_id_template: str = "{}") -> datasets.Dataset:  # fmt: skip
-    """Dispatch to the reader of `task`; `annotations` is VQA's annotation file or RefCOCO's instances.json."""
-    if task == "vqa":
-        return read_vqa_v2(path, annotations, image_id_template)
-    if task == "ve":
-        return read_snli_ve(path, image_id_template)
-    if task == "nlvr2":
-        return read_nlvr2(path, image_id_template)
-    if task == "rec":
-        if annotations is None:
-            raise ValueError("RefCOCO needs the COCO `instances.json` as its annotations file")
-        return read_refcoco(path, annotations, split, image_id_template)
-    if task == "retrieval":
-        return read_karpathy(path, split, image_id_template)
-    raise ValueError(f"`task` must be one of {TASKS}, got {task!r}")
-
-
-def synthetic_task(world: dict, task: str) -> datasets.DatasetDict:
-    """A task of a loaded synthetic world in the canonical layout (retrieval reads the captions)."""
-    table = world["captions" if task == "retrieval" else task]
-    if task == "vqa":
-        return table.map(lambda row: {"answers": [row["answer"]] * VQA_ANNOTATORS}, remove_columns=["answer"])
-    if task == "rec":
-        return table.remove_columns("target_index")  # the target is found by overlap, as for real data
-    return table
-
-
 # ------------------------------------------------------------------------------------------------
 # Datasets and the collator
 # ------------------------------------------------------------------------------------------------
 
 
 class TaskExamples(Dataset):
-    """A task table joined to a region store: each item is a text, its image row(s) and its target."""
+    """A task table joined to a region store: each item is a text, its image row(s) and its target.
 
-    def __init__(self, task: str, table: datasets.Dataset, regions: datasets.Dataset):
-        self.task = task
+    `task` is the task's record (`training/tasks.py`): which columns hold the text, the target and the images.
+    """
+
+    def __init__(self, task, table: datasets.Dataset, regions: datasets.Dataset):
         self.regions = regions.with_format("numpy")
         position = {image_id: i for i, image_id in enumerate(regions["image_id"])}
-        columns = ["left_image_id", "right_image_id"] if task == "nlvr2" else ["image_id"]
-        ids = list(zip(*(table[c] for c in columns)))
+        ids = list(zip(*(table[c] for c in task.image_columns)))
         missing = sorted({i for pair in ids for i in pair} - set(position))
         if missing:
-            raise ValueError(f"{len(missing)} images of the {task} data are missing from the region store, e.g. {missing[:3]}")
+            raise ValueError(f"{len(missing)} images of the {task.name} data are missing from the region store, e.g. {missing[:3]}")
         self.image_rows = [[position[i] for i in pair] for pair in ids]
-        self.texts = list(table[TEXT_COLUMN[task]])
-        self.targets = list(table[TARGET_COLUMN[task]]) if TARGET_COLUMN[task] else [1] * len(self.texts)
+        self.texts = list(table[task.text_column])
+        self.targets = list(table[task.target_column]) if task.target_column else [1] * len(self.texts)
 
     def __len__(self):
         return len(self.texts)
@@ -263,17 +238,15 @@ def box_iou(boxes: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
 
 
 class TaskCollator:
-    """Items of `TaskExamples`/`RetrievalGrid` -> the head's inputs and `labels`.
+    """Items of `TaskExamples`/`RetrievalGrid` -> the head's inputs and `labels`, made by the task's record
+    (`task.make_labels`: soft scores, a class, a region).
 
-    * vqa: soft scores over `label2id` (answers outside the vocabulary score nothing);
-    * ve, nlvr2: the class; nlvr2's region inputs get an image axis of size 2;
-    * rec: the region with the highest IoU with the target box (the batch keeps `target_boxes`
-      for the metric; pop it before the forward pass);
-    * retrieval: 1 for the pair, or, with probability `negative_probability`, 0 for the text with
-      another image, drawn from a generator seeded by (seed, epoch, index) as in pre-training.
+    Items with two image rows (NLVR2) get an image axis of size 2 on their region inputs. With
+    `negative_probability`, an item's image is replaced by another one (label 0: a mismatched pair for
+    retrieval's matching head), drawn from a generator seeded by (seed, epoch, index) as in pre-training.
     """
 
-    def __init__(self, processor, task: str, dataset, label2id: dict | None = None, max_length: int = 40,
+    def __init__(self, processor, task, dataset, label2id: dict | None = None, max_length: int = 40,
                  negative_probability: float = 0.0, seed: int = 0):  # fmt: skip
         self.processor, self.task, self.dataset = processor, task, dataset
         self.label2id, self.max_length = label2id, max_length
@@ -302,18 +275,5 @@ class TaskCollator:
             visual = set(self.processor.image_processor.model_input_names)
             batch = {k: v.reshape(len(items), per_image, *v.shape[1:]) if k in visual else v[::per_image]
                      for k, v in batch.items()}  # fmt: skip
-        if self.task == "vqa":
-            labels = torch.zeros(len(items), len(self.label2id))
-            for k, answers in enumerate(targets):
-                for answer, score in vqa_soft_scores(answers).items():
-                    if answer in self.label2id:
-                        labels[k, self.label2id[answer]] = score
-            batch["labels"] = labels
-        elif self.task == "rec":
-            target_boxes = torch.tensor(targets, dtype=torch.float32)
-            iou = box_iou(batch["visual_pos"][..., :4], target_boxes).masked_fill(batch["visual_attention_mask"] == 0, -1)
-            batch["labels"] = iou.argmax(-1)
-            batch["target_boxes"] = target_boxes
-        else:
-            batch["labels"] = torch.tensor(targets)
+        batch["labels"] = self.task.make_labels(batch, targets, self.label2id)
         return batch

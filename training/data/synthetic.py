@@ -29,12 +29,18 @@ Foreground = pixels whose largest channel difference to `BACKGROUND` exceeds `FO
     captions/       DatasetDict: image_id, text (2-3 per image). Captions double as the image-text
                     retrieval pairs: an image's captions are its positives, every other image's
                     captions are negatives.
-    vqa/            image_id, question, answer, question_type (colour, shape, count, existence, relation)
+    vqa/            image_id, question, answers (the one answer, as given by all VQA_ANNOTATORS annotators),
+                    question_type (colour, shape, count, existence, relation)
     ve/             image_id, hypothesis, label (0 entailment, 1 neutral, 2 contradiction; one of each per image)
-    rec/            image_id, expression, target_index (row of the target in the image's stored
-                    regions), target_box (ground truth, normalised x1, y1, x2, y2, not jittered)
+    rec/            image_id, expression, target_box (ground truth, normalised x1, y1, x2, y2, not jittered),
+                    target_index (row of the target in the image's stored regions)
     nlvr2/          left_image_id, right_image_id, sentence, label (0 false, 1 true; alternating)
     world.json      generator arguments, version, VQA answer vocabulary and counts
+
+The task tables are in the canonical layout the real-format readers produce (training/data/downstream.py),
+so fine-tuning reads them as it reads real data; `question_type` and `target_index` are extra columns,
+the ground truth the tests check the world against (training finds REC's target region by overlap, as
+for real data).
 
 Every task is split train/validation/test by image: an image and all its texts sit in one split,
 and NLVR2 pairs two images of the same split. Each image draws from its own generators, seeded by
@@ -60,10 +66,11 @@ from PIL import Image, ImageDraw
 
 from cmal.processors.anchor_lexicon import AnchorLexicon, pluralize
 
+from .downstream import NLVR2_LABELS, VE_LABELS
 from .region_store import RegionStoreWriter, load_region_store
 
 
-VERSION = 1
+VERSION = 2  # 2: task tables in the canonical layout (VQA `answers`)
 FEATURE_FUNCTION = "region_features v1"
 IMAGE_SIZE = 128
 MAX_OBJECTS = 6
@@ -109,23 +116,24 @@ PROPERTIES = ["made of rubber", "made of wood", "made of metal", "heavy", "hollo
 
 GRID = 8
 FEATURE_DIM = GRID * GRID + 3 + 3 + 8 + 2
-VE_LABELS = ["entailment", "neutral", "contradiction"]
+VQA_ANNOTATORS = 10  # a synthetic answer counts as given by every annotator of a real VQA v2 question
 # Every VQA answer is one of these: the answer vocabulary of a classifier head.
 ANSWER_VOCABULARY = ["no", "yes", *[str(n) for n in range(MAX_OBJECTS + 1)], *COLOURS, *SHAPES]
 SPLIT_NAMES = ("train", "validation", "test")
-TASKS = ("captions", "vqa", "ve", "rec", "nlvr2")
-TASK_FEATURES = {
+TABLES = ("captions", "vqa", "ve", "rec", "nlvr2")
+TABLE_FEATURES = {
     "captions": datasets.Features({"image_id": datasets.Value("string"), "text": datasets.Value("string")}),
     "vqa": datasets.Features({"image_id": datasets.Value("string"), "question": datasets.Value("string"),
-                              "answer": datasets.Value("string"), "question_type": datasets.Value("string")}),
+                              "answers": datasets.List(datasets.Value("string")),
+                              "question_type": datasets.Value("string")}),
     "ve": datasets.Features({"image_id": datasets.Value("string"), "hypothesis": datasets.Value("string"),
                              "label": datasets.ClassLabel(names=VE_LABELS)}),
     "rec": datasets.Features({"image_id": datasets.Value("string"), "expression": datasets.Value("string"),
-                              "target_index": datasets.Value("int32"),
-                              "target_box": datasets.List(datasets.Value("float32"), length=4)}),
+                              "target_box": datasets.List(datasets.Value("float32"), length=4),
+                              "target_index": datasets.Value("int32")}),
     "nlvr2": datasets.Features({"left_image_id": datasets.Value("string"), "right_image_id": datasets.Value("string"),
                                 "sentence": datasets.Value("string"),
-                                "label": datasets.ClassLabel(names=["false", "true"])}),
+                                "label": datasets.ClassLabel(names=NLVR2_LABELS)}),
 }  # fmt: skip
 # Independent generator streams per image, so changing one part of the generator leaves the others alone.
 _SCENE, _REGIONS, _TEXTS = 0, 1, 2
@@ -703,7 +711,7 @@ def _write_world(path, num_images, seed, box_jitter, num_distractors, tag_noise,
     split_of = np.empty(num_images, np.int64)
     split_of[order] = np.repeat(np.arange(3), sizes)
     image_ids = [f"synthetic-{i:06d}" for i in range(num_images)]
-    rows = {task: [[] for _ in SPLIT_NAMES] for task in TASKS}
+    rows = {table: [[] for _ in SPLIT_NAMES] for table in TABLES}
     scenes, num_regions = [], 0
 
     detector = {"name": "synthetic-world", "version": VERSION, "feature_function": FEATURE_FUNCTION,
@@ -720,16 +728,17 @@ def _write_world(path, num_images, seed, box_jitter, num_distractors, tag_noise,
 
             rng = np.random.default_rng([seed, i, _TEXTS])
             split = split_of[i]
-            rows_of = {task: rows[task][split] for task in TASKS}
+            rows_of = {table: rows[table][split] for table in TABLES}
             rows_of["captions"] += [{"image_id": image_id, "text": text} for text in captions_for(scene, rng)]
-            rows_of["vqa"] += [{"image_id": image_id, **item} for item in vqa_for(scene, rng)]
+            rows_of["vqa"] += [{"image_id": image_id, "question": item["question"], "answers": [item["answer"]] * VQA_ANNOTATORS,
+                                "question_type": item["question_type"]} for item in vqa_for(scene, rng)]  # fmt: skip
             rows_of["ve"] += [{"image_id": image_id, **item} for item in ve_for(scene, rng)]
             w, h = scene.width, scene.height
             for item in rec_for(scene, rng):
                 x1, y1, x2, y2 = scene.objects[item["object_index"]].box
                 rows_of["rec"].append({"image_id": image_id, "expression": item["expression"],
-                                       "target_index": stored[item["object_index"]],
-                                       "target_box": [x1 / w, y1 / h, x2 / w, y2 / h]})  # fmt: skip
+                                       "target_box": [x1 / w, y1 / h, x2 / w, y2 / h],
+                                       "target_index": stored[item["object_index"]]})  # fmt: skip
 
     for split in range(3):
         members = np.flatnonzero(split_of == split)
@@ -744,18 +753,18 @@ def _write_world(path, num_images, seed, box_jitter, num_distractors, tag_noise,
                                          "sentence": sentence, "label": int(truth)})  # fmt: skip
 
     counts = {"images": dict(zip(SPLIT_NAMES, sizes)), "regions": num_regions}
-    for task in TASKS:
+    for table in TABLES:
         splits_dict = datasets.DatasetDict({
             name: datasets.Dataset.from_dict(
-                {column: [row[column] for row in rows[task][k]] for column in TASK_FEATURES[task]},
-                features=TASK_FEATURES[task],
+                {column: [row[column] for row in rows[table][k]] for column in TABLE_FEATURES[table]},
+                features=TABLE_FEATURES[table],
             )
             for k, name in enumerate(SPLIT_NAMES)
         })  # fmt: skip
         # One shard per split, also for an empty split: datasets writes no data file for an empty
         # dataset by default, and then cannot load it back.
-        splits_dict.save_to_disk(os.path.join(path, task), num_shards={name: 1 for name in SPLIT_NAMES})
-        counts[task] = {name: len(rows[task][k]) for k, name in enumerate(SPLIT_NAMES)}
+        splits_dict.save_to_disk(os.path.join(path, table), num_shards={name: 1 for name in SPLIT_NAMES})
+        counts[table] = {name: len(rows[table][k]) for k, name in enumerate(SPLIT_NAMES)}
 
     world = {
         "version": VERSION,
@@ -836,22 +845,14 @@ _BUILD_SIGNATURE = inspect.signature(build_world)
 
 
 def load_world(output_dir) -> dict:
-    """A built world: {"world": world.json, "regions": Dataset, "region_metadata": dict, <task>: DatasetDict}."""
+    """A built world: {"world": world.json, "regions": Dataset, "region_metadata": dict, <table>: DatasetDict}."""
     output_dir = os.fspath(output_dir)
     with open(os.path.join(output_dir, "world.json")) as f:
         world = {"world": json.load(f)}
     world["regions"], world["region_metadata"] = load_region_store(os.path.join(output_dir, "regions"))
-    for task in TASKS:
-        world[task] = datasets.load_from_disk(os.path.join(output_dir, task))
+    for table in TABLES:
+        world[table] = datasets.load_from_disk(os.path.join(output_dir, table))
     return world
-
-
-TEXT_COLUMNS = {"captions": "text", "vqa": "question", "ve": "hypothesis", "rec": "expression", "nlvr2": "sentence"}
-
-
-def world_texts(world: dict, split: str = "train") -> list[str]:
-    """Every text of one split of a loaded world, all tasks: what a word-level vocabulary is built from."""
-    return [text for task, column in TEXT_COLUMNS.items() for text in world[task][split][column]]
 
 
 def default_world(cache_dir=None, **kwargs) -> str:
@@ -896,7 +897,7 @@ def main(argv=None) -> None:
         counts = json.load(f)["counts"]
     print(f"built {path} in {time.perf_counter() - start:.1f} s")
     print(f"regions: {counts['regions']}")
-    for name in ("images", *TASKS):
+    for name in ("images", *TABLES):
         print(f"{name}: " + ", ".join(f"{split} {n}" for split, n in counts[name].items()))
 
 
