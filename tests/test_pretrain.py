@@ -107,7 +107,7 @@ def test_preloaded_and_streamed_regions_give_the_same_batches(corpus):
 
 def test_sampler_is_seeded_per_epoch_and_groups_lengths():
     lengths = list(np.random.default_rng(0).integers(1, 50, 500))
-    sampler = LengthGroupedSampler(lengths, batch_size=2, seed=3, group_factor=10)
+    sampler = LengthGroupedSampler(lengths, batch_size=2, seed=3)
     first = list(sampler)
     assert sorted(first) == list(range(500)) and first == list(sampler)
     assert all(lengths[a] >= lengths[b] for a, b in zip(first[:20], first[1:20]))  # sorted within a group
@@ -247,7 +247,8 @@ def test_two_process_ddp_matches_one_process(corpus, tmp_path):
     from cmal.modeling_cmal import CMALForPreTraining
     from cmal.processors import CMALProcessor
 
-    steps = ["--max_train_steps", "40", "--learning_rate", "1e-3", "--logging_steps", "40"]
+    # 80 steps: at 40 the gain over the untrained loss is within the spread over seeds (ratio 0.92-0.98, measured)
+    steps = ["--max_train_steps", "80", "--learning_rate", "1e-3", "--logging_steps", "80"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
               "training/pretrain.py", *args_for(corpus, tmp_path / "ddp", *steps, "--per_device_train_batch_size", "4")]  # fmt: skip
@@ -257,7 +258,7 @@ def test_two_process_ddp_matches_one_process(corpus, tmp_path):
     assert "x 2 processes" in result.stderr
     ddp = json.loads((tmp_path / "ddp" / "train_results.json").read_text())
     single = pretrain.main(args_for(corpus, tmp_path / "single", *steps, "--per_device_train_batch_size", "8"))
-    assert ddp["global_batch_size"] == single["global_batch_size"] == 8 and ddp["steps"] == single["steps"] == 40
+    assert ddp["global_batch_size"] == single["global_batch_size"] == 8 and ddp["steps"] == single["steps"] == 80
 
     # both models are equally good on the same batch, and both better than at the start
     captions = DatasetDict.load_from_disk(str(corpus / "captions"))["train"]

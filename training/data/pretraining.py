@@ -8,7 +8,8 @@ number of processes, sees the same masks for the same examples.
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
+from transformers import trainer_pt_utils
 
 from .region_store import rows_to_regions
 
@@ -46,29 +47,26 @@ class ImageTextPairs(Dataset):
         return {"index": index, "text": self.texts[index]["text"], "image_row": self.image_rows[index]}
 
 
-class LengthGroupedSampler(Sampler):
-    """Shuffles, then sorts each run of `50 * batch_size` examples by length, so batches pad little.
+class LengthGroupedSampler(trainer_pt_utils.LengthGroupedSampler):
+    """transformers' length-grouped sampler (shuffle, then sort runs of up to 50 batches by length, so
+    batches pad little), with an order that depends only on (seed, epoch).
 
-    The order depends only on (seed, epoch): call `set_epoch` (the training loop does, through
-    Accelerate) so that each epoch is shuffled anew and a resumed run sees the same order.
+    transformers' sampler draws from its generator as it finds it, so its order would depend on how often
+    it was iterated before. Here each iteration reseeds it from seed + epoch (the rule of Accelerate's
+    seedable sampler): every process draws the same order, and a resumed run the one the killed run saw.
+    The training loop's `set_epoch` (through Accelerate) shuffles each epoch anew.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group_factor: int = 50):
-        self.lengths = np.asarray(lengths)
-        self.group = batch_size * group_factor
-        self.seed = seed
-        self.epoch = 0
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
-    def __len__(self):
-        return len(self.lengths)
-
     def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.lengths))
-        groups = [order[i : i + self.group] for i in range(0, len(order), self.group)]
-        return iter(int(i) for group in groups for i in group[np.argsort(-self.lengths[group], kind="stable")])
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 class PretrainingCollator:
