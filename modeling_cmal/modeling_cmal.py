@@ -198,11 +198,12 @@ class CMALImageTextRetrievalOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*):
-            Cross-entropy of the match/no-match decision, returned when `labels` is given.
-        logits (`torch.FloatTensor` of shape `(batch_size, 2)`):
-            Image-text matching scores; index 1 means "the pair matches".
+            Cross-entropy of the match/no-match decision (or the loss of `config.problem_type`), returned when
+            `labels` is given.
+        logits (`torch.FloatTensor` of shape `(batch_size, config.num_labels)`):
+            Image-text matching scores; with 2 labels, index 1 means "the pair matches".
         scores (`torch.FloatTensor` of shape `(batch_size,)`):
-            `logits[:, 1] - logits[:, 0]`, the log-odds of a match, the number to rank candidates by.
+            `logits[:, 1] - logits[:, 0]`, the log-odds of a match, the number to rank candidates by (2-way heads).
     """
 
     loss: torch.FloatTensor | None = None
@@ -1073,7 +1074,8 @@ CMAL_INPUTS_DOCSTRING = r"""
     input_ids (`torch.LongTensor` of shape `(batch_size, text_len)`):
         Word-piece ids of `[CLS] text [SEP]`, from the processor (any BERT-uncased tokenizer).
     visual_feats (`torch.FloatTensor` of shape `(batch_size, num_regions, visual_feat_dim)`):
-        Region features; `num_regions` may be 0.
+        Region features; `num_regions` may be 0. Without `visual_feats`, `visual_pos` and `pixel_values`
+        the text is encoded with no regions.
     visual_pos (`torch.FloatTensor` of shape `(batch_size, num_regions, visual_pos_dim)`):
         Normalised boxes `(x1, y1, x2, y2, w, h, area)`.
     visual_attention_mask (`torch.Tensor` of shape `(batch_size, num_regions)`, *optional*):
@@ -1263,6 +1265,11 @@ class CMALModel(CMALPreTrainedModel):
             visual_feats, visual_pos = regions["visual_feats"], regions["visual_pos"]
             visual_attention_mask, region_scores = regions["visual_attention_mask"], regions["region_scores"]
             region_concept_ids = regions["region_concept_ids"]
+        elif visual_feats is None and visual_pos is None:  # text only: the text is encoded with no regions
+            text = input_ids if input_ids is not None else inputs_embeds
+            if isinstance(text, torch.Tensor) and text.dim() >= 2:
+                visual_feats = torch.zeros(len(text), 0, self.config.visual_feat_dim, device=text.device)
+                visual_pos = torch.zeros(len(text), 0, self.config.visual_pos_dim, device=text.device)
         validate_model_inputs(
             self.config, input_ids, inputs_embeds, visual_feats, visual_pos, attention_mask, token_type_ids,
             visual_attention_mask, token_concept_ids, region_concept_ids, region_scores, masked_regions, anchor_selection,
@@ -1769,21 +1776,18 @@ class CMALForReferringExpression(CMALPreTrainedModel):
 
 @auto_docstring(
     custom_intro="""
-    Image-text matching, trainable: a 2-way classifier on the pooled output (as pre-training's ITM). Its
-    `itm_head` has the name and shape of `CMALForPreTraining.itm_head`, so a pre-trained ITM head loads into
-    it. Rank candidates by `scores`; report recall@K over a candidate pool.
+    Image-text matching, trainable: a classifier on the pooled output, by default 2-way as pre-training's ITM
+    (index 1: the pair matches). With `num_labels=2` its `itm_head` has the name and shape of
+    `CMALForPreTraining.itm_head`, so a pre-trained ITM head loads into it. Rank candidates by `scores`;
+    report recall@K over a candidate pool. Other `num_labels` and `problem_type`s train as any sequence
+    classifier (e.g. graded relevance).
     """
 )
 class CMALForImageTextRetrieval(CMALPreTrainedModel):
     def __init__(self, config: CMALConfig):
         super().__init__(config)
-        if config.num_labels != 2:
-            raise ValueError(
-                "CMALForImageTextRetrieval decides match / no match: config.num_labels must be 2, "
-                f"got {config.num_labels}"
-            )
         self.cmal = CMALModel(config)
-        self.itm_head = nn.Linear(config.hidden_size, 2)
+        self.itm_head = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
     @can_return_tuple
@@ -1791,7 +1795,7 @@ class CMALForImageTextRetrieval(CMALPreTrainedModel):
         custom_args=CMAL_INPUTS_DOCSTRING
         + r"""
     labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-        1 for a matching pair, 0 otherwise.
+        1 for a matching pair, 0 otherwise (or targets of `config.problem_type`).
     """
     )
     def forward(
@@ -1818,14 +1822,11 @@ class CMALForImageTextRetrieval(CMALPreTrainedModel):
             inputs_embeds=inputs_embeds, return_dict=True, **kwargs,
         )  # fmt: skip
         logits = self.itm_head(outputs.pooler_output)
-        loss = None
-        if labels is not None:
-            _check_labels("labels", labels, logits.shape[:1], 2)
-            loss = F.cross_entropy(logits.float(), labels)
+        loss = _classification_loss(self.config, logits, labels) if labels is not None else None
         return CMALImageTextRetrievalOutput(
             loss=loss,
             logits=logits,
-            scores=logits[:, 1] - logits[:, 0],
+            scores=logits[:, 1] - logits[:, 0] if logits.shape[-1] == 2 else None,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
