@@ -11,7 +11,7 @@ from test_downstream import write_json, write_lines
 
 from cmal.modeling_cmal import CMALConfig, CMALForImageTextClassification
 from cmal.processors import CMALProcessor
-from cmal.training import finetune
+from cmal.training import finetune, loop
 from cmal.training.data import downstream, synthetic
 from cmal.training.data.region_store import RegionStoreWriter, load_region_store
 from cmal.training.tasks import TASKS
@@ -149,9 +149,9 @@ def test_loss_falls_from_scratch_and_from_a_pretrained_folder(corpus, tmp_path):
     args = real_args("ve", root, files) + ["--task", "ve", "--regions", str(root / "regions"), "--learning_rate", "2e-3",
                                            "--model_config", str(tmp_path / "tiny.json")]  # fmt: skip
     scratch = finetune.main(common(tmp_path / "scratch", 40, "--logging_steps", "5", "--per_device_train_batch_size", "12") + args)
-    assert scratch["final_loss"] < 0.5 * scratch["first_loss"]
+    assert scratch["final_losses"]["loss"] < 0.5 * scratch["first_losses"]["loss"]
     tuned = finetune.main(common(tmp_path / "again", 5, "--logging_steps", "5", "--model_name_or_path", str(tmp_path / "scratch")) + args)
-    assert tuned["first_loss"] < scratch["first_loss"]  # it starts from what it learnt
+    assert tuned["first_losses"]["loss"] < scratch["first_losses"]["loss"]  # it starts from what it learnt
 
 
 def test_a_killed_run_resumes_to_the_same_weights(corpus, tmp_path, monkeypatch):
@@ -159,17 +159,17 @@ def test_a_killed_run_resumes_to_the_same_weights(corpus, tmp_path, monkeypatch)
     args = real_args("rec", root, files) + ["--task", "rec", "--regions", str(root / "regions"), "--checkpointing_steps", "2"]
     finetune.main(common(tmp_path / "whole", 6) + args)
 
-    save = finetune.save_checkpoint
+    save = loop.save_checkpoint
 
     def save_then_die(accelerator, run_args, step):
         save(accelerator, run_args, step)
         if step == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(finetune, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         finetune.main(common(tmp_path / "killed", 6) + args)
-    monkeypatch.setattr(finetune, "save_checkpoint", save)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
     resumed = finetune.main(common(tmp_path / "killed", 6) + args + ["--resume_from_checkpoint", "latest"])
     assert resumed["steps"] == 6
     whole, again = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")

@@ -22,7 +22,6 @@ import argparse
 import importlib.resources
 import logging
 import os
-import time
 
 import torch
 from torch.utils.data import DataLoader
@@ -35,16 +34,14 @@ from cmal.processors import CMALProcessor
 from cmal.training.data.downstream import TaskCollator, TaskExamples
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
+from cmal.training.loop import train
 from cmal.training.tasks import TASKS, synthetic_texts
 from cmal.training.utils import (
     add_training_args,
-    check_finite,
     new_model_config,
     new_processor,
     prepare_training,
     push_to_hub,
-    resume,
-    save_checkpoint,
     setup_accelerator,
     write_json,
 )
@@ -190,7 +187,7 @@ def ship_endpoint_handler(folder: str) -> None:
 def main(argv=None):
     args = parse_args(argv)
     task = TASKS[args.task]
-    accelerator = setup_accelerator(args)
+    accelerator = setup_accelerator(args, f"cmal_{task.name}")
 
     with accelerator.main_process_first():
         train_table, eval_table, regions, metadata, vocabulary_texts, lexicon = load_data(args, task)
@@ -201,6 +198,7 @@ def main(argv=None):
     labels = label_maps(args, task, train_table)
     model, processor = build_model_and_processor(args, task, labels, metadata, vocabulary_texts, lexicon)
     id2label = model.config.id2label
+    logger.info(f"{task.name} from {args.model_name_or_path or 'scratch'}")
 
     train_set = TaskExamples(task, train_table, regions)
     collator = TaskCollator(processor, task, train_set, labels.get("label2id"), args.max_text_length,
@@ -214,63 +212,17 @@ def main(argv=None):
         eval_dataloader = DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator,
                                      num_workers=args.num_workers)  # fmt: skip
 
-    model, optimizer, train_dataloader, scheduler, max_steps, steps_per_epoch, num_epochs = prepare_training(
-        accelerator, args, model, train_dataloader
-    )
+    model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(accelerator, args, model, train_dataloader)
     if eval_dataloader is not None:
         eval_dataloader = accelerator.prepare(eval_dataloader)
-    effective_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    if args.report_to != "none":
-        accelerator.init_trackers(f"cmal_{task.name}", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-    logger.info(f"{task.name}: {len(train_set)} training examples, {steps_per_epoch} steps/epoch, {max_steps} steps; "
-                f"global batch {effective_batch}; from {args.model_name_or_path or 'scratch'}")  # fmt: skip
-
-    completed, start_epoch, skip_batches = resume(accelerator, args, steps_per_epoch)
-    progress = tqdm(total=max_steps, initial=completed, disable=not accelerator.is_local_main_process, desc=f"fine-tuning {task.name}")
-    window, first_loss = [], None
-    start = time.perf_counter()
-    model.train()
-    for epoch in range(start_epoch, num_epochs):
-        train_dataloader.set_epoch(epoch)
-        collator.epoch = epoch
-        batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if epoch == start_epoch else train_dataloader
-        for batch in batches:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                check_finite(accelerator, loss, args, completed)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            window = (window + [accelerator.reduce(loss.detach().float(), "mean").item()])[-args.logging_steps :]
-            completed += 1
-            progress.update(1)
-            mean = sum(window) / len(window)
-            if completed == args.logging_steps and first_loss is None:
-                first_loss = mean
-            progress.set_postfix(loss=f"{mean:.4f}")
-            if completed % args.logging_steps == 0:
-                accelerator.log({"train/loss": mean, "train/lr": scheduler.get_last_lr()[0]}, step=completed)
-            if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, completed)
-            if completed >= max_steps:
-                break
-        if completed >= max_steps:
-            break
-    progress.close()
-    train_seconds = time.perf_counter() - start
+    results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps,
+                    description=f"fine-tuning {task.name}")  # fmt: skip
 
     metrics = {}
     if eval_dataloader is not None:
         metrics = evaluate(model, eval_dataloader, accelerator, task, references, id2label)
-        accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=completed)
+        accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=results["steps"])
     accelerator.wait_for_everyone()
-    results = {"steps": completed, "global_batch_size": effective_batch, "train_seconds": train_seconds,
-               "first_loss": first_loss, "final_loss": sum(window) / len(window) if window else None}  # fmt: skip
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(args.output_dir, save_function=accelerator.save)
@@ -282,7 +234,7 @@ def main(argv=None):
         write_model_card(args.output_dir, args, unwrapped.config, results, metrics)
         if task.endpoint_handler and unwrapped.config.detector_config is not None:
             ship_endpoint_handler(args.output_dir)
-        print(f"model saved to {os.path.abspath(args.output_dir)} ({train_seconds:.0f} s of training)")
+        print(f"model saved to {os.path.abspath(args.output_dir)} ({results['train_seconds']:.0f} s of training)")
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo or None)
     accelerator.end_training()

@@ -11,18 +11,16 @@ weighted by its flag (0 switches it off) and logged on its own.
 
 Checkpoints (`--checkpointing_steps`) are written to `output_dir/checkpoints/step_N` atomically;
 `--resume_from_checkpoint latest` continues mid-epoch with the same data order and random state, so
-a killed run ends with the weights an uninterrupted run would have had.
+a killed run ends with the weights an uninterrupted run would have had (the loop: `training/loop.py`).
 """
 
 import argparse
 import json
 import logging
 import os
-import time
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from cmal.model_cards import render as model_card
@@ -31,16 +29,14 @@ from cmal.modeling_cmal.convert_bert_to_cmal import load_bert_weights
 from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
+from cmal.training.loop import train
 from cmal.training.tasks import synthetic_texts
 from cmal.training.utils import (
     add_training_args,
-    check_finite,
     new_model_config,
     new_processor,
     prepare_training,
     push_to_hub,
-    resume,
-    save_checkpoint,
     setup_accelerator,
     write_json,
 )
@@ -48,7 +44,7 @@ from cmal.training.utils import (
 
 logger = logging.getLogger("pretrain")
 LOSSES = ["mlm_loss", "mrm_feature_loss", "mrm_concept_loss", "itm_loss", "amc_token_loss", "amc_region_loss",
-          "amc_pointer_loss", "itc_loss"]  # fmt: skip
+          "amc_pointer_loss", "itc_loss", "loss"]  # fmt: skip
 AMC_PARTS = ("token", "region", "pointer")
 
 
@@ -185,86 +181,16 @@ def write_model_card(folder, args, config, results):
 def main(argv=None):
     args = parse_args(argv)
     # heads whose weight is 0 get no gradient; DDP must be told
-    accelerator = setup_accelerator(args, find_unused_parameters=min(args.mlm, args.mrm, args.itm, args.amc) == 0 or len(set(args.amc_parts)) < len(AMC_PARTS))
+    unused = min(args.mlm, args.mrm, args.itm, args.amc) == 0 or len(set(args.amc_parts)) < len(AMC_PARTS)
+    accelerator = setup_accelerator(args, "cmal_pretrain", find_unused_parameters=unused)
 
     with accelerator.main_process_first():
         corpus = load_corpus(args)
     config, processor, train_set, collator, train_dataloader = build_data(args, corpus, accelerator.num_processes)
     model = build_model(args, config)
+    model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(accelerator, args, model, train_dataloader)
+    results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps, LOSSES, "pre-training")
 
-    model, optimizer, train_dataloader, scheduler, max_steps, steps_per_epoch, num_epochs = prepare_training(
-        accelerator, args, model, train_dataloader
-    )
-
-    effective_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    if args.report_to != "none":
-        accelerator.init_trackers("cmal_pretrain", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-    logger.info(f"{len(train_set)} pairs, {steps_per_epoch} steps/epoch, {max_steps} steps, {num_epochs} epochs; "
-                f"global batch {effective_batch} = {args.per_device_train_batch_size} per device x "
-                f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation")  # fmt: skip
-
-    completed, start_epoch, skip_batches = resume(accelerator, args, steps_per_epoch)
-
-    progress = tqdm(total=max_steps, initial=completed, disable=not accelerator.is_local_main_process, desc="pre-training")
-    window = {name: [] for name in LOSSES + ["loss"]}
-    first_losses, pending = None, []
-    data_seconds = 0.0
-    start = time.perf_counter()
-    model.train()
-    for epoch in range(start_epoch, num_epochs):
-        train_dataloader.set_epoch(epoch)
-        collator.epoch = epoch
-        batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if epoch == start_epoch else train_dataloader
-        tick = time.perf_counter()
-        for batch in batches:
-            data_seconds += time.perf_counter() - tick
-            with accelerator.accumulate(model):
-                outputs = model(**batch)
-                loss = outputs.loss
-                check_finite(accelerator, loss, args, completed)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            names = [name for name in window if outputs.get(name) is not None]
-            pending.append(torch.stack([outputs[name].detach().float() for name in names]))
-            tick = time.perf_counter()
-            if not accelerator.sync_gradients:
-                continue
-            # One value per optimizer step: the mean over its micro-batches and over processes.
-            values = accelerator.reduce(torch.stack(pending).mean(0), "mean").tolist()
-            pending = []
-            for name, value in zip(names, values):
-                window[name] = (window[name] + [value])[-args.logging_steps :]
-            completed += 1
-            progress.update(1)
-            means = {name: sum(v) / len(v) for name, v in window.items() if v}
-            if completed == args.logging_steps and first_losses is None:
-                first_losses = means
-            progress.set_postfix({name.replace("_loss", ""): f"{value:.3f}" for name, value in means.items()})
-            if completed % args.logging_steps == 0:
-                accelerator.log({**{f"train/{k}": v for k, v in means.items()}, "train/lr": scheduler.get_last_lr()[0]}, step=completed)
-            if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, completed)
-            if completed >= max_steps:
-                break
-        if completed >= max_steps:
-            break
-    progress.close()
-    train_seconds = time.perf_counter() - start
-
-    accelerator.wait_for_everyone()
-    results = {
-        "steps": completed,
-        "last_learning_rate": scheduler.get_last_lr()[0],
-        "global_batch_size": effective_batch,
-        "train_seconds": train_seconds,
-        "data_loading_share": data_seconds / max(train_seconds, 1e-9),
-        "first_losses": first_losses,
-        "final_losses": {name: sum(v) / len(v) for name, v in window.items() if v},
-    }
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(args.output_dir, save_function=accelerator.save)
@@ -273,7 +199,7 @@ def main(argv=None):
         write_model_card(args.output_dir, args, unwrapped.config, results)
         logger.info(f"data loading took {100 * results['data_loading_share']:.1f}% of the training time")
         print(f"final losses: {json.dumps({k: round(v, 4) for k, v in results['final_losses'].items()})}")
-        print(f"model saved to {os.path.abspath(args.output_dir)} ({train_seconds:.0f} s of training)")
+        print(f"model saved to {os.path.abspath(args.output_dir)} ({results['train_seconds']:.0f} s of training)")
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo or None)
     accelerator.end_training()

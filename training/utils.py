@@ -1,17 +1,16 @@
-"""What `pretrain.py` and `finetune.py` share: a new model's config and processor, training arguments,
-atomic checkpoints, resuming, optimizer groups and the Hub upload. Kept small on purpose: each script stays readable top to bottom.
+"""What `pretrain.py` and `finetune.py` share besides the training loop (`loop.py`): a new model's config
+and processor, training arguments, the Accelerator, optimizer and schedule, and the Hub upload. Kept
+small on purpose: each script stays readable top to bottom.
 """
 
 import json
 import logging
 import math
 import os
-import re
-import shutil
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from transformers import get_scheduler
 
 from cmal.modeling_cmal import CMAL_PRESETS, CMALConfig
@@ -19,7 +18,6 @@ from cmal.processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
 
 
 logger = logging.getLogger(__name__)
-CHECKPOINT = re.compile(r"step_(\d+)")
 
 
 def new_model_config(model_config: str, tokenizer, metadata: dict, **overrides) -> CMALConfig:
@@ -71,26 +69,33 @@ def add_training_args(parser, output_dir: str, batch_size: int, learning_rate: f
     return train
 
 
-def setup_accelerator(args, find_unused_parameters: bool = False) -> Accelerator:
-    """The Accelerator of both scripts (seedable sampler, so a resumed epoch has the same order), logging, seed."""
+def setup_accelerator(args, project_name: str, find_unused_parameters: bool = False) -> Accelerator:
+    """The Accelerator of both scripts (seedable sampler, so a resumed epoch has the same order), logging,
+    seed and trackers."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_dir=args.output_dir,
+        # No `automatic_checkpoint_naming`/`total_limit`: `save_state` would then write straight into the
+        # final folder (a kill mid-save leaves a complete-looking `checkpoint_N` that "latest" resumes
+        # from) and delete the oldest checkpoint before the new one exists. `loop.save_checkpoint` writes
+        # `step_N.tmp`, renames it, and only then drops the oldest.
+        project_config=ProjectConfiguration(project_dir=args.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)  # fmt: skip
     set_seed(args.seed)
+    if args.report_to != "none":
+        accelerator.init_trackers(project_name, {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     return accelerator
 
 
 def prepare_training(accelerator, args, model, train_dataloader):
     """AdamW and the schedule sized from the data, prepared with the model and the data.
 
-    Returns (model, optimizer, dataloader, scheduler, max_steps, steps_per_epoch after sharding, epochs).
+    Returns (model, optimizer, dataloader, scheduler, max_steps).
     """
     optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
     steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
@@ -100,8 +105,7 @@ def prepare_training(accelerator, args, model, train_dataloader):
         num_training_steps=max_steps * accelerator.num_processes,
     )  # fmt: skip
     model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    return model, optimizer, train_dataloader, scheduler, max_steps, steps_per_epoch, math.ceil(max_steps / steps_per_epoch)
+    return model, optimizer, train_dataloader, scheduler, max_steps
 
 
 def optimizer_groups(model, weight_decay: float) -> list[dict]:
@@ -112,64 +116,6 @@ def optimizer_groups(model, weight_decay: float) -> list[dict]:
         {"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": weight_decay},
         {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
     ]
-
-
-def checkpoints(folder: str) -> list[tuple[int, str]]:
-    """Complete checkpoints, oldest first; a `.tmp` folder (a save cut short) is never one."""
-    root = os.path.join(folder, "checkpoints")
-    found = [(int(m.group(1)), os.path.join(root, n)) for n in os.listdir(root) if (m := CHECKPOINT.fullmatch(n))] \
-        if os.path.isdir(root) else []  # fmt: skip
-    return sorted(found)
-
-
-def save_checkpoint(accelerator, args, step: int):
-    """`save_state` into `step_N.tmp`, then rename: a checkpoint either exists whole or not at all."""
-    final = os.path.join(args.output_dir, "checkpoints", f"step_{step}")
-    tmp = final + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        os.replace(tmp, final)
-        for _, old in checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def resume(accelerator, args, steps_per_epoch: int) -> tuple[int, int, int]:
-    """Load `--resume_from_checkpoint`; return (completed steps, epoch to start in, batches to skip in it)."""
-    path = args.resume_from_checkpoint
-    if not path:
-        return 0, 0, 0
-    if path == "latest":
-        found = checkpoints(args.output_dir)
-        if not found:
-            logger.info("no checkpoint to resume from: starting fresh")
-            return 0, 0, 0
-        path = found[-1][1]
-    name = CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path)))
-    if not os.path.isdir(path) or name is None:
-        raise ValueError(f"`--resume_from_checkpoint` must be 'latest' or a checkpoint folder `.../checkpoints/step_N`, got {path!r}")
-    accelerator.load_state(path)
-    completed = int(name.group(1))
-    start_epoch, done_in_epoch = divmod(completed, steps_per_epoch)
-    skip_batches = done_in_epoch * args.gradient_accumulation_steps
-    logger.info(f"resumed from {path}: step {completed}, epoch {start_epoch}, skipping {skip_batches} batches")
-    return completed, start_epoch, skip_batches
-
-
-def check_finite(accelerator, loss: torch.Tensor, args, step: int) -> None:
-    """Stop every process on a NaN/inf loss, naming the last good checkpoint."""
-    if bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()):
-        return
-    last = checkpoints(args.output_dir)
-    raise RuntimeError(
-        f"The loss became {loss.item()} at step {step}; stopping. The last good checkpoint is "
-        f"{last[-1][1] if last else 'none (no checkpoint was written yet)'}. Lower --learning_rate, "
-        "or use bf16 rather than fp16."
-    )
 
 
 def write_json(path: str, data: dict) -> None:

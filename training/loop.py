@@ -1,0 +1,155 @@
+"""The training loop of `pretrain.py` and `finetune.py`, with its atomic checkpoints and exact resume.
+
+Checkpoints are `output_dir/checkpoints/step_N` folders of `accelerator.save_state`, written atomically;
+`--resume_from_checkpoint latest` continues mid-epoch with the same data order and random state, so a
+killed run ends with the weights an uninterrupted run would have had.
+"""
+
+import logging
+import math
+import os
+import re
+import shutil
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+
+logger = logging.getLogger(__name__)
+CHECKPOINT = re.compile(r"step_(\d+)")
+
+
+def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, max_steps: int,
+          loss_names=("loss",), description: str = "training") -> dict:  # fmt: skip
+    """Run `max_steps` optimizer steps over the prepared `dataloader`, from `--resume_from_checkpoint` if given.
+
+    Logs the mean of each of `loss_names` the model returns over the last `--logging_steps` steps (mean
+    over micro-batches and processes per step), checkpoints every `--checkpointing_steps`, and stops every
+    process on a NaN/inf loss. The collator draws its masks and negatives per (seed, epoch, example), so
+    it is told the epoch. Returns steps, global batch size, last learning rate, seconds, the share of them
+    spent waiting for data, and each loss's mean over the first and the last logging window.
+    """
+    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"{len(dataloader.dataset)} examples, {steps_per_epoch} steps/epoch, {max_steps} steps, {num_epochs} epochs; "
+                f"global batch {global_batch} = {args.per_device_train_batch_size} per device x "
+                f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation")  # fmt: skip
+    completed, start_epoch, skip_batches = resume(accelerator, args, steps_per_epoch)
+
+    progress = tqdm(total=max_steps, initial=completed, disable=not accelerator.is_local_main_process, desc=description)
+    window = {name: [] for name in loss_names}
+    first_losses, pending, data_seconds = None, [], 0.0
+    start = tick = time.perf_counter()
+    model.train()
+    for epoch in range(start_epoch, num_epochs):
+        dataloader.set_epoch(epoch)
+        collator.epoch = epoch
+        batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == start_epoch else dataloader
+        for batch in batches:
+            data_seconds += time.perf_counter() - tick
+            with accelerator.accumulate(model):
+                outputs = model(**batch)
+                check_finite(accelerator, outputs.loss, args, completed)
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            names = [name for name in loss_names if outputs.get(name) is not None]
+            pending.append(torch.stack([outputs[name].detach().float() for name in names]))
+            if accelerator.sync_gradients:
+                values = accelerator.reduce(torch.stack(pending).mean(0), "mean").tolist()
+                pending = []
+                for name, value in zip(names, values):
+                    window[name] = (window[name] + [value])[-args.logging_steps :]
+                completed += 1
+                progress.update(1)
+                means = {name: sum(v) / len(v) for name, v in window.items() if v}
+                if completed == args.logging_steps:
+                    first_losses = means
+                progress.set_postfix({name.replace("_loss", ""): f"{value:.4f}" for name, value in means.items()})
+                if completed % args.logging_steps == 0:
+                    accelerator.log({**{f"train/{k}": v for k, v in means.items()}, "train/lr": scheduler.get_last_lr()[0]},
+                                    step=completed)  # fmt: skip
+                if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args, completed)
+                if completed >= max_steps:
+                    break
+            tick = time.perf_counter()
+        if completed >= max_steps:
+            break
+    progress.close()
+    seconds = time.perf_counter() - start
+    accelerator.wait_for_everyone()
+    return {
+        "steps": completed,
+        "global_batch_size": global_batch,
+        "last_learning_rate": scheduler.get_last_lr()[0],
+        "train_seconds": seconds,
+        "data_loading_share": data_seconds / max(seconds, 1e-9),
+        "first_losses": first_losses,
+        "final_losses": {name: sum(v) / len(v) for name, v in window.items() if v},
+    }
+
+
+def checkpoints(folder: str) -> list[tuple[int, str]]:
+    """Complete checkpoints, oldest first; a `.tmp` folder (a save cut short) is never one."""
+    root = os.path.join(folder, "checkpoints")
+    found = [(int(m.group(1)), os.path.join(root, n)) for n in os.listdir(root) if (m := CHECKPOINT.fullmatch(n))] \
+        if os.path.isdir(root) else []  # fmt: skip
+    return sorted(found)
+
+
+def save_checkpoint(accelerator, args, step: int):
+    """`save_state` into `step_N.tmp`, then rename: a checkpoint either exists whole or not at all. Only
+    then are all but the newest `--checkpoints_total_limit` removed (why not Accelerate's `total_limit`:
+    `utils.setup_accelerator`)."""
+    final = os.path.join(args.output_dir, "checkpoints", f"step_{step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp, final)
+        for _, old in checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def resume(accelerator, args, steps_per_epoch: int) -> tuple[int, int, int]:
+    """Load `--resume_from_checkpoint`; return (completed steps, epoch to start in, batches to skip in it)."""
+    path = args.resume_from_checkpoint
+    if not path:
+        return 0, 0, 0
+    if path == "latest":
+        found = checkpoints(args.output_dir)
+        if not found:
+            logger.info("no checkpoint to resume from: starting fresh")
+            return 0, 0, 0
+        path = found[-1][1]
+    name = CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path)))
+    if not os.path.isdir(path) or name is None:
+        raise ValueError(f"`--resume_from_checkpoint` must be 'latest' or a checkpoint folder `.../checkpoints/step_N`, got {path!r}")
+    accelerator.load_state(path)
+    completed = int(name.group(1))
+    start_epoch, done_in_epoch = divmod(completed, steps_per_epoch)
+    skip_batches = done_in_epoch * args.gradient_accumulation_steps
+    logger.info(f"resumed from {path}: step {completed}, epoch {start_epoch}, skipping {skip_batches} batches")
+    return completed, start_epoch, skip_batches
+
+
+def check_finite(accelerator, loss: torch.Tensor, args, step: int) -> None:
+    """Stop every process on a NaN/inf loss, naming the last good checkpoint."""
+    if bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()):
+        return
+    last = checkpoints(args.output_dir)
+    raise RuntimeError(
+        f"The loss became {loss.item()} at step {step}; stopping. The last good checkpoint is "
+        f"{last[-1][1] if last else 'none (no checkpoint was written yet)'}. Lower --learning_rate, "
+        "or use bf16 rather than fp16."
+    )
