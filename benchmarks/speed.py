@@ -39,6 +39,7 @@ from transformers import LxmertConfig, LxmertModel, VisualBertConfig, VisualBert
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cmal.modeling_cmal import CMALConfig, CMALModel  # noqa: E402
+from cmal.training.utils import enable_activation_checkpointing  # noqa: E402
 
 
 LXMERT_LAYERS = {"tiny": (1, 1, 1), "small": (3, 2, 2), "base": (9, 5, 5)}  # (l, x, r); base is LXMERT's own
@@ -167,7 +168,7 @@ def configure(entry, attention: str, checkpointing: bool, training: bool):
     model = entry["model"]
     model.backbone.set_attn_implementation(attention)
     if checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model.backbone)
     elif entry["checkpointing"]:
         model.backbone.gradient_checkpointing_disable()
     model.train(training)

@@ -15,6 +15,7 @@ from cmal.training import finetune, loop
 from cmal.training.data import downstream, synthetic
 from cmal.training.data.region_store import RegionStoreWriter, load_region_store
 from cmal.training.tasks import TASKS
+from cmal.training.utils import enable_activation_checkpointing
 
 
 NAMES = ["cat", "dog"]
@@ -197,3 +198,18 @@ def test_argument_errors(tmp_path, corpus, capsys):
     with pytest.raises(ValueError, match=r"reads 8-d regions .* but the region store has 5-d features"):
         finetune.main(common(tmp_path / "mismatch", 1) + ["--task", "retrieval", "--model_name_or_path", str(tmp_path / "pre"),
                                                           "--train_file", files["retrieval"], "--regions", str(other)])  # fmt: skip
+
+
+def test_activation_checkpointing_by_its_current_name(corpus, tmp_path, recwarn):
+    root, files = corpus
+    finetune.main(common(tmp_path, 2, "--gradient_checkpointing") + ["--task", "ve", "--regions", str(root / "regions")]
+                  + real_args("ve", root, files))  # fmt: skip
+    assert not [w for w in recwarn if "gradient_checkpointing_enable" in str(w.message)]  # the deprecated name warns
+
+    class OnlyTheOldName:  # transformers 5.0
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.kwargs = gradient_checkpointing_kwargs
+
+    model = OnlyTheOldName()
+    enable_activation_checkpointing(model)
+    assert model.kwargs == {"use_reentrant": False}

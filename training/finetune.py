@@ -38,6 +38,7 @@ from cmal.training.loop import train
 from cmal.training.tasks import TASKS, synthetic_texts
 from cmal.training.utils import (
     add_training_args,
+    enable_activation_checkpointing,
     new_model_config,
     new_processor,
     prepare_training,
@@ -147,7 +148,7 @@ def build_model_and_processor(args, task, labels, metadata, vocabulary_texts, le
         processor = new_processor(config, tokenizer, lexicon)
         model = task.head(config)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model, processor
 
 

@@ -33,6 +33,7 @@ from cmal.training.loop import train
 from cmal.training.tasks import synthetic_texts
 from cmal.training.utils import (
     add_training_args,
+    enable_activation_checkpointing,
     new_model_config,
     new_processor,
     prepare_training,
@@ -166,7 +167,7 @@ def build_model(args, config):
     if args.init_text_from:
         logger.info("\n" + str(load_bert_weights(model, args.init_text_from)))
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model
 
 

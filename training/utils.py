@@ -92,6 +92,15 @@ def setup_accelerator(args, project_name: str, find_unused_parameters: bool = Fa
     return accelerator
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute activations in the backward pass. transformers renamed `gradient_checkpointing_enable` to
+    `activation_checkpointing_enable` (the old name now warns); 5.0, our lower bound, has only the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def prepare_training(accelerator, args, model, train_dataloader):
     """AdamW and the schedule sized from the data, prepared with the model and the data.
 
