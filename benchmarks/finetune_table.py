@@ -19,13 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from cmal.training.data import synthetic
+from cmal.training.data.downstream import TaskExamples
+from cmal.training.tasks import TASKS
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from cmal.training.data import synthetic  # noqa: E402
-from cmal.training.data.downstream import TaskExamples  # noqa: E402
-from cmal.training.tasks import TASKS  # noqa: E402
 
 
 def launch(script_args: list[str], log: str) -> None:

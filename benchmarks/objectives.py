@@ -28,17 +28,13 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from multiprocessing import get_context
 
 import numpy as np
 
+from cmal.training import tasks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from cmal.training import tasks  # noqa: E402
 
 TASKS = ("vqa", "ve", "rec")
 # Pre-training flags of each condition on top of pretrain.py's defaults (MLM, MRM, ITM, AMC on; ITC off).

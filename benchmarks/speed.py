@@ -37,9 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import transformers
 from transformers import LxmertConfig, LxmertModel, VisualBertConfig, VisualBertModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cmal.modeling_cmal import CMALConfig, CMALModel  # noqa: E402
-from cmal.training.utils import enable_activation_checkpointing  # noqa: E402
+from cmal.modeling_cmal import CMALConfig, CMALModel
+from cmal.training.utils import enable_activation_checkpointing
 
 
 LXMERT_LAYERS = {"tiny": (1, 1, 1), "small": (3, 2, 2), "base": (9, 5, 5)}  # (l, x, r); base is LXMERT's own
@@ -170,7 +169,8 @@ def configure(entry, attention: str, checkpointing: bool, training: bool):
     if checkpointing:
         enable_activation_checkpointing(model.backbone)
     elif entry["checkpointing"]:
-        model.backbone.gradient_checkpointing_disable()
+        # the new name where transformers has it (the old one warns), the old one on 5.0
+        getattr(model.backbone, "activation_checkpointing_disable", model.backbone.gradient_checkpointing_disable)()
     model.train(training)
 
 
