@@ -112,12 +112,15 @@ class CMALConfig(PreTrainedConfig):
             the three parts of associative mapping classification: a swapped token predicts its
             word, a swapped region its concept, a swapped token its partner region.
         itc_weight (`float`, defaults to 0.0): weight of the image-text contrastive loss between
-            the uni-modal vectors (the paper's CMCL baseline); off by default.
-        itc_temperature (`float`, defaults to 0.07): softmax temperature of the ITC loss.
+            the uni-modal vectors (the paper's CMCL baseline, built as ALBEF/CLIP build it); off by default.
+        itc_projection_dim (`int`, defaults to 256): size of the ITC projections of the text `[CLS]` and
+            the mean region feature.
+        itc_temperature (`float`, defaults to 0.07): initial softmax temperature of the ITC loss; it is
+            learnt, clamped to [0.001, 0.5] (ALBEF).
         classifier_dropout (`float`, *optional*): dropout before task heads; defaults to
             `hidden_dropout_prob`.
         detector_config (`dict` or `PreTrainedConfig`, *optional*): config of a transformers
-            object-detection model (RT-DETR by default, see `CMALModel.set_detector`) that turns
+            object-detection model (RT-DETR by default, see `CMALConfig.from_detector`) that turns
             `pixel_values` into regions: the raw-image path. `None` means regions come precomputed.
             Stored as a plain dict so the checkpoint loads on any transformers 5.x.
         detector_num_regions (`int`, defaults to 36): regions kept per image, the top ones by score.
@@ -172,6 +175,7 @@ class CMALConfig(PreTrainedConfig):
         amc_region_weight: float = 1.0,
         amc_pointer_weight: float = 1.0,
         itc_weight: float = 0.0,
+        itc_projection_dim: int = 256,
         itc_temperature: float = 0.07,
         classifier_dropout: float | None = None,
         detector_config: dict | None = None,
@@ -205,8 +209,10 @@ class CMALConfig(PreTrainedConfig):
             raise ValueError(f"`num_hidden_layers` must be >= 1, got {num_hidden_layers}")
         if not 0.0 <= anchor_mask_prob <= 1.0:
             raise ValueError(f"`anchor_mask_prob` must be in [0, 1], got {anchor_mask_prob}")
-        if itc_temperature <= 0:
-            raise ValueError(f"`itc_temperature` must be > 0, got {itc_temperature}")
+        if not 0.001 <= itc_temperature <= 0.5:
+            raise ValueError(f"`itc_temperature` must lie in [0.001, 0.5] (its clamp range), got {itc_temperature}")
+        if itc_projection_dim < 1:
+            raise ValueError(f"`itc_projection_dim` must be >= 1, got {itc_projection_dim}")
 
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -244,6 +250,7 @@ class CMALConfig(PreTrainedConfig):
         self.amc_region_weight = amc_region_weight
         self.amc_pointer_weight = amc_pointer_weight
         self.itc_weight = itc_weight
+        self.itc_projection_dim = itc_projection_dim
         self.itc_temperature = itc_temperature
         self.classifier_dropout = classifier_dropout
         if detector_config is not None and not isinstance(detector_config, dict):

@@ -74,12 +74,11 @@ class PretrainingCollator:
 
     * ITM: with probability `itm_negative_probability` an example's image is replaced by another one
       (`itm_labels` 0).
-    * One modality at a time: each pair is either an MLM example (whole words that are not anchors
-      are masked with probability `mlm_probability`; 80% [MASK], 10% random, 10% kept) or an MRM
-      example (each real region is masked with probability `mrm_probability`). Mismatched pairs are
-      masked the same way, so masking does not reveal the ITM label (were only matched pairs masked,
-      ITM would learn "is anything masked?" and fail on clean pairs); they get no MLM targets and
-      the model drops their MRM targets, as in LXMERT and UNITER.
+    * One modality at a time: each matched pair is either an MLM example (whole words that are not
+      anchors are masked with probability `mlm_probability`; 80% [MASK], 10% random, 10% kept) or an
+      MRM example (each real region is masked with probability `mrm_probability`). Mismatched pairs
+      stay unmasked: they serve ITM only, which the model computes on a clean pass (UNITER), so no
+      masking can reveal the ITM label.
     * Anchors keep their words and regions visible here: the model masks and swaps them itself.
     """
 
@@ -124,10 +123,10 @@ class PretrainingCollator:
         labels = torch.full_like(input_ids, -100)
         masked_regions = torch.zeros_like(batch["visual_attention_mask"], dtype=torch.bool)
         for b, rng in enumerate(rngs):
+            if not itm_labels[b]:
+                continue
             if rng.random() < 0.5:
                 self._mask_words(b, rng, input_ids, labels, word_ids, batch["token_concept_ids"])
-                if not itm_labels[b]:
-                    labels[b] = -100
             else:
                 real = batch["visual_attention_mask"][b].bool().numpy()
                 chosen = (rng.random(len(real)) < self.mrm_probability) & real
