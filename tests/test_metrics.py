@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cmal.training.metrics import METRIC_NAMES, import_metric_module, load_metric
+from cmal.training.metrics import METRIC_NAMES, binary_auc, import_metric_module, load_metric
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +170,21 @@ def test_retrieval_image_to_text_any_caption(metrics):
 def test_load_metric_rejects_unknown():
     with pytest.raises(ValueError):
         load_metric("bleu")
+
+
+@pytest.mark.parametrize(
+    "scores, labels, auc",
+    [
+        ([0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0], 1.0),  # every positive above every negative
+        ([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0], 0.0),
+        ([0.5, 0.5, 0.5, 0.5], [1, 0, 1, 0], 0.5),  # all tied: half
+        ([0.9, 0.3, 0.6, 0.1], [1, 1, 0, 0], 0.75),  # 3 of the 4 positive-negative pairs ordered right
+        ([0.7, 0.4, 0.4, 0.1], [1, 1, 0, 0], 0.875),  # one tied pair counts half
+    ],
+)
+def test_binary_auc_on_hand_computed_values(scores, labels, auc):
+    assert binary_auc(scores, labels) == pytest.approx(auc)
+
+
+def test_binary_auc_needs_both_classes():
+    assert math.isnan(binary_auc([0.3, 0.4], [1, 1]))

@@ -313,3 +313,25 @@ def test_tensorboard_logs_every_loss(corpus, tmp_path):
 def test_resume_from_a_wrong_path_is_refused(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"`--resume_from_checkpoint` must be 'latest' or a checkpoint folder"):
         pretrain.main(args_for(corpus, tmp_path, "--max_train_steps", "2", "--resume_from_checkpoint", str(tmp_path / "nope")))
+
+
+def test_validation_reports_held_out_itm(corpus, tmp_path):
+    """With a validation split, the run reports ITM accuracy and AUC on held-out pairs, half of them mismatched."""
+    captions = DatasetDict.load_from_disk(str(corpus / "captions"))["train"]
+    held_out_images = {f"img{i}" for i in range(20, 24)}
+    dataset = tmp_path / "dataset"
+    DatasetDict(
+        train=captions.filter(lambda row: row["image_id"] not in held_out_images),
+        validation=captions.filter(lambda row: row["image_id"] in held_out_images),
+    ).save_to_disk(str(dataset / "captions"))
+    os.symlink(corpus / "regions", dataset / "regions")
+    args = args_for(corpus, tmp_path / "out", "--max_train_steps", "2")
+    args[args.index("--dataset") + 1] = str(dataset)
+    held_out = pretrain.main(args)["validation"]
+    assert held_out["itm_pairs"] == 8  # the 8 captions of the 4 held-out images
+    assert 0 <= held_out["itm_accuracy"] <= 1 and 0 <= held_out["itm_auc"] <= 1
+    assert set(held_out["losses"]) >= {"itm_loss", "mlm_loss", "loss"}
+    saved = json.loads((tmp_path / "out" / "train_results.json").read_text())
+    assert saved["validation"] == held_out
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"ROC AUC {held_out['itm_auc']:.4f} over 8 pairs" in card

@@ -30,6 +30,7 @@ from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler,
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
 from cmal.training.loop import train
+from cmal.training.metrics import binary_auc
 from cmal.training.tasks import synthetic_texts
 from cmal.training.utils import (
     add_training_args,
@@ -162,6 +163,41 @@ def build_data(args, corpus, num_processes: int = 1):
     return config, processor, train_set, collator, train_dataloader
 
 
+def build_validation(args, corpus, processor, accelerator):
+    """The validation captions, each with its image or (half of them) another one, as a prepared DataLoader;
+    None when the corpus has no validation split. Negatives and masks are fixed (seed, epoch 0)."""
+    captions, regions = corpus[0], corpus[1]
+    texts = split(captions, "validation")
+    if texts is None or len(texts) == 0:
+        return None
+    pairs = ImageTextPairs(texts, regions)
+    collator = PretrainingCollator(processor, pairs, args.mlm_probability, args.mrm_probability, 0.5,
+                                   max_length=args.max_text_length, seed=args.seed + 1)  # fmt: skip
+    return accelerator.prepare(DataLoader(pairs, batch_size=args.per_device_train_batch_size, collate_fn=collator))
+
+
+def validate(model, dataloader, accelerator) -> dict:
+    """Held-out ITM accuracy and AUC (the clean pass's match probability) and each loss's mean."""
+    model.eval()
+    probabilities, labels, losses = [], [], {}
+    for batch in dataloader:
+        with torch.no_grad():
+            outputs = model(**batch)
+        probabilities.append(accelerator.gather_for_metrics(outputs.itm_logits.float().softmax(-1)[:, 1]))
+        labels.append(accelerator.gather_for_metrics(batch["itm_labels"]))
+        for name in LOSSES:
+            if outputs.get(name) is not None:
+                losses.setdefault(name, []).append(accelerator.reduce(outputs[name].detach().float(), "mean").item())
+    model.train()
+    probabilities, labels = torch.cat(probabilities).cpu(), torch.cat(labels).cpu()
+    return {
+        "itm_accuracy": ((probabilities > 0.5).long() == labels).float().mean().item(),
+        "itm_auc": binary_auc(probabilities.numpy(), labels.numpy()),
+        "itm_pairs": len(labels),
+        "losses": {name: sum(values) / len(values) for name, values in losses.items()},
+    }
+
+
 def build_model(args, config):
     model = CMALForPreTraining(config)
     if args.init_text_from:
@@ -191,6 +227,9 @@ def main(argv=None):
     model = build_model(args, config)
     model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(accelerator, args, model, train_dataloader)
     results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps, LOSSES, "pre-training")
+    validation = build_validation(args, corpus, processor, accelerator) if args.itm > 0 else None
+    if validation is not None:
+        results["validation"] = validate(model, validation, accelerator)
 
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
@@ -200,6 +239,10 @@ def main(argv=None):
         write_model_card(args.output_dir, args, unwrapped.config, results)
         logger.info(f"data loading took {100 * results['data_loading_share']:.1f}% of the training time")
         print(f"final losses: {json.dumps({k: round(v, 4) for k, v in results['final_losses'].items()})}")
+        if "validation" in results:
+            held_out = results["validation"]
+            print(f"validation ITM: accuracy {held_out['itm_accuracy']:.4f}, AUC {held_out['itm_auc']:.4f} "
+                  f"({held_out['itm_pairs']} pairs, half mismatched: chance 0.5)")
         print(f"model saved to {os.path.abspath(args.output_dir)} ({results['train_seconds']:.0f} s of training)")
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo or None)

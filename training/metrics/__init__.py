@@ -6,6 +6,8 @@ Each metric is a folder holding one script of the same name, as `evaluate.load(<
 import importlib.util
 from pathlib import Path
 
+import numpy as np
+
 METRICS_DIR = Path(__file__).resolve().parent
 METRIC_NAMES = ("vqa_accuracy", "classification_accuracy", "rec_accuracy", "retrieval_recall")
 
@@ -33,4 +35,18 @@ def import_metric_module(name):
     return module
 
 
-__all__ = ["METRIC_NAMES", "METRICS_DIR", "import_metric_module", "load_metric", "metric_path"]
+def binary_auc(scores, labels) -> float:
+    """Area under the ROC curve of `scores` for the binary `labels` (Mann-Whitney U: the probability that a
+    positive outscores a negative, ties counting half); NaN when one class is absent."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if not positives or not negatives:
+        return float("nan")
+    _, tie_group, tie_counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = np.empty(len(scores))
+    ranks[scores.argsort(kind="stable")] = np.arange(1, len(scores) + 1)
+    ranks = (np.bincount(tie_group, weights=ranks) / tie_counts)[tie_group]  # ties share their mean rank
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+__all__ = ["METRIC_NAMES", "METRICS_DIR", "binary_auc", "import_metric_module", "load_metric", "metric_path"]
