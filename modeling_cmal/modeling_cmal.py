@@ -731,8 +731,9 @@ class CMALVisualEmbeddings(nn.Module):
         self, visual_feats: torch.Tensor, visual_pos: torch.Tensor, masked_regions: torch.BoolTensor | None = None
     ) -> torch.Tensor:
         features = self.feature_layer_norm(self.feature_projection(visual_feats))
-        if masked_regions is not None:
-            features = torch.where(masked_regions.unsqueeze(-1), self.mask_embedding.to(features.dtype), features)
+        if masked_regions is None:  # in the graph all the same: DDP and gradient checks expect every parameter used
+            masked_regions = torch.zeros(features.shape[:-1], dtype=torch.bool, device=features.device)
+        features = torch.where(masked_regions.unsqueeze(-1), self.mask_embedding.to(features.dtype), features)
         boxes = self.box_layer_norm(self.box_projection(visual_pos))
         return self.dropout(self.LayerNorm(features + boxes))
 

@@ -92,3 +92,10 @@ def test_itc_parameters_exist_only_with_itc_on():
     model = CMALForPreTraining(tiny_config(itc_weight=0.0))
     assert model.text_projection is None and model.itc_logit_scale is None
     assert not any(name.startswith(("text_projection", "image_projection", "itc_")) for name, _ in model.named_parameters())
+
+
+def test_mask_embedding_is_in_the_graph_without_masked_regions():
+    """DDP (and transformers' gradient checks) need a gradient for every parameter, masked regions or not."""
+    model = CMALModel(tiny_config(**NO_DROPOUT))
+    model(**make_inputs()).last_hidden_state.sum().backward()
+    assert model.visual_encoder.embeddings.mask_embedding.grad is not None
