@@ -115,8 +115,8 @@ def test_sampler_is_seeded_per_epoch_and_groups_lengths():
 
 
 # ITM is not here: matching must be learnt across modalities from scratch, which takes far more than 24
-# images and 90 steps (with masking no longer revealing the label, its loss stays at ln 2 here). That ITM
-# trains is checked on a fixed batch in test_modeling_cmal.py; that masking can't reveal it, above.
+# images and 90 steps (its loss stays at ln 2 here). That ITM trains is checked on a fixed batch in
+# test_modeling_cmal.py; that it sees clean inputs, in test_pretraining_objectives.py.
 @pytest.mark.parametrize("objective", ["mlm", "mrm", "amc", "itc"])
 def test_each_objective_alone_learns(corpus, tmp_path, objective):
     weights = {name: "0" for name in ("mlm", "mrm", "itm", "amc", "itc")}
