@@ -1137,7 +1137,10 @@ class CMALPreTrainedModel(PreTrainedModel):
     base_model_prefix = "cmal"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["CMALTextEmbeddings", "CMALVisualEmbeddings", "CMALAssociativePromptLayer", "CMALLayer"]
+    # by class name: the unified encoder's layers are a subclass of CMALLayer, named apart
+    _no_split_modules = [
+        "CMALTextEmbeddings", "CMALVisualEmbeddings", "CMALAssociativePromptLayer", "CMALLayer", "CMALUnifiedLayer"
+    ]
     # Masks come from `create_bidirectional_mask`, so each backend gets its own kind; eager and sdpa are tested.
     _supports_sdpa = True
     _can_record_outputs = {
