@@ -149,7 +149,8 @@ def test_loss_falls_from_scratch_and_from_a_pretrained_folder(corpus, tmp_path):
     config.to_json_file(tmp_path / "tiny.json")
     args = real_args("ve", root, files) + ["--task", "ve", "--regions", str(root / "regions"), "--learning_rate", "2e-3",
                                            "--model_config", str(tmp_path / "tiny.json")]  # fmt: skip
-    scratch = finetune.main(common(tmp_path / "scratch", 40, "--logging_steps", "5", "--per_device_train_batch_size", "12") + args)
+    # 60 steps: at 40 the loss ratio sat at 0.53-0.54 over seeds 0-3, at 60 at 0.32-0.45 (measured)
+    scratch = finetune.main(common(tmp_path / "scratch", 60, "--logging_steps", "5", "--per_device_train_batch_size", "12") + args)
     assert scratch["final_losses"]["loss"] < 0.5 * scratch["first_losses"]["loss"]
     tuned = finetune.main(common(tmp_path / "again", 5, "--logging_steps", "5", "--model_name_or_path", str(tmp_path / "scratch")) + args)
     assert tuned["first_losses"]["loss"] < scratch["first_losses"]["loss"]  # it starts from what it learnt
