@@ -146,6 +146,9 @@ class CMALForPreTrainingOutput(ModelOutput):
         itc_logits (`torch.FloatTensor` of shape `(batch_size, batch_size)`, *optional*):
             Text-to-image cosine similarity of the projected uni-modal vectors (clean pass) divided by the
             learnt ITC temperature.
+        text_embeds, image_embeds (`torch.FloatTensor` of shape `(batch_size, itc_projection_dim)`, *optional*):
+            Those projected unit vectors of the text `[CLS]` and the mean region feature (with ITC on): what
+            retrieval by ITC ranks with.
     """
 
     loss: torch.FloatTensor | None = None
@@ -163,6 +166,8 @@ class CMALForPreTrainingOutput(ModelOutput):
     pointer_logits: torch.FloatTensor | None = None
     itm_logits: torch.FloatTensor | None = None
     itc_logits: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
     anchor_map: torch.LongTensor | None = None
     token_swapped: torch.LongTensor | None = None
     region_swapped: torch.LongTensor | None = None
@@ -1498,7 +1503,7 @@ class CMALForPreTraining(CMALPreTrainedModel):
             examples=matched,
         )  # fmt: skip
 
-        itm_logits = itc_logits = None
+        itm_logits = itc_logits = text_embeds = image_embeds = None
         if (itm_labels is not None and config.itm_weight > 0) or config.itc_weight > 0:
             clean_ids = input_ids if labels is None or input_ids is None else torch.where(labels != -100, labels, input_ids)
             no_swap = torch.zeros(batch_size, config.num_concepts, dtype=torch.bool, device=real_regions.device)
@@ -1509,11 +1514,10 @@ class CMALForPreTraining(CMALPreTrainedModel):
             if config.itc_weight > 0:
                 # Contrast true pairs that have at least one region; a mismatched pair is no positive.
                 pairs = real_regions.any(dim=1) if matched is None else real_regions.any(dim=1) & matched
+                text_embeds = F.normalize(self.text_projection(clean.text_embeds), dim=-1)
+                image_embeds = F.normalize(self.image_projection(clean.image_embeds), dim=-1)
                 itc_logits, losses["itc_loss"] = image_text_contrastive_loss(
-                    F.normalize(self.text_projection(clean.text_embeds), dim=-1),
-                    F.normalize(self.image_projection(clean.image_embeds), dim=-1),
-                    pairs,
-                    self.itc_temperature,
+                    text_embeds, image_embeds, pairs, self.itc_temperature
                 )
 
         loss = sum(getattr(config, PRETRAINING_LOSS_WEIGHTS[name]) * value for name, value in losses.items()) if losses else None
@@ -1526,6 +1530,8 @@ class CMALForPreTraining(CMALPreTrainedModel):
             pointer_logits=scores.pointer_logits,
             itm_logits=itm_logits,
             itc_logits=itc_logits,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
             anchor_map=outputs.anchor_map,
             token_swapped=outputs.token_swapped,
             region_swapped=outputs.region_swapped,

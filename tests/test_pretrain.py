@@ -325,13 +325,14 @@ def test_validation_reports_held_out_itm(corpus, tmp_path):
         validation=captions.filter(lambda row: row["image_id"] in held_out_images),
     ).save_to_disk(str(dataset / "captions"))
     os.symlink(corpus / "regions", dataset / "regions")
-    args = args_for(corpus, tmp_path / "out", "--max_train_steps", "2")
+    args = args_for(corpus, tmp_path / "out", "--max_train_steps", "2", "--itc", "1")
     args[args.index("--dataset") + 1] = str(dataset)
     held_out = pretrain.main(args)["validation"]
     assert held_out["itm_pairs"] == 8  # the 8 captions of the 4 held-out images
     assert 0 <= held_out["itm_accuracy"] <= 1 and 0 <= held_out["itm_auc"] <= 1
-    assert set(held_out["losses"]) >= {"itm_loss", "mlm_loss", "loss"}
+    assert set(held_out["losses"]) >= {"itm_loss", "itc_loss", "mlm_loss", "loss"}
+    assert held_out["itc_images"] == 4 and 0 <= held_out["itc_text_to_image_r1"] <= held_out["itc_text_to_image_r5"] == 100
     saved = json.loads((tmp_path / "out" / "train_results.json").read_text())
     assert saved["validation"] == held_out
     card = (tmp_path / "out" / "README.md").read_text()
-    assert f"ROC AUC {held_out['itm_auc']:.4f} over 8 pairs" in card
+    assert f"ROC AUC {held_out['itm_auc']:.4f} over 8 pairs" in card and "over 4 images (chance R@1: 25.0%)" in card

@@ -30,7 +30,7 @@ from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler,
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
 from cmal.training.loop import train
-from cmal.training.metrics import binary_auc
+from cmal.training.metrics import binary_auc, load_metric
 from cmal.training.tasks import synthetic_texts
 from cmal.training.utils import (
     add_training_args,
@@ -163,20 +163,22 @@ def build_data(args, corpus, num_processes: int = 1):
     return config, processor, train_set, collator, train_dataloader
 
 
-def build_validation(args, corpus, processor, accelerator):
-    """The validation captions, each with its image or (half of them) another one, as a prepared DataLoader;
-    None when the corpus has no validation split. Negatives and masks are fixed (seed, epoch 0)."""
+def build_validation(args, corpus, processor, accelerator, negative_probability: float):
+    """(prepared DataLoader, pairs) over the validation captions, each with its image or, with
+    `negative_probability`, another one; None when the corpus has no validation split. Negatives and masks
+    are fixed (seed, epoch 0)."""
     captions, regions = corpus[0], corpus[1]
     texts = split(captions, "validation")
     if texts is None or len(texts) == 0:
         return None
     pairs = ImageTextPairs(texts, regions)
-    collator = PretrainingCollator(processor, pairs, args.mlm_probability, args.mrm_probability, 0.5,
+    collator = PretrainingCollator(processor, pairs, args.mlm_probability, args.mrm_probability, negative_probability,
                                    max_length=args.max_text_length, seed=args.seed + 1)  # fmt: skip
-    return accelerator.prepare(DataLoader(pairs, batch_size=args.per_device_train_batch_size, collate_fn=collator))
+    loader = DataLoader(pairs, batch_size=args.per_device_train_batch_size, collate_fn=collator)
+    return accelerator.prepare(loader), pairs
 
 
-def validate(model, dataloader, accelerator) -> dict:
+def validate_matching(model, dataloader, accelerator) -> dict:
     """Held-out ITM accuracy and AUC (the clean pass's match probability) and each loss's mean."""
     model.eval()
     probabilities, labels, losses = [], [], {}
@@ -196,6 +198,29 @@ def validate(model, dataloader, accelerator) -> dict:
         "itm_pairs": len(labels),
         "losses": {name: sum(values) / len(values) for name, values in losses.items()},
     }
+
+
+def validate_retrieval(model, dataloader, pairs, accelerator) -> dict:
+    """Held-out retrieval by ITC alone: every validation caption against every validation image, ranked by the
+    cosine of their projected uni-modal vectors; recall in percent (chance R@1: 100 / images)."""
+    model.eval()
+    texts, images = [], []
+    for batch in dataloader:
+        with torch.no_grad():
+            outputs = model(**batch)
+        texts.append(accelerator.gather_for_metrics(outputs.text_embeds.float()))
+        images.append(accelerator.gather_for_metrics(outputs.image_embeds.float()))
+    model.train()
+    texts, images = torch.cat(texts).cpu(), torch.cat(images).cpu()
+    rows = pairs.image_rows[: len(texts)]
+    columns = list(dict.fromkeys(rows))  # each image once, in order of first caption
+    first = {row: i for i, row in reversed(list(enumerate(rows)))}
+    scores = texts @ images[[first[row] for row in columns]].T
+    column_of = {row: j for j, row in enumerate(columns)}
+    recall = load_metric("retrieval_recall").compute(
+        predictions=scores.tolist(), references=[column_of[row] for row in rows], ks=(1, 5)
+    )
+    return {f"itc_{name}": value for name, value in recall.items()} | {"itc_images": len(columns)}
 
 
 def build_model(args, config):
@@ -227,9 +252,13 @@ def main(argv=None):
     model = build_model(args, config)
     model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(accelerator, args, model, train_dataloader)
     results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps, LOSSES, "pre-training")
-    validation = build_validation(args, corpus, processor, accelerator) if args.itm > 0 else None
-    if validation is not None:
-        results["validation"] = validate(model, validation, accelerator)
+    held_out = {}
+    if args.itm > 0 and (matching := build_validation(args, corpus, processor, accelerator, 0.5)) is not None:
+        held_out |= validate_matching(model, matching[0], accelerator)
+    if args.itc > 0 and (retrieval := build_validation(args, corpus, processor, accelerator, 0.0)) is not None:
+        held_out |= validate_retrieval(model, *retrieval, accelerator)
+    if held_out:
+        results["validation"] = held_out
 
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
@@ -239,10 +268,13 @@ def main(argv=None):
         write_model_card(args.output_dir, args, unwrapped.config, results)
         logger.info(f"data loading took {100 * results['data_loading_share']:.1f}% of the training time")
         print(f"final losses: {json.dumps({k: round(v, 4) for k, v in results['final_losses'].items()})}")
-        if "validation" in results:
-            held_out = results["validation"]
+        if "itm_auc" in held_out:
             print(f"validation ITM: accuracy {held_out['itm_accuracy']:.4f}, AUC {held_out['itm_auc']:.4f} "
                   f"({held_out['itm_pairs']} pairs, half mismatched: chance 0.5)")
+        if "itc_images" in held_out:
+            print(f"validation retrieval by ITC: text->image R@1 {held_out['itc_text_to_image_r1']:.1f}%, "
+                  f"R@5 {held_out['itc_text_to_image_r5']:.1f}% over {held_out['itc_images']} images "
+                  f"(chance R@1 {100 / held_out['itc_images']:.1f}%)")
         print(f"model saved to {os.path.abspath(args.output_dir)} ({results['train_seconds']:.0f} s of training)")
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo or None)
