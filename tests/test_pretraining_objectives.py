@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import NUM_CONCEPTS, make_inputs, tiny_config
 
-from cmal.modeling_cmal import CMALForPreTraining, CMALModel
+from cmal.modeling_cmal import CMALConfig, CMALForPreTraining, CMALModel
 
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -99,3 +99,53 @@ def test_mask_embedding_is_in_the_graph_without_masked_regions():
     model = CMALModel(tiny_config(**NO_DROPOUT))
     model(**make_inputs()).last_hidden_state.sum().backward()
     assert model.visual_encoder.embeddings.mask_embedding.grad is not None
+
+
+def compositional_world(root, num_images=80, held_out=16, seed=0):
+    """Images of 1-3 objects whose region features encode shape and colour, one caption each naming them;
+    the last `held_out` images are the validation split."""
+    import json
+
+    import numpy as np
+    from datasets import Dataset, DatasetDict
+
+    from cmal.training.data.region_store import RegionStoreWriter
+
+    names, colours = ["ball", "box", "cone", "ring"], ["red", "green", "blue", "yellow"]
+    rng = np.random.default_rng(seed)
+    rows = {"train": [], "validation": []}
+    with RegionStoreWriter(str(root / "regions"), feature_dim=16, concept_names=names, source="test", shard_size=50) as writer:
+        for i in range(num_images):
+            n = int(rng.integers(1, 4))
+            shapes, hues = rng.integers(0, 4, n), rng.integers(0, 4, n)
+            features = np.zeros((n, 16), np.float32)
+            features[np.arange(n), shapes] = 1.0
+            features[np.arange(n), 4 + hues] = 1.0
+            features[:, 8:] = rng.normal(0, 0.1, (n, 8))
+            x, y = np.sort(rng.uniform(0, 1, (n, 2)), 1), np.sort(rng.uniform(0, 1, (n, 2)), 1)
+            writer.add(dict(image_id=f"img{i}", image_width=64, image_height=64, features=features, concept_ids=shapes,
+                            boxes=np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1), scores=rng.uniform(0.5, 1, n)))  # fmt: skip
+            words = [f"a {colours[c]} {names[s]}" for s, c in zip(shapes, hues)]
+            rows["validation" if i >= num_images - held_out else "train"].append(
+                {"image_id": f"img{i}", "text": "there is " + " and ".join(words)}
+            )
+    DatasetDict({name: Dataset.from_list(split) for name, split in rows.items()}).save_to_disk(str(root / "captions"))
+    config = CMALConfig.from_preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (root / "tiny.json").write_text(json.dumps(config.to_dict()))
+
+
+def test_contrastive_baseline_retrieves_held_out_images_far_above_chance(tmp_path):
+    """ITC alone, 150 steps on 64 images: held-out text->image R@1 over 16 unseen images (chance 6.25%) was
+    56-69% over seeds 0-2 (measured); the floor here is 4x chance."""
+    from cmal.training import pretrain
+
+    compositional_world(tmp_path)
+    results = pretrain.main([
+        "--dataset", str(tmp_path), "--model_config", str(tmp_path / "tiny.json"), "--output_dir", str(tmp_path / "out"),
+        "--report_to", "none", "--num_warmup_steps", "5", "--logging_steps", "10", "--per_device_train_batch_size", "16",
+        "--mlm", "0", "--mrm", "0", "--amc", "0", "--itm", "0", "--itc", "1", "--itm_negative_probability", "0",
+        "--max_train_steps", "150", "--learning_rate", "3e-3",
+    ])  # fmt: skip
+    held_out = results["validation"]
+    assert held_out["itc_images"] == 16
+    assert held_out["itc_text_to_image_r1"] >= 4 * 100 / 16, held_out
