@@ -1460,8 +1460,9 @@ class CMALForPreTraining(CMALPreTrainedModel):
         Two passes, where the literature computes each objective (UNITER, ALBEF): MLM, MRM and AMC on the
         *masked* pass (masked words and regions, anchors swapped); ITM and ITC on a *clean* pass (the original
         words, no masked region, no swap), since on masked inputs ITC learns which modality was masked and ITM
-        does not learn (both measured). The clean pass runs only when ITM or ITC is on and costs one more
-        forward pass; the outputs' scores and masks are the masked pass's, `itm_logits`/`itc_logits` the clean one's.
+        does not learn (both measured). The clean pass runs only when ITM or ITC is on and something was masked
+        or swapped, at the cost of one more forward pass; the outputs' scores and masks are the masked pass's,
+        `itm_logits`/`itc_logits` the clean one's.
         """
         config = self.config
         regions = dict(
@@ -1505,9 +1506,15 @@ class CMALForPreTraining(CMALPreTrainedModel):
 
         itm_logits = itc_logits = text_embeds = image_embeds = None
         if (itm_labels is not None and config.itm_weight > 0) or config.itc_weight > 0:
-            clean_ids = input_ids if labels is None or input_ids is None else torch.where(labels != -100, labels, input_ids)
-            no_swap = torch.zeros(batch_size, config.num_concepts, dtype=torch.bool, device=real_regions.device)
-            clean = self.cmal(clean_ids, anchor_selection=no_swap, inputs_embeds=inputs_embeds, return_dict=True, **regions)
+            masked_words = labels is not None and bool((labels != -100).any())
+            masked_any = masked_regions is not None and bool(masked_regions.any())
+            swapped = bool(outputs.token_swapped.any() or outputs.region_swapped.any())
+            if masked_words or masked_any or swapped:
+                clean_ids = torch.where(labels != -100, labels, input_ids) if masked_words and input_ids is not None else input_ids
+                no_swap = torch.zeros(batch_size, config.num_concepts, dtype=torch.bool, device=real_regions.device)
+                clean = self.cmal(clean_ids, anchor_selection=no_swap, inputs_embeds=inputs_embeds, return_dict=True, **regions)
+            else:  # nothing was masked or swapped (e.g. scoring pairs in evaluation): the masked pass is the clean one
+                clean = outputs
             itm_logits = self.itm_head(clean.pooler_output)
             if itm_labels is not None and config.itm_weight > 0:
                 losses["itm_loss"] = F.cross_entropy(itm_logits.float(), itm_labels)
