@@ -163,19 +163,19 @@ def build_data(args, corpus, num_processes: int = 1):
     return config, processor, train_set, collator, train_dataloader
 
 
-def build_validation(args, corpus, processor, accelerator, negative_probability: float):
-    """(prepared DataLoader, pairs) over the validation captions, each with its image or, with
-    `negative_probability`, another one; None when the corpus has no validation split. Negatives and masks
-    are fixed (seed, epoch 0)."""
+def validation_pairs(corpus) -> ImageTextPairs | None:
+    """The validation captions joined to their images; None when the corpus has no validation split."""
     captions, regions = corpus[0], corpus[1]
     texts = split(captions, "validation")
-    if texts is None or len(texts) == 0:
-        return None
-    pairs = ImageTextPairs(texts, regions)
+    return ImageTextPairs(texts, regions) if texts is not None and len(texts) else None
+
+
+def validation_loader(args, pairs, processor, accelerator, negative_probability: float):
+    """A prepared DataLoader over `pairs`, each caption with its image or, with `negative_probability`,
+    another one; negatives and masks are fixed (seed, epoch 0)."""
     collator = PretrainingCollator(processor, pairs, args.mlm_probability, args.mrm_probability, negative_probability,
                                    max_length=args.max_text_length, seed=args.seed + 1)  # fmt: skip
-    loader = DataLoader(pairs, batch_size=args.per_device_train_batch_size, collate_fn=collator)
-    return accelerator.prepare(loader), pairs
+    return accelerator.prepare(DataLoader(pairs, batch_size=args.per_device_train_batch_size, collate_fn=collator))
 
 
 def validate_matching(model, dataloader, accelerator) -> dict:
@@ -252,11 +252,11 @@ def main(argv=None):
     model = build_model(args, config)
     model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(accelerator, args, model, train_dataloader)
     results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps, LOSSES, "pre-training")
-    held_out = {}
-    if args.itm > 0 and (matching := build_validation(args, corpus, processor, accelerator, 0.5)) is not None:
-        held_out |= validate_matching(model, matching[0], accelerator)
-    if args.itc > 0 and (retrieval := build_validation(args, corpus, processor, accelerator, 0.0)) is not None:
-        held_out |= validate_retrieval(model, *retrieval, accelerator)
+    held_out, pairs = {}, validation_pairs(corpus) if args.itm > 0 or args.itc > 0 else None
+    if pairs is not None and args.itm > 0:
+        held_out |= validate_matching(model, validation_loader(args, pairs, processor, accelerator, 0.5), accelerator)
+    if pairs is not None and args.itc > 0:
+        held_out |= validate_retrieval(model, validation_loader(args, pairs, processor, accelerator, 0.0), pairs, accelerator)
     if held_out:
         results["validation"] = held_out
 
