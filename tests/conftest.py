@@ -60,6 +60,29 @@ def make_inputs(batch_size=3, text_len=8, num_regions=5, seed=0, pad=True) -> di
     )
 
 
+def add_shape_colour_image(writer, rng, image_id: str, max_objects: int):
+    """Write one image of 1..`max_objects` objects to a region store of 16-d features: one-hot shape (0-3),
+    one-hot colour (4-7), noise; random boxes and scores. Returns the objects' (shape ids, colour ids)."""
+    import numpy as np
+
+    n = int(rng.integers(1, max_objects + 1))
+    shapes, colours = rng.integers(0, 4, n), rng.integers(0, 4, n)
+    features = np.zeros((n, 16), np.float32)
+    features[np.arange(n), shapes] = 1.0
+    features[np.arange(n), 4 + colours] = 1.0
+    features[:, 8:] = rng.normal(0, 0.1, (n, 8))
+    x, y = np.sort(rng.uniform(0, 1, (n, 2)), axis=1), np.sort(rng.uniform(0, 1, (n, 2)), axis=1)
+    writer.add(dict(image_id=image_id, image_width=64, image_height=64, features=features, concept_ids=shapes,
+                    boxes=np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1), scores=rng.uniform(0.5, 1, n)))  # fmt: skip
+    return shapes, colours
+
+
+def write_tiny_config(root: Path) -> None:
+    """`root / "tiny.json"`: the `tiny` preset without dropout, for `--model_config`."""
+    config = CMALConfig.from_preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (root / "tiny.json").write_text(json.dumps(config.to_dict()))
+
+
 @pytest.fixture
 def config():
     return tiny_config()

@@ -10,11 +10,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_without_project
+from conftest import REPO, add_shape_colour_image, run_without_project, write_tiny_config
 from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 
-from cmal.modeling_cmal import CMALConfig
 from cmal.training import pretrain
 from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator
 from cmal.training.data.region_store import RegionStoreWriter, load_region_store
@@ -32,23 +31,12 @@ def corpus(tmp_path_factory):
     captions = []
     with RegionStoreWriter(str(root / "regions"), feature_dim=16, concept_names=NAMES, source="test", shard_size=10) as w:
         for i in range(24):
-            n = int(rng.integers(1, 5))
-            shapes, colours = rng.integers(0, 4, n), rng.integers(0, 4, n)
-            features = np.zeros((n, 16), np.float32)
-            features[np.arange(n), shapes] = 1.0
-            features[np.arange(n), 4 + colours] = 1.0
-            features[:, 8:] = rng.normal(0, 0.1, (n, 8))
-            x = np.sort(rng.uniform(0, 1, (n, 2)), axis=1)
-            y = np.sort(rng.uniform(0, 1, (n, 2)), axis=1)
-            boxes = np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1)
-            w.add(dict(image_id=f"img{i}", image_width=64, image_height=64, features=features, boxes=boxes,
-                       concept_ids=shapes, scores=rng.uniform(0.5, 1, n)))  # fmt: skip
+            shapes, colours = add_shape_colour_image(w, rng, f"img{i}", max_objects=4)
             words = [f"a {COLOURS[c]} {NAMES[s]}" for s, c in zip(shapes, colours)]
             captions.append({"image_id": f"img{i}", "text": "there is " + " and ".join(words) + " here"})
-            captions.append({"image_id": f"img{i}", "text": f"{n} things, one is {words[0]}"})
+            captions.append({"image_id": f"img{i}", "text": f"{len(shapes)} things, one is {words[0]}"})
     DatasetDict(train=Dataset.from_list(captions)).save_to_disk(str(root / "captions"))
-    config = CMALConfig.from_preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).to_dict()
-    (root / "tiny.json").write_text(json.dumps(config))
+    write_tiny_config(root)
     return root
 
 

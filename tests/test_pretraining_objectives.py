@@ -1,10 +1,13 @@
 """Where each pre-training objective is computed: MLM/MRM/AMC on the masked pass, ITM/ITC on a clean pass."""
 
+import numpy as np
 import pytest
 import torch
-from conftest import NUM_CONCEPTS, make_inputs, tiny_config
+from conftest import NUM_CONCEPTS, add_shape_colour_image, make_inputs, tiny_config, write_tiny_config
+from datasets import Dataset, DatasetDict
 
-from cmal.modeling_cmal import CMALConfig, CMALForPreTraining, CMALModel
+from cmal.modeling_cmal import CMALForPreTraining, CMALModel
+from cmal.training.data.region_store import RegionStoreWriter
 
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -62,6 +65,20 @@ def test_itm_and_itc_are_computed_on_the_clean_pass():
     assert out.mrm_feature_loss > 0 and out.mlm_loss > 0
 
 
+def test_unmasked_pairs_are_encoded_once():
+    """Scoring pairs with nothing masked or swapped (evaluation): the masked pass is the clean one, so it runs once."""
+    model = CMALForPreTraining(tiny_config(itc_weight=1.0, **NO_DROPOUT)).eval()
+    clean, _ = masked_batch()
+    calls = []
+    handle = model.cmal.register_forward_hook(lambda module, args, output: calls.append(output))
+    out = model(**clean, itm_labels=torch.tensor([1, 1, 0]))
+    handle.remove()
+    assert len(calls) == 1
+    no_swap = torch.zeros(3, NUM_CONCEPTS, dtype=torch.bool)
+    torch.testing.assert_close(out.itm_logits, model.itm_head(model.cmal(**clean, anchor_selection=no_swap).pooler_output))
+    assert out.itc_loss > 0
+
+
 def test_mismatched_pairs_are_no_amc_targets():
     model = CMALForPreTraining(tiny_config(**NO_DROPOUT)).eval()
     _, batch = masked_batch()
@@ -104,34 +121,18 @@ def test_mask_embedding_is_in_the_graph_without_masked_regions():
 def compositional_world(root, num_images=80, held_out=16, seed=0):
     """Images of 1-3 objects whose region features encode shape and colour, one caption each naming them;
     the last `held_out` images are the validation split."""
-    import json
-
-    import numpy as np
-    from datasets import Dataset, DatasetDict
-
-    from cmal.training.data.region_store import RegionStoreWriter
-
     names, colours = ["ball", "box", "cone", "ring"], ["red", "green", "blue", "yellow"]
     rng = np.random.default_rng(seed)
     rows = {"train": [], "validation": []}
     with RegionStoreWriter(str(root / "regions"), feature_dim=16, concept_names=names, source="test", shard_size=50) as writer:
         for i in range(num_images):
-            n = int(rng.integers(1, 4))
-            shapes, hues = rng.integers(0, 4, n), rng.integers(0, 4, n)
-            features = np.zeros((n, 16), np.float32)
-            features[np.arange(n), shapes] = 1.0
-            features[np.arange(n), 4 + hues] = 1.0
-            features[:, 8:] = rng.normal(0, 0.1, (n, 8))
-            x, y = np.sort(rng.uniform(0, 1, (n, 2)), 1), np.sort(rng.uniform(0, 1, (n, 2)), 1)
-            writer.add(dict(image_id=f"img{i}", image_width=64, image_height=64, features=features, concept_ids=shapes,
-                            boxes=np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1), scores=rng.uniform(0.5, 1, n)))  # fmt: skip
+            shapes, hues = add_shape_colour_image(writer, rng, f"img{i}", max_objects=3)
             words = [f"a {colours[c]} {names[s]}" for s, c in zip(shapes, hues)]
             rows["validation" if i >= num_images - held_out else "train"].append(
                 {"image_id": f"img{i}", "text": "there is " + " and ".join(words)}
             )
     DatasetDict({name: Dataset.from_list(split) for name, split in rows.items()}).save_to_disk(str(root / "captions"))
-    config = CMALConfig.from_preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (root / "tiny.json").write_text(json.dumps(config.to_dict()))
+    write_tiny_config(root)
 
 
 def test_contrastive_baseline_retrieves_held_out_images_far_above_chance(tmp_path):
