@@ -117,6 +117,10 @@ class CMALConfig(PreTrainedConfig):
             the mean region feature.
         itc_temperature (`float`, defaults to 0.07): initial softmax temperature of the ITC loss; it is
             learnt, clamped to [0.001, 0.5] (ALBEF).
+        itm_hard_negatives (`bool`, defaults to `True`): with ITC and ITM on, add ALBEF's hard negatives to
+            ITM: for every true pair in the batch, an image drawn for its text and a text drawn for its image,
+            each in proportion to the ITC similarity (other images only). Costs one more forward pass over
+            twice the true pairs.
         classifier_dropout (`float`, *optional*): dropout before task heads; defaults to
             `hidden_dropout_prob`.
         detector_config (`dict` or `PreTrainedConfig`, *optional*): config of a transformers
@@ -177,6 +181,7 @@ class CMALConfig(PreTrainedConfig):
         itc_weight: float = 0.0,
         itc_projection_dim: int = 256,
         itc_temperature: float = 0.07,
+        itm_hard_negatives: bool = True,
         classifier_dropout: float | None = None,
         detector_config: dict | None = None,
         detector_num_regions: int = 36,
@@ -252,6 +257,7 @@ class CMALConfig(PreTrainedConfig):
         self.itc_weight = itc_weight
         self.itc_projection_dim = itc_projection_dim
         self.itc_temperature = itc_temperature
+        self.itm_hard_negatives = itm_hard_negatives
         self.classifier_dropout = classifier_dropout
         if detector_config is not None and not isinstance(detector_config, dict):
             detector_config = detector_config.to_dict()

@@ -1086,6 +1086,30 @@ def image_text_contrastive_loss(
     return logits, (F.cross_entropy(kept, targets) + F.cross_entropy(kept.t(), targets)) / 2
 
 
+def hard_negative_pairs(
+    similarity: torch.Tensor, pairs: torch.BoolTensor, visual_feats: torch.Tensor
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """(text rows, image rows) of ALBEF's ITM hard negatives among the true `pairs` of a batch: for each text
+    an image, for each image a text, drawn in proportion to the softmax of the ITC `similarity` logits (text x
+    image). Two captions of one image share its features, so identical images are never drawn as negatives;
+    a row with no other image draws nothing."""
+    rows = pairs.nonzero().flatten()
+    if len(rows) < 2:
+        return rows[:0], rows[:0]
+    logits = similarity[rows][:, rows].float()
+    features = visual_feats[rows].flatten(1).float()
+    same = torch.cdist(features, features) == 0
+    logits = logits.masked_fill(same, float("-inf"))
+    texts, images = [], []
+    for scores, flip in ((logits, False), (logits.t(), True)):  # per text over images, per image over texts
+        has = ~same.all(dim=1)
+        drawn = torch.multinomial(scores[has].softmax(dim=1), 1).flatten()
+        kept = rows[has.nonzero().flatten()]
+        texts.append(rows[drawn] if flip else kept)
+        images.append(kept if flip else rows[drawn])
+    return torch.cat(texts), torch.cat(images)
+
+
 # ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
@@ -1509,15 +1533,14 @@ class CMALForPreTraining(CMALPreTrainedModel):
             masked_words = labels is not None and bool((labels != -100).any())
             masked_any = masked_regions is not None and bool(masked_regions.any())
             swapped = bool(outputs.token_swapped.any() or outputs.region_swapped.any())
+            clean_ids = torch.where(labels != -100, labels, input_ids) if masked_words and input_ids is not None else input_ids
+            no_swap = torch.zeros(batch_size, config.num_concepts, dtype=torch.bool, device=real_regions.device)
             if masked_words or masked_any or swapped:
-                clean_ids = torch.where(labels != -100, labels, input_ids) if masked_words and input_ids is not None else input_ids
-                no_swap = torch.zeros(batch_size, config.num_concepts, dtype=torch.bool, device=real_regions.device)
                 clean = self.cmal(clean_ids, anchor_selection=no_swap, inputs_embeds=inputs_embeds, return_dict=True, **regions)
             else:  # nothing was masked or swapped (e.g. scoring pairs in evaluation): the masked pass is the clean one
                 clean = outputs
             itm_logits = self.itm_head(clean.pooler_output)
-            if itm_labels is not None and config.itm_weight > 0:
-                losses["itm_loss"] = F.cross_entropy(itm_logits.float(), itm_labels)
+            itm_scored, itm_targets = [itm_logits], [itm_labels]
             if config.itc_weight > 0:
                 # Contrast true pairs that have at least one region; a mismatched pair is no positive.
                 pairs = real_regions.any(dim=1) if matched is None else real_regions.any(dim=1) & matched
@@ -1526,6 +1549,22 @@ class CMALForPreTraining(CMALPreTrainedModel):
                 itc_logits, losses["itc_loss"] = image_text_contrastive_loss(
                     text_embeds, image_embeds, pairs, self.itc_temperature
                 )
+                if itm_labels is not None and config.itm_weight > 0 and config.itm_hard_negatives and self.training:
+                    texts, images = hard_negative_pairs(itc_logits.detach(), pairs, visual_feats)
+                    if len(texts):
+                        text_inputs = dict(input_ids=clean_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                           token_type_ids=token_type_ids, token_concept_ids=token_concept_ids)  # fmt: skip
+                        image_inputs = dict(visual_feats=visual_feats, visual_pos=visual_pos, visual_attention_mask=visual_attention_mask,
+                                            region_concept_ids=region_concept_ids, region_scores=region_scores)  # fmt: skip
+                        negatives = self.cmal(
+                            anchor_selection=no_swap[texts], return_dict=True,
+                            **{k: None if v is None else v[texts] for k, v in text_inputs.items()},
+                            **{k: None if v is None else v[images] for k, v in image_inputs.items()},
+                        )  # fmt: skip
+                        itm_scored.append(self.itm_head(negatives.pooler_output))
+                        itm_targets.append(itm_labels.new_zeros(len(texts)))
+            if itm_labels is not None and config.itm_weight > 0:
+                losses["itm_loss"] = F.cross_entropy(torch.cat(itm_scored).float(), torch.cat(itm_targets))
 
         loss = sum(getattr(config, PRETRAINING_LOSS_WEIGHTS[name]) * value for name, value in losses.items()) if losses else None
         return CMALForPreTrainingOutput(

@@ -7,6 +7,7 @@ from conftest import NUM_CONCEPTS, add_shape_colour_image, make_inputs, tiny_con
 from datasets import Dataset, DatasetDict
 
 from cmal.modeling_cmal import CMALForPreTraining, CMALModel
+from cmal.modeling_cmal.modeling_cmal import hard_negative_pairs
 from cmal.training.data.region_store import RegionStoreWriter
 
 
@@ -102,6 +103,42 @@ def test_itc_has_projections_and_a_learnt_clamped_temperature():
     with torch.no_grad():
         model.itc_logit_scale.fill_(20.0)  # exp(-20) ~ 2e-9: clamped to 0.001
     assert model.itc_temperature.item() == pytest.approx(0.001)
+
+
+def test_hard_negatives_are_the_most_similar_other_images():
+    """ALBEF's ITM negatives: per text an image, per image a text, drawn by ITC similarity, never the same image."""
+    features = torch.randn(5, 2, 3)
+    features[3] = features[1]  # two captions of one image
+    pairs = torch.tensor([True, True, True, True, False])
+    similarity = torch.zeros(5, 5)
+    similarity[0, 2] = similarity[2, 0] = 50.0  # texts 0 and 2 look like each other's images
+    similarity[1, 1] = similarity[3, 1] = similarity[1, 3] = 50.0  # ...and 1, 3 like their own (shared) image
+    torch.manual_seed(0)
+    texts, images = hard_negative_pairs(similarity, pairs, features)
+    assert len(texts) == len(images) == 8  # 4 texts draw an image, 4 images draw a text; row 4 is no pair
+    drawn = set(zip(texts.tolist(), images.tolist()))
+    assert {(0, 2), (2, 0)} <= drawn
+    assert not drawn & {(1, 1), (1, 3), (3, 1), (3, 3), (0, 0), (2, 2)} and 4 not in texts and 4 not in images
+    for _ in range(20):  # 1 and 3 never draw their shared image, whatever the similarity says
+        texts, images = hard_negative_pairs(similarity, pairs, features)
+        assert all(not torch.equal(features[t], features[i]) for t, i in zip(texts, images))
+    only_one = hard_negative_pairs(similarity, torch.tensor([False, True, False, True, False]), features)
+    assert len(only_one[0]) == 0  # the two pairs share one image: nothing to draw
+
+
+def test_itm_adds_hard_negatives_in_training():
+    model = CMALForPreTraining(tiny_config(itc_weight=1.0, **NO_DROPOUT))
+    clean, _ = masked_batch()
+    batch = dict(clean, itm_labels=torch.tensor([1, 1, 1]))
+    calls = []
+    model.cmal.register_forward_hook(lambda module, args, kwargs, output: calls.append(kwargs), with_kwargs=True)
+    model.train()(**batch, anchor_selection=torch.zeros(3, NUM_CONCEPTS, dtype=torch.bool))
+    assert len(calls) == 2 and calls[1]["input_ids"].shape[0] == 6  # 3 texts and 3 images drew a negative
+    model.eval()(**batch)
+    no_hard = CMALForPreTraining(tiny_config(itc_weight=1.0, itm_hard_negatives=False, **NO_DROPOUT)).train()
+    no_hard.cmal.register_forward_hook(lambda module, args, kwargs, output: calls.append(kwargs), with_kwargs=True)
+    no_hard(**batch, anchor_selection=torch.zeros(3, NUM_CONCEPTS, dtype=torch.bool))
+    assert len(calls) == 4  # one pass each: evaluation and itm_hard_negatives=False draw none
 
 
 def test_itc_parameters_exist_only_with_itc_on():
