@@ -116,12 +116,18 @@ def test_each_task_on_its_real_format(task, corpus, tmp_path):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_each_task_on_the_synthetic_world(task, tmp_path):
-    finetune.main(common(tmp_path / task) + ["--task", task, "--synthetic_images", "30", "--max_eval_samples", "12",
+    finetune.main(common(tmp_path / task) + ["--task", task, "--synthetic_images", "60", "--max_eval_samples", "12",
                                              "--retrieval_eval_images", "3"])  # fmt: skip
     config = CMALConfig.from_pretrained(tmp_path / task)
     assert config.architectures == [TASKS[task].head.__name__]
     if task == "vqa":  # the answer vocabulary comes from the training split
         assert set(config.label2id) <= set(synthetic.ANSWER_VOCABULARY) and {"yes", "no"} <= set(config.label2id)
+
+
+def test_an_empty_split_is_a_clear_error(tmp_path):
+    """30 images leave 3 for validation, none with two objects of one shape: REC has nothing to score there."""
+    with pytest.raises(ValueError, match="validation split of REC has no examples"):
+        finetune.main(common(tmp_path) + ["--task", "rec", "--synthetic_images", "30"])
 
 
 def test_evaluation_equals_the_metric_computed_by_hand(corpus, tmp_path):

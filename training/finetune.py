@@ -104,8 +104,8 @@ def load_data(args, task):
 
         world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed))
         table = world[task.synthetic_table]
-        return (table["train"], table["validation"], world["regions"], world["region_metadata"],
-                synthetic_texts(world), synthetic.synthetic_lexicon())  # fmt: skip
+        return _non_empty(task, table["train"], table["validation"]) + (
+            world["regions"], world["region_metadata"], synthetic_texts(world), synthetic.synthetic_lexicon())  # fmt: skip
     train = task.read(args.train_file, args.train_annotations, args.train_split, args.image_id_template)
     validation = None
     if args.validation_file or task.split_by_name:
@@ -115,7 +115,16 @@ def load_data(args, task):
             args.validation_split, args.image_id_template,
         )  # fmt: skip
     regions, metadata = load_region_store(args.regions)
-    return train, validation, regions, metadata, train[task.text_column], None
+    return _non_empty(task, train, validation) + (regions, metadata, train[task.text_column], None)
+
+
+def _non_empty(task, train, validation) -> tuple:
+    """(train, validation), or a clear error when a split has no example (a tiny world, a wrong split name)."""
+    for name, table in (("training", train), ("validation", validation)):
+        if table is not None and len(table) == 0:
+            raise ValueError(f"the {name} split of {task.name.upper()} has no examples: nothing to train on or score "
+                             "(give more --synthetic_images, or check the file and --*_split)")  # fmt: skip
+    return train, validation
 
 
 def label_maps(args, task, train) -> dict:

@@ -76,6 +76,8 @@ def parse_args(argv=None):
     model.add_argument("--anchor_mask_prob", type=float, default=None,
                        help="Probability that an anchor concept is swapped in training (default: the config's, 0.3).")
     model.add_argument("--no_hypersphere", action="store_true", help="Keep plain uni-modal features (an ablation).")
+    model.add_argument("--no_hard_negatives", action="store_true",
+                       help="ITM on the collator's random negatives only, none drawn by ITC similarity (an ablation).")
     model.add_argument("--anchor_fill", choices=["swap", "mask"], default="swap",
                        help="Fill chosen anchors with the partner modality's feature (swap) or nothing (mask, an ablation).")
     model.add_argument("--mlm_probability", type=float, default=0.15, help="Share of non-anchor words masked.")
@@ -138,7 +140,7 @@ def build_config(args, tokenizer, metadata) -> CMALConfig:
     if args.anchor_mask_prob is not None:
         weights["anchor_mask_prob"] = args.anchor_mask_prob
     return new_model_config(args.model_config, tokenizer, metadata, hypersphere=not args.no_hypersphere,
-                            anchor_fill=args.anchor_fill, **weights)  # fmt: skip
+                            itm_hard_negatives=not args.no_hard_negatives, anchor_fill=args.anchor_fill, **weights)  # fmt: skip
 
 
 def build_data(args, corpus, num_processes: int = 1):

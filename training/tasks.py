@@ -9,6 +9,7 @@ scored. Code outside this module asks the record, never the task's name, so addi
 they do differently.
 """
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,6 +78,11 @@ class Task:
         metric = load_metric(self.metric)
         return metric.compute(predictions=predictions.tolist(), references=references, num_classes=len(id2label))
 
+    def text_labels(self, table: datasets.Dataset) -> list | None:
+        """Each example's class as one value, for readers of the text alone (`benchmarks/floors.py`); None
+        when the target is no class (a box, a match)."""
+        return list(table[self.target_column])
+
     def chance_predictions(self, rng: np.random.Generator, evaluation_set, id2label: dict) -> dict[str, torch.Tensor]:
         """Predictions of the baselines a result is read against: uniformly random classes."""
         return {"random": torch.from_numpy(rng.integers(len(id2label), size=len(evaluation_set)))}
@@ -105,6 +111,10 @@ class VisualQuestionAnswering(Task):
     def score(self, predictions, references, id2label):
         return load_metric(self.metric).compute(predictions=[id2label[int(i)] for i in predictions], references=references)
 
+    def text_labels(self, table):
+        """The answer most annotators gave."""
+        return [Counter(answers).most_common(1)[0][0] for answers in table[self.target_column]]
+
     def chance_predictions(self, rng, evaluation_set, id2label):
         """Random answers, and always the most frequent training answer (the vocabulary's first)."""
         majority = torch.zeros(len(evaluation_set), dtype=torch.long)
@@ -124,6 +134,9 @@ class ReferringExpression(Task):
     def predict(self, outputs):
         return outputs.predicted_boxes
 
+    def text_labels(self, table):
+        return None
+
     def score(self, predictions, references, id2label):
         return load_metric(self.metric).compute(predictions=predictions.tolist(), references=references)
 
@@ -140,6 +153,9 @@ class ImageTextRetrieval(Task):
 
     def predict(self, outputs):
         return outputs.scores
+
+    def text_labels(self, table):
+        return None
 
     def evaluation_set(self, examples, num_images):
         grid = downstream.RetrievalGrid(examples, num_images)

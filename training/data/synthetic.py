@@ -30,12 +30,20 @@ Foreground = pixels whose largest channel difference to `BACKGROUND` exceeds `FO
                     retrieval pairs: an image's captions are its positives, every other image's
                     captions are negatives.
     vqa/            image_id, question, answers (the one answer, as given by all VQA_ANNOTATORS annotators),
-                    question_type (colour, shape, count, existence, relation)
-    ve/             image_id, hypothesis, label (0 entailment, 1 neutral, 2 contradiction; one of each per image)
+                    question_type (colour, shape, count, existence, relation; up to VQA_PER_TYPE per image)
+    ve/             image_id, hypothesis, label (0 entailment, 1 neutral, 2 contradiction; up to VE_PER_IMAGE)
     rec/            image_id, expression, target_box (ground truth, normalised x1, y1, x2, y2, not jittered),
                     target_index (row of the target in the image's stored regions)
-    nlvr2/          left_image_id, right_image_id, sentence, label (0 false, 1 true; alternating)
-    world.json      generator arguments, version, VQA answer vocabulary and counts
+    nlvr2/          left_image_id, right_image_id, sentence, label (0 false, 1 true; up to NLVR2_PER_PAIR)
+    world.json      generator arguments, version, VQA answer vocabulary, answers per question type, counts
+
+The texts need the image (version 3). A `TextBalancer` keeps a question, hypothesis or sentence only
+while it has had each of its possible labels equally often (within one), and each task's or question
+type's labels within a few of each other, so no reader of the text alone beats chance
+(`benchmarks/floors.py` measures it). VE's three labels use the same two templates (a colour, a
+relation), neutral being a description that fits several differently coloured objects or two objects
+level with each other. REC refers only to objects that share their shape with another, always naming
+the shape, so the detector's tag narrows the choice but colour, size or a relation must decide.
 
 The task tables are in the canonical layout the real-format readers produce (training/data/downstream.py),
 so fine-tuning reads them as it reads real data; `question_type` and `target_index` are extra columns,
@@ -70,7 +78,7 @@ from .downstream import NLVR2_LABELS, VE_LABELS
 from .region_store import RegionStoreWriter, load_region_store
 
 
-VERSION = 2  # 2: task tables in the canonical layout (VQA `answers`)
+VERSION = 3  # 2: task tables in the canonical layout (VQA `answers`); 3: texts that need the image
 FEATURE_FUNCTION = "region_features v1"
 IMAGE_SIZE = 128
 MAX_OBJECTS = 6
@@ -111,13 +119,16 @@ OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"
 # Up to the most of one shape in two images (NLVR2 totals), plus the off-by-one of a false count.
 NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                 "twelve", "thirteen"]  # fmt: skip
-PROPERTIES = ["made of rubber", "made of wood", "made of metal", "heavy", "hollow", "brand new",
-              "very old", "warm to the touch", "expensive", "fragile"]  # fmt: skip
 
 GRID = 8
 FEATURE_DIM = GRID * GRID + 3 + 3 + 8 + 2
 VQA_ANNOTATORS = 10  # a synthetic answer counts as given by every annotator of a real VQA v2 question
 # Every VQA answer is one of these: the answer vocabulary of a classifier head.
+# The answers a question of each type can have; every question text gets each of its options equally often.
+QUESTION_OPTIONS = {"colour": list(COLOURS), "shape": list(SHAPES), "count": ["0", "1", "2", "3"],
+                    "existence": ["no", "yes"], "relation": list(SHAPES)}  # fmt: skip
+# Texts kept per image (per question type for VQA; per image pair for NLVR2).
+VQA_PER_TYPE, VE_PER_IMAGE, NLVR2_PER_PAIR = 2, 3, 2
 ANSWER_VOCABULARY = ["no", "yes", *[str(n) for n in range(MAX_OBJECTS + 1)], *COLOURS, *SHAPES]
 SPLIT_NAMES = ("train", "validation", "test")
 TABLES = ("captions", "vqa", "ve", "rec", "nlvr2")
@@ -515,10 +526,12 @@ def captions_for(scene: Scene, rng) -> list[str]:
 
 
 def vqa_for(scene: Scene, rng) -> list[dict]:
-    """Questions with exactly one correct answer (question, answer, question_type); answers are in ANSWER_VOCABULARY.
+    """Candidate questions with exactly one correct answer (question, answer, question_type), every answer
+    one of `QUESTION_OPTIONS[question_type]`; the world keeps those a `TextBalancer` accepts.
 
     A question names an object only by a description that fits it alone, so "what colour is the
-    ball?" is asked only when there is one ball.
+    ball?" is asked only when there is one ball. Counts are asked of every shape and colour whose
+    count is an option (0-3), existence of every shape and of coloured shapes, half of them present.
     """
     facts = _facts(scene)
     objects = scene.objects
@@ -528,170 +541,170 @@ def vqa_for(scene: Scene, rng) -> list[dict]:
         if question not in [item["question"] for item in items]:
             items.append({"question": question, "answer": answer, "question_type": kind})
 
-    # colour: a description without colour that names one object
-    options = [(i, attrs) for i in range(len(objects)) for attrs in facts.unique_without(i, ("colour",))]
-    if options:
-        i, attrs = _pick(rng, options)
-        add(f"what colour is the {_phrase(objects[i], attrs, rng)}?", objects[i].colour, "colour")
-    # shape: a description without shape ("the green object")
-    options = [(i, attrs) for i in range(len(objects)) for attrs in facts.unique_without(i, ("shape",))]
-    if options:
-        i, attrs = _pick(rng, options)
-        add(f"what shape is the {_phrase(objects[i], attrs, rng)}?", objects[i].shape, "shape")
-    # count: of a shape (mostly one that is there) or of a colour
-    for _ in range(2):
-        if rng.random() < 0.6:
-            shape = _pick(rng, objects).shape if rng.random() < 0.75 else _pick(rng, SHAPES)
-            n = sum(o.shape == shape for o in objects)
+    for i, obj in enumerate(objects):
+        # colour: a description without colour that names one object; shape: one without shape
+        for kind, exclude in (("colour", ("colour",)), ("shape", ("shape",))):
+            options = facts.unique_without(i, exclude)
+            if options:
+                add(f"what {kind} is the {_phrase(obj, _pick(rng, options), rng)}?", getattr(obj, kind), kind)
+    for shape in SHAPES:
+        n = sum(o.shape == shape for o in objects)
+        if str(n) in QUESTION_OPTIONS["count"]:
             add(f"how many {_noun(shape, rng, plural=True)} are there?", str(n), "count")
-        else:
-            colour = _pick(rng, objects).colour if rng.random() < 0.75 else _pick(rng, list(COLOURS))
-            n = sum(o.colour == colour for o in objects)
-            add(f"how many {colour} objects are there?", str(n), "count")
-    # existence: of a shape or a coloured shape, half yes and half no
-    for _ in range(2):
-        with_colour = rng.random() < 0.5
-        keys = [(c, s) for c in COLOURS for s in SHAPES] if with_colour else [(None, s) for s in SHAPES]
-        present = {((o.colour if with_colour else None), o.shape) for o in objects}
-        yes, no = [k for k in keys if k in present], [k for k in keys if k not in present]
-        answer = "yes" if (rng.random() < 0.5 and yes) or not no else "no"
-        colour, shape = _pick(rng, yes if answer == "yes" else no)
         noun = _noun(shape, rng)
-        add(f"is there {_a(f'{colour} {noun}' if colour else noun)}?", answer, "existence")
+        add(f"is there {_a(noun)}?", "yes" if n else "no", "existence")
+    for colour in COLOURS:
+        n = sum(o.colour == colour for o in objects)
+        if str(n) in QUESTION_OPTIONS["count"]:
+            add(f"how many {colour} objects are there?", str(n), "count")
+    present = {(o.colour, o.shape) for o in objects}
+    absent = [(c, sh) for c in COLOURS for sh in SHAPES if (c, sh) not in present]
+    for colour, shape in [*present, *(_pick(rng, absent) for _ in range(len(present)))]:
+        add(f"is there {_a(f'{colour} {_noun(shape, rng)}')}?", "yes" if (colour, shape) in present else "no", "existence")
     # relation: "what is left of the red ball?" when exactly one object is
-    options = [(i, j, rel) for i, j, rel in facts.pairs if facts.unique[j] and facts.only_one(i, j, rel)]
-    if options:
-        i, j, rel = _pick(rng, options)
-        anchor = _phrase(objects[j], _pick(rng, facts.unique[j]), rng)
-        add(f"what is {_pick(rng, RELATIONS[rel])} the {anchor}?", objects[i].shape, "relation")
-    return items
-
-
-def _statement(facts: _Facts, rng, true: bool) -> str:
-    """A hypothesis that is true (entailment) or visibly false (contradiction) of the scene."""
-    objects = facts.objects
-    kinds = ["colour", "existence", "count", "relation"]
-    for k in rng.permutation(len(kinds)):
-        kind = kinds[k]
-        if kind == "colour":
-            options = [(i, a) for i in range(len(objects)) for a in facts.unique_without(i, ("colour",))]
-            if options:
-                i, attrs = _pick(rng, options)
-                colour = objects[i].colour if true else _pick(rng, [c for c in COLOURS if c != objects[i].colour])
-                return f"the {_phrase(objects[i], attrs, rng)} is {colour}."
-        elif kind == "existence":
-            if true:
-                obj = _pick(rng, objects)
-                return f"there is {_a(_phrase(obj, _pick(rng, [('colour', 'shape'), ('shape',)]), rng))}."
-            present = {(o.colour, o.shape) for o in objects}
-            colour, shape = _pick(rng, [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present])
-            return f"there is {_a(colour + ' ' + _noun(shape, rng))}."
-        elif kind == "count":
-            shape = _pick(rng, objects).shape if rng.random() < 0.7 else _pick(rng, SHAPES)
-            n = sum(o.shape == shape for o in objects)
-            if not true:
-                n = _pick(rng, [m for m in (n - 1, n + 1, n + 2) if m >= 0])
-            return _count_phrase(n, shape, rng) + "."
-        else:
-            options = [(i, j, rel) for i, j, rel in facts.pairs if facts.unique[i] and facts.unique[j]]
-            if options:
-                i, j, rel = _pick(rng, options)
-                said = rel if true else OPPOSITE[rel]  # the opposite of a relation that holds clearly is false
-                first = _phrase(objects[i], _pick(rng, facts.unique[i]), rng)
-                second = _phrase(objects[j], _pick(rng, facts.unique[j]), rng)
-                return f"the {first} is {_pick(rng, RELATIONS[said])} the {second}."
-    raise AssertionError("a count statement is always possible")
+    for i, j, rel in facts.pairs:
+        if facts.unique[j] and facts.only_one(i, j, rel):
+            anchor = _phrase(objects[j], _pick(rng, facts.unique[j]), rng)
+            add(f"what is {_pick(rng, RELATIONS[rel])} the {anchor}?", objects[i].shape, "relation")
+    return [items[k] for k in rng.permutation(len(items))]
 
 
 def ve_for(scene: Scene, rng) -> list[dict]:
-    """One hypothesis per label, shuffled: entailment (a true statement), neutral (an unobservable
-    property of an object in the scene), contradiction (a wrong colour, count, object or relation)."""
-    facts = _facts(scene)
-    objects = scene.objects
-    i = int(rng.integers(len(objects)))
-    prop = _pick(rng, PROPERTIES)
-    if facts.unique[i]:
-        neutral = f"the {_phrase(objects[i], _pick(rng, facts.unique[i]), rng)} is {prop}."
-    else:
-        neutral = f"{_a(_phrase(objects[i], ('colour', 'shape'), rng))} in the picture is {prop}."
-    items = [
-        {"hypothesis": _statement(facts, rng, true=True), "label": 0},
-        {"hypothesis": neutral, "label": 1},
-        {"hypothesis": _statement(facts, rng, true=False), "label": 2},
-    ]
-    return [items[k] for k in rng.permutation(3)]
+    """Candidate hypotheses, each of the two kinds in all three labels, from the same words:
 
-
-def rec_for(scene: Scene, rng, max_expressions: int = 3) -> list[dict]:
-    """Referring expressions that pick out exactly one object: {"expression", "object_index"}.
-
-    By attributes ("the small red ball") or, relative to a uniquely described anchor, by relation
-    ("the ball left of the blue box"), which is the only way to tell identical objects apart.
+    * colour, "the small ball is red": entailment or contradiction when the description fits one
+      object; neutral when it fits several, some of that colour and some not (which one is meant
+      cannot be told);
+    * relation, "the red ball is left of the cube": entailment when it holds clearly, contradiction when
+      the opposite does, neutral when the two are level (within `RELATION_MARGIN`: neither holds).
     """
     facts = _facts(scene)
     objects = scene.objects
     items = []
-    for t in rng.permutation(len(objects))[:max_expressions]:
+    for i, obj in enumerate(objects):
+        for attrs in [("shape",), ("size",), ("size", "shape")]:
+            fitting = [k for k in range(len(objects)) if facts.match[attrs][k][i]]
+            colour = _pick(rng, list(COLOURS))
+            coloured = [objects[k].colour == colour for k in fitting]
+            label = (0 if coloured[0] else 2) if len(fitting) == 1 else (1 if any(coloured) and not all(coloured) else None)
+            if label is not None:
+                items.append({"hypothesis": f"the {_phrase(obj, attrs, rng)} is {colour}.", "label": label})
+    for i in range(len(objects)):
+        for j in range(len(objects)):
+            if i == j or not facts.unique[i] or not facts.unique[j]:
+                continue
+            rel = _pick(rng, list(RELATIONS))
+            label = 0 if facts.holds[rel][i][j] else 2 if facts.holds[OPPOSITE[rel]][i][j] else 1
+            first = _phrase(objects[i], _pick(rng, facts.unique[i]), rng)
+            second = _phrase(objects[j], _pick(rng, facts.unique[j]), rng)
+            items.append({"hypothesis": f"the {first} is {_pick(rng, RELATIONS[rel])} the {second}.", "label": label})
+    unique = {item["hypothesis"]: item for item in items}
+    items = list(unique.values())
+    return [items[k] for k in rng.permutation(len(items))]
+
+
+def rec_for(scene: Scene, rng, max_expressions: int = 3) -> list[dict]:
+    """Referring expressions that pick out exactly one object among others of its shape: {"expression", "object_index"}.
+
+    Only objects that share their shape with another one are referred to, and always by a description
+    with the shape noun, so the region's detected tag narrows the choice to two or more regions and
+    colour, size or a relation ("the ball left of the blue box") must do the rest.
+    """
+    facts = _facts(scene)
+    objects = scene.objects
+    with_shape = [attrs for attrs in ATTRIBUTE_SETS if "shape" in attrs]
+    items = []
+    twins = [t for t in range(len(objects)) if sum(facts.match[("shape",)][t]) > 1]
+    for t in rng.permutation(twins)[:max_expressions]:
         t = int(t)
+        described = [attrs for attrs in facts.unique[t] if "shape" in attrs]
         relational = [(a, rel, attrs) for a in range(len(objects)) if a != t and facts.unique[a]
                       for rel in RELATIONS if facts.holds[rel][t][a]
-                      for attrs in [(), *ATTRIBUTE_SETS] if facts.only_one(t, a, rel, attrs)]  # fmt: skip
-        if relational and (not facts.unique[t] or rng.random() < 0.5):
+                      for attrs in with_shape if facts.only_one(t, a, rel, attrs)]  # fmt: skip
+        if relational and (not described or rng.random() < 0.5):
             a, rel, attrs = _pick(rng, relational)
             anchor = _phrase(objects[a], _pick(rng, facts.unique[a]), rng)
             expression = f"the {_phrase(objects[t], attrs, rng)} {_pick(rng, RELATIONS[rel])} the {anchor}"
-        elif facts.unique[t]:
-            expression = f"the {_phrase(objects[t], _pick(rng, facts.unique[t]), rng)}"
+        elif described:
+            expression = f"the {_phrase(objects[t], _pick(rng, described), rng)}"
         else:
             continue
         items.append({"expression": expression, "object_index": t})
     return items
 
 
-def nlvr2_for(left: Scene, right: Scene, rng, label: bool | None = None) -> tuple[str, bool]:
-    """A statement about two images and whether it is true; `label` asks for a true or a false one
-    (when no candidate has that truth value, the other is returned)."""
+def nlvr2_for(left: Scene, right: Scene, rng) -> list[tuple[str, bool]]:
+    """Candidate statements about two images, each with whether it is true; the world keeps those a
+    `TextBalancer` accepts."""
     scenes = {"left": left, "right": right}
     both = left.objects + right.objects
     candidates = []
-    side = _pick(rng, ["left", "right"])
-    if rng.random() < 0.5 and scenes[side].objects:
-        obj = _pick(rng, scenes[side].objects)
-        colour, shape = obj.colour, obj.shape
-    else:
-        colour, shape = _pick(rng, list(COLOURS)), _pick(rng, SHAPES)
-    truth = any(o.colour == colour and o.shape == shape for o in scenes[side].objects)
-    candidates.append((f"the {side} image contains {_a(colour + ' ' + _noun(shape, rng))}.", truth))
-
-    shape = _pick(rng, both).shape if rng.random() < 0.7 else _pick(rng, SHAPES)
-    total = sum(o.shape == shape for o in both)
-    n = total if rng.random() < 0.5 else _pick(rng, [m for m in (total - 1, total + 1) if m >= 0])
-    candidates.append((_count_phrase(n, shape, rng, " in total") + ".", n == total))
-
-    shape = _pick(rng, both).shape if rng.random() < 0.7 else _pick(rng, SHAPES)
-    has = [any(o.shape == shape for o in s.objects) for s in (left, right)]
-    noun = _a(_noun(shape, rng))
-    candidates.append((f"both images contain {noun}.", all(has)))
-    candidates.append((f"exactly one image contains {noun}.", sum(has) == 1))
-    candidates.append((f"neither image contains {noun}.", not any(has)))
-
+    for side in scenes:
+        obj = _pick(rng, both)
+        colour, shape = (obj.colour, obj.shape) if rng.random() < 0.5 else (_pick(rng, list(COLOURS)), _pick(rng, SHAPES))
+        truth = any(o.colour == colour and o.shape == shape for o in scenes[side].objects)
+        candidates.append((f"the {side} image contains {_a(colour + ' ' + _noun(shape, rng))}.", truth))
+    for shape in SHAPES:
+        total = sum(o.shape == shape for o in both)
+        n = _pick(rng, [m for m in (total - 1, total, total + 1) if m >= 0])
+        candidates.append((_count_phrase(n, shape, rng, " in total") + ".", n == total))
+        has = [any(o.shape == shape for o in s.objects) for s in (left, right)]
+        noun = _a(_noun(shape, rng))
+        candidates.append((f"both images contain {noun}.", all(has)))
+        candidates.append((f"exactly one image contains {noun}.", sum(has) == 1))
+        candidates.append((f"neither image contains {noun}.", not any(has)))
     candidates.append(
         ("the left image has more objects than the right image.", len(left.objects) > len(right.objects))
     )
-    side = _pick(rng, ["left", "right"])
-    count = max(len(scenes[side].objects) + int(rng.integers(-1, 2)), 1)
-    plural = "" if count == 1 else "s"
-    candidates.append((f"the {side} image contains exactly {NUMBER_WORDS[count]} object{plural}.",
-                       count == len(scenes[side].objects)))  # fmt: skip
+    for side in scenes:
+        count = max(len(scenes[side].objects) + int(rng.integers(-1, 2)), 1)
+        plural = "" if count == 1 else "s"
+        candidates.append((f"the {side} image contains exactly {NUMBER_WORDS[count]} object{plural}.",
+                           count == len(scenes[side].objects)))  # fmt: skip
+    return [candidates[k] for k in rng.permutation(len(candidates))]
 
-    wanted = bool(rng.random() < 0.5) if label is None else bool(label)
-    matching = [c for c in candidates if c[1] == wanted] or candidates
-    return _pick(rng, matching)
+
+class TextBalancer:
+    """Keeps labels balanced, per text and per group of texts, so that the text alone tells nothing about its label.
+
+    A text (a question, a hypothesis, a sentence) is accepted with a label only when that label is one of
+    the least used ones for that exact text so far, among all its possible labels, and is used no more than
+    `slack` times above the least used label of its group (a task, a question type). Every text then carries
+    each possible label equally often, within one, whatever the world's size, and so does each group within
+    `slack`: a classifier that sees only the text (a lookup table, a bag of words, the majority) cannot beat
+    chance. Texts whose labels are skewed by the scenes (most counts are small) are kept less often; the
+    build offers many candidates.
+    """
+
+    def __init__(self, slack: int = 10):
+        self.slack = slack
+        self.counts: dict[str, dict] = {}
+        self.totals: dict[str, dict] = {}
+
+    def accept(self, text: str, label, options, group: str) -> bool:
+        counts = self.counts.setdefault(text, dict.fromkeys(options, 0))
+        totals = self.totals.setdefault(group, dict.fromkeys(options, 0))
+        if counts[label] > min(counts.values()) or totals[label] >= min(totals.values()) + self.slack:
+            return False
+        counts[label] += 1
+        totals[label] += 1
+        return True
 
 
 # ------------------------------------------------------------------------------------------------
 # Building, loading and caching a world
 # ------------------------------------------------------------------------------------------------
+
+
+def _kept(candidates: list, limit: int, accept) -> list:
+    """The first `limit` candidates that `accept` takes, offering no more once the limit is reached."""
+    kept = []
+    for candidate in candidates:
+        if len(kept) == limit:
+            break
+        if accept(candidate):
+            kept.append(candidate)
+    return kept
 
 
 def _split_sizes(num_images: int, splits) -> list[int]:
@@ -713,6 +726,7 @@ def _write_world(path, num_images, seed, box_jitter, num_distractors, tag_noise,
     image_ids = [f"synthetic-{i:06d}" for i in range(num_images)]
     rows = {table: [[] for _ in SPLIT_NAMES] for table in TABLES}
     scenes, num_regions = [], 0
+    balancer = TextBalancer()  # one for the whole world: each text is balanced over all splits together
 
     detector = {"name": "synthetic-world", "version": VERSION, "feature_function": FEATURE_FUNCTION,
                 "box_jitter": box_jitter, "num_distractors": num_distractors, "tag_noise": tag_noise}  # fmt: skip
@@ -730,9 +744,15 @@ def _write_world(path, num_images, seed, box_jitter, num_distractors, tag_noise,
             split = split_of[i]
             rows_of = {table: rows[table][split] for table in TABLES}
             rows_of["captions"] += [{"image_id": image_id, "text": text} for text in captions_for(scene, rng)]
-            rows_of["vqa"] += [{"image_id": image_id, "question": item["question"], "answers": [item["answer"]] * VQA_ANNOTATORS,
-                                "question_type": item["question_type"]} for item in vqa_for(scene, rng)]  # fmt: skip
-            rows_of["ve"] += [{"image_id": image_id, **item} for item in ve_for(scene, rng)]
+            questions = vqa_for(scene, rng)
+            for kind, options in QUESTION_OPTIONS.items():
+                of_kind = [item for item in questions if item["question_type"] == kind]
+                for item in _kept(of_kind, VQA_PER_TYPE, lambda item: balancer.accept(item["question"], item["answer"], options, kind)):
+                    rows_of["vqa"].append({"image_id": image_id, "question": item["question"], "question_type": kind,
+                                           "answers": [item["answer"]] * VQA_ANNOTATORS})  # fmt: skip
+            ve = rows_of["ve"]
+            for item in _kept(ve_for(scene, rng), VE_PER_IMAGE, lambda item: balancer.accept(item["hypothesis"], item["label"], range(3), "ve")):
+                ve.append({"image_id": image_id, **item})
             w, h = scene.width, scene.height
             for item in rec_for(scene, rng):
                 x1, y1, x2, y2 = scene.objects[item["object_index"]].box
@@ -748,9 +768,10 @@ def _write_world(path, num_images, seed, box_jitter, num_distractors, tag_noise,
         members = members[rng.permutation(len(members))]
         for k, left in enumerate(members):
             right = members[(k + 1) % len(members)]
-            sentence, truth = nlvr2_for(scenes[left], scenes[right], rng, label=k % 2 == 0)
-            rows["nlvr2"][split].append({"left_image_id": image_ids[left], "right_image_id": image_ids[right],
-                                         "sentence": sentence, "label": int(truth)})  # fmt: skip
+            statements = _kept(nlvr2_for(scenes[left], scenes[right], rng), NLVR2_PER_PAIR,
+                               lambda statement: balancer.accept(*statement, (False, True), "nlvr2"))  # fmt: skip
+            rows["nlvr2"][split] += [{"left_image_id": image_ids[left], "right_image_id": image_ids[right],
+                                      "sentence": text, "label": int(truth)} for text, truth in statements]  # fmt: skip
 
     counts = {"images": dict(zip(SPLIT_NAMES, sizes)), "regions": num_regions}
     for table in TABLES:
@@ -785,6 +806,7 @@ def _write_world(path, num_images, seed, box_jitter, num_distractors, tag_noise,
         "feature_function": FEATURE_FUNCTION,
         "ve_labels": VE_LABELS,
         "answer_vocabulary": ANSWER_VOCABULARY,
+        "question_options": QUESTION_OPTIONS,
         "counts": counts,
     }
     with open(os.path.join(path, "world.json"), "w") as f:

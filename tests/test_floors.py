@@ -1,0 +1,60 @@
+"""benchmarks/floors.py: on the synthetic world no reader of the text alone beats chance by more than 0.03."""
+
+import os
+import sys
+
+import pytest
+from conftest import REPO
+
+from cmal.training.data import synthetic
+
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import floors  # noqa: E402
+
+
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """4000 images (14 s): a test split of 700-2,200 items per task, so chance + 0.03 is ~1.5-2 standard errors."""
+    return synthetic.load_world(synthetic.build_world(tmp_path_factory.mktemp("floors") / "world", num_images=4000))
+
+
+@pytest.fixture(scope="module")
+def table(world):
+    return floors.floors(world)
+
+
+@pytest.mark.parametrize("task", ["vqa", "ve", "nlvr2"])
+@pytest.mark.parametrize("reader", ["majority", "text lookup", "text classifier"])
+def test_text_alone_stays_at_chance(table, task, reader):
+    row = table[task]
+    assert row[reader] <= row["chance"] + 0.03, (task, reader, row)
+
+
+def test_chance_and_the_tag_floor_of_rec(table, world):
+    rec = table["rec"]
+    assert 0.1 < rec["chance"] < 0.25  # 4-8 regions an image, distractors included
+    # The tag of the named shape leaves at least two regions (the target's twin), so tags alone reach
+    # at most about one half: measured 0.43 (tag noise and jittered boxes make it less than 0.5).
+    assert rec["chance"] < rec["tags"] <= 0.5
+    assert table["vqa"]["chance"] == pytest.approx(0.28, abs=0.02)  # 5 types of 2-8 answers
+
+
+def test_text_classifier_would_see_a_leak(world):
+    """The floor check can fail: labels that follow the text (VE labelled by its first word) are found."""
+    leaky = dict(world)
+    label_of = {}
+    ve = world["ve"].map(lambda item: {"label": label_of.setdefault(item["hypothesis"].split()[1], len(label_of) % 3)})
+    leaky["ve"] = ve
+    assert floors.text_floors(leaky, floors.TASKS["ve"])["text classifier"] > 0.6  # measured 0.85; chance 0.33
+
+
+def test_cli_prints_the_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(floors.synthetic, "default_world", lambda **kwargs: synthetic.build_world(tmp_path / "w", num_images=300))
+    table = floors.main(["--num_images", "300", "--output", str(tmp_path / "floors.json")])
+    out = capsys.readouterr().out
+    assert "| vqa |" in out and "| rec |" in out and (tmp_path / "floors.json").is_file()
+    assert set(table) == {"vqa", "ve", "nlvr2", "rec"}
