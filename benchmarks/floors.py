@@ -11,7 +11,12 @@ on the test split (trained on the train split):
 * text lookup: the most frequent training label of the exact text, else the majority;
 * text classifier: a logistic regression on the text's word 1- and 2-grams (scikit-learn), the
   strongest text-only reader here;
-* tags (REC): a uniform guess among the regions whose detected tag is the shape the expression names.
+* tags (REC): a uniform guess among the regions whose detected tag is the shape the expression names;
+* region oracle, the ceiling: `RegionReader`, a symbolic reader of the stored regions (tag = shape, nearest
+  palette colour, box size and place) that parses each text with the world's templates. It learns nothing
+  and trusts the detector, so tag noise caps it (a model that reads shapes from the pixels can pass it).
+
+`gap_closed(accuracy, row)` = (accuracy - floor) / (oracle - floor), the floor being the best no-image score.
 
 `TextBalancer` gives every text each of its labels equally often, so the text-only floors sit at chance;
 `tests/test_floors.py` fails when one exceeds chance + 0.03.
@@ -19,7 +24,9 @@ on the test split (trained on the train split):
 
 import argparse
 import json
+import re
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -88,21 +95,148 @@ def tag_floor(world: dict, task) -> float:
     return float(np.mean(scores))
 
 
+# ------------------------------------------------------------------------------------------------
+# The ceiling: a symbolic reader of the stored regions
+# ------------------------------------------------------------------------------------------------
+
+REL = "|".join(sorted((p for phrases in synthetic.RELATIONS.values() for p in phrases), key=len, reverse=True))
+RELATION_OF = {phrase: name for name, phrases in synthetic.RELATIONS.items() for phrase in phrases}
+PALETTE = np.array(list(synthetic.COLOURS.values()), np.float64)
+LARGE_SIDE = 25  # pixels: small objects are 14-22 wide, large ones 28-40, before the detector's jitter
+
+
+class RegionReader:
+    """Reads an image as its regions show it, with nothing learnt: confident regions (score >= 0.5) are
+    objects, the tag is the shape, the palette colour nearest the foreground's mean RGB is the colour, the
+    box gives the size and the place. Tag noise, jitter and distractors make it miss what they hide."""
+
+    def __init__(self, world: dict):
+        self.lexicon = synthetic.synthetic_lexicon()
+        self.images = {}
+        columns = ["image_id", "image_width", "features", "boxes", "concept_ids", "scores"]
+        for row in world["regions"].select_columns(columns).with_format("numpy"):
+            side = row["image_width"]
+            features, boxes = np.asarray(row["features"], np.float64), np.asarray(row["boxes"]) * side
+            rgb = features[:, 64:67] * 255
+            objects = [
+                {"shape": synthetic.SHAPES[tag] if tag >= 0 else None,
+                 "colour": list(synthetic.COLOURS)[int(np.argmin(((PALETTE - rgb[k]) ** 2).sum(1)))],
+                 "size": "large" if max(boxes[k, 2] - boxes[k, 0], boxes[k, 3] - boxes[k, 1]) > LARGE_SIDE else "small",
+                 "centre": ((boxes[k, 0] + boxes[k, 2]) / 2, (boxes[k, 1] + boxes[k, 3]) / 2), "row": k}
+                for k, tag in enumerate(row["concept_ids"]) if row["scores"][k] >= 0.5
+            ]  # fmt: skip
+            self.images[row["image_id"]] = objects
+
+    def matching(self, objects: list, phrase: str) -> list:
+        """The objects that fit every size, colour and shape word of `phrase`."""
+        found = objects
+        for word in re.findall(r"[a-z]+", phrase):
+            concept = self.lexicon.concept_of(word)
+            if word in synthetic.SIZES:
+                found = [o for o in found if o["size"] == word]
+            elif word in synthetic.COLOURS:
+                found = [o for o in found if o["colour"] == word]
+            elif concept >= 0:
+                found = [o for o in found if o["shape"] == synthetic.SHAPES[concept]]
+        return found
+
+    @staticmethod
+    def holds(a: dict, b: dict, relation: str) -> bool:
+        return synthetic.relation_holds(SimpleNamespace(centre=a["centre"]), SimpleNamespace(centre=b["centre"]), relation)
+
+    def referent(self, objects: list, expression: str) -> list:
+        """The objects "the X" or "the X <relation> the Y" can mean."""
+        if m := re.fullmatch(rf"the (.+?) ({REL}) the (.+)", expression):
+            anchors = self.matching(objects, m[3])
+            relation = RELATION_OF[m[2]]
+            return [o for o in self.matching(objects, m[1]) if any(o is not a and self.holds(o, a, relation) for a in anchors)]
+        return self.matching(objects, expression.removeprefix("the "))
+
+    def vqa(self, item) -> str:
+        objects, question = self.images[item["image_id"]], item["question"]
+        if m := re.fullmatch(r"what (colour|shape) is the (.+)\?", question):
+            found = self.referent(objects, "the " + m[2])
+            return found[0][m[1]] if found and found[0][m[1]] else "no"
+        if m := re.fullmatch(r"how many (.+) are there\?", question):
+            return str(len(self.matching(objects, m[1].removesuffix(" objects"))))
+        if m := re.fullmatch(r"is there an? (.+)\?", question):
+            return "yes" if self.matching(objects, m[1]) else "no"
+        m = re.fullmatch(rf"what is ({REL}) the (.+)\?", question)
+        anchors = self.referent(objects, "the " + m[2])
+        found = [o for o in objects if anchors and o is not anchors[0] and self.holds(o, anchors[0], RELATION_OF[m[1]])]
+        return found[0]["shape"] if found and found[0]["shape"] else "no"
+
+    def ve(self, item) -> int:
+        objects, hypothesis = self.images[item["image_id"]], item["hypothesis"]
+        if m := re.fullmatch(rf"the (.+?) is ({REL}) the (.+)\.", hypothesis):
+            first, second = self.referent(objects, "the " + m[1]), self.referent(objects, "the " + m[3])
+            if not first or not second:
+                return 2
+            relation = RELATION_OF[m[2]]
+            return 0 if self.holds(first[0], second[0], relation) else 2 if self.holds(first[0], second[0], synthetic.OPPOSITE[relation]) else 1
+        m = re.fullmatch(r"the (.+) is (\w+)\.", hypothesis)
+        fitting = {o["colour"] == m[2] for o in self.referent(objects, "the " + m[1])}
+        return 1 if fitting == {True, False} else 0 if fitting == {True} else 2
+
+    def nlvr2(self, item) -> int:
+        sides = {"left": self.images[item["left_image_id"]], "right": self.images[item["right_image_id"]]}
+        sentence = item["sentence"]
+        if m := re.fullmatch(r"the (left|right) image contains an? (.+)\.", sentence):
+            return int(bool(self.matching(sides[m[1]], m[2])))
+        if m := re.fullmatch(r"the (left|right) image contains exactly (\w+) objects?\.", sentence):
+            return int(synthetic.NUMBER_WORDS.index(m[2]) == len(sides[m[1]]))
+        if sentence == "the left image has more objects than the right image.":
+            return int(len(sides["left"]) > len(sides["right"]))
+        if m := re.fullmatch(r"there (?:is|are) (?:exactly )?(\w+) (.+) in total\.", sentence):
+            total = sum(len(self.matching(objects, m[2])) for objects in sides.values())
+            return int(synthetic.NUMBER_WORDS.index(m[1]) == total)
+        m = re.fullmatch(r"(both images|exactly one image|neither image) contains? an? (.+)\.", sentence)
+        has = [bool(self.matching(objects, m[2])) for objects in sides.values()]
+        return int({"both images": all(has), "exactly one image": sum(has) == 1, "neither image": not any(has)}[m[1]])
+
+    def rec(self, item) -> int:
+        found = self.referent(self.images[item["image_id"]], item["expression"])
+        return found[0]["row"] if found else -1
+
+
+def region_oracle(world: dict) -> dict[str, float]:
+    """Test accuracy of `RegionReader` per task: what the regions allow without learning (the ceiling)."""
+    reader = RegionReader(world)
+    scores = {}
+    for name, read, truth in (("vqa", reader.vqa, lambda item: item["answers"][0]), ("ve", reader.ve, lambda item: item["label"]),
+                              ("nlvr2", reader.nlvr2, lambda item: item["label"]), ("rec", reader.rec, lambda item: item["target_index"])):  # fmt: skip
+        test = world[TASKS[name].synthetic_table]["test"]
+        scores[name] = float(np.mean([read(item) == truth(item) for item in test]))
+    return scores
+
+
 def floors(world: dict) -> dict[str, dict[str, float]]:
     """{task: {"chance": ..., <floor>: ...}} on the test split, for every task with a class (text floors) or a
     region (tag floor) to predict; retrieval, which ranks, has neither."""
-    table = {}
+    table, oracle = {}, region_oracle(world)
     for task in TASKS.values():
         test = world[task.synthetic_table]["test"]
         if task.text_labels(test) is not None:
             table[task.name] = {"chance": chance(world, task), **text_floors(world, task)}
         elif task.target_column is not None:
             table[task.name] = {"chance": chance(world, task), "tags": tag_floor(world, task)}
+        if task.name in table:
+            table[task.name]["region oracle"] = oracle[task.name]
     return table
 
 
+def floor(row: dict) -> float:
+    """The floor a model's accuracy is read against: the best score that needs no image (the tags, for REC)."""
+    return max(value for name, value in row.items() if name != "region oracle")
+
+
+def gap_closed(accuracy: float, row: dict) -> float:
+    """(accuracy - floor) / (region oracle - floor): 0 at the floor, 1 at the symbolic reader's ceiling."""
+    return (accuracy - floor(row)) / (row["region oracle"] - floor(row))
+
+
 def markdown(table: dict, world: dict) -> str:
-    columns = ["chance", "majority", "text lookup", "text classifier", "tags"]
+    columns = ["chance", "majority", "text lookup", "text classifier", "tags", "region oracle"]
     counts = world["world"]["counts"]
     lines = ["| task | test items | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for task, row in table.items():
