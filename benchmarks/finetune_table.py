@@ -56,7 +56,7 @@ TASK_FLAGS = {"retrieval": ["--learning_rate", "1e-4"]}
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    p.add_argument("--pretrained", default="outputs/cmal-small-synthetic", help="Made with `pretrain.py` defaults if missing.")
+    p.add_argument("--pretrained", default="outputs/cmal-mini-synthetic", help="Made with `pretrain.py` defaults if missing.")
     p.add_argument("--output_dir", default="outputs/finetune-table")
     p.add_argument("--parallel", type=int, default=2)
     args, extra = p.parse_known_args(argv)

@@ -1,8 +1,8 @@
 """The objective study: does associative mapping (CMAL) pre-train better than a contrastive baseline?
 
-    python benchmarks/objectives.py                       # default size: 2 CPU workers, under an hour
-    python benchmarks/objectives.py --seeds 0 --fractions 1.0 --no_ablations   # a quick look
-    python benchmarks/objectives.py --model_config small --pretrain_epochs 4 --finetune_steps 600   # bigger
+    python benchmarks/objectives.py                       # the default grid: 2 CPU workers, several hours
+    python benchmarks/objectives.py --seeds 0 --fractions 0.25 1.0 --no_ablations   # a quick look
+    python benchmarks/objectives.py --model_config small --finetune_steps 600        # bigger
 
 On the synthetic world, pre-train with
   (a) nothing (fine-tune from random weights),
@@ -10,16 +10,18 @@ On the synthetic world, pre-train with
   (c) CMAL: AMC + ITM + MLM + MRM,
   (d) CMAL + ITC,
 each on 25 / 50 / 100% of the pre-training images (`--corpus_fraction`: the same epochs, so less data is
-also less compute) and several seeds; then fine-tune every checkpoint on VQA, VE and REC with the same
-budget (`--finetune_steps` at batch 32, no anchor swaps while fine-tuning) and score the validation split.
+also less compute) and several seeds; then fine-tune every checkpoint on VQA, VE, NLVR2 and REC with the
+same budget (`--finetune_steps` at batch 32, no anchor swaps while fine-tuning) and score the validation
+split. Each task is read against its floor (the best score without the image) and the region oracle's
+ceiling (`benchmarks/floors.py`): gap closed = (accuracy - floor) / (oracle - floor), averaged over tasks.
 Ablations of CMAL at 100%: no hypersphere, masking without the swap (`--anchor_fill mask`), and each AMC
 part alone. (a) does not depend on the fraction, so it runs once per seed.
 
 Every run is `training/pretrain.py` / `training/finetune.py` called in-process (`main(argv)`) by one of
 `--jobs` worker processes, one CPU thread each. Each pre-training unit (with its fine-tunes) writes
 `<output_dir>/<unit>/result.json` atomically, so a killed study resumes where it stopped. At the end
-the table (mean ± std over seeds) goes to `table.md`, the plot to `objectives.png`, every number to
-`results.json`.
+the tables (accuracy and mean gap closed, mean ± std over seeds) go to `table.md`, the plot to
+`objectives.png`, every number (the floors too) to `results.json`.
 """
 
 import argparse
@@ -31,12 +33,13 @@ import shutil
 import time
 from multiprocessing import get_context
 
+import floors  # benchmarks/floors.py, beside this script
 import numpy as np
 
 from cmal.training import tasks
 
 
-TASKS = ("vqa", "ve", "rec")
+TASKS = ("vqa", "ve", "nlvr2", "rec")  # the tasks with floors and a ceiling (benchmarks/floors.py)
 # Pre-training flags of each condition on top of pretrain.py's defaults (MLM, MRM, ITM, AMC on; ITC off).
 CONDITIONS = {
     "a: none": None,
@@ -51,21 +54,15 @@ ABLATIONS = {
     "CMAL, AMC region part only": ["--amc_parts", "region"],
     "CMAL, AMC pointer part only": ["--amc_parts", "pointer"],
 }
-# The default study size: a 4-layer CMAL of width 128 (1 text, 1 region, 2 unified layers).
-STUDY_CONFIG = dict(
-    hidden_size=128, num_attention_heads=4, intermediate_size=512,
-    num_text_layers=1, num_visual_layers=1, num_hidden_layers=2, max_position_embeddings=128, max_regions=50,
-)  # fmt: skip
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="outputs/objectives")
-    p.add_argument("--model_config", default=None, help="A preset or config JSON; default: the 4-layer study size.")
+    p.add_argument("--model_config", default="mini", help="A preset or config JSON (pre-training and from scratch).")
     p.add_argument("--synthetic_images", type=int, default=2000)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--pretrain_epochs", type=int, default=2, help="Epochs over the (fraction of the) corpus.")
+    p.add_argument("--pretrain_epochs", type=int, default=12,
+                   help="Epochs over the (fraction of the) corpus; the first 6 are pretrain.py's small-scene curriculum.")
     p.add_argument("--finetune_steps", type=int, default=200, help="Fine-tuning steps per task (batch 32).")
     p.add_argument("--finetune_learning_rate", type=float, default=3e-4)
     p.add_argument("--no_ablations", action="store_true")
@@ -151,16 +148,28 @@ def cells(results, condition, fraction, task) -> list[float]:
     return [r[task] for r in results if r["condition"] == condition and r["fraction"] in (fraction, None)]
 
 
-def tables(results, args, chance) -> str:
+def gap_closed(results, condition, fraction, floor_table) -> list[float]:
+    """Per seed, the mean over tasks of (accuracy - floor) / (region oracle - floor)."""
+    runs = [r for r in results if r["condition"] == condition and r["fraction"] in (fraction, None)]
+    return [float(np.mean([floors.gap_closed(r[task], floor_table[task]) for task in TASKS])) for r in runs]
+
+
+def tables(results, args, floor_table) -> str:
     fractions = args.fractions
     lines = [
         "| pre-training | " + " | ".join(f"{task} @ {100 * f:g}%" for task in TASKS for f in fractions) + " |",
         "|---|" + "---|" * (len(TASKS) * len(fractions)),
-        "| chance | " + " | ".join(f"{chance[task]:.3f}" for task in TASKS for f in fractions) + " |",
+        "| chance | " + " | ".join(f"{floor_table[task]['chance']:.3f}" for task in TASKS for f in fractions) + " |",
+        "| floor (no image) | " + " | ".join(f"{floors.floor(floor_table[task]):.3f}" for task in TASKS for f in fractions) + " |",
+        "| region oracle | " + " | ".join(f"{floor_table[task]['region oracle']:.3f}" for task in TASKS for f in fractions) + " |",
     ]
     for condition in CONDITIONS:
         row = [mean_std(cells(results, condition, f, task)) for task in TASKS for f in fractions]
         lines.append(f"| {condition} | " + " | ".join(row) + " |")
+    lines += ["", "| pre-training: mean gap closed over " + ", ".join(TASKS) + " | "
+              + " | ".join(f"{100 * f:g}%" for f in fractions) + " |", "|---|" + "---|" * len(fractions)]  # fmt: skip
+    for condition in CONDITIONS:
+        lines.append(f"| {condition} | " + " | ".join(mean_std(gap_closed(results, condition, f, floor_table)) for f in fractions) + " |")
     if not args.no_ablations:
         lines += ["", "| ablation (100% corpus) | " + " | ".join(TASKS) + " | mean of tasks |", "|---|" + "---|" * (len(TASKS) + 1)]
         for condition in ["c: CMAL (AMC+ITM+MLM+MRM)", *ABLATIONS]:
@@ -200,16 +209,11 @@ def plot(results, args, chance, path):
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
-    if args.model_config is None:
-        args.model_config = os.path.join(os.path.abspath(args.output_dir), "study_config.json")
-        with open(args.model_config, "w") as f:
-            json.dump(STUDY_CONFIG, f, indent=2)
-    from finetune_table import chance as chance_of  # noqa: E402  (benchmarks/ is this script's folder)
-
     from cmal.training.data import synthetic
 
     world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images))  # built once, before the workers
-    chance = {task: chance_of(tasks.TASKS[task], world)["random"] for task in TASKS}
+    floor_table = floors.floors(world)
+    chance = {task: floor_table[task]["chance"] for task in TASKS}
     todo = units(args)
     start = time.perf_counter()
     results = []
@@ -219,9 +223,9 @@ def main(argv=None):
             print(f"[{len(results)}/{len(todo)} {time.perf_counter() - start:.0f} s] {result['name']}: "
                   + ", ".join(f"{task} {result[task]:.3f}" for task in TASKS), flush=True)  # fmt: skip
     wall = time.perf_counter() - start
-    table = tables(results, args, chance)
+    table = tables(results, args, floor_table)
     plot(results, args, chance, os.path.join(args.output_dir, "objectives.png"))
-    summary = {"args": vars(args), "chance": chance, "wall_seconds": wall, "results": sorted(results, key=lambda r: r["name"])}
+    summary = {"args": vars(args), "floors": floor_table, "wall_seconds": wall, "results": sorted(results, key=lambda r: r["name"])}
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:

@@ -196,7 +196,7 @@ def synthetic_scene(index: int, world_dir: str | None, synthetic_images: int, sy
 def main(argv=None) -> dict:
     """Draw one figure; returns what `explain` found (for tests and notebooks)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="outputs/cmal-small-synthetic", help="CMAL checkpoint folder or Hub id")
+    parser.add_argument("--model", default="outputs/cmal-mini-synthetic", help="CMAL checkpoint folder or Hub id")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="a photo (path or URL); needs a checkpoint with a detector")
     source.add_argument("--synthetic_index", type=int, help="a scene of the synthetic world")

@@ -1,7 +1,7 @@
 """Model cards of CMAL checkpoints, rendered from what a run recorded and measured.
 
     python -m cmal.model_cards.render outputs/cmal-vqa                           # kind from eval_results.json
-    python -m cmal.model_cards.render outputs/cmal-small-synthetic --kind pretraining
+    python -m cmal.model_cards.render outputs/cmal-mini-synthetic --kind pretraining
 
 `templates/<kind>.md` (pretraining, vqa, ve, nlvr2, rec, retrieval) extends `templates/base.md`, which
 holds the sections every card shares, and fills in only what its task changes. The YAML metadata is

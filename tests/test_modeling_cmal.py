@@ -492,9 +492,9 @@ def test_presets():
     base = CMALConfig.from_preset("base")
     assert (base.hidden_size, base.num_attention_heads) == (768, 12)
     assert base.num_text_layers + base.num_hidden_layers == 12  # BERT-base depth along the text path
-    assert set(CMAL_PRESETS) == {"tiny", "small", "base"}
+    assert set(CMAL_PRESETS) == {"tiny", "mini", "small", "base"}
     assert CMALConfig.from_preset("tiny", hidden_size=64).hidden_size == 64
-    with pytest.raises(ValueError, match=r"`name` must be one of \['base', 'small', 'tiny'\], got 'huge'"):
+    with pytest.raises(ValueError, match=r"`name` must be one of \['base', 'mini', 'small', 'tiny'\], got 'huge'"):
         CMALConfig.from_preset("huge")
 
 

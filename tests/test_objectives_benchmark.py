@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 from conftest import REPO
 from PIL import Image
 
@@ -22,23 +24,30 @@ def test_default_grid():
     assert sorted({unit["fraction"] for unit in units if unit["flags"] is not None}) == [0.25, 0.5, 1.0]
 
 
-def test_table_gives_mean_and_std_over_seeds():
+def test_table_gives_mean_and_std_over_seeds_and_the_gap_closed():
     args = objectives.parse_args(["--fractions", "1.0", "--seeds", "0", "1"])
     results = []
     for seed, offset in ((0, 0.0), (1, 0.2)):
-        results.append({"condition": "a: none", "fraction": None, "seed": seed, "vqa": 0.1 + offset, "ve": 0.5, "rec": 0.3})
+        results.append({"condition": "a: none", "fraction": None, "seed": seed, "vqa": 0.1 + offset, "ve": 0.5, "nlvr2": 0.5, "rec": 0.3})
         for condition in [*list(objectives.CONDITIONS)[1:], *objectives.ABLATIONS]:
-            results.append({"condition": condition, "fraction": 1.0, "seed": seed, "vqa": 0.4, "ve": 0.6 + offset, "rec": 0.2})
-    table = objectives.tables(results, args, {"vqa": 0.05, "ve": 0.33, "rec": 0.18})
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
-    assert rows["a: none"] == "| a: none | 0.200 ± 0.100 | 0.500 ± 0.000 | 0.300 ± 0.000 |"
-    assert rows["chance"] == "| chance | 0.050 | 0.330 | 0.180 |"
-    # ablation rows add the mean over tasks: per seed (0.4+0.6+0.2)/3 and (0.4+0.8+0.2)/3
-    assert rows["CMAL, mask only (no swap)"].endswith("| 0.400 ± 0.000 | 0.700 ± 0.100 | 0.200 ± 0.000 | 0.433 ± 0.033 |")
+            results.append({"condition": condition, "fraction": 1.0, "seed": seed, "vqa": 0.4, "ve": 0.6 + offset, "nlvr2": 0.7, "rec": 0.2})
+    floor_table = {task: {"chance": chance, "tags": floor, "region oracle": 0.9}
+                   for task, chance, floor in (("vqa", 0.05, 0.05), ("ve", 0.33, 0.33), ("nlvr2", 0.5, 0.5), ("rec", 0.15, 0.4))}  # fmt: skip
+    table = objectives.tables(results, args, floor_table)
+    accuracy, gaps, ablations = ({line.split(" | ")[0].lstrip("| "): line for line in part.splitlines()}
+                                 for part in table.strip().split("\n\n"))  # fmt: skip
+    assert accuracy["a: none"] == "| a: none | 0.200 ± 0.100 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.300 ± 0.000 |"
+    assert accuracy["chance"] == "| chance | 0.050 | 0.330 | 0.500 | 0.150 |"
+    assert accuracy["floor (no image)"] == "| floor (no image) | 0.050 | 0.330 | 0.500 | 0.400 |"
+    # gap closed of a, per seed: mean of (0.1|0.3 - 0.05) / 0.85, (0.5 - 0.33) / 0.57, 0 / 0.4, (0.3 - 0.4) / 0.5
+    per_seed = [np.mean([(vqa - 0.05) / 0.85, 0.17 / 0.57, 0.0, -0.1 / 0.5]) for vqa in (0.1, 0.3)]
+    assert gaps["a: none"] == f"| a: none | {np.mean(per_seed):.3f} ± {np.std(per_seed):.3f} |"
+    # ablation rows add the mean over tasks: per seed (0.4+0.6+0.7+0.2)/4 and (0.4+0.8+0.7+0.2)/4
+    assert ablations["CMAL, mask only (no swap)"].endswith("| 0.200 ± 0.000 | 0.500 ± 0.025 |")
 
 
 def test_tiny_study_runs_and_resumes(tmp_path):
-    argv = ["--output_dir", str(tmp_path), "--model_config", "tiny", "--synthetic_images", "120", "--seeds", "0",
+    argv = ["--output_dir", str(tmp_path), "--model_config", "tiny", "--synthetic_images", "200", "--seeds", "0",
             "--fractions", "1.0", "--pretrain_epochs", "1", "--finetune_steps", "2", "--no_ablations", "--jobs", "1"]  # fmt: skip
     objectives.main(argv)
     summary = json.loads((tmp_path / "results.json").read_text())

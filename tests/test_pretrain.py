@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, add_shape_colour_image, run_without_project, write_tiny_config
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, load_from_disk
 from safetensors.torch import load_file
 
 from cmal.training import pretrain
@@ -100,6 +100,27 @@ def test_sampler_is_seeded_per_epoch_and_groups_lengths():
     assert all(lengths[a] >= lengths[b] for a, b in zip(first[:20], first[1:20]))  # sorted within a group
     sampler.set_epoch(1)
     assert list(sampler) != first
+
+
+def test_curriculum_epochs_draw_small_scenes_only():
+    lengths = list(range(100))
+    easy = list(range(0, 100, 4))
+    sampler = LengthGroupedSampler(lengths, batch_size=4, seed=0, easy=easy, easy_epochs=2)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        drawn = list(sampler)
+        assert len(drawn) == 100 and set(drawn) <= set(easy) and len(set(drawn)) > 15  # as long, from the easy ones
+    sampler.set_epoch(2)
+    assert sorted(sampler) == lengths
+    assert sorted(LengthGroupedSampler(lengths, 4, easy=[], easy_epochs=2)) == lengths  # nothing easy: no curriculum
+
+
+def test_easy_pairs_are_the_small_scenes(corpus):
+    pairs = ImageTextPairs(load_from_disk(str(corpus / "captions"))["train"], load_region_store(str(corpus / "regions"))[0])
+    counts = pairs.num_regions()[pairs.image_rows]
+    easy = pairs.easy_pairs()
+    assert 0 < len(easy) < len(pairs) and counts[easy].max() <= np.median(counts) < counts.max()
+    assert pairs.easy_pairs(quantile=1.0) == list(range(len(pairs)))
 
 
 # ITM is not here: matching must be learnt across modalities from scratch, which takes far more than 24

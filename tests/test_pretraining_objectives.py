@@ -155,15 +155,15 @@ def test_mask_embedding_is_in_the_graph_without_masked_regions():
     assert model.visual_encoder.embeddings.mask_embedding.grad is not None
 
 
-def compositional_world(root, num_images=80, held_out=16, seed=0):
-    """Images of 1-3 objects whose region features encode shape and colour, one caption each naming them;
-    the last `held_out` images are the validation split."""
+def compositional_world(root, num_images=80, held_out=16, seed=0, max_objects=3):
+    """Images of 1-`max_objects` objects whose region features encode shape and colour, one caption each
+    naming them; the last `held_out` images are the validation split."""
     names, colours = ["ball", "box", "cone", "ring"], ["red", "green", "blue", "yellow"]
     rng = np.random.default_rng(seed)
     rows = {"train": [], "validation": []}
     with RegionStoreWriter(str(root / "regions"), feature_dim=16, concept_names=names, source="test", shard_size=50) as writer:
         for i in range(num_images):
-            shapes, hues = add_shape_colour_image(writer, rng, f"img{i}", max_objects=3)
+            shapes, hues = add_shape_colour_image(writer, rng, f"img{i}", max_objects=max_objects)
             words = [f"a {colours[c]} {names[s]}" for s, c in zip(shapes, hues)]
             rows["validation" if i >= num_images - held_out else "train"].append(
                 {"image_id": f"img{i}", "text": "there is " + " and ".join(words)}

@@ -1,6 +1,6 @@
 """Fine-tune CMAL on a downstream task with Accelerate and evaluate it.
 
-    accelerate launch training/finetune.py --task vqa --model_name_or_path outputs/cmal-small-synthetic
+    accelerate launch training/finetune.py --task vqa --model_name_or_path outputs/cmal-mini-synthetic
     accelerate launch training/finetune.py --task rec                      # from scratch, synthetic world
     accelerate launch training/finetune.py --task vqa --model_name_or_path <pre-trained> --regions <store> \\
         --train_file v2_OpenEnded_mscoco_train2014_questions.json --train_annotations v2_mscoco_train2014_annotations.json \\
@@ -77,7 +77,7 @@ def parse_args(argv=None):
                       help="Retrieval: score every text of the first N validation images against those N images.")
     model = p.add_argument_group("model")
     model.add_argument("--model_name_or_path", default=None, help="A pre-trained CMAL folder or Hub id; none: from scratch.")
-    model.add_argument("--model_config", default="small", help=f"From scratch: preset ({', '.join(CMAL_PRESETS)}) or JSON.")
+    model.add_argument("--model_config", default="mini", help=f"From scratch: preset ({', '.join(CMAL_PRESETS)}) or JSON.")
     model.add_argument("--tokenizer", default=None, help="From scratch: a fast BERT-style tokenizer (default: word-level).")
     model.add_argument("--anchor_mask_prob", type=float, default=None,
                        help="Anchor swaps while fine-tuning (default: the checkpoint's value).")  # fmt: skip

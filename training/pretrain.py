@@ -61,11 +61,14 @@ def parse_args(argv=None):
     data.add_argument("--max_text_length", type=int, default=40, help="Word pieces per text, [CLS]/[SEP] included.")
     data.add_argument("--corpus_fraction", type=float, default=1.0,
                       help="Pre-train on the texts of the first fraction of the training images (data-scale studies).")
+    data.add_argument("--curriculum_epochs", type=int, default=6,
+                      help="Epochs drawn only from the pairs whose image has at most the median number of regions "
+                           "(small scenes first: ITM learns on them and carries over); 0 for none.")
     data.add_argument("--tokenizer", default=None,
                       help="Tokenizer folder or Hub id (a fast BERT-style one). Default: with --init_text_from, "
                            "that checkpoint's; otherwise a word-level vocabulary built from the corpus.")
     model = p.add_argument_group("model")
-    model.add_argument("--model_config", default="small", help=f"Preset ({', '.join(CMAL_PRESETS)}) or a config JSON.")
+    model.add_argument("--model_config", default="mini", help=f"Preset ({', '.join(CMAL_PRESETS)}) or a config JSON.")
     model.add_argument("--init_text_from", default=None, help="BERT checkpoint (folder or Hub id) for the text path.")
     for name, default, what in [("mlm", 1.0, "masked language modelling"), ("mrm", 1.0, "masked region modelling"),
                                 ("itm", 1.0, "image-text matching"), ("amc", 1.0, "associative mapping (all 3 parts)"),
@@ -83,7 +86,8 @@ def parse_args(argv=None):
     model.add_argument("--mlm_probability", type=float, default=0.15, help="Share of non-anchor words masked.")
     model.add_argument("--mrm_probability", type=float, default=0.15, help="Share of regions masked.")
     model.add_argument("--itm_negative_probability", type=float, default=0.5, help="Share of mismatched pairs.")
-    add_training_args(p, "outputs/cmal-small-synthetic", batch_size=32, learning_rate=5e-4, epochs=2, warmup=50)
+    # 12 epochs of the 2,000-image world are 1,500 steps: ITM needs about a thousand to leave chance (measured)
+    add_training_args(p, "outputs/cmal-mini-synthetic", batch_size=32, learning_rate=1e-3, epochs=12, warmup=50)
     return p.parse_args(argv)
 
 
@@ -157,7 +161,8 @@ def build_data(args, corpus, num_processes: int = 1):
         max_length=args.max_text_length, seed=args.seed,
     )  # fmt: skip
     global_batch = args.per_device_train_batch_size * num_processes
-    sampler = LengthGroupedSampler(train_set.lengths(), global_batch, seed=args.seed)
+    sampler = LengthGroupedSampler(train_set.lengths(), global_batch, seed=args.seed,
+                                   easy=train_set.easy_pairs(), easy_epochs=args.curriculum_epochs)  # fmt: skip
     train_dataloader = DataLoader(
         train_set, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collator,
         num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed),

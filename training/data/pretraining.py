@@ -35,8 +35,18 @@ class ImageTextPairs(Dataset):
 
     def lengths(self) -> list[int]:
         """Words plus regions of each pair: what the batch is padded to."""
-        counts = self.regions["num_regions"][:]  # one read; a Column read row by row formats each row
+        counts = self.num_regions()
         return [len(text.split()) + int(counts[row]) for text, row in zip(self.texts["text"], self.image_rows)]
+
+    def num_regions(self) -> np.ndarray:
+        """Regions of each image (by image row)."""
+        return np.asarray(self.regions["num_regions"][:])  # one read; a Column read row by row formats each row
+
+    def easy_pairs(self, quantile: float = 0.5) -> list[int]:
+        """The pairs whose image has at most the `quantile` of the images' region counts: the small scenes a
+        curriculum starts with (all pairs when every image has as many regions, as a fixed-K detector gives)."""
+        counts = self.num_regions()[self.image_rows]
+        return np.flatnonzero(counts <= np.quantile(counts, quantile)).tolist()
 
     def regions_of_images(self, rows: list[int]) -> list[dict]:
         if self.preloaded is not None:
@@ -57,15 +67,21 @@ class LengthGroupedSampler(trainer_pt_utils.LengthGroupedSampler):
     The training loop's `set_epoch` (through Accelerate) shuffles each epoch anew.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, easy: list[int] | None = None,
+                 easy_epochs: int = 0):  # fmt: skip
         super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
         self.seed, self.epoch = seed, 0
+        self.easy, self.easy_epochs = easy, easy_epochs if easy else 0
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
     def __iter__(self):
+        """A curriculum's first `easy_epochs` are as long as any other, drawn (with repeats) from `easy` only."""
         self.generator.manual_seed(self.seed + self.epoch)
+        if self.epoch < self.easy_epochs:
+            picks = torch.randint(len(self.easy), (len(self.lengths),), generator=self.generator)
+            return iter([self.easy[k] for k in picks.tolist()])
         return super().__iter__()
 
 
