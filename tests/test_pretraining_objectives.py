@@ -187,3 +187,21 @@ def test_contrastive_baseline_retrieves_held_out_images_far_above_chance(tmp_pat
     held_out = results["validation"]
     assert held_out["itc_images"] == 16
     assert held_out["itc_text_to_image_r1"] >= 4 * 100 / 16, held_out
+
+
+def test_itm_learns_to_tell_held_out_pairs_apart(tmp_path):
+    """ITM alone, 800 steps on a 240-image world of 1-3 objects, the first 450 on its small scenes: held-out
+    AUC over 60 unseen images (half paired with another image) was 0.88 and 0.92 for seeds 0 and 1
+    (0.86 and 0.74 without the curriculum); the floor here is 0.75 (chance 0.5)."""
+    from cmal.training import pretrain
+
+    compositional_world(tmp_path, num_images=300, held_out=60)
+    results = pretrain.main([
+        "--dataset", str(tmp_path), "--model_config", str(tmp_path / "tiny.json"), "--output_dir", str(tmp_path / "out"),
+        "--report_to", "none", "--num_warmup_steps", "5", "--logging_steps", "50", "--per_device_train_batch_size", "16",
+        "--mlm", "0", "--mrm", "0", "--amc", "0", "--itm", "1", "--itc", "0", "--curriculum_epochs", "30",
+        "--max_train_steps", "800", "--learning_rate", "1e-3",
+    ])  # fmt: skip
+    held_out = results["validation"]
+    assert held_out["itm_pairs"] == 60
+    assert held_out["itm_auc"] >= 0.75, held_out
