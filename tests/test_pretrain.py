@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -76,6 +77,14 @@ def test_collator_targets(corpus):
     keys = {"input_ids", "attention_mask", "token_type_ids", "token_concept_ids", "visual_feats", "visual_pos",
             "visual_attention_mask", "region_concept_ids", "region_scores", "labels", "masked_regions", "itm_labels"}  # fmt: skip
     assert set(batch) == keys
+
+    # A negative image of which the caption is also true is drawn again: here every even row "fits" every caption.
+    drawn = []
+    fussy = PretrainingCollator(processor, pairs, seed=1, true_of=lambda text, row: row % 2 == 0)
+    fussy.dataset = SimpleNamespace(num_images=pairs.num_images, regions_of_images=lambda rows: drawn.extend(rows) or pairs.regions_of_images(rows))
+    labels = fussy(items)["itm_labels"]
+    negatives = [row for row, label in zip(drawn, labels) if label == 0]
+    assert negatives and all(row % 2 == 1 for row in negatives)
 
 
 def test_preloaded_and_streamed_regions_give_the_same_batches(corpus):
@@ -150,7 +159,7 @@ def test_ablation_flags_reach_the_config(corpus):
 
 
 def _tokenizer_and_metadata(corpus, args):
-    captions, _, metadata, _, texts = pretrain.load_corpus(args)
+    captions, _, metadata, _, texts, _ = pretrain.load_corpus(args)
     return pretrain.build_tokenizer(args, texts), metadata
 
 

@@ -20,6 +20,7 @@ from cmal.training.data.synthetic import (
     Scene,
     SceneObject,
     build_world,
+    caption_holds,
     captions_for,
     default_world,
     generate_scene,
@@ -222,6 +223,21 @@ def test_rec_expressions_of_hand_made_scenes_pick_their_object():
         assert re.search(REL, item["expression"])  # identical twins: only a relation tells them apart
 
 
+def test_captions_hold_of_their_scene_and_rarely_of_another():
+    scenes = [generate_scene(np.random.default_rng([0, i, 0])) for i in range(200)]
+    captions = [(i, c) for i in range(200) for c in captions_for(scenes[i], np.random.default_rng(i))]
+    assert all(caption_holds(c, scenes[i]) for i, c in captions)
+    true_of_other = sum(caption_holds(c, scenes[(i + 1) % 200]) for i, c in captions)
+    assert 0 < true_of_other < 0.05 * len(captions)  # measured 1.2% for random pairs: ITM negatives must skip these
+    assert not caption_holds("a small red ball.", Scene([BALL_AND_BOX.objects[1]]))
+    assert caption_holds("a red orb is left of a large blue block.", BALL_AND_BOX)
+    assert not caption_holds("a red orb is right of a large blue block.", BALL_AND_BOX)
+    assert caption_holds("a scene with two objects, among them a blue box.", BALL_AND_BOX)
+    assert not caption_holds("a scene with three objects, among them a blue box.", BALL_AND_BOX)
+    assert caption_holds("an image with two red spheres and a large blue cube.", TWINS)
+    assert not caption_holds("an image with three red spheres and a large blue cube.", TWINS)
+
+
 def test_text_balancer_keeps_every_text_and_group_balanced():
     balancer = TextBalancer(slack=1)
     assert balancer.accept("is there a ball?", "yes", ("no", "yes"), "existence")
@@ -319,6 +335,17 @@ def test_labels_are_balanced_and_answers_in_the_vocabulary(world):
         for answers in world["vqa"][split]["answers"]:  # one answer, given by every annotator
             assert len(answers) == synthetic.VQA_ANNOTATORS and set(answers) <= vocabulary and len(set(answers)) == 1
     assert set(world["vqa"]["train"]["question_type"]) == {"colour", "shape", "count", "existence", "relation"}
+
+
+def test_world_scenes_are_the_scenes_the_texts_were_made_from(world):
+    scenes = synthetic.world_scenes(world)
+    assert len(scenes) == len(world["regions"])
+    row_of = {image_id: row for row, image_id in enumerate(world["regions"]["image_id"])}
+    for split in ("train", "validation", "test"):
+        for item in world["captions"][split]:
+            assert caption_holds(item["text"], scenes[row_of[item["image_id"]]]), item
+    true_of = synthetic.caption_truth(world)
+    assert true_of(world["captions"]["train"][0]["text"], row_of[world["captions"]["train"][0]["image_id"]])
 
 
 def test_rec_target_index_points_at_the_target_region(world):

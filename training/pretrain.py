@@ -92,7 +92,8 @@ def parse_args(argv=None):
 
 
 def load_corpus(args):
-    """(captions DatasetDict-or-Dataset, regions Dataset, region metadata, lexicon or None, vocabulary texts).
+    """(captions DatasetDict-or-Dataset, regions Dataset, region metadata, lexicon or None, vocabulary texts,
+    `true_of(text, image_row)` or None: whether a caption also holds of another image, where the corpus knows).
 
     The vocabulary texts build the word-level tokenizer when no BERT one is given: for the synthetic
     world they are every training text of every task, as a real vocabulary covers the words of the
@@ -103,12 +104,13 @@ def load_corpus(args):
 
         world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed))
         texts = synthetic_texts(world)
-        return world["captions"], world["regions"], world["region_metadata"], synthetic.synthetic_lexicon(), texts
+        return (world["captions"], world["regions"], world["region_metadata"], synthetic.synthetic_lexicon(), texts,
+                synthetic.caption_truth(world))  # fmt: skip
     from datasets import load_from_disk
 
     regions, metadata = load_region_store(os.path.join(args.dataset, "regions"))
     captions = load_from_disk(os.path.join(args.dataset, "captions"))
-    return captions, regions, metadata, None, split(captions, "train")["text"]
+    return captions, regions, metadata, None, split(captions, "train")["text"], None
 
 
 def split(table, name):
@@ -150,7 +152,7 @@ def build_config(args, tokenizer, metadata) -> CMALConfig:
 def build_data(args, corpus, num_processes: int = 1):
     """(config, processor, pairs, collator, dataloader) of a `load_corpus` result: the pipeline `main`
     trains on, and the one `benchmarks/speed.py` times."""
-    captions, regions, metadata, lexicon, vocabulary_texts = corpus
+    captions, regions, metadata, lexicon, vocabulary_texts, true_of = corpus
     train_texts = corpus_subset(split(captions, "train"), args.corpus_fraction)
     tokenizer = build_tokenizer(args, vocabulary_texts)
     config = build_config(args, tokenizer, metadata)
@@ -158,7 +160,7 @@ def build_data(args, corpus, num_processes: int = 1):
     train_set = ImageTextPairs(train_texts, regions)
     collator = PretrainingCollator(
         processor, train_set, args.mlm_probability, args.mrm_probability, args.itm_negative_probability,
-        max_length=args.max_text_length, seed=args.seed,
+        max_length=args.max_text_length, seed=args.seed, true_of=true_of,
     )  # fmt: skip
     global_batch = args.per_device_train_batch_size * num_processes
     sampler = LengthGroupedSampler(train_set.lengths(), global_batch, seed=args.seed,
@@ -177,11 +179,12 @@ def validation_pairs(corpus) -> ImageTextPairs | None:
     return ImageTextPairs(texts, regions) if texts is not None and len(texts) else None
 
 
-def validation_loader(args, pairs, processor, accelerator, negative_probability: float):
+def validation_loader(args, pairs, processor, accelerator, negative_probability: float, true_of=None):
     """A prepared DataLoader over `pairs`, each caption with its image or, with `negative_probability`,
-    another one; negatives and masks are fixed (seed, epoch 0)."""
+    another one (of which the caption is not true, where `true_of` knows); negatives and masks are fixed
+    (seed, epoch 0)."""
     collator = PretrainingCollator(processor, pairs, args.mlm_probability, args.mrm_probability, negative_probability,
-                                   max_length=args.max_text_length, seed=args.seed + 1)  # fmt: skip
+                                   max_length=args.max_text_length, seed=args.seed + 1, true_of=true_of)  # fmt: skip
     return accelerator.prepare(DataLoader(pairs, batch_size=args.per_device_train_batch_size, collate_fn=collator))
 
 
@@ -261,7 +264,7 @@ def main(argv=None):
     results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps, LOSSES, "pre-training")
     held_out, pairs = {}, validation_pairs(corpus) if args.itm > 0 or args.itc > 0 else None
     if pairs is not None and args.itm > 0:
-        held_out |= validate_matching(model, validation_loader(args, pairs, processor, accelerator, 0.5), accelerator)
+        held_out |= validate_matching(model, validation_loader(args, pairs, processor, accelerator, 0.5, corpus[5]), accelerator)
     if pairs is not None and args.itc > 0:
         held_out |= validate_retrieval(model, validation_loader(args, pairs, processor, accelerator, 0.0), pairs, accelerator)
     if held_out:

@@ -89,7 +89,8 @@ class PretrainingCollator:
     """Batch of `ImageTextPairs` items -> the inputs and targets of `CMALForPreTraining`.
 
     * ITM: with probability `itm_negative_probability` an example's image is replaced by another one
-      (`itm_labels` 0).
+      (`itm_labels` 0), drawn again (up to 10 times) while `true_of(text, image_row)` says the text also
+      holds of it, when the corpus knows (the synthetic world does: `synthetic.caption_holds`).
     * One modality at a time: each matched pair is either an MLM example (whole words that are not
       anchors are masked with probability `mlm_probability`; 80% [MASK], 10% random, 10% kept) or an
       MRM example (each real region is masked with probability `mrm_probability`). Mismatched pairs
@@ -107,8 +108,10 @@ class PretrainingCollator:
         itm_negative_probability: float = 0.5,
         max_length: int = 40,
         seed: int = 0,
+        true_of=None,
     ):
         self.processor = processor
+        self.true_of = true_of
         self.dataset = dataset
         self.mlm_probability = mlm_probability
         self.mrm_probability = mrm_probability
@@ -125,7 +128,10 @@ class PretrainingCollator:
         for item, rng in zip(items, rngs):
             row = item["image_row"]
             if self.dataset.num_images > 1 and rng.random() < self.itm_negative_probability:
-                row = (row + 1 + int(rng.integers(self.dataset.num_images - 1))) % self.dataset.num_images
+                for _ in range(10):
+                    row = (item["image_row"] + 1 + int(rng.integers(self.dataset.num_images - 1))) % self.dataset.num_images
+                    if self.true_of is None or not self.true_of(item["text"], row):
+                        break
             image_rows.append(row)
             itm_labels.append(int(row == item["image_row"]))
         batch = self.processor(

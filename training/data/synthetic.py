@@ -63,6 +63,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -523,6 +524,56 @@ def captions_for(scene: Scene, rng) -> list[str]:
         if caption is not None and caption not in captions:
             captions.append(caption)
     return captions
+
+
+_NUMBER = {word: n for n, word in enumerate(NUMBER_WORDS)} | {"a": 1, "an": 1}
+_REL_PHRASES = "|".join(sorted((p for phrases in RELATIONS.values() for p in phrases), key=len, reverse=True))
+_RELATION_OF = {phrase: name for name, phrases in RELATIONS.items() for phrase in phrases}
+
+
+def _described(scene: Scene, phrase: str) -> list[SceneObject]:
+    """The objects of `scene` that fit every size, colour and shape word of `phrase` ("small red ball")."""
+    lexicon = synthetic_lexicon()
+    found = list(scene.objects)
+    for word in phrase.split():
+        concept = lexicon.concept_of(word)
+        if word in SIZES or word in COLOURS:
+            found = [o for o in found if word in (o.size, o.colour)]
+        elif concept >= 0:
+            found = [o for o in found if o.shape == SHAPES[concept]]
+    return found
+
+
+def caption_holds(caption: str, scene: Scene) -> bool:
+    """Whether a caption of `captions_for` could be said of `scene`, read generously: a listing holds when
+    every group it names is there (in that number), a relation when it holds even slightly, a count when
+    the number of objects and the example match. Keeps an ITM negative from being a true pair."""
+    text = caption.removesuffix(".").removesuffix(" on a grey background")
+    if m := re.fullmatch(r"a scene with (?:a single object|(\w+) objects, among them):? an? (.+)", text):
+        return len(scene.objects) == _NUMBER.get(m[1] or "one", -1) and bool(_described(scene, m[2]))
+    if m := re.fullmatch(rf"an? (.+?) (?:is )?({_REL_PHRASES}) an? (.+)", text):
+        relation = _RELATION_OF[m[2]]
+        return any(a is not b and relation_holds(a, b, relation, margin=0)
+                   for a in _described(scene, m[1]) for b in _described(scene, m[3]))  # fmt: skip
+    text = re.sub(r"^(an image with |there (?:is|are) )", "", text)
+    for part in re.split(r", | and ", text):
+        number, _, phrase = part.partition(" ")
+        found = _described(scene, phrase)
+        if not found if number in ("a", "an") else len(found) != _NUMBER.get(number, -1):
+            return False
+    return True
+
+
+def world_scenes(world: dict) -> list[Scene]:
+    """The scene of every image of a loaded world, in region-store order, regenerated from its seed."""
+    seed = world["world"]["arguments"]["seed"]
+    return [generate_scene(np.random.default_rng([seed, i, _SCENE])) for i in range(world["world"]["arguments"]["num_images"])]
+
+
+def caption_truth(world: dict):
+    """`true_of(text, image_row)`: whether a caption holds of the image in that row of the world's region store."""
+    scenes = world_scenes(world)
+    return lambda text, row: caption_holds(text, scenes[row])
 
 
 def vqa_for(scene: Scene, rng) -> list[dict]:
