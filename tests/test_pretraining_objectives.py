@@ -172,19 +172,24 @@ def compositional_world(root, num_images=80, held_out=16, seed=0, max_objects=3)
     write_tiny_config(root)
 
 
+def held_out_after_pretraining(root, *flags) -> dict:
+    """`results["validation"]` of the tiny model pre-trained on `root` with these objective and schedule flags."""
+    from cmal.training import pretrain
+
+    results = pretrain.main([
+        "--dataset", str(root), "--model_config", str(root / "tiny.json"), "--output_dir", str(root / "out"),
+        "--report_to", "none", "--num_warmup_steps", "5", "--logging_steps", "50", "--per_device_train_batch_size", "16",
+        "--mlm", "0", "--mrm", "0", "--amc", "0", *flags,
+    ])  # fmt: skip
+    return results["validation"]
+
+
 def test_contrastive_baseline_retrieves_held_out_images_far_above_chance(tmp_path):
     """ITC alone, 150 steps on 64 images: held-out text->image R@1 over 16 unseen images (chance 6.25%) was
     56-69% over seeds 0-2 (measured); the floor here is 4x chance."""
-    from cmal.training import pretrain
-
     compositional_world(tmp_path)
-    results = pretrain.main([
-        "--dataset", str(tmp_path), "--model_config", str(tmp_path / "tiny.json"), "--output_dir", str(tmp_path / "out"),
-        "--report_to", "none", "--num_warmup_steps", "5", "--logging_steps", "10", "--per_device_train_batch_size", "16",
-        "--mlm", "0", "--mrm", "0", "--amc", "0", "--itm", "0", "--itc", "1", "--itm_negative_probability", "0",
-        "--max_train_steps", "150", "--learning_rate", "3e-3",
-    ])  # fmt: skip
-    held_out = results["validation"]
+    held_out = held_out_after_pretraining(tmp_path, "--itm", "0", "--itc", "1", "--itm_negative_probability", "0",
+                                          "--curriculum_epochs", "0", "--max_train_steps", "150", "--learning_rate", "3e-3")  # fmt: skip
     assert held_out["itc_images"] == 16
     assert held_out["itc_text_to_image_r1"] >= 4 * 100 / 16, held_out
 
@@ -193,15 +198,8 @@ def test_itm_learns_to_tell_held_out_pairs_apart(tmp_path):
     """ITM alone, 800 steps on a 240-image world of 1-3 objects, the first 450 on its small scenes: held-out
     AUC over 60 unseen images (half paired with another image) was 0.88 and 0.92 for seeds 0 and 1
     (0.86 and 0.74 without the curriculum); the floor here is 0.75 (chance 0.5)."""
-    from cmal.training import pretrain
-
     compositional_world(tmp_path, num_images=300, held_out=60)
-    results = pretrain.main([
-        "--dataset", str(tmp_path), "--model_config", str(tmp_path / "tiny.json"), "--output_dir", str(tmp_path / "out"),
-        "--report_to", "none", "--num_warmup_steps", "5", "--logging_steps", "50", "--per_device_train_batch_size", "16",
-        "--mlm", "0", "--mrm", "0", "--amc", "0", "--itm", "1", "--itc", "0", "--curriculum_epochs", "30",
-        "--max_train_steps", "800", "--learning_rate", "1e-3",
-    ])  # fmt: skip
-    held_out = results["validation"]
+    held_out = held_out_after_pretraining(tmp_path, "--itm", "1", "--itc", "0", "--curriculum_epochs", "30",
+                                          "--max_train_steps", "800", "--learning_rate", "1e-3")  # fmt: skip
     assert held_out["itm_pairs"] == 60
     assert held_out["itm_auc"] >= 0.75, held_out
