@@ -39,10 +39,10 @@ def _groups(table) -> list:
     return table["question_type"] if "question_type" in table.column_names else [None] * len(table)
 
 
-def chance(world: dict, task) -> float:
+def chance(world: dict, task, split: str = "test") -> float:
     """Test accuracy of a uniform guess among the labels an example's text can have, or among the regions
     of its image for a task that points at a region."""
-    test = world[task.synthetic_table]["test"]
+    test = world[task.synthetic_table][split]
     if task.text_labels(test) is None:
         regions = {row["image_id"]: len(row["scores"]) for row in world["regions"].select_columns(["image_id", "scores"])}
         return float(np.mean([1 / regions[image_id] for image_id in test["image_id"]]))
@@ -51,12 +51,12 @@ def chance(world: dict, task) -> float:
     return float(np.mean([1 / (len(options[group]) if group else labels) for group in _groups(test)]))
 
 
-def text_floors(world: dict, task) -> dict[str, float]:
+def text_floors(world: dict, task, split: str = "test") -> dict[str, float]:
     """Test accuracy of the majority label (per question type), the exact-text lookup and the n-gram classifier."""
     from sklearn.feature_extraction.text import CountVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    train, test = world[task.synthetic_table]["train"], world[task.synthetic_table]["test"]
+    train, test = world[task.synthetic_table]["train"], world[task.synthetic_table][split]
     train_texts, train_labels = train[task.text_column], task.text_labels(train)
     test_texts, test_labels = test[task.text_column], np.asarray(task.text_labels(test))
     by_group = {}
@@ -77,14 +77,14 @@ def text_floors(world: dict, task) -> dict[str, float]:
     }
 
 
-def tag_floor(world: dict, task) -> float:
+def tag_floor(world: dict, task, split: str = "test") -> float:
     """REC by the detected tags alone: expected accuracy of a uniform pick among the regions tagged with the
     shape the expression names first (among all regions when none is)."""
     names = {word: synthetic.CONCEPT_NAMES.index(shape) for shape in synthetic.SHAPES
              for word in (shape, *synthetic.SHAPE_SYNONYMS.get(shape, []))}  # fmt: skip
     tags = {row["image_id"]: row["concept_ids"] for row in world["regions"].select_columns(["image_id", "concept_ids"])}
     scores = []
-    for item in world[task.synthetic_table]["test"]:
+    for item in world[task.synthetic_table][split]:
         words = item[task.text_column].split()  # "the <attributes> <noun> [<relation> the <anchor>]": the first noun
         concept = next(names[w] for w in words if w in names)
         image_tags = np.asarray(tags[item["image_id"]])
@@ -199,27 +199,27 @@ class RegionReader:
         return found[0]["row"] if found else -1
 
 
-def region_oracle(world: dict) -> dict[str, float]:
+def region_oracle(world: dict, split: str = "test") -> dict[str, float]:
     """Test accuracy of `RegionReader` per task: what the regions allow without learning (the ceiling)."""
     reader = RegionReader(world)
     scores = {}
     for name, read, truth in (("vqa", reader.vqa, lambda item: item["answers"][0]), ("ve", reader.ve, lambda item: item["label"]),
                               ("nlvr2", reader.nlvr2, lambda item: item["label"]), ("rec", reader.rec, lambda item: item["target_index"])):  # fmt: skip
-        test = world[TASKS[name].synthetic_table]["test"]
+        test = world[TASKS[name].synthetic_table][split]
         scores[name] = float(np.mean([read(item) == truth(item) for item in test]))
     return scores
 
 
-def floors(world: dict) -> dict[str, dict[str, float]]:
-    """{task: {"chance": ..., <floor>: ...}} on the test split, for every task with a class (text floors) or a
-    region (tag floor) to predict; retrieval, which ranks, has neither."""
-    table, oracle = {}, region_oracle(world)
+def floors(world: dict, split: str = "test") -> dict[str, dict[str, float]]:
+    """{task: {"chance": ..., <floor>: ...}} on `split`, for every task with a class (text floors) or a region
+    (tag floor) to predict; retrieval, which ranks, has neither. The readers learn from the train split."""
+    table, oracle = {}, region_oracle(world, split)
     for task in TASKS.values():
-        test = world[task.synthetic_table]["test"]
+        test = world[task.synthetic_table][split]
         if task.text_labels(test) is not None:
-            table[task.name] = {"chance": chance(world, task), **text_floors(world, task)}
+            table[task.name] = {"chance": chance(world, task, split), **text_floors(world, task, split)}
         elif task.target_column is not None:
-            table[task.name] = {"chance": chance(world, task), "tags": tag_floor(world, task)}
+            table[task.name] = {"chance": chance(world, task, split), "tags": tag_floor(world, task, split)}
         if task.name in table:
             table[task.name]["region oracle"] = oracle[task.name]
     return table
@@ -235,13 +235,13 @@ def gap_closed(accuracy: float, row: dict) -> float:
     return (accuracy - floor(row)) / (row["region oracle"] - floor(row))
 
 
-def markdown(table: dict, world: dict) -> str:
+def markdown(table: dict, world: dict, split: str = "test") -> str:
     columns = ["chance", "majority", "text lookup", "text classifier", "tags", "region oracle"]
     counts = world["world"]["counts"]
-    lines = ["| task | test items | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    lines = [f"| task | {split} items | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for task, row in table.items():
         cells = [f"{row[c]:.3f}" if c in row else "" for c in columns]
-        lines.append(f"| {task} | {counts[task]['test']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {task} | {counts[TASKS[task].synthetic_table][split]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -249,11 +249,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num_images", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", default="test", choices=["validation", "test"], help="Where the floors are scored.")
     parser.add_argument("--output", default=None, help="Also write the table as JSON here.")
     args = parser.parse_args(argv)
     world = synthetic.load_world(synthetic.default_world(num_images=args.num_images, seed=args.seed))
-    table = floors(world)
-    print(markdown(table, world))
+    table = floors(world, args.split)
+    print(markdown(table, world, args.split))
     if args.output:
         with open(args.output, "w") as f:
             json.dump(table, f, indent=2)

@@ -212,7 +212,7 @@ def main(argv=None):
     from cmal.training.data import synthetic
 
     world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images))  # built once, before the workers
-    floor_table = floors.floors(world)
+    floor_table = floors.floors(world, "validation")  # the split fine-tuning scores
     chance = {task: floor_table[task]["chance"] for task in TASKS}
     todo = units(args)
     start = time.perf_counter()

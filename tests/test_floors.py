@@ -62,8 +62,11 @@ def test_text_classifier_would_see_a_leak(world):
 
 
 def test_cli_prints_the_table(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(floors.synthetic, "default_world", lambda **kwargs: synthetic.build_world(tmp_path / "w", num_images=300))
+    path = synthetic.build_world(tmp_path / "w", num_images=300)
+    monkeypatch.setattr(floors.synthetic, "default_world", lambda **kwargs: path)
     table = floors.main(["--num_images", "300", "--output", str(tmp_path / "floors.json")])
     out = capsys.readouterr().out
     assert "| vqa |" in out and "| rec |" in out and (tmp_path / "floors.json").is_file()
     assert set(table) == {"vqa", "ve", "nlvr2", "rec"}
+    floors.main(["--num_images", "300", "--split", "validation"])
+    assert "| task | validation items |" in capsys.readouterr().out
