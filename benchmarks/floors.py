@@ -26,6 +26,7 @@ import argparse
 import json
 import re
 from collections import Counter
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -80,13 +81,12 @@ def text_floors(world: dict, task, split: str = "test") -> dict[str, float]:
 def tag_floor(world: dict, task, split: str = "test") -> float:
     """REC by the detected tags alone: expected accuracy of a uniform pick among the regions tagged with the
     shape the expression names first (among all regions when none is)."""
-    names = {word: synthetic.CONCEPT_NAMES.index(shape) for shape in synthetic.SHAPES
-             for word in (shape, *synthetic.SHAPE_SYNONYMS.get(shape, []))}  # fmt: skip
+    lexicon = synthetic.synthetic_lexicon()
     tags = {row["image_id"]: row["concept_ids"] for row in world["regions"].select_columns(["image_id", "concept_ids"])}
     scores = []
     for item in world[task.synthetic_table][split]:
         words = item[task.text_column].split()  # "the <attributes> <noun> [<relation> the <anchor>]": the first noun
-        concept = next(names[w] for w in words if w in names)
+        concept = next(c for c in map(lexicon.concept_of, words) if c >= 0)
         image_tags = np.asarray(tags[item["image_id"]])
         candidates = np.flatnonzero(image_tags == concept)
         if len(candidates) == 0:
@@ -99,8 +99,7 @@ def tag_floor(world: dict, task, split: str = "test") -> float:
 # The ceiling: a symbolic reader of the stored regions
 # ------------------------------------------------------------------------------------------------
 
-REL = "|".join(sorted((p for phrases in synthetic.RELATIONS.values() for p in phrases), key=len, reverse=True))
-RELATION_OF = {phrase: name for name, phrases in synthetic.RELATIONS.items() for phrase in phrases}
+REL, RELATION_OF = synthetic.RELATION_PATTERN, synthetic.RELATION_OF
 PALETTE = np.array(list(synthetic.COLOURS.values()), np.float64)
 LARGE_SIDE = 25  # pixels: small objects are 14-22 wide, large ones 28-40, before the detector's jitter
 
@@ -108,10 +107,11 @@ LARGE_SIDE = 25  # pixels: small objects are 14-22 wide, large ones 28-40, befor
 class RegionReader:
     """Reads an image as its regions show it, with nothing learnt: confident regions (score >= 0.5) are
     objects, the tag is the shape, the palette colour nearest the foreground's mean RGB is the colour, the
-    box gives the size and the place. Tag noise, jitter and distractors make it miss what they hide."""
+    box gives the size and the place. Tag noise, jitter and distractors make it miss what they hide.
+    Phrases are matched and relations tested as the world's generator does (`synthetic.described`,
+    `synthetic.relation_holds`)."""
 
     def __init__(self, world: dict):
-        self.lexicon = synthetic.synthetic_lexicon()
         self.images = {}
         columns = ["image_id", "image_width", "features", "boxes", "concept_ids", "scores"]
         for row in world["regions"].select_columns(columns).with_format("numpy"):
@@ -119,52 +119,38 @@ class RegionReader:
             features, boxes = np.asarray(row["features"], np.float64), np.asarray(row["boxes"]) * side
             rgb = features[:, 64:67] * 255
             objects = [
-                {"shape": synthetic.SHAPES[tag] if tag >= 0 else None,
-                 "colour": list(synthetic.COLOURS)[int(np.argmin(((PALETTE - rgb[k]) ** 2).sum(1)))],
-                 "size": "large" if max(boxes[k, 2] - boxes[k, 0], boxes[k, 3] - boxes[k, 1]) > LARGE_SIDE else "small",
-                 "centre": ((boxes[k, 0] + boxes[k, 2]) / 2, (boxes[k, 1] + boxes[k, 3]) / 2), "row": k}
+                SimpleNamespace(
+                    shape=synthetic.SHAPES[tag] if tag >= 0 else None,
+                    colour=list(synthetic.COLOURS)[int(np.argmin(((PALETTE - rgb[k]) ** 2).sum(1)))],
+                    size="large" if max(boxes[k, 2] - boxes[k, 0], boxes[k, 3] - boxes[k, 1]) > LARGE_SIDE else "small",
+                    centre=((boxes[k, 0] + boxes[k, 2]) / 2, (boxes[k, 1] + boxes[k, 3]) / 2), row=k,
+                )
                 for k, tag in enumerate(row["concept_ids"]) if row["scores"][k] >= 0.5
             ]  # fmt: skip
             self.images[row["image_id"]] = objects
 
-    def matching(self, objects: list, phrase: str) -> list:
-        """The objects that fit every size, colour and shape word of `phrase`."""
-        found = objects
-        for word in re.findall(r"[a-z]+", phrase):
-            concept = self.lexicon.concept_of(word)
-            if word in synthetic.SIZES:
-                found = [o for o in found if o["size"] == word]
-            elif word in synthetic.COLOURS:
-                found = [o for o in found if o["colour"] == word]
-            elif concept >= 0:
-                found = [o for o in found if o["shape"] == synthetic.SHAPES[concept]]
-        return found
-
-    @staticmethod
-    def holds(a: dict, b: dict, relation: str) -> bool:
-        return synthetic.relation_holds(SimpleNamespace(centre=a["centre"]), SimpleNamespace(centre=b["centre"]), relation)
-
     def referent(self, objects: list, expression: str) -> list:
         """The objects "the X" or "the X <relation> the Y" can mean."""
         if m := re.fullmatch(rf"the (.+?) ({REL}) the (.+)", expression):
-            anchors = self.matching(objects, m[3])
+            anchors = synthetic.described(objects, m[3])
             relation = RELATION_OF[m[2]]
-            return [o for o in self.matching(objects, m[1]) if any(o is not a and self.holds(o, a, relation) for a in anchors)]
-        return self.matching(objects, expression.removeprefix("the "))
+            return [o for o in synthetic.described(objects, m[1])
+                    if any(o is not a and synthetic.relation_holds(o, a, relation) for a in anchors)]  # fmt: skip
+        return synthetic.described(objects, expression)
 
     def vqa(self, item) -> str:
         objects, question = self.images[item["image_id"]], item["question"]
         if m := re.fullmatch(r"what (colour|shape) is the (.+)\?", question):
             found = self.referent(objects, "the " + m[2])
-            return found[0][m[1]] if found and found[0][m[1]] else "no"
+            return getattr(found[0], m[1]) if found and getattr(found[0], m[1]) else "no"
         if m := re.fullmatch(r"how many (.+) are there\?", question):
-            return str(len(self.matching(objects, m[1].removesuffix(" objects"))))
+            return str(len(synthetic.described(objects, m[1])))
         if m := re.fullmatch(r"is there an? (.+)\?", question):
-            return "yes" if self.matching(objects, m[1]) else "no"
+            return "yes" if synthetic.described(objects, m[1]) else "no"
         m = re.fullmatch(rf"what is ({REL}) the (.+)\?", question)
         anchors = self.referent(objects, "the " + m[2])
-        found = [o for o in objects if anchors and o is not anchors[0] and self.holds(o, anchors[0], RELATION_OF[m[1]])]
-        return found[0]["shape"] if found and found[0]["shape"] else "no"
+        found = [o for o in objects if anchors and o is not anchors[0] and synthetic.relation_holds(o, anchors[0], RELATION_OF[m[1]])]
+        return found[0].shape if found and found[0].shape else "no"
 
     def ve(self, item) -> int:
         objects, hypothesis = self.images[item["image_id"]], item["hypothesis"]
@@ -173,30 +159,31 @@ class RegionReader:
             if not first or not second:
                 return 2
             relation = RELATION_OF[m[2]]
-            return 0 if self.holds(first[0], second[0], relation) else 2 if self.holds(first[0], second[0], synthetic.OPPOSITE[relation]) else 1
+            holds = partial(synthetic.relation_holds, first[0], second[0])
+            return 0 if holds(relation) else 2 if holds(synthetic.OPPOSITE[relation]) else 1
         m = re.fullmatch(r"the (.+) is (\w+)\.", hypothesis)
-        fitting = {o["colour"] == m[2] for o in self.referent(objects, "the " + m[1])}
+        fitting = {o.colour == m[2] for o in self.referent(objects, "the " + m[1])}
         return 1 if fitting == {True, False} else 0 if fitting == {True} else 2
 
     def nlvr2(self, item) -> int:
         sides = {"left": self.images[item["left_image_id"]], "right": self.images[item["right_image_id"]]}
         sentence = item["sentence"]
         if m := re.fullmatch(r"the (left|right) image contains an? (.+)\.", sentence):
-            return int(bool(self.matching(sides[m[1]], m[2])))
+            return int(bool(synthetic.described(sides[m[1]], m[2])))
         if m := re.fullmatch(r"the (left|right) image contains exactly (\w+) objects?\.", sentence):
             return int(synthetic.NUMBER_WORDS.index(m[2]) == len(sides[m[1]]))
         if sentence == "the left image has more objects than the right image.":
             return int(len(sides["left"]) > len(sides["right"]))
         if m := re.fullmatch(r"there (?:is|are) (?:exactly )?(\w+) (.+) in total\.", sentence):
-            total = sum(len(self.matching(objects, m[2])) for objects in sides.values())
+            total = sum(len(synthetic.described(objects, m[2])) for objects in sides.values())
             return int(synthetic.NUMBER_WORDS.index(m[1]) == total)
         m = re.fullmatch(r"(both images|exactly one image|neither image) contains? an? (.+)\.", sentence)
-        has = [bool(self.matching(objects, m[2])) for objects in sides.values()]
+        has = [bool(synthetic.described(objects, m[2])) for objects in sides.values()]
         return int({"both images": all(has), "exactly one image": sum(has) == 1, "neither image": not any(has)}[m[1]])
 
     def rec(self, item) -> int:
         found = self.referent(self.images[item["image_id"]], item["expression"])
-        return found[0]["row"] if found else -1
+        return found[0].row if found else -1
 
 
 def region_oracle(world: dict, split: str = "test") -> dict[str, float]:

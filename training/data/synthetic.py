@@ -527,16 +527,22 @@ def captions_for(scene: Scene, rng) -> list[str]:
 
 
 _NUMBER = {word: n for n, word in enumerate(NUMBER_WORDS)} | {"a": 1, "an": 1}
-_REL_PHRASES = "|".join(sorted((p for phrases in RELATIONS.values() for p in phrases), key=len, reverse=True))
-_RELATION_OF = {phrase: name for name, phrases in RELATIONS.items() for phrase in phrases}
+# A regular expression matching any relation phrase (longest first), and the relation each phrase names.
+RELATION_PATTERN = "|".join(sorted((p for phrases in RELATIONS.values() for p in phrases), key=len, reverse=True))
+RELATION_OF = {phrase: name for name, phrases in RELATIONS.items() for phrase in phrases}
 
 
-def _described(scene: Scene, phrase: str) -> list[SceneObject]:
-    """The objects of `scene` that fit every size, colour and shape word of `phrase` ("small red ball")."""
-    lexicon = synthetic_lexicon()
-    found = list(scene.objects)
-    for word in phrase.split():
-        concept = lexicon.concept_of(word)
+@functools.cache
+def _lexicon() -> AnchorLexicon:
+    return synthetic_lexicon()
+
+
+def described(objects, phrase: str) -> list:
+    """The objects (anything with `size`, `colour` and `shape`) that fit every size, colour and shape word of
+    `phrase` ("small red ball"); other words ("the", "objects") are ignored."""
+    found = list(objects)
+    for word in re.findall(r"[a-z]+", phrase):
+        concept = _lexicon().concept_of(word)
         if word in SIZES or word in COLOURS:
             found = [o for o in found if word in (o.size, o.colour)]
         elif concept >= 0:
@@ -550,15 +556,15 @@ def caption_holds(caption: str, scene: Scene) -> bool:
     the number of objects and the example match. Keeps an ITM negative from being a true pair."""
     text = caption.removesuffix(".").removesuffix(" on a grey background")
     if m := re.fullmatch(r"a scene with (?:a single object|(\w+) objects, among them):? an? (.+)", text):
-        return len(scene.objects) == _NUMBER.get(m[1] or "one", -1) and bool(_described(scene, m[2]))
-    if m := re.fullmatch(rf"an? (.+?) (?:is )?({_REL_PHRASES}) an? (.+)", text):
-        relation = _RELATION_OF[m[2]]
+        return len(scene.objects) == _NUMBER.get(m[1] or "one", -1) and bool(described(scene.objects, m[2]))
+    if m := re.fullmatch(rf"an? (.+?) (?:is )?({RELATION_PATTERN}) an? (.+)", text):
+        relation = RELATION_OF[m[2]]
         return any(a is not b and relation_holds(a, b, relation, margin=0)
-                   for a in _described(scene, m[1]) for b in _described(scene, m[3]))  # fmt: skip
+                   for a in described(scene.objects, m[1]) for b in described(scene.objects, m[3]))  # fmt: skip
     text = re.sub(r"^(an image with |there (?:is|are) )", "", text)
     for part in re.split(r", | and ", text):
         number, _, phrase = part.partition(" ")
-        found = _described(scene, phrase)
+        found = described(scene.objects, phrase)
         if not found if number in ("a", "an") else len(found) != _NUMBER.get(number, -1):
             return False
     return True
