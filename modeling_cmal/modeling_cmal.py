@@ -1086,6 +1086,10 @@ def image_text_contrastive_loss(
     return logits, (F.cross_entropy(kept, targets) + F.cross_entropy(kept.t(), targets)) / 2
 
 
+# The inputs that describe the image, not the text: what a hard negative takes from another example.
+_IMAGE_INPUTS = ("visual_feats", "visual_pos", "visual_attention_mask", "region_concept_ids", "region_scores")
+
+
 def hard_negative_pairs(
     similarity: torch.Tensor, pairs: torch.BoolTensor, visual_feats: torch.Tensor
 ) -> tuple[torch.LongTensor, torch.LongTensor]:
@@ -1100,9 +1104,9 @@ def hard_negative_pairs(
     features = visual_feats[rows].flatten(1).float()
     same = torch.cdist(features, features) == 0
     logits = logits.masked_fill(same, float("-inf"))
+    has = ~same.all(dim=1)  # `same` is symmetric: the same rows have another image and another text
     texts, images = [], []
     for scores, flip in ((logits, False), (logits.t(), True)):  # per text over images, per image over texts
-        has = ~same.all(dim=1)
         drawn = torch.multinomial(scores[has].softmax(dim=1), 1).flatten()
         kept = rows[has.nonzero().flatten()]
         texts.append(rows[drawn] if flip else kept)
@@ -1552,14 +1556,10 @@ class CMALForPreTraining(CMALPreTrainedModel):
                 if itm_labels is not None and config.itm_weight > 0 and config.itm_hard_negatives and self.training:
                     texts, images = hard_negative_pairs(itc_logits.detach(), pairs, visual_feats)
                     if len(texts):
-                        text_inputs = dict(input_ids=clean_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                           token_type_ids=token_type_ids, token_concept_ids=token_concept_ids)  # fmt: skip
-                        image_inputs = dict(visual_feats=visual_feats, visual_pos=visual_pos, visual_attention_mask=visual_attention_mask,
-                                            region_concept_ids=region_concept_ids, region_scores=region_scores)  # fmt: skip
+                        inputs = dict(regions, input_ids=clean_ids, inputs_embeds=inputs_embeds)
                         negatives = self.cmal(
                             anchor_selection=no_swap[texts], return_dict=True,
-                            **{k: None if v is None else v[texts] for k, v in text_inputs.items()},
-                            **{k: None if v is None else v[images] for k, v in image_inputs.items()},
+                            **{k: None if v is None else v[images if k in _IMAGE_INPUTS else texts] for k, v in inputs.items()},
                         )  # fmt: skip
                         itm_scored.append(self.itm_head(negatives.pooler_output))
                         itm_targets.append(itm_labels.new_zeros(len(texts)))
