@@ -54,6 +54,8 @@ ABLATIONS = {
     "CMAL, AMC region part only": ["--amc_parts", "region"],
     "CMAL, AMC pointer part only": ["--amc_parts", "pointer"],
 }
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="outputs/objectives")
@@ -144,14 +146,19 @@ def mean_std(values) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "—"
 
 
+def runs(results, condition, fraction) -> list[dict]:
+    """The results of a condition at a corpus fraction, one per seed (condition a's, whatever the fraction)."""
+    return [r for r in results if r["condition"] == condition and r["fraction"] in (fraction, None)]
+
+
 def cells(results, condition, fraction, task) -> list[float]:
-    return [r[task] for r in results if r["condition"] == condition and r["fraction"] in (fraction, None)]
+    return [r[task] for r in runs(results, condition, fraction)]
 
 
 def gap_closed(results, condition, fraction, floor_table) -> list[float]:
     """Per seed, the mean over tasks of (accuracy - floor) / (region oracle - floor)."""
-    runs = [r for r in results if r["condition"] == condition and r["fraction"] in (fraction, None)]
-    return [float(np.mean([floors.gap_closed(r[task], floor_table[task]) for task in TASKS])) for r in runs]
+    return [float(np.mean([floors.gap_closed(r[task], floor_table[task]) for task in TASKS]))
+            for r in runs(results, condition, fraction)]  # fmt: skip
 
 
 def tables(results, args, floor_table) -> str:
