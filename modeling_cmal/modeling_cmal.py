@@ -773,6 +773,9 @@ class CMALUnimodalEncoder(nn.Module):
         self.config = config
         self.embeddings = embeddings
         self.layer = nn.ModuleList([CMALLayer(config) for _ in range(num_layers)])
+        if not config.unimodal_final_layer_norm and num_layers > 0:
+            # After a LayerNorm every position already has (nearly) the sphere's norm: the sphere would only rescale.
+            self.layer[-1].output.LayerNorm = nn.Identity()
         self.hypersphere = CMALHypersphere(config)
 
     def forward(self, *embedding_inputs, attention_mask: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from conftest import FEAT_DIM, NUM_CONCEPTS, VOCAB_SIZE, make_inputs, run_without_project, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForVisualQuestionAnswering
 
@@ -328,6 +329,25 @@ def test_hypersphere_puts_features_on_a_sphere():
     torch.testing.assert_close(plain(**inputs).text_features.norm(dim=-1), torch.full((3, 8), 3.0 * scale))
 
 
+@pytest.mark.parametrize("final_layer_norm", [True, False])
+def test_hypersphere_constrains_only_without_the_final_layer_norm(final_layer_norm):
+    """After a LayerNorm every position has nearly one norm, so the sphere only rescales; without it the sphere
+    is what bounds the features (`unimodal_final_layer_norm=False`, the `mini` preset)."""
+    inputs = make_inputs()
+    config = tiny_config(unimodal_final_layer_norm=final_layer_norm, hidden_dropout_prob=0.0)
+    model = CMALModel(config).eval()
+    assert isinstance(model.visual_encoder.layer[-1].output.LayerNorm, nn.LayerNorm) is final_layer_norm
+    with torch.no_grad():  # as after training: the last feed-forward no longer adds a near-zero update
+        model.text_encoder.layer[-1].output.dense.weight.normal_(generator=torch.Generator().manual_seed(0))
+    assert isinstance(model.text_encoder.layer[-1].attention.output.LayerNorm, nn.LayerNorm)  # only the last one goes
+    torch.testing.assert_close(model(**inputs).text_features.norm(dim=-1), torch.full((3, 8), config.hypersphere_init_scale))
+    plain = CMALModel(tiny_config(unimodal_final_layer_norm=final_layer_norm, hypersphere=False, hidden_dropout_prob=0.0))
+    plain.load_state_dict(model.state_dict(), strict=False)
+    norms = plain.eval()(**inputs).text_features.norm(dim=-1)
+    spread = (norms.std() / norms.mean()).item()
+    assert spread < 0.01 if final_layer_norm else spread > 0.05
+
+
 # ------------------------------------------------------------------------------------------------
 # Attention backends, gradient checkpointing, padding
 # ------------------------------------------------------------------------------------------------
@@ -451,6 +471,7 @@ def test_auto_map_names_local_files(tmp_path):
 REMOTE_LOAD = """
 import inspect, json, sys
 import torch
+from torch import nn
 from transformers import AutoModel, AutoModelForVisualQuestionAnswering
 
 folder = sys.argv[1]
