@@ -147,6 +147,22 @@ def test_evaluation_equals_the_metric_computed_by_hand(corpus, tmp_path):
     assert results["accuracy"] == pytest.approx(sum(correct) / len(correct))
 
 
+def test_eval_steps_give_a_learning_curve_without_changing_the_training(corpus, tmp_path):
+    root, files = corpus
+    data = ["--task", "ve", *real_args("ve", root, files), "--regions", str(root / "regions")]
+    plain = finetune.main(common(tmp_path / "plain", 6) + data)
+    curved = finetune.main(common(tmp_path / "curved", 6, "--eval_steps", "2") + data)
+    assert [point["step"] for point in curved["learning_curve"]] == [2, 4, 6]
+    assert curved["learning_curve"][-1] == {"step": 6, **curved["eval"]}
+    assert plain["eval"]["eval_loss"] == pytest.approx(curved["eval"]["eval_loss"], rel=1e-5)
+    assert len(plain["learning_curve"]) == 1
+    saved = json.loads((tmp_path / "curved" / "train_results.json").read_text())
+    assert saved["learning_curve"][0]["accuracy"] == curved["learning_curve"][0]["accuracy"]
+    weights = [CMALForImageTextClassification.from_pretrained(tmp_path / name).state_dict() for name in ("plain", "curved")]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value)
+
+
 def test_loss_falls_from_scratch_and_from_a_pretrained_folder(corpus, tmp_path):
     root, files = corpus
     # SNLI-VE's hypotheses here decide the label alone: a model that learns at all fits them. Without

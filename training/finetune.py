@@ -84,6 +84,8 @@ def parse_args(argv=None):
     model.add_argument("--negative_probability", type=float, default=0.5, help="Retrieval: share of mismatched pairs.")
     add_training_args(p, None, batch_size=32, learning_rate=3e-4, epochs=4, warmup=50)
     p.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    p.add_argument("--eval_steps", type=int, default=0,
+                   help="Also score the validation split every N steps: `learning_curve` in train_results.json.")
     args = p.parse_args(argv)
     args.output_dir = args.output_dir or f"outputs/cmal-{args.task}"
     if args.train_file is None and any([args.validation_file, args.train_annotations, args.regions]):
@@ -225,13 +227,15 @@ def main(argv=None):
     model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(accelerator, args, model, train_dataloader)
     if eval_dataloader is not None:
         eval_dataloader = accelerator.prepare(eval_dataloader)
+    scored = None if eval_dataloader is None else lambda: evaluate(model, eval_dataloader, accelerator, task, references, id2label)
     results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps,
-                    description=f"fine-tuning {task.name}")  # fmt: skip
+                    description=f"fine-tuning {task.name}", evaluate=scored, eval_steps=args.eval_steps)  # fmt: skip
 
     metrics = {}
-    if eval_dataloader is not None:
-        metrics = evaluate(model, eval_dataloader, accelerator, task, references, id2label)
+    if scored is not None:
+        metrics = scored()
         accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=results["steps"])
+        results["learning_curve"].append({"step": results["steps"], **metrics})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)

@@ -21,14 +21,16 @@ CHECKPOINT = re.compile(r"step_(\d+)")
 
 
 def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, max_steps: int,
-          loss_names=("loss",), description: str = "training") -> dict:  # fmt: skip
+          loss_names=("loss",), description: str = "training", evaluate=None, eval_steps: int = 0) -> dict:  # fmt: skip
     """Run `max_steps` optimizer steps over the prepared `dataloader`, from `--resume_from_checkpoint` if given.
 
     Logs the mean of each of `loss_names` the model returns over the last `--logging_steps` steps (mean
     over micro-batches and processes per step), checkpoints every `--checkpointing_steps`, and stops every
     process on a NaN/inf loss. The collator draws its masks and negatives per (seed, epoch, example), so
-    it is told the epoch. Returns steps, global batch size, last learning rate, seconds, the share of them
-    spent waiting for data, and each loss's mean over the first and the last logging window.
+    it is told the epoch. `evaluate()` (a dict of metrics), when given, runs every `eval_steps` steps: its
+    results make the learning curve. Returns steps, global batch size, last learning rate, seconds, the share
+    of them spent waiting for data, each loss's mean over the first and the last logging window, and the
+    learning curve (`[{"step": N, **metrics}]`; evaluation time is not training time).
     """
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(max_steps / steps_per_epoch)
@@ -40,7 +42,7 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
 
     progress = tqdm(total=max_steps, initial=completed, disable=not accelerator.is_local_main_process, desc=description)
     window = {name: [] for name in loss_names}
-    first_losses, pending, data_seconds = None, [], 0.0
+    first_losses, pending, data_seconds, curve = None, [], 0.0, []
     start = tick = time.perf_counter()
     model.train()
     for epoch in range(start_epoch, num_epochs):
@@ -74,6 +76,13 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
                 if completed % args.logging_steps == 0:
                     accelerator.log({**{f"train/{k}": v for k, v in means.items()}, "train/lr": scheduler.get_last_lr()[0]},
                                     step=completed)  # fmt: skip
+                if evaluate is not None and eval_steps and completed % eval_steps == 0 and completed < max_steps:
+                    paused = time.perf_counter()
+                    # A DataLoader draws its seed from the global RNG: evaluating must not change what training draws next.
+                    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+                        curve.append({"step": completed, **evaluate()})
+                    accelerator.log({f"eval/{k}": v for k, v in curve[-1].items() if isinstance(v, float)}, step=completed)
+                    start += time.perf_counter() - paused
                 if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, args, completed)
                 if completed >= max_steps:
@@ -92,6 +101,7 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
         "data_loading_share": data_seconds / max(seconds, 1e-9),
         "first_losses": first_losses,
         "final_losses": {name: sum(v) / len(v) for name, v in window.items() if v},
+        "learning_curve": curve,
     }
 
 
