@@ -186,9 +186,9 @@ class RegionReader:
         return found[0].row if found else -1
 
 
-def region_oracle(world: dict, split: str = "test") -> dict[str, float]:
+def region_oracle(world: dict, split: str = "test", reader: RegionReader | None = None) -> dict[str, float]:
     """Test accuracy of `RegionReader` per task: what the regions allow without learning (the ceiling)."""
-    reader = RegionReader(world)
+    reader = reader or RegionReader(world)
     scores = {}
     for name, read, truth in (("vqa", reader.vqa, lambda item: item["answers"][0]), ("ve", reader.ve, lambda item: item["label"]),
                               ("nlvr2", reader.nlvr2, lambda item: item["label"]), ("rec", reader.rec, lambda item: item["target_index"])):  # fmt: skip
@@ -197,10 +197,27 @@ def region_oracle(world: dict, split: str = "test") -> dict[str, float]:
     return scores
 
 
+def retrieval(world: dict, split: str = "test", num_images: int = 50, reader: RegionReader | None = None) -> dict:
+    """Text->image R@1 over the first `num_images` images of the split (as `finetune.py --task retrieval`
+    scores it): chance, and the region oracle, which ranks first, in random order, the images whose regions
+    `RegionReader` finds the caption true of (`synthetic.caption_holds`). A text alone ranks no image, so
+    its floor is chance. A caption true of k images caps R@1 at 1/k: the oracle is below 1 by design."""
+    reader = reader or RegionReader(world)
+    table = world[TASKS["retrieval"].synthetic_table][split]
+    images = list(dict.fromkeys(table["image_id"]))[:num_images]
+    scores = []
+    for item in table:
+        if item["image_id"] in images:
+            fits = [image for image in images if synthetic.caption_holds(item["text"], SimpleNamespace(objects=reader.images[image]))]
+            scores.append(float(item["image_id"] in fits) / max(1, len(fits)))
+    return {"chance": 1 / len(images), "region oracle": float(np.mean(scores))}
+
+
 def floors(world: dict, split: str = "test") -> dict[str, dict[str, float]]:
-    """{task: {"chance": ..., <floor>: ...}} on `split`, for every task with a class (text floors) or a region
-    (tag floor) to predict; retrieval, which ranks, has neither. The readers learn from the train split."""
-    table, oracle = {}, region_oracle(world, split)
+    """{task: {"chance": ..., <floor>: ...}} on `split`: per task with a class (text floors) or a region (tag
+    floor) to predict, and text->image R@1 for retrieval. The readers learn from the train split."""
+    reader = RegionReader(world)
+    table, oracle = {}, region_oracle(world, split, reader)
     for task in TASKS.values():
         test = world[task.synthetic_table][split]
         if task.text_labels(test) is not None:
@@ -209,6 +226,7 @@ def floors(world: dict, split: str = "test") -> dict[str, dict[str, float]]:
             table[task.name] = {"chance": chance(world, task, split), "tags": tag_floor(world, task, split)}
         if task.name in table:
             table[task.name]["region oracle"] = oracle[task.name]
+    table["retrieval"] = retrieval(world, split, reader=reader)
     return table
 
 

@@ -52,6 +52,13 @@ def test_the_regions_answer_far_above_every_floor(table, task):
     assert floors.gap_closed(floors.floor(row), row) == 0 and floors.gap_closed(row["region oracle"], row) == pytest.approx(1)
 
 
+def test_retrieval_has_chance_and_a_ceiling_below_one(table):
+    """A caption true of k of the 50 images caps text->image R@1 at 1/k, even for the region oracle."""
+    row = table["retrieval"]
+    assert row["chance"] == pytest.approx(1 / 50)
+    assert 0.5 < row["region oracle"] < 0.95 and floors.floor(row) == row["chance"], row
+
+
 def test_text_classifier_would_see_a_leak(world):
     """The floor check can fail: labels that follow the text (VE labelled by its first word) are found."""
     leaky = dict(world)
@@ -66,7 +73,7 @@ def test_cli_prints_the_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(floors.synthetic, "default_world", lambda **kwargs: path)
     table = floors.main(["--num_images", "300", "--output", str(tmp_path / "floors.json")])
     out = capsys.readouterr().out
-    assert "| vqa |" in out and "| rec |" in out and (tmp_path / "floors.json").is_file()
-    assert set(table) == {"vqa", "ve", "nlvr2", "rec"}
+    assert "| vqa |" in out and "| rec |" in out and "| retrieval |" in out and (tmp_path / "floors.json").is_file()
+    assert set(table) == {"vqa", "ve", "nlvr2", "rec", "retrieval"}
     floors.main(["--num_images", "300", "--split", "validation"])
     assert "| task | validation items |" in capsys.readouterr().out
