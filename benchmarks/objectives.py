@@ -1,27 +1,31 @@
 """The objective study: does associative mapping (CMAL) pre-train better than a contrastive baseline?
 
-    python benchmarks/objectives.py                       # the default grid: 2 CPU workers, several hours
+    python benchmarks/objectives.py --curves              # first: from-scratch learning curves -> the budgets
+    python benchmarks/objectives.py                       # the default grid: 2 CPU workers, many hours
     python benchmarks/objectives.py --seeds 0 --fractions 0.25 1.0 --no_ablations   # a quick look
-    python benchmarks/objectives.py --model_config small --finetune_steps 600        # bigger
 
 On the synthetic world, pre-train with
   (a) nothing (fine-tune from random weights),
-  (b) contrastive: ITC + ITM + MLM, no anchor swaps (the CMCL-style baseline),
+  (b) contrastive: ITC + ITM + MLM, no anchor swaps (the ALBEF-style baseline: ITM negatives are ITC's
+      hard negatives only, as in ALBEF),
   (c) CMAL: AMC + ITM + MLM + MRM,
   (d) CMAL + ITC,
 each on 25 / 50 / 100% of the pre-training images (`--corpus_fraction`: the same epochs, so less data is
-also less compute) and several seeds; then fine-tune every checkpoint on VQA, VE, NLVR2 and REC with the
-same budget (`--finetune_steps` at batch 32, no anchor swaps while fine-tuning) and score the validation
-split. Each task is read against its floor (the best score without the image) and the region oracle's
-ceiling (`benchmarks/floors.py`): gap closed = (accuracy - floor) / (oracle - floor), averaged over tasks.
+also less compute) and several seeds; then fine-tune every checkpoint on VQA, VE, NLVR2, REC and retrieval
+with each budget of `--finetune_steps` (batch 32, no anchor swaps while fine-tuning; a long budget where
+from-scratch fine-tuning has converged, `--curves`, and a short one) and score the validation split.
+Each task is read against its floor (the best score without the image) and the region oracle's ceiling
+(`benchmarks/floors.py`): gap closed = (accuracy - floor) / (oracle - floor), averaged over VQA, VE,
+NLVR2 and REC; retrieval (text->image R@1 over 50 images, floor = chance) is reported beside it.
 Ablations of CMAL at 100%: no hypersphere, masking without the swap (`--anchor_fill mask`), and each AMC
 part alone. (a) does not depend on the fraction, so it runs once per seed.
 
 Every run is `training/pretrain.py` / `training/finetune.py` called in-process (`main(argv)`) by one of
 `--jobs` worker processes, one CPU thread each. Each pre-training unit (with its fine-tunes) writes
-`<output_dir>/<unit>/result.json` atomically, so a killed study resumes where it stopped. At the end
-the tables (accuracy and mean gap closed, mean ± std over seeds) go to `table.md`, the plot to
-`objectives.png`, every number (the floors too) to `results.json`.
+`<output_dir>/<unit>/result.json` atomically, so a killed study resumes where it stopped; units run seed by
+seed, ablations last, so a cut-short study has whole seeds. At the end the tables (accuracy and mean gap
+closed, mean +- std over seeds, per budget) go to `table.md`, the plot to `objectives.png`, every number
+(the floors too) to `results.json`.
 """
 
 import argparse
@@ -39,13 +43,21 @@ import numpy as np
 from cmal.training import tasks
 
 
-TASKS = ("vqa", "ve", "nlvr2", "rec")  # the tasks with floors and a ceiling (benchmarks/floors.py)
+TASKS = ("vqa", "ve", "nlvr2", "rec")  # the mean gap closed is over these (benchmarks/floors.py)
+STUDY_TASKS = (*TASKS, "retrieval")
+# What the study reads of each task's validation results, and by what it divides it (recall is in percent).
+METRICS = {name: (tasks.TASKS[name].main_metric, 1) for name in TASKS} | {"retrieval": ("text_to_image_r1", 100)}
+# The contrastive baseline as tuned on the default world (held-out text->image R@1 of its own pre-training
+# over 200 images, chance 0.5%, region oracle 68.8%): ITC weight 1 at lr 1e-3 reached 1.6%, weight 5 4.7%,
+# weight 1 at lr 3e-4 5.3%, weight 5 at lr 3e-4 19.1%. ITM learns only from ITC's hard negatives, as in ALBEF.
+CONTRASTIVE = ["--itc", "5", "--mrm", "0", "--amc", "0", "--anchor_mask_prob", "0", "--itm_negative_probability", "0",
+               "--learning_rate", "3e-4"]  # fmt: skip
 # Pre-training flags of each condition on top of pretrain.py's defaults (MLM, MRM, ITM, AMC on; ITC off).
 CONDITIONS = {
     "a: none": None,
-    "b: contrastive (ITC+ITM+MLM)": ["--itc", "1", "--mrm", "0", "--amc", "0", "--anchor_mask_prob", "0"],
+    "b: contrastive (ITC+ITM+MLM)": CONTRASTIVE,
     "c: CMAL (AMC+ITM+MLM+MRM)": [],
-    "d: CMAL + ITC": ["--itc", "1"],
+    "d: CMAL + ITC": ["--itc", "5"],
 }
 ABLATIONS = {
     "CMAL, no hypersphere": ["--no_hypersphere"],
@@ -65,21 +77,29 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--pretrain_epochs", type=int, default=12,
                    help="Epochs over the (fraction of the) corpus; the first 6 are pretrain.py's small-scene curriculum.")
-    p.add_argument("--finetune_steps", type=int, default=200, help="Fine-tuning steps per task (batch 32).")
+    p.add_argument("--finetune_steps", type=int, nargs="+", default=[200, 2000],
+                   help="Fine-tuning budgets (steps at batch 32), each a run per task: short, and where from-scratch "
+                        "fine-tuning has converged on every task (`--curves`: REC last, at about 2000).")
     p.add_argument("--finetune_learning_rate", type=float, default=3e-4)
     p.add_argument("--no_ablations", action="store_true")
+    p.add_argument("--curves", action="store_true",
+                   help="Instead of the study: fine-tune from scratch for --curve_steps, scoring every --curve_every.")
+    p.add_argument("--curve_steps", type=int, default=3000)
+    p.add_argument("--curve_every", type=int, default=250)
     p.add_argument("--jobs", type=int, default=2, help="Worker processes (one CPU thread each).")
     return p.parse_args(argv)
 
 
 def units(args) -> list[dict]:
-    """Every pre-training unit: a condition, a corpus fraction and a seed (a: no pre-training)."""
+    """Every pre-training unit: a condition, a corpus fraction and a seed (a: no pre-training); seed by seed,
+    then the ablations."""
     out = []
     for seed in args.seeds:
         for name, flags in CONDITIONS.items():
             for fraction in [None] if flags is None else args.fractions:
                 out.append(dict(condition=name, flags=flags, fraction=fraction, seed=seed))
-        if not args.no_ablations:
+    if not args.no_ablations:
+        for seed in args.seeds:
             for name, flags in ABLATIONS.items():
                 out.append(dict(condition=name, flags=flags, fraction=1.0, seed=seed))
     for unit in out:
@@ -103,10 +123,26 @@ def init_worker():
     logging.disable(logging.WARNING)
 
 
+def finetune_run(args, task, init, seed, output, steps, extra=()) -> dict:
+    """One `finetune.py` run; its folder is deleted, the results kept."""
+    from cmal.training import finetune
+
+    run = finetune.main(["--synthetic_images", str(args.synthetic_images), "--seed", str(seed), "--report_to", "none",
+                         "--task", task, *init, "--output_dir", output, "--anchor_mask_prob", "0",
+                         "--max_train_steps", str(steps), "--learning_rate", str(args.finetune_learning_rate), *extra])  # fmt: skip
+    shutil.rmtree(output)
+    return run
+
+
+def score(task, metrics) -> float:
+    metric, scale = METRICS[task]
+    return metrics[metric] / scale
+
+
 def run_unit(job) -> dict:
-    """Pre-train (unless condition a), fine-tune on each task, keep only the metrics."""
+    """Pre-train (unless condition a), fine-tune on each task with each budget, keep only the metrics."""
     unit, args = job
-    from cmal.training import finetune, pretrain
+    from cmal.training import pretrain
 
     folder = os.path.join(args.output_dir, unit["name"])
     result_file = os.path.join(folder, "result.json")
@@ -114,32 +150,41 @@ def run_unit(job) -> dict:
         with open(result_file) as f:
             return json.load(f)
     os.makedirs(folder, exist_ok=True)
-    common = ["--synthetic_images", str(args.synthetic_images), "--seed", str(unit["seed"]), "--report_to", "none"]
     start = time.perf_counter()
-    result = {key: unit[key] for key in ("name", "condition", "fraction", "seed")}
+    result = {key: unit[key] for key in ("name", "condition", "fraction", "seed")} | {"scores": {}}
     with open(os.path.join(folder, "log.txt"), "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         if unit["flags"] is None:
             init = ["--model_config", args.model_config]
         else:
             pretrained = os.path.join(folder, "pretrained")
-            losses = pretrain.main([*common, "--model_config", args.model_config, "--output_dir", pretrained,
-                                    "--num_train_epochs", str(args.pretrain_epochs),
-                                    "--corpus_fraction", str(unit["fraction"]), *unit["flags"]])  # fmt: skip
-            result["pretrain_steps"] = losses["steps"]
-            result["pretrain_final_losses"] = losses["final_losses"]
+            run = pretrain.main(["--synthetic_images", str(args.synthetic_images), "--seed", str(unit["seed"]),
+                                 "--report_to", "none", "--model_config", args.model_config, "--output_dir", pretrained,
+                                 "--num_train_epochs", str(args.pretrain_epochs),
+                                 "--corpus_fraction", str(unit["fraction"]), *unit["flags"]])  # fmt: skip
+            result |= {"pretrain_steps": run["steps"], "pretrain_final_losses": run["final_losses"],
+                       "pretrain_validation": run.get("validation", {})}  # fmt: skip
             init = ["--model_name_or_path", pretrained]
-        for task in TASKS:
-            output = os.path.join(folder, task)
-            run = finetune.main([*common, "--task", task, *init, "--output_dir", output, "--anchor_mask_prob", "0",
-                                 "--max_train_steps", str(args.finetune_steps),
-                                 "--learning_rate", str(args.finetune_learning_rate)])  # fmt: skip
-            result[task] = run["eval"][tasks.TASKS[task].main_metric]
-            shutil.rmtree(output)  # the metric is all the study needs
+        for steps in args.finetune_steps:
+            result["scores"][str(steps)] = {
+                task: score(task, finetune_run(args, task, init, unit["seed"], os.path.join(folder, task), steps)["eval"])
+                for task in STUDY_TASKS
+            }
     result["seconds"] = time.perf_counter() - start
     with open(result_file + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
     os.replace(result_file + ".tmp", result_file)
     return result
+
+
+def run_curve(job) -> dict:
+    """From-scratch fine-tuning of one task, scored every `--curve_every` steps: where does it converge?"""
+    task, args = job
+    output = os.path.join(args.output_dir, "curves", task)
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        run = finetune_run(args, task, ["--model_config", args.model_config], 0, output, args.curve_steps,
+                           ["--eval_steps", str(args.curve_every)])  # fmt: skip
+    return {"task": task, "curve": [{"step": point["step"], "score": score(task, point)} for point in run["learning_curve"]],
+            "train_seconds": run["train_seconds"]}  # fmt: skip
 
 
 def mean_std(values) -> str:
@@ -151,60 +196,78 @@ def runs(results, condition, fraction) -> list[dict]:
     return [r for r in results if r["condition"] == condition and r["fraction"] in (fraction, None)]
 
 
-def cells(results, condition, fraction, task) -> list[float]:
-    return [r[task] for r in runs(results, condition, fraction)]
+def cells(results, condition, fraction, task, steps) -> list[float]:
+    return [r["scores"][str(steps)][task] for r in runs(results, condition, fraction)]
 
 
-def gap_closed(results, condition, fraction, floor_table) -> list[float]:
-    """Per seed, the mean over tasks of (accuracy - floor) / (region oracle - floor)."""
-    return [float(np.mean([floors.gap_closed(r[task], floor_table[task]) for task in TASKS]))
+def gap_closed(results, condition, fraction, floor_table, steps) -> list[float]:
+    """Per seed, the mean over VQA/VE/NLVR2/REC of (accuracy - floor) / (region oracle - floor)."""
+    return [float(np.mean([floors.gap_closed(r["scores"][str(steps)][task], floor_table[task]) for task in TASKS]))
             for r in runs(results, condition, fraction)]  # fmt: skip
 
 
 def tables(results, args, floor_table) -> str:
-    fractions = args.fractions
-    lines = [
-        "| pre-training | " + " | ".join(f"{task} @ {100 * f:g}%" for task in TASKS for f in fractions) + " |",
-        "|---|" + "---|" * (len(TASKS) * len(fractions)),
-        "| chance | " + " | ".join(f"{floor_table[task]['chance']:.3f}" for task in TASKS for f in fractions) + " |",
-        "| floor (no image) | " + " | ".join(f"{floors.floor(floor_table[task]):.3f}" for task in TASKS for f in fractions) + " |",
-        "| region oracle | " + " | ".join(f"{floor_table[task]['region oracle']:.3f}" for task in TASKS for f in fractions) + " |",
-    ]
-    for condition in CONDITIONS:
-        row = [mean_std(cells(results, condition, f, task)) for task in TASKS for f in fractions]
-        lines.append(f"| {condition} | " + " | ".join(row) + " |")
-    lines += ["", "| pre-training: mean gap closed over " + ", ".join(TASKS) + " | "
-              + " | ".join(f"{100 * f:g}%" for f in fractions) + " |", "|---|" + "---|" * len(fractions)]  # fmt: skip
-    for condition in CONDITIONS:
-        lines.append(f"| {condition} | " + " | ".join(mean_std(gap_closed(results, condition, f, floor_table)) for f in fractions) + " |")
+    """Per budget: accuracy (retrieval: text->image R@1) and the mean gap closed; then the ablations at the
+    longest budget."""
+    fractions, out = args.fractions, []
+    for steps in args.finetune_steps:
+        lines = [
+            f"**{steps} fine-tuning steps**", "",
+            "| pre-training | " + " | ".join(f"{task} @ {100 * f:g}%" for task in STUDY_TASKS for f in fractions) + " |",
+            "|---|" + "---|" * (len(STUDY_TASKS) * len(fractions)),
+        ]  # fmt: skip
+        for name, value in (("chance", lambda row: row["chance"]), ("floor (no image)", floors.floor),
+                            ("region oracle", lambda row: row["region oracle"])):  # fmt: skip
+            lines.append(f"| {name} | " + " | ".join(f"{value(floor_table[task]):.3f}" for task in STUDY_TASKS for f in fractions) + " |")
+        for condition in CONDITIONS:
+            row = [mean_std(cells(results, condition, f, task, steps)) for task in STUDY_TASKS for f in fractions]
+            lines.append(f"| {condition} | " + " | ".join(row) + " |")
+        lines += ["", "| pre-training: mean gap closed over " + ", ".join(TASKS) + " | "
+                  + " | ".join(f"{100 * f:g}%" for f in fractions) + " |", "|---|" + "---|" * len(fractions)]  # fmt: skip
+        for condition in CONDITIONS:
+            gaps = [mean_std(gap_closed(results, condition, f, floor_table, steps)) for f in fractions]
+            lines.append(f"| {condition} | " + " | ".join(gaps) + " |")
+        out.append("\n".join(lines))
     if not args.no_ablations:
-        lines += ["", "| ablation (100% corpus) | " + " | ".join(TASKS) + " | mean of tasks |", "|---|" + "---|" * (len(TASKS) + 1)]
+        steps = max(args.finetune_steps)
+        lines = [f"| ablation (100% corpus, {steps} steps) | " + " | ".join(STUDY_TASKS) + " | mean gap closed |",
+                 "|---|" + "---|" * (len(STUDY_TASKS) + 1)]  # fmt: skip
         for condition in ["c: CMAL (AMC+ITM+MLM+MRM)", *ABLATIONS]:
-            per_task = [cells(results, condition, 1.0, task) for task in TASKS]
-            average = list(np.mean(per_task, axis=0)) if all(per_task) else []
-            lines.append(f"| {condition} | " + " | ".join(mean_std(v) for v in per_task) + f" | {mean_std(average)} |")
+            per_task = [mean_std(cells(results, condition, 1.0, task, steps)) for task in STUDY_TASKS]
+            lines.append(f"| {condition} | " + " | ".join(per_task) + f" | {mean_std(gap_closed(results, condition, 1.0, floor_table, steps))} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def curve_table(curves) -> str:
+    steps = [point["step"] for point in curves[0]["curve"]]
+    lines = ["| step | " + " | ".join(c["task"] for c in curves) + " |", "|---|" + "---|" * len(curves)]
+    for i, step in enumerate(steps):
+        lines.append(f"| {step} | " + " | ".join(f"{c['curve'][i]['score']:.3f}" for c in curves) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(results, args, chance, path):
+def plot(results, args, floor_table, path):
+    """Accuracy against the share of pre-training images, per task, at the longest fine-tuning budget."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(10, 3.2), dpi=80)
+    steps = max(args.finetune_steps)
+    fig, axes = plt.subplots(1, len(STUDY_TASKS), figsize=(12, 3.2), dpi=80)
     x = [100 * f for f in args.fractions]
-    for ax, task in zip(axes, TASKS):
+    for ax, task in zip(axes, STUDY_TASKS):
         for condition, flags in CONDITIONS.items():
-            values = [cells(results, condition, f, task) for f in args.fractions]
+            values = [cells(results, condition, f, task, steps) for f in args.fractions]
             means, stds = np.array([np.mean(v) for v in values]), np.array([np.std(v) for v in values])
             if flags is None:  # no pre-training: one level for every fraction
                 ax.plot(x, means, "--", color="gray", label=condition)
                 ax.fill_between(x, means - stds, means + stds, color="gray", alpha=0.2)
             else:
                 ax.errorbar(x, means, yerr=stds, marker="o", capsize=3, label=condition)
-        ax.axhline(chance[task], color="black", linewidth=0.8, linestyle=":", label="chance")
-        ax.set_title(f"{task}: {tasks.TASKS[task].main_metric}")
+        ax.axhline(floors.floor(floor_table[task]), color="black", linewidth=0.8, linestyle=":", label="floor (no image)")
+        ax.set_title(f"{task}: {METRICS[task][0]}")
         ax.set_xlabel("% of pre-training images")
         ax.set_xticks(x)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -213,32 +276,45 @@ def plot(results, args, chance, path):
     fig.savefig(path)
 
 
+def write(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
     from cmal.training.data import synthetic
 
     world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images))  # built once, before the workers
-    floor_table = floors.floors(world, "validation")  # the split fine-tuning scores
-    chance = {task: floor_table[task]["chance"] for task in TASKS}
-    todo = units(args)
     start = time.perf_counter()
+    if args.curves:
+        with get_context("spawn").Pool(args.jobs, initializer=init_worker) as pool:
+            curves = pool.map(run_curve, [(task, args) for task in STUDY_TASKS])
+        table = curve_table(curves)
+        write(os.path.join(args.output_dir, "curves.json"), json.dumps({"args": vars(args), "curves": curves}, indent=2))
+        write(os.path.join(args.output_dir, "curves.md"), table)
+        print(table + f"from-scratch learning curves in {(time.perf_counter() - start) / 60:.1f} min")
+        return curves
+    floor_table = floors.floors(world, "validation")  # the split fine-tuning scores
+    todo = units(args)
     results = []
     with get_context("spawn").Pool(args.jobs, initializer=init_worker) as pool:
         for result in pool.imap_unordered(run_unit, [(unit, args) for unit in todo]):
             results.append(result)
+            last = result["scores"][str(max(args.finetune_steps))]
             print(f"[{len(results)}/{len(todo)} {time.perf_counter() - start:.0f} s] {result['name']}: "
-                  + ", ".join(f"{task} {result[task]:.3f}" for task in TASKS), flush=True)  # fmt: skip
+                  + ", ".join(f"{task} {last[task]:.3f}" for task in STUDY_TASKS), flush=True)  # fmt: skip
     wall = time.perf_counter() - start
     table = tables(results, args, floor_table)
-    plot(results, args, chance, os.path.join(args.output_dir, "objectives.png"))
+    plot(results, args, floor_table, os.path.join(args.output_dir, "objectives.png"))
     summary = {"args": vars(args), "floors": floor_table, "wall_seconds": wall, "results": sorted(results, key=lambda r: r["name"])}
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(args.output_dir, "table.md"), "w") as f:
-        f.write(table)
+    write(os.path.join(args.output_dir, "results.json"), json.dumps(summary, indent=2))
+    write(os.path.join(args.output_dir, "table.md"), table)
     print(table)
     print(f"{len(results)} units in {wall / 60:.1f} min with {args.jobs} workers; plot: {args.output_dir}/objectives.png")
+    return summary
 
 
 if __name__ == "__main__":

@@ -16,53 +16,65 @@ import objectives  # noqa: E402
 
 def test_default_grid():
     units = objectives.units(objectives.parse_args([]))
-    # (a) once per seed; (b)-(d) per fraction and seed; 5 ablations at 100% per seed.
+    # (a) once per seed; (b)-(d) per fraction and seed; then 5 ablations at 100% per seed.
     assert len(units) == 3 * (1 + 3 * 3) + 3 * 5
     assert len({unit["name"] for unit in units}) == len(units)
     scratch = [unit for unit in units if unit["flags"] is None]
     assert [unit["name"] for unit in scratch] == ["a-s0", "a-s1", "a-s2"]
     assert sorted({unit["fraction"] for unit in units if unit["flags"] is not None}) == [0.25, 0.5, 1.0]
+    # whole seeds first, so a study cut short has comparable conditions
+    assert [unit["seed"] for unit in units[:30]] == [0] * 10 + [1] * 10 + [2] * 10
+    assert all(unit["condition"] in objectives.ABLATIONS for unit in units[30:])
+
+
+def scores(vqa, ve, nlvr2, rec, retrieval=0.1):
+    return {"200": {"vqa": vqa, "ve": ve, "nlvr2": nlvr2, "rec": rec, "retrieval": retrieval}}
 
 
 def test_table_gives_mean_and_std_over_seeds_and_the_gap_closed():
-    args = objectives.parse_args(["--fractions", "1.0", "--seeds", "0", "1"])
+    args = objectives.parse_args(["--fractions", "1.0", "--seeds", "0", "1", "--finetune_steps", "200"])
     results = []
     for seed, offset in ((0, 0.0), (1, 0.2)):
-        results.append({"condition": "a: none", "fraction": None, "seed": seed, "vqa": 0.1 + offset, "ve": 0.5, "nlvr2": 0.5, "rec": 0.3})
+        results.append({"condition": "a: none", "fraction": None, "seed": seed, "scores": scores(0.1 + offset, 0.5, 0.5, 0.3)})
         for condition in [*list(objectives.CONDITIONS)[1:], *objectives.ABLATIONS]:
-            results.append({"condition": condition, "fraction": 1.0, "seed": seed, "vqa": 0.4, "ve": 0.6 + offset, "nlvr2": 0.7, "rec": 0.2})
+            results.append({"condition": condition, "fraction": 1.0, "seed": seed, "scores": scores(0.4, 0.6 + offset, 0.7, 0.2)})
     floor_table = {task: {"chance": chance, "tags": floor, "region oracle": 0.9}
-                   for task, chance, floor in (("vqa", 0.05, 0.05), ("ve", 0.33, 0.33), ("nlvr2", 0.5, 0.5), ("rec", 0.15, 0.4))}  # fmt: skip
+                   for task, chance, floor in (("vqa", 0.05, 0.05), ("ve", 0.33, 0.33), ("nlvr2", 0.5, 0.5), ("rec", 0.15, 0.4),
+                                               ("retrieval", 0.02, 0.02))}  # fmt: skip
     table = objectives.tables(results, args, floor_table)
     accuracy, gaps, ablations = ({line.split(" | ")[0].lstrip("| "): line for line in part.splitlines()}
-                                 for part in table.strip().split("\n\n"))  # fmt: skip
-    assert accuracy["a: none"] == "| a: none | 0.200 ± 0.100 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.300 ± 0.000 |"
-    assert accuracy["chance"] == "| chance | 0.050 | 0.330 | 0.500 | 0.150 |"
-    assert accuracy["floor (no image)"] == "| floor (no image) | 0.050 | 0.330 | 0.500 | 0.400 |"
+                                 for part in table.strip().split("\n\n")[1:])  # fmt: skip
+    assert table.startswith("**200 fine-tuning steps**")
+    assert accuracy["a: none"] == "| a: none | 0.200 ± 0.100 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.300 ± 0.000 | 0.100 ± 0.000 |"
+    assert accuracy["chance"] == "| chance | 0.050 | 0.330 | 0.500 | 0.150 | 0.020 |"
+    assert accuracy["floor (no image)"] == "| floor (no image) | 0.050 | 0.330 | 0.500 | 0.400 | 0.020 |"
     # gap closed of a, per seed: mean of (0.1|0.3 - 0.05) / 0.85, (0.5 - 0.33) / 0.57, 0 / 0.4, (0.3 - 0.4) / 0.5
     per_seed = [np.mean([(vqa - 0.05) / 0.85, 0.17 / 0.57, 0.0, -0.1 / 0.5]) for vqa in (0.1, 0.3)]
     assert gaps["a: none"] == f"| a: none | {np.mean(per_seed):.3f} ± {np.std(per_seed):.3f} |"
-    # ablation rows add the mean over tasks: per seed (0.4+0.6+0.7+0.2)/4 and (0.4+0.8+0.7+0.2)/4
-    assert ablations["CMAL, mask only (no swap)"].endswith("| 0.200 ± 0.000 | 0.500 ± 0.025 |")
+    # ablation rows end with the mean gap closed: per seed of (0.4|0.4 - 0.05) / 0.85, (0.6|0.8 - 0.33) / 0.57, ...
+    per_seed = [np.mean([0.35 / 0.85, (ve - 0.33) / 0.57, 0.2 / 0.4, -0.2 / 0.5]) for ve in (0.6, 0.8)]
+    assert ablations["CMAL, mask only (no swap)"].endswith(f"| 0.100 ± 0.000 | {np.mean(per_seed):.3f} ± {np.std(per_seed):.3f} |")
 
 
 def test_tiny_study_runs_and_resumes(tmp_path):
     argv = ["--output_dir", str(tmp_path), "--model_config", "tiny", "--synthetic_images", "200", "--seeds", "0",
-            "--fractions", "1.0", "--pretrain_epochs", "1", "--finetune_steps", "2", "--no_ablations", "--jobs", "1"]  # fmt: skip
+            "--fractions", "1.0", "--pretrain_epochs", "1", "--finetune_steps", "1", "2", "--no_ablations", "--jobs", "1"]  # fmt: skip
     objectives.main(argv)
     summary = json.loads((tmp_path / "results.json").read_text())
     assert sorted(r["name"] for r in summary["results"]) == ["a-s0", "b-f1-s0", "c-f1-s0", "d-f1-s0"]
     for result in summary["results"]:
-        assert all(0 <= result[task] <= 1 for task in objectives.TASKS), result
+        assert set(result["scores"]) == {"1", "2"}
+        assert all(0 <= result["scores"]["2"][task] <= 1 for task in objectives.STUDY_TASKS), result
         assert (result["condition"] == "a: none") == ("pretrain_steps" not in result)
-    contrastive = next(r for r in summary["results"] if r["name"] == "b-f1-s0")["pretrain_final_losses"]
-    assert "itc_loss" in contrastive and "amc_token_loss" not in contrastive and "mrm_feature_loss" not in contrastive
+    contrastive = next(r for r in summary["results"] if r["name"] == "b-f1-s0")
+    assert "itc_loss" in contrastive["pretrain_final_losses"] and "amc_token_loss" not in contrastive["pretrain_final_losses"]
+    assert "mrm_feature_loss" not in contrastive["pretrain_final_losses"] and "itc_images" in contrastive["pretrain_validation"]
     cmal = next(r for r in summary["results"] if r["name"] == "c-f1-s0")["pretrain_final_losses"]
     assert "amc_token_loss" in cmal and "mrm_feature_loss" in cmal and "itc_loss" not in cmal
     assert not (tmp_path / "c-f1-s0" / "vqa").exists()  # fine-tuned weights are dropped, the metric kept
     with Image.open(tmp_path / "objectives.png") as image:
         assert image.size[0] > 400
-    assert (tmp_path / "table.md").read_text().count("\n| ") >= 5
+    assert (tmp_path / "table.md").read_text().count("\n| ") >= 10
 
     # A second run finds every unit done and redoes none of them.
     logs = {path: os.path.getmtime(path) for path in tmp_path.glob("*/log.txt")}
@@ -70,3 +82,13 @@ def test_tiny_study_runs_and_resumes(tmp_path):
     assert {path: os.path.getmtime(path) for path in tmp_path.glob("*/log.txt")} == logs
     assert json.loads((tmp_path / "results.json").read_text())["results"] == summary["results"]
 
+
+def test_curves_score_from_scratch_fine_tuning_along_the_way(tmp_path):
+    argv = ["--output_dir", str(tmp_path), "--model_config", "tiny", "--synthetic_images", "200", "--curves",
+            "--curve_steps", "4", "--curve_every", "2", "--jobs", "1"]  # fmt: skip
+    curves = objectives.main(argv)
+    assert [c["task"] for c in curves] == list(objectives.STUDY_TASKS)
+    assert all([point["step"] for point in c["curve"]] == [2, 4] for c in curves)
+    assert all(0 <= point["score"] <= 1 for c in curves for point in c["curve"])
+    assert (tmp_path / "curves.md").read_text().splitlines()[2].startswith("| 2 | ")
+    assert not (tmp_path / "curves" / "vqa").exists()
