@@ -86,6 +86,8 @@ def parse_args(argv=None):
                    help="Instead of the study: fine-tune from scratch for --curve_steps, scoring every --curve_every.")
     p.add_argument("--curve_steps", type=int, default=3000)
     p.add_argument("--curve_every", type=int, default=250)
+    p.add_argument("--report", action="store_true",
+                   help="Run nothing: tabulate the units already done (a study still running or cut short).")
     p.add_argument("--jobs", type=int, default=2, help="Worker processes (one CPU thread each).")
     return p.parse_args(argv)
 
@@ -259,13 +261,14 @@ def plot(results, args, floor_table, path):
     x = [100 * f for f in args.fractions]
     for ax, task in zip(axes, STUDY_TASKS):
         for condition, flags in CONDITIONS.items():
-            values = [cells(results, condition, f, task, steps) for f in args.fractions]
-            means, stds = np.array([np.mean(v) for v in values]), np.array([np.std(v) for v in values])
+            done = [(x_, v) for x_, f in zip(x, args.fractions) if (v := cells(results, condition, f, task, steps))]
+            at = [x_ for x_, _ in done]
+            means, stds = np.array([np.mean(v) for _, v in done]), np.array([np.std(v) for _, v in done])
             if flags is None:  # no pre-training: one level for every fraction
-                ax.plot(x, means, "--", color="gray", label=condition)
-                ax.fill_between(x, means - stds, means + stds, color="gray", alpha=0.2)
+                ax.plot(at, means, "--", color="gray", label=condition)
+                ax.fill_between(at, means - stds, means + stds, color="gray", alpha=0.2)
             else:
-                ax.errorbar(x, means, yerr=stds, marker="o", capsize=3, label=condition)
+                ax.errorbar(at, means, yerr=stds, marker="o", capsize=3, label=condition)
         ax.axhline(floors.floor(floor_table[task]), color="black", linewidth=0.8, linestyle=":", label="floor (no image)")
         ax.set_title(f"{task}: {METRICS[task][0]}")
         ax.set_xlabel("% of pre-training images")
@@ -300,20 +303,25 @@ def main(argv=None):
     floor_table = floors.floors(world, "validation")  # the split fine-tuning scores
     todo = units(args)
     results = []
-    with get_context("spawn").Pool(args.jobs, initializer=init_worker) as pool:
-        for result in pool.imap_unordered(run_unit, [(unit, args) for unit in todo]):
-            results.append(result)
-            last = result["scores"][str(max(args.finetune_steps))]
-            print(f"[{len(results)}/{len(todo)} {time.perf_counter() - start:.0f} s] {result['name']}: "
-                  + ", ".join(f"{task} {last[task]:.3f}" for task in STUDY_TASKS), flush=True)  # fmt: skip
-    wall = time.perf_counter() - start
+    if args.report:
+        todo = [unit for unit in todo if os.path.isfile(os.path.join(args.output_dir, unit["name"], "result.json"))]
+        results = [run_unit((unit, args)) for unit in todo]  # each reads its result.json
+    else:
+        with get_context("spawn").Pool(args.jobs, initializer=init_worker) as pool:
+            for result in pool.imap_unordered(run_unit, [(unit, args) for unit in todo]):
+                results.append(result)
+                last = result["scores"][str(max(args.finetune_steps))]
+                print(f"[{len(results)}/{len(todo)} {time.perf_counter() - start:.0f} s] {result['name']}: "
+                      + ", ".join(f"{task} {last[task]:.3f}" for task in STUDY_TASKS), flush=True)  # fmt: skip
+    wall = sum(r["seconds"] for r in results) / args.jobs if args.report else time.perf_counter() - start
     table = tables(results, args, floor_table)
     plot(results, args, floor_table, os.path.join(args.output_dir, "objectives.png"))
     summary = {"args": vars(args), "floors": floor_table, "wall_seconds": wall, "results": sorted(results, key=lambda r: r["name"])}
     write(os.path.join(args.output_dir, "results.json"), json.dumps(summary, indent=2))
     write(os.path.join(args.output_dir, "table.md"), table)
     print(table)
-    print(f"{len(results)} units in {wall / 60:.1f} min with {args.jobs} workers; plot: {args.output_dir}/objectives.png")
+    how = "(their own times over the workers)" if args.report else "with"
+    print(f"{len(results)} units in {wall / 60:.1f} min {how} {args.jobs} workers; plot: {args.output_dir}/objectives.png")
     return summary
 
 

@@ -81,6 +81,11 @@ def test_tiny_study_runs_and_resumes(tmp_path):
     objectives.main(argv)
     assert {path: os.path.getmtime(path) for path in tmp_path.glob("*/log.txt")} == logs
     assert json.loads((tmp_path / "results.json").read_text())["results"] == summary["results"]
+    # --report tabulates what is done, running nothing: here a study cut short after its first unit
+    (tmp_path / "b-f1-s0" / "result.json").unlink()
+    report = objectives.main([*argv, "--report"])
+    assert [r["name"] for r in report["results"]] == ["a-s0", "c-f1-s0", "d-f1-s0"]
+    assert not (tmp_path / "b-f1-s0" / "result.json").exists() and "| b: contrastive (ITC+ITM+MLM) | — |" in (tmp_path / "table.md").read_text()
 
 
 def test_curves_score_from_scratch_fine_tuning_along_the_way(tmp_path):
