@@ -81,7 +81,7 @@ def test_tiny_study_runs_and_resumes(tmp_path):
     objectives.main(argv)
     assert {path: os.path.getmtime(path) for path in tmp_path.glob("*/log.txt")} == logs
     assert json.loads((tmp_path / "results.json").read_text())["results"] == summary["results"]
-    # --report tabulates what is done, running nothing: here a study cut short after its first unit
+    # --report tabulates what is done, running nothing: here unit b has not finished
     (tmp_path / "b-f1-s0" / "result.json").unlink()
     report = objectives.main([*argv, "--report"])
     assert [r["name"] for r in report["results"]] == ["a-s0", "c-f1-s0", "d-f1-s0"]
