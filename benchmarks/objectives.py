@@ -47,9 +47,9 @@ TASKS = ("vqa", "ve", "nlvr2", "rec")  # the mean gap closed is over these (benc
 STUDY_TASKS = (*TASKS, "retrieval")
 # What the study reads of each task's validation results, and by what it divides it (recall is in percent).
 METRICS = {name: (tasks.TASKS[name].main_metric, 1) for name in TASKS} | {"retrieval": ("text_to_image_r1", 100)}
-# The contrastive baseline as tuned on the default world (held-out text->image R@1 of its own pre-training
-# over 200 images, chance 0.5%, 68.8% for a reader of the true scenes): ITC weight 1 at lr 1e-3 reached 1.6%, weight 5 4.7%,
-# weight 1 at lr 3e-4 5.3%, weight 5 at lr 3e-4 19.1%. ITM learns only from ITC's hard negatives, as in ALBEF.
+# The contrastive baseline as tuned on the default world (held-out text->image R@1 of its own pre-training over
+# 200 images; chance 0.5%, a reader of the true scenes 68.8%): ITC weight 1 at lr 1e-3 reached 1.6%, weight 5
+# 4.7%, weight 1 at lr 3e-4 5.3%, weight 5 at lr 3e-4 19.1%. ITM learns only from ITC's hard negatives (ALBEF).
 CONTRASTIVE = ["--itc", "5", "--mrm", "0", "--amc", "0", "--anchor_mask_prob", "0", "--itm_negative_probability", "0",
                "--learning_rate", "3e-4"]  # fmt: skip
 # Pre-training flags of each condition on top of pretrain.py's defaults (MLM, MRM, ITM, AMC on; ITC off).
