@@ -106,9 +106,9 @@ class CMALConfig(PreTrainedConfig):
             `sqrt(hidden_size)`, the norm of a LayerNorm output, so the sphere changes no magnitude.
         unimodal_final_layer_norm (`bool`, defaults to `True`): end each uni-modal encoder's last layer
             with its LayerNorm, as BERT does. A LayerNorm output already has a near-constant norm, so after
-            it the hypersphere only rescales (measured: per-position norms within 0.3% of each other).
+            it the hypersphere only rescales (measured: per-position norms within 1% of each other).
             `False` drops that LayerNorm: the hypersphere (or, without it, nothing) is then what bounds the
-            uni-modal features (measured after pre-training: norms vary by 12% (text) and 29% (regions)
+            uni-modal features (measured after pre-training: norms vary by 12% (text) and 25% (regions)
             before the sphere). The `mini` preset uses `False`; `True` keeps BERT's layout and earlier
             checkpoints as they were.
         anchor_mask_prob (`float`, defaults to 0.3): in training, the probability that one anchor
