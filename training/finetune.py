@@ -231,11 +231,7 @@ def main(argv=None):
     results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps,
                     description=f"fine-tuning {task.name}", evaluate=scored, eval_steps=args.eval_steps)  # fmt: skip
 
-    metrics = {}
-    if scored is not None:
-        metrics = scored()
-        accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=results["steps"])
-        results["learning_curve"].append({"step": results["steps"], **metrics})
+    metrics = {k: v for k, v in results["learning_curve"][-1].items() if k != "step"} if scored is not None else {}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)

@@ -27,10 +27,11 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
     Logs the mean of each of `loss_names` the model returns over the last `--logging_steps` steps (mean
     over micro-batches and processes per step), checkpoints every `--checkpointing_steps`, and stops every
     process on a NaN/inf loss. The collator draws its masks and negatives per (seed, epoch, example), so
-    it is told the epoch. `evaluate()` (a dict of metrics), when given, runs every `eval_steps` steps: its
-    results make the learning curve. Returns steps, global batch size, last learning rate, seconds, the share
-    of them spent waiting for data, each loss's mean over the first and the last logging window, and the
-    learning curve (`[{"step": N, **metrics}]`; evaluation time is not training time).
+    it is told the epoch. `evaluate()` (a dict of metrics), when given, runs every `eval_steps` steps and at
+    the end: its results make the learning curve, whose last point is the final evaluation. Returns steps,
+    global batch size, last learning rate, seconds, the share of them spent waiting for data, each loss's
+    mean over the first and the last logging window, and the learning curve (`[{"step": N, **metrics}]`;
+    evaluation time is not training time).
     """
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(max_steps / steps_per_epoch)
@@ -43,6 +44,13 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
     progress = tqdm(total=max_steps, initial=completed, disable=not accelerator.is_local_main_process, desc=description)
     window = {name: [] for name in loss_names}
     first_losses, pending, data_seconds, curve = None, [], 0.0, []
+
+    def evaluate_at(step: int) -> None:
+        # A DataLoader draws its seed from the global RNG: evaluating must not change what training draws next.
+        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+            curve.append({"step": step, **evaluate()})
+        accelerator.log({f"eval/{k}": v for k, v in curve[-1].items() if isinstance(v, float)}, step=step)
+
     start = tick = time.perf_counter()
     model.train()
     for epoch in range(start_epoch, num_epochs):
@@ -78,10 +86,7 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
                                     step=completed)  # fmt: skip
                 if evaluate is not None and eval_steps and completed % eval_steps == 0 and completed < max_steps:
                     paused = time.perf_counter()
-                    # A DataLoader draws its seed from the global RNG: evaluating must not change what training draws next.
-                    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-                        curve.append({"step": completed, **evaluate()})
-                    accelerator.log({f"eval/{k}": v for k, v in curve[-1].items() if isinstance(v, float)}, step=completed)
+                    evaluate_at(completed)
                     start += time.perf_counter() - paused
                 if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, args, completed)
@@ -92,6 +97,8 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
             break
     progress.close()
     seconds = time.perf_counter() - start
+    if evaluate is not None:
+        evaluate_at(completed)
     accelerator.wait_for_everyone()
     return {
         "steps": completed,
