@@ -204,13 +204,13 @@ def retrieval(world: dict, split: str = "test", num_images: int = 50, reader: Re
     its floor is chance. A caption true of k images caps R@1 at 1/k: the oracle is below 1 by design."""
     reader = reader or RegionReader(world)
     table = world[TASKS["retrieval"].synthetic_table][split]
-    images = list(dict.fromkeys(table["image_id"]))[:num_images]
+    scenes = {image: SimpleNamespace(objects=reader.images[image]) for image in list(dict.fromkeys(table["image_id"]))[:num_images]}
     scores = []
     for item in table:
-        if item["image_id"] in images:
-            fits = [image for image in images if synthetic.caption_holds(item["text"], SimpleNamespace(objects=reader.images[image]))]
+        if item["image_id"] in scenes:
+            fits = [image for image, scene in scenes.items() if synthetic.caption_holds(item["text"], scene)]
             scores.append(float(item["image_id"] in fits) / max(1, len(fits)))
-    return {"chance": 1 / len(images), "region oracle": float(np.mean(scores))}
+    return {"chance": 1 / len(scenes), "region oracle": float(np.mean(scores))}
 
 
 def floors(world: dict, split: str = "test") -> dict[str, dict[str, float]]:

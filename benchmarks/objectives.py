@@ -41,6 +41,7 @@ import floors  # benchmarks/floors.py, beside this script
 import numpy as np
 
 from cmal.training import tasks
+from cmal.training.utils import write_json
 
 
 TASKS = ("vqa", "ve", "nlvr2", "rec")  # the mean gap closed is over these (benchmarks/floors.py)
@@ -84,8 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--no_ablations", action="store_true")
     p.add_argument("--curves", action="store_true",
                    help="Instead of the study: fine-tune from scratch for --curve_steps, scoring every --curve_every.")
-    p.add_argument("--curve_steps", type=int, default=3000)
-    p.add_argument("--curve_every", type=int, default=250)
+    p.add_argument("--curve_steps", type=int, default=2400)
+    p.add_argument("--curve_every", type=int, default=200)
     p.add_argument("--report", action="store_true",
                    help="Run nothing: tabulate the units already done (a study still running or cut short).")
     p.add_argument("--jobs", type=int, default=2, help="Worker processes (one CPU thread each).")
@@ -172,9 +173,7 @@ def run_unit(job) -> dict:
                 for task in STUDY_TASKS
             }
     result["seconds"] = time.perf_counter() - start
-    with open(result_file + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(result_file + ".tmp", result_file)
+    write_json(result_file, result)
     return result
 
 
@@ -279,7 +278,8 @@ def plot(results, args, floor_table, path):
     fig.savefig(path)
 
 
-def write(path, text):
+def write_text(path, text):
+    """Through a temporary file and a rename, as `write_json`: a reader never sees half a table."""
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
@@ -296,8 +296,8 @@ def main(argv=None):
         with get_context("spawn").Pool(args.jobs, initializer=init_worker) as pool:
             curves = pool.map(run_curve, [(task, args) for task in STUDY_TASKS])
         table = curve_table(curves)
-        write(os.path.join(args.output_dir, "curves.json"), json.dumps({"args": vars(args), "curves": curves}, indent=2))
-        write(os.path.join(args.output_dir, "curves.md"), table)
+        write_json(os.path.join(args.output_dir, "curves.json"), {"args": vars(args), "curves": curves})
+        write_text(os.path.join(args.output_dir, "curves.md"), table)
         print(table + f"from-scratch learning curves in {(time.perf_counter() - start) / 60:.1f} min")
         return curves
     floor_table = floors.floors(world, "validation")  # the split fine-tuning scores
@@ -317,8 +317,8 @@ def main(argv=None):
     table = tables(results, args, floor_table)
     plot(results, args, floor_table, os.path.join(args.output_dir, "objectives.png"))
     summary = {"args": vars(args), "floors": floor_table, "wall_seconds": wall, "results": sorted(results, key=lambda r: r["name"])}
-    write(os.path.join(args.output_dir, "results.json"), json.dumps(summary, indent=2))
-    write(os.path.join(args.output_dir, "table.md"), table)
+    write_json(os.path.join(args.output_dir, "results.json"), summary)
+    write_text(os.path.join(args.output_dir, "table.md"), table)
     print(table)
     how = "(their own times over the workers)" if args.report else "with"
     print(f"{len(results)} units in {wall / 60:.1f} min {how} {args.jobs} workers; plot: {args.output_dir}/objectives.png")

@@ -40,8 +40,9 @@ COCO_CONCEPT_NAMES = [
 ]  # fmt: skip
 
 # Named sizes. `tiny` is for tests, `mini` is the default pre-training run's (1,500 steps in about five
-# minutes on 2 CPU cores; trained from scratch, so the hypersphere replaces the encoders' last LayerNorm), `small` pre-trains on a laptop CPU in tens of minutes, `base` matches
-# BERT-base in width and, along the text path (text layers + unified layers), in depth.
+# minutes on 2 CPU cores; trained from scratch, so the hypersphere replaces the encoders' last LayerNorm),
+# `small` pre-trains on a laptop CPU in tens of minutes, `base` matches BERT-base in width and, along the
+# text path (text layers + unified layers), in depth.
 CMAL_PRESETS = {
     "tiny": dict(
         hidden_size=32, num_attention_heads=4, intermediate_size=64,
