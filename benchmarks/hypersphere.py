@@ -21,7 +21,8 @@ from cmal.training import pretrain
 def sphere_inputs(folder: str, synthetic_images: int = 2000, batch_size: int = 32) -> dict[str, dict[str, float]]:
     """{modality: {"mean", "std", "radius"}} of the norms entering each hypersphere on one validation batch."""
     model = CMALForPreTraining.from_pretrained(folder).eval()
-    args = pretrain.parse_args(["--per_device_train_batch_size", str(batch_size), "--synthetic_images", str(synthetic_images)])
+    args = pretrain.parse_args(["--per_device_train_batch_size", str(batch_size), "--synthetic_images", str(synthetic_images),
+                                "--mlm_probability", "0", "--mrm_probability", "0"])  # the clean pass: nothing masked
     corpus = pretrain.load_corpus(args)
     loader = pretrain.validation_loader(args, pretrain.validation_pairs(corpus), CMALProcessor.from_pretrained(folder),
                                         Accelerator(cpu=True), negative_probability=0.0)  # fmt: skip
