@@ -83,6 +83,9 @@ def parse_args(argv=None):
                         "fine-tuning has converged on every task (`--curves`: REC last, at about 2000).")
     p.add_argument("--finetune_learning_rate", type=float, default=3e-4)
     p.add_argument("--no_ablations", action="store_true")
+    p.add_argument("--units", nargs="+", metavar="NAME",
+                   help="Run only these units of the grid, in this order (e.g. c-f0.25-s1 b-f1-s1): the cells a "
+                        "comparison needs first, when the whole grid does not fit the time at hand.")
     p.add_argument("--curves", action="store_true",
                    help="Instead of the study: fine-tune from scratch for --curve_steps, scoring every --curve_every.")
     p.add_argument("--curve_steps", type=int, default=2400)
@@ -107,8 +110,15 @@ def units(args) -> list[dict]:
                 out.append(dict(condition=name, flags=flags, fraction=1.0, seed=seed))
     for unit in out:
         slug = unit["condition"].split(":")[0] if ":" in unit["condition"] else unit["condition"]
-        slug = "".join(c if c.isalnum() else "-" for c in slug.lower()).strip("-")
+        slug = "-".join("".join(c if c.isalnum() else " " for c in slug.lower()).split())
         unit["name"] = f"{slug}-s{unit['seed']}" if unit["fraction"] is None else f"{slug}-f{unit['fraction']:g}-s{unit['seed']}"
+    if args.units:
+        by_name = {unit["name"]: unit for unit in out}
+        unknown = [name for name in args.units if name not in by_name]
+        if unknown:
+            raise SystemExit(f"--units: {', '.join(unknown)} not in the grid of --seeds/--fractions; its units are: "
+                             + " ".join(by_name))  # fmt: skip
+        out = [by_name[name] for name in args.units]
     return out
 
 
@@ -189,7 +199,10 @@ def run_curve(job) -> dict:
 
 
 def mean_std(values) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "—"
+    """Mean ± std over the seeds done, and how many: a study cut short has cells of fewer seeds."""
+    if not values:
+        return "—"
+    return f"{values[0]:.3f} (n=1)" if len(values) == 1 else f"{np.mean(values):.3f} ± {np.std(values):.3f} (n={len(values)})"
 
 
 def runs(results, condition, fraction) -> list[dict]:

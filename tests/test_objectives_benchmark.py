@@ -5,6 +5,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import REPO
 from PIL import Image
@@ -25,6 +26,15 @@ def test_default_grid():
     # whole seeds first, so a study cut short has comparable conditions
     assert [unit["seed"] for unit in units[:30]] == [0] * 10 + [1] * 10 + [2] * 10
     assert all(unit["condition"] in objectives.ABLATIONS for unit in units[30:])
+    assert units[30]["name"] == "cmal-no-hypersphere-f1-s0"
+
+
+def test_units_picks_cells_in_the_order_given_and_names_the_grid_on_a_typo():
+    pick = objectives.units(objectives.parse_args(["--units", "c-f0.25-s1", "a-s2", "cmal-mask-only-no-swap-f1-s0"]))
+    assert [(unit["condition"], unit["fraction"], unit["seed"]) for unit in pick] == [
+        ("c: CMAL (AMC+ITM+MLM+MRM)", 0.25, 1), ("a: none", None, 2), ("CMAL, mask only (no swap)", 1.0, 0)]
+    with pytest.raises(SystemExit, match=r"--units: c-f0.3-s1 not in the grid of --seeds/--fractions; .* c-f0.25-s1 "):
+        objectives.units(objectives.parse_args(["--units", "c-f0.3-s1"]))
 
 
 def scores(vqa, ve, nlvr2, rec, retrieval=0.1):
@@ -45,15 +55,18 @@ def test_table_gives_mean_and_std_over_seeds_and_the_gap_closed():
     accuracy, gaps, ablations = ({line.split(" | ")[0].lstrip("| "): line for line in part.splitlines()}
                                  for part in table.strip().split("\n\n")[1:])  # fmt: skip
     assert table.startswith("**200 fine-tuning steps**")
-    assert accuracy["a: none"] == "| a: none | 0.200 ± 0.100 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.300 ± 0.000 | 0.100 ± 0.000 |"
+    assert accuracy["a: none"] == ("| a: none | 0.200 ± 0.100 (n=2) | 0.500 ± 0.000 (n=2) | 0.500 ± 0.000 (n=2) "
+                                   "| 0.300 ± 0.000 (n=2) | 0.100 ± 0.000 (n=2) |")
     assert accuracy["chance"] == "| chance | 0.050 | 0.330 | 0.500 | 0.150 | 0.020 |"
     assert accuracy["floor (no image)"] == "| floor (no image) | 0.050 | 0.330 | 0.500 | 0.400 | 0.020 |"
     # gap closed of a, per seed: mean of (0.1|0.3 - 0.05) / 0.85, (0.5 - 0.33) / 0.57, 0 / 0.4, (0.3 - 0.4) / 0.5
     per_seed = [np.mean([(vqa - 0.05) / 0.85, 0.17 / 0.57, 0.0, -0.1 / 0.5]) for vqa in (0.1, 0.3)]
-    assert gaps["a: none"] == f"| a: none | {np.mean(per_seed):.3f} ± {np.std(per_seed):.3f} |"
+    assert gaps["a: none"] == f"| a: none | {np.mean(per_seed):.3f} ± {np.std(per_seed):.3f} (n=2) |"
     # ablation rows end with the mean gap closed: per seed of (0.4|0.4 - 0.05) / 0.85, (0.6|0.8 - 0.33) / 0.57, ...
     per_seed = [np.mean([0.35 / 0.85, (ve - 0.33) / 0.57, 0.2 / 0.4, -0.2 / 0.5]) for ve in (0.6, 0.8)]
-    assert ablations["CMAL, mask only (no swap)"].endswith(f"| 0.100 ± 0.000 | {np.mean(per_seed):.3f} ± {np.std(per_seed):.3f} |")
+    assert ablations["CMAL, mask only (no swap)"].endswith(f"| 0.100 ± 0.000 (n=2) | {np.mean(per_seed):.3f} ± {np.std(per_seed):.3f} (n=2) |")
+    # a cell of one seed shows no spread it does not have
+    assert objectives.mean_std([0.25]) == "0.250 (n=1)" and objectives.mean_std([]) == "—"
 
 
 def test_tiny_study_runs_and_resumes(tmp_path):
