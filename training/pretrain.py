@@ -18,6 +18,8 @@ import argparse
 import json
 import logging
 import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -91,9 +93,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_corpus(args):
-    """(captions DatasetDict-or-Dataset, regions Dataset, region metadata, lexicon or None, vocabulary texts,
-    `true_of(text, image_row)` or None: whether a caption also holds of another image, where the corpus knows).
+class Corpus(NamedTuple):
+    """What pre-training reads. `true_of(text, image_row)` says whether a caption also holds of another image,
+    where the corpus knows (None otherwise); it keeps such pairs out of the held-out ITM negatives."""
+
+    captions: Any  # a DatasetDict with train/validation splits, or a Dataset (training only)
+    regions: Any  # the region store's Dataset
+    metadata: dict
+    lexicon: Any  # the anchor lexicon, or None (then built from the tags and vocabulary)
+    vocabulary_texts: list
+    true_of: Callable | None
+
+
+def load_corpus(args) -> Corpus:
+    """The corpus of `--dataset`: the synthetic world or a `convert_features.py` folder.
 
     The vocabulary texts build the word-level tokenizer when no BERT one is given: for the synthetic
     world they are every training text of every task, as a real vocabulary covers the words of the
@@ -104,13 +117,13 @@ def load_corpus(args):
 
         world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed))
         texts = synthetic_texts(world)
-        return (world["captions"], world["regions"], world["region_metadata"], synthetic.synthetic_lexicon(), texts,
-                synthetic.caption_truth(world))  # fmt: skip
+        return Corpus(world["captions"], world["regions"], world["region_metadata"], synthetic.synthetic_lexicon(), texts,
+                      synthetic.caption_truth(world))  # fmt: skip
     from datasets import load_from_disk
 
     regions, metadata = load_region_store(os.path.join(args.dataset, "regions"))
     captions = load_from_disk(os.path.join(args.dataset, "captions"))
-    return captions, regions, metadata, None, split(captions, "train")["text"], None
+    return Corpus(captions, regions, metadata, None, split(captions, "train")["text"], None)
 
 
 def split(table, name):
@@ -149,7 +162,7 @@ def build_config(args, tokenizer, metadata) -> CMALConfig:
                             itm_hard_negatives=not args.no_hard_negatives, anchor_fill=args.anchor_fill, **weights)  # fmt: skip
 
 
-def build_data(args, corpus, num_processes: int = 1):
+def build_data(args, corpus: Corpus, num_processes: int = 1):
     """(config, processor, pairs, collator, dataloader) of a `load_corpus` result: the pipeline `main`
     trains on, and the one `benchmarks/speed.py` times."""
     captions, regions, metadata, lexicon, vocabulary_texts, true_of = corpus
@@ -174,7 +187,7 @@ def build_data(args, corpus, num_processes: int = 1):
 
 def validation_pairs(corpus) -> ImageTextPairs | None:
     """The validation captions joined to their images; None when the corpus has no validation split."""
-    captions, regions = corpus[0], corpus[1]
+    captions, regions = corpus.captions, corpus.regions
     texts = split(captions, "validation")
     return ImageTextPairs(texts, regions) if texts is not None and len(texts) else None
 
@@ -264,7 +277,7 @@ def main(argv=None):
     results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps, LOSSES, "pre-training")
     held_out, pairs = {}, validation_pairs(corpus) if args.itm > 0 or args.itc > 0 else None
     if pairs is not None and args.itm > 0:
-        held_out |= validate_matching(model, validation_loader(args, pairs, processor, accelerator, 0.5, corpus[5]), accelerator)
+        held_out |= validate_matching(model, validation_loader(args, pairs, processor, accelerator, 0.5, corpus.true_of), accelerator)
     if pairs is not None and args.itc > 0:
         held_out |= validate_retrieval(model, validation_loader(args, pairs, processor, accelerator, 0.0), pairs, accelerator)
     if held_out:
