@@ -197,19 +197,25 @@ def region_oracle(world: dict, split: str = "test", reader: RegionReader | None 
     return scores
 
 
+def retrieval_items(world: dict, split: str, num_images: int = 50) -> tuple[list, list]:
+    """(the first `num_images` image ids of the split, the captions of those images): what retrieval scores."""
+    table = world[TASKS["retrieval"].synthetic_table][split]
+    images = list(dict.fromkeys(table["image_id"]))[:num_images]
+    return images, [item for item in table if item["image_id"] in set(images)]
+
+
 def retrieval(world: dict, split: str = "test", num_images: int = 50, reader: RegionReader | None = None) -> dict:
     """Text->image R@1 over the first `num_images` images of the split (as `finetune.py --task retrieval`
     scores it): chance, and the region oracle, which ranks first, in random order, the images whose regions
     `RegionReader` finds the caption true of (`synthetic.caption_holds`). A text alone ranks no image, so
     its floor is chance. A caption true of k images caps R@1 at 1/k: the oracle is below 1 by design."""
     reader = reader or RegionReader(world)
-    table = world[TASKS["retrieval"].synthetic_table][split]
-    scenes = {image: SimpleNamespace(objects=reader.images[image]) for image in list(dict.fromkeys(table["image_id"]))[:num_images]}
+    images, captions = retrieval_items(world, split, num_images)
+    scenes = {image: SimpleNamespace(objects=reader.images[image]) for image in images}
     scores = []
-    for item in table:
-        if item["image_id"] in scenes:
-            fits = [image for image, scene in scenes.items() if synthetic.caption_holds(item["text"], scene)]
-            scores.append(float(item["image_id"] in fits) / max(1, len(fits)))
+    for item in captions:
+        fits = [image for image, scene in scenes.items() if synthetic.caption_holds(item["text"], scene)]
+        scores.append(float(item["image_id"] in fits) / max(1, len(fits)))
     return {"chance": 1 / len(scenes), "region oracle": float(np.mean(scores))}
 
 
@@ -246,7 +252,12 @@ def markdown(table: dict, world: dict, split: str = "test") -> str:
     lines = [f"| task | {split} items | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for task, row in table.items():
         cells = [f"{row[c]:.3f}" if c in row else "" for c in columns]
-        lines.append(f"| {task} | {counts[TASKS[task].synthetic_table][split]} | " + " | ".join(cells) + " |")
+        if task == "retrieval":  # scored over the first images only, as finetune.py does
+            images, captions = retrieval_items(world, split)
+            items = f"{len(captions)} captions of {len(images)} images"
+        else:
+            items = counts[TASKS[task].synthetic_table][split]
+        lines.append(f"| {task} | {items} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -75,5 +75,10 @@ def test_cli_prints_the_table(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| vqa |" in out and "| rec |" in out and "| retrieval |" in out and (tmp_path / "floors.json").is_file()
     assert set(table) == {"vqa", "ve", "nlvr2", "rec", "retrieval"}
+    # retrieval counts what it scores: the captions of the split's first 50 images, not the whole table
+    world = synthetic.load_world(path)
+    images, captions = floors.retrieval_items(world, "test")
+    assert len(images) == min(50, len(set(world["captions"]["test"]["image_id"]))) and len(captions) >= len(images)
+    assert f"| retrieval | {len(captions)} captions of {len(images)} images |" in out
     floors.main(["--num_images", "300", "--split", "validation"])
     assert "| task | validation items |" in capsys.readouterr().out
