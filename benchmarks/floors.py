@@ -250,14 +250,12 @@ def markdown(table: dict, world: dict, split: str = "test") -> str:
     columns = ["chance", "majority", "text lookup", "text classifier", "tags", "region oracle"]
     counts = world["world"]["counts"]
     lines = [f"| task | {split} items | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    items = {task: counts[TASKS[task].synthetic_table][split] for task in table}
+    images, captions = retrieval_items(world, split)  # retrieval scores the first images only, as finetune.py does
+    items["retrieval"] = f"{len(captions)} captions of {len(images)} images"
     for task, row in table.items():
         cells = [f"{row[c]:.3f}" if c in row else "" for c in columns]
-        if task == "retrieval":  # scored over the first images only, as finetune.py does
-            images, captions = retrieval_items(world, split)
-            items = f"{len(captions)} captions of {len(images)} images"
-        else:
-            items = counts[TASKS[task].synthetic_table][split]
-        lines.append(f"| {task} | {items} | " + " | ".join(cells) + " |")
+        lines.append(f"| {task} | {items[task]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
