@@ -201,7 +201,8 @@ def retrieval_items(world: dict, split: str, num_images: int = 50) -> tuple[list
     """(the first `num_images` image ids of the split, the captions of those images): what retrieval scores."""
     table = world[TASKS["retrieval"].synthetic_table][split]
     images = list(dict.fromkeys(table["image_id"]))[:num_images]
-    return images, [item for item in table if item["image_id"] in set(images)]
+    kept = set(images)
+    return images, [item for item in table if item["image_id"] in kept]
 
 
 def retrieval(world: dict, split: str = "test", num_images: int = 50, reader: RegionReader | None = None) -> dict:

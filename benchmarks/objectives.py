@@ -41,7 +41,7 @@ import floors  # benchmarks/floors.py, beside this script
 import numpy as np
 
 from cmal.training import tasks
-from cmal.training.utils import write_json
+from cmal.training.utils import write_json, write_text
 
 
 TASKS = ("vqa", "ve", "nlvr2", "rec")  # the mean gap closed is over these (benchmarks/floors.py)
@@ -289,13 +289,6 @@ def plot(results, args, floor_table, path):
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path)
-
-
-def write_text(path, text):
-    """Through a temporary file and a rename, as `write_json`: a reader never sees half a table."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):

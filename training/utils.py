@@ -127,13 +127,16 @@ def optimizer_groups(model, weight_decay: float) -> list[dict]:
     ]
 
 
-def write_json(path: str, data: dict) -> None:
+def write_text(path: str, text: str) -> None:
     """Write through a temporary file and rename, so a reader never sees half a file."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path: str, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def hub_files(folder: str) -> list[str]:
