@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def launch(script_args: list[str], log: str) -> None:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_cpu_threads_per_process", "1",
-               os.path.join(ROOT, "training", script_args[0]), *script_args[1:], "--report_to", "none"]  # fmt: skip
+               os.path.join(ROOT, "training", script_args[0]), *script_args[1:], "--report_to", "none", "--overwrite_output_dir"]  # fmt: skip
     with open(log, "w") as f:
         subprocess.run(command, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"})
 

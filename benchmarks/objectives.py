@@ -141,7 +141,7 @@ def finetune_run(args, task, init, seed, output, steps, extra=()) -> dict:
     from cmal.training import finetune
 
     run = finetune.main(["--synthetic_images", str(args.synthetic_images), "--seed", str(seed), "--report_to", "none",
-                         "--task", task, *init, "--output_dir", output, "--anchor_mask_prob", "0",
+                         "--task", task, *init, "--output_dir", output, "--overwrite_output_dir", "--anchor_mask_prob", "0",
                          "--max_train_steps", str(steps), "--learning_rate", str(args.finetune_learning_rate), *extra])  # fmt: skip
     shutil.rmtree(output)
     return run
@@ -171,7 +171,7 @@ def run_unit(job) -> dict:
         else:
             pretrained = os.path.join(folder, "pretrained")
             run = pretrain.main(["--synthetic_images", str(args.synthetic_images), "--seed", str(unit["seed"]),
-                                 "--report_to", "none", "--model_config", args.model_config, "--output_dir", pretrained,
+                                 "--report_to", "none", "--model_config", args.model_config, "--output_dir", pretrained, "--overwrite_output_dir",
                                  "--num_train_epochs", str(args.pretrain_epochs),
                                  "--corpus_fraction", str(unit["fraction"]), *unit["flags"]])  # fmt: skip
             result |= {"pretrain_steps": run["steps"], "pretrain_final_losses": run["final_losses"],

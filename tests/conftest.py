@@ -77,6 +77,39 @@ def add_shape_colour_image(writer, rng, image_id: str, max_objects: int):
     return shapes, colours
 
 
+SHAPE_NAMES, COLOUR_NAMES = ["dog", "cat", "ball", "box"], ["red", "green", "blue", "white"]
+
+
+@pytest.fixture(scope="session")
+def pretraining_corpus(tmp_path_factory):
+    """A `pretrain.py --dataset` folder: 24 images of 1-4 objects whose features encode shape and colour,
+    two captions each, and `tiny.json`."""
+    import numpy as np
+    from datasets import Dataset, DatasetDict
+
+    from cmal.training.data.region_store import RegionStoreWriter
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    captions = []
+    with RegionStoreWriter(str(root / "regions"), feature_dim=16, concept_names=SHAPE_NAMES, source="test", shard_size=10) as w:
+        for i in range(24):
+            shapes, colours = add_shape_colour_image(w, rng, f"img{i}", max_objects=4)
+            words = [f"a {COLOUR_NAMES[c]} {SHAPE_NAMES[s]}" for s, c in zip(shapes, colours)]
+            captions.append({"image_id": f"img{i}", "text": "there is " + " and ".join(words) + " here"})
+            captions.append({"image_id": f"img{i}", "text": f"{len(shapes)} things, one is {words[0]}"})
+    DatasetDict(train=Dataset.from_list(captions)).save_to_disk(str(root / "captions"))
+    write_tiny_config(root)
+    return root
+
+
+def pretrain_args(corpus: Path, output_dir, *extra) -> list[str]:
+    """`pretrain.py` arguments for a quick tiny run on `pretraining_corpus`."""
+    return ["--dataset", str(corpus), "--model_config", str(corpus / "tiny.json"), "--output_dir", str(output_dir),
+            "--per_device_train_batch_size", "8", "--report_to", "none", "--num_warmup_steps", "2",
+            "--logging_steps", "4", *extra]  # fmt: skip
+
+
 def write_tiny_config(root: Path) -> None:
     """`root / "tiny.json"`: the `tiny` preset without dropout, for `--model_config`."""
     config = CMALConfig.from_preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)

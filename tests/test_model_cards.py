@@ -145,7 +145,7 @@ def test_validation_names_the_field(tmp_path):
         validate_card(ModelCard(card.content.replace("revision=", "rev=")), "vqa")
 
 
-def test_detector_and_region_store_provenance(tmp_path):
+def test_detector_and_region_store_provenance(tmp_path, monkeypatch):
     config = cmal_config().to_dict()
     config["detector_config"]["_name_or_path"] = "PekingU/rtdetr_r50vd"
     card = render_kind("vqa", tmp_path, config=config)
@@ -155,6 +155,8 @@ def test_detector_and_region_store_provenance(tmp_path):
     store = tmp_path / "regions"
     store.mkdir()
     (store / "cmal_region_store.json").write_text(json.dumps({"source": "bottom-up-attention tsv", "detector": None}))
+    (tmp_path / "snli_ve_train.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path)  # the run's relative paths, as given on its command line
     args = args_for("ve", "--train_file", "snli_ve_train.jsonl", "--regions", "regions")
     card = render_kind("ve", tmp_path, training_args=args, dataset_name=render.dataset_name(args), root=str(tmp_path))
     assert "region store `regions` (source: bottom-up-attention tsv)" in card.text

@@ -11,40 +11,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, add_shape_colour_image, run_without_project, write_tiny_config
-from datasets import Dataset, DatasetDict, load_from_disk
+from conftest import REPO, run_without_project
+from conftest import SHAPE_NAMES as NAMES
+from conftest import pretrain_args as args_for
+from datasets import DatasetDict, load_from_disk
 from safetensors.torch import load_file
 
 from cmal.training import pretrain
 from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator
-from cmal.training.data.region_store import RegionStoreWriter, load_region_store
+from cmal.training.data.region_store import load_region_store
 
 
-NAMES = ["dog", "cat", "ball", "box"]
-COLOURS = ["red", "green", "blue", "white"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """24 images of 1-4 objects whose features encode shape and colour; two captions each."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    captions = []
-    with RegionStoreWriter(str(root / "regions"), feature_dim=16, concept_names=NAMES, source="test", shard_size=10) as w:
-        for i in range(24):
-            shapes, colours = add_shape_colour_image(w, rng, f"img{i}", max_objects=4)
-            words = [f"a {COLOURS[c]} {NAMES[s]}" for s, c in zip(shapes, colours)]
-            captions.append({"image_id": f"img{i}", "text": "there is " + " and ".join(words) + " here"})
-            captions.append({"image_id": f"img{i}", "text": f"{len(shapes)} things, one is {words[0]}"})
-    DatasetDict(train=Dataset.from_list(captions)).save_to_disk(str(root / "captions"))
-    write_tiny_config(root)
-    return root
-
-
-def args_for(corpus, output_dir, *extra):
-    return ["--dataset", str(corpus), "--model_config", str(corpus / "tiny.json"), "--output_dir", str(output_dir),
-            "--per_device_train_batch_size", "8", "--report_to", "none", "--num_warmup_steps", "2",
-            "--logging_steps", "4", *extra]  # fmt: skip
+@pytest.fixture
+def corpus(pretraining_corpus):
+    return pretraining_corpus
 
 
 def test_collator_targets(corpus):
@@ -209,7 +189,20 @@ print(json.dumps({"class": type(model).__module__ + "." + type(model).__name__,
 """
 
 
-def test_nan_loss_stops_with_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+class NanGradient(torch.autograd.Function):
+    """The identity whose gradient is NaN: a finite loss that would poison the weights."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("what, poison", [("loss", lambda loss: loss * float("nan")), ("gradient norm", NanGradient.apply)])
+def test_non_finite_step_stops_before_the_update_and_resumes_with_a_new_learning_rate(corpus, tmp_path, monkeypatch, what, poison):
     from cmal.modeling_cmal import CMALForPreTraining
 
     forward, calls = CMALForPreTraining.forward, {"n": 0}
@@ -218,13 +211,22 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(corpus, tmp_path, monkeypa
         out = forward(self, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 5:
-            out.loss = out.loss * float("nan")
+            out.loss = poison(out.loss)
         return out
 
     monkeypatch.setattr(CMALForPreTraining, "forward", poisoned)
-    with pytest.raises(RuntimeError, match=r"The loss became nan at step 4; stopping. The last good checkpoint is .*step_4"):
-        pretrain.main(args_for(corpus, tmp_path, "--max_train_steps", "10", "--checkpointing_steps", "2"))
+    argv = args_for(corpus, tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "2", "--lr_scheduler_type", "constant")
+    with pytest.raises(RuntimeError, match=rf"The {what} became nan at step 4; stopping before the update. The last good "
+                                           r"checkpoint is .*step_4: resume from it with a lower --learning_rate"):  # fmt: skip
+        pretrain.main(argv)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_2", "step_4"]
+    weights = load_file(tmp_path / "checkpoints" / "step_4" / "model.safetensors")
+    assert all(bool(w.isfinite().all()) for w in weights.values())
+
+    monkeypatch.undo()
+    results = pretrain.main(argv + ["--resume_from_checkpoint", "latest", "--learning_rate", "2.5e-4"])
+    assert results["steps"] == 6 and all(np.isfinite(v) for v in results["final_losses"].values())
+    assert results["last_learning_rate"] == pytest.approx(2.5e-4)  # the checkpoint's 1e-3 is not silently kept
 
 
 def test_killed_run_resumes_to_the_same_weights(corpus, tmp_path):
@@ -258,18 +260,18 @@ def test_killed_run_resumes_to_the_same_weights(corpus, tmp_path):
 
 
 def test_two_process_ddp_matches_one_process(corpus, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo) with 4 examples per process vs one
-    process with 8: each step sees the same examples with the same masks (sampler and collator are seeded
-    per example); only the loss averaging and the anchor draws differ."""
+    """The shipped `training/configs/cpu_2proc.yaml` (2 gloo processes, the script choosing the CPU itself)
+    with 4 examples per process vs one process with 8: each step sees the same examples with the same masks
+    (sampler and collator are seeded per example); only the loss averaging and the anchor draws differ."""
     from cmal.modeling_cmal import CMALForPreTraining
     from cmal.processors import CMALProcessor
 
     # 80 steps: at 40 the gain over the untrained loss is within the spread over seeds (ratio 0.92-0.98, measured)
     steps = ["--max_train_steps", "80", "--learning_rate", "1e-3", "--logging_steps", "80"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "training/configs/cpu_2proc.yaml",
+              "--main_process_port", "29533",
               "training/pretrain.py", *args_for(corpus, tmp_path / "ddp", *steps, "--per_device_train_batch_size", "4")]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x 2 processes" in result.stderr

@@ -1,4 +1,4 @@
-"""The Hub upload: a training folder is checked for completeness, then committed file by file.
+"""The Hub upload: a training folder is checked for completeness, then its allowlisted files are committed.
 
 No upload happens in these tests: `huggingface_hub.HfApi` is replaced at its boundary by a fake that
 records the calls, and the tests check exactly which files would have been committed.
@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
+import torch
+from safetensors.torch import save_file
 from test_pipelines import ANSWERS, save_head
 
 from cmal.modeling_cmal import CMALForPreTraining, CMALForQuestionAnswering
@@ -96,3 +98,47 @@ def test_cli_commits_exactly_the_checked_files(vqa_folder, monkeypatch, capsys):
 def test_not_a_folder_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"expected a model folder to upload, got '.*nope' \(not a directory\)"):
         hub_files(str(tmp_path / "nope"))
+
+
+def test_only_the_allowlist_is_uploaded(vqa_folder, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("hf_secret")
+    for name in (".env", "nohup.out", "train.log", "notes.txt", "events.out.tfevents.1"):
+        (vqa_folder / name).write_text("HF_TOKEN=hf_secret")
+    (vqa_folder / "hf_token").symlink_to(token)
+    (vqa_folder / ".git").mkdir()
+    assert hub_files(str(vqa_folder)) == VQA_FILES
+
+
+@pytest.mark.parametrize("name", ["eval_results.json", "modeling_cmal.py"])
+def test_a_needed_file_that_is_a_link_out_of_the_folder_is_refused(vqa_folder, tmp_path, name):
+    (tmp_path / "token").write_text("hf_secret")
+    os.remove(vqa_folder / name)
+    (vqa_folder / name).symlink_to(tmp_path / "token")
+    with pytest.raises(ValueError, match=rf"{name} is a link \(to .*token\): only files inside the folder are uploaded"):
+        hub_files(str(vqa_folder))
+
+
+def test_a_half_written_weights_file_is_refused(vqa_folder):
+    weights = vqa_folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors is not a complete safetensors file \(.*not fully covered"):
+        hub_files(str(vqa_folder))
+
+
+def test_shards_must_hold_what_their_index_says(tmp_path):
+    folder = tmp_path / "pre"
+    save_head(CMALForPreTraining, folder)
+    (folder / "README.md").write_text("# card\n")
+    os.remove(folder / "model.safetensors")
+    save_file({"a.weight": torch.ones(2)}, folder / "model-00001-of-00002.safetensors")
+    save_file({"b.weight": torch.ones(2), "c.weight": torch.ones(2)}, folder / "model-00002-of-00002.safetensors")
+    weight_map = {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(ValueError, match=r"model-00002-of-00002.safetensors holds 2 tensors but the shard index names 1 "
+                                         r"for it \(e.g. \['c.weight'\]\)"):  # fmt: skip
+        hub_files(str(folder))
+    weight_map["c.weight"] = "model-00002-of-00002.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert "model-00002-of-00002.safetensors" in hub_files(str(folder))
+    assert "model.safetensors.index.json" in hub_files(str(folder))

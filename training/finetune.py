@@ -37,12 +37,23 @@ from cmal.training.data.tokenizer import build_word_tokenizer
 from cmal.training.loop import train
 from cmal.training.tasks import TASKS, synthetic_texts
 from cmal.training.utils import (
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    PROBABILITY,
     add_training_args,
+    bounded,
+    command_line,
     enable_activation_checkpointing,
+    existing_file,
+    existing_folder,
+    model_config_source,
+    model_source,
     new_model_config,
     new_processor,
     prepare_training,
     push_to_hub,
+    resume_hint_on_interrupt,
+    save_final,
     setup_accelerator,
     write_json,
 )
@@ -55,39 +66,40 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=TASKS)
     data = p.add_argument_group("data")
-    data.add_argument("--train_file", default=None, help="The task's training file in its original format; "
+    data.add_argument("--train_file", default=None, type=existing_file, help="The task's training file in its original format; "
                       "without it, the synthetic world. VQA: questions JSON; VE: jsonl; NLVR2: json lines; "
                       "REC: refs .p/.json; retrieval: Karpathy JSON.")  # fmt: skip
-    data.add_argument("--validation_file", default=None, help="Default for REC/retrieval: --train_file (split by name).")
-    data.add_argument("--train_annotations", default=None, help="VQA: annotations JSON; REC: COCO instances.json.")
-    data.add_argument("--validation_annotations", default=None, help="Default: --train_annotations for REC.")
+    data.add_argument("--validation_file", default=None, type=existing_file, help="Default for REC/retrieval: --train_file (split by name).")
+    data.add_argument("--train_annotations", default=None, type=existing_file, help="VQA: annotations JSON; REC: COCO instances.json.")
+    data.add_argument("--validation_annotations", default=None, type=existing_file, help="Default: --train_annotations for REC.")
     data.add_argument("--train_split", default="train", help="REC/retrieval: split name inside the file.")
     data.add_argument("--validation_split", default="val", help="REC/retrieval: split name inside the file.")
-    data.add_argument("--regions", default=None, help="Region store (docs/DATA.md) of the images of the real data.")
+    data.add_argument("--regions", default=None, type=existing_folder, help="Region store (docs/DATA.md) of the images of the real data.")
     data.add_argument("--image_id_template", default="{}", help="Maps the files' image ids to the store's.")
-    data.add_argument("--min_answer_count", type=int, default=None,
+    data.add_argument("--min_answer_count", type=POSITIVE_INT, default=None,
                       help="VQA answers kept in the vocabulary: majority answer of >= N training questions "
                            "(default 9 on real data, 1 on the synthetic world).")  # fmt: skip
-    data.add_argument("--synthetic_images", type=int, default=2000, help="Images of the synthetic world.")
-    data.add_argument("--synthetic_seed", type=int, default=0, help="Seed of the synthetic world.")
-    data.add_argument("--max_text_length", type=int, default=40, help="Word pieces per text, [CLS]/[SEP] included.")
-    data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training examples.")
-    data.add_argument("--max_eval_samples", type=int, default=None, help="Evaluate only the first N examples.")
-    data.add_argument("--retrieval_eval_images", type=int, default=50,
+    data.add_argument("--synthetic_images", type=POSITIVE_INT, default=2000, help="Images of the synthetic world.")
+    data.add_argument("--synthetic_seed", type=NON_NEGATIVE_INT, default=0, help="Seed of the synthetic world.")
+    data.add_argument("--max_text_length", type=bounded(int, 3), default=40, help="Word pieces per text, [CLS]/[SEP] included.")
+    data.add_argument("--max_train_samples", type=POSITIVE_INT, default=None, help="Use only the first N training examples.")
+    data.add_argument("--max_eval_samples", type=POSITIVE_INT, default=None, help="Evaluate only the first N examples.")
+    data.add_argument("--retrieval_eval_images", type=POSITIVE_INT, default=50,
                       help="Retrieval: score every text of the first N validation images against those N images.")
     model = p.add_argument_group("model")
-    model.add_argument("--model_name_or_path", default=None, help="A pre-trained CMAL folder or Hub id; none: from scratch.")
-    model.add_argument("--model_config", default="mini", help=f"From scratch: preset ({', '.join(CMAL_PRESETS)}) or JSON.")
-    model.add_argument("--tokenizer", default=None, help="From scratch: a fast BERT-style tokenizer (default: word-level).")
-    model.add_argument("--anchor_mask_prob", type=float, default=None,
+    model.add_argument("--model_name_or_path", default=None, type=model_source, help="A pre-trained CMAL folder or Hub id; none: from scratch.")
+    model.add_argument("--model_config", default="mini", type=model_config_source, help=f"From scratch: preset ({', '.join(CMAL_PRESETS)}) or JSON.")
+    model.add_argument("--tokenizer", default=None, type=model_source, help="From scratch: a fast BERT-style tokenizer (default: word-level).")
+    model.add_argument("--anchor_mask_prob", type=PROBABILITY, default=None,
                        help="Anchor swaps while fine-tuning (default: the checkpoint's value).")  # fmt: skip
-    model.add_argument("--negative_probability", type=float, default=0.5, help="Retrieval: share of mismatched pairs.")
+    model.add_argument("--negative_probability", type=PROBABILITY, default=0.5, help="Retrieval: share of mismatched pairs.")
     add_training_args(p, None, batch_size=32, learning_rate=3e-4, epochs=4, warmup=50)
-    p.add_argument("--per_device_eval_batch_size", type=int, default=64)
-    p.add_argument("--eval_steps", type=int, default=0,
+    p.add_argument("--per_device_eval_batch_size", type=POSITIVE_INT, default=64)
+    p.add_argument("--eval_steps", type=NON_NEGATIVE_INT, default=0,
                    help="Also score the validation split every N steps: `learning_curve` in train_results.json.")
     args = p.parse_args(argv)
     args.output_dir = args.output_dir or f"outputs/cmal-{args.task}"
+    args.command = command_line("training/finetune.py", argv)
     if args.train_file is None and any([args.validation_file, args.train_annotations, args.regions]):
         p.error("--validation_file, --train_annotations and --regions need --train_file (real data)")
     if args.train_file is not None and args.regions is None:
@@ -199,54 +211,56 @@ def ship_endpoint_handler(folder: str) -> None:
 def main(argv=None):
     args = parse_args(argv)
     task = TASKS[args.task]
-    accelerator = setup_accelerator(args, f"cmal_{task.name}")
+    accelerator = setup_accelerator(args)
 
-    with accelerator.main_process_first():
-        train_table, eval_table, regions, metadata, vocabulary_texts, lexicon = load_data(args, task)
-    if args.max_train_samples:
-        train_table = train_table.select(range(min(args.max_train_samples, len(train_table))))
-    if eval_table is not None and args.max_eval_samples:
-        eval_table = eval_table.select(range(min(args.max_eval_samples, len(eval_table))))
-    labels = label_maps(args, task, train_table)
-    model, processor = build_model_and_processor(args, task, labels, metadata, vocabulary_texts, lexicon)
-    id2label = model.config.id2label
-    logger.info(f"{task.name} from {args.model_name_or_path or 'scratch'}")
+    with resume_hint_on_interrupt(args, accelerator):
+        with accelerator.main_process_first():
+            train_table, eval_table, regions, metadata, vocabulary_texts, lexicon = load_data(args, task)
+        if args.max_train_samples:
+            train_table = train_table.select(range(min(args.max_train_samples, len(train_table))))
+        if eval_table is not None and args.max_eval_samples:
+            eval_table = eval_table.select(range(min(args.max_eval_samples, len(eval_table))))
+        labels = label_maps(args, task, train_table)
+        model, processor = build_model_and_processor(args, task, labels, metadata, vocabulary_texts, lexicon)
+        id2label = model.config.id2label
+        logger.info(f"{task.name} from {args.model_name_or_path or 'scratch'}")
 
-    train_set = TaskExamples(task, train_table, regions)
-    collator = TaskCollator(processor, task, train_set, labels.get("label2id"), args.max_text_length,
-                            negative_probability=args.negative_probability if task.negatives else 0.0, seed=args.seed)  # fmt: skip
-    train_dataloader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collator,
-                                  num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
-    eval_dataloader = references = None
-    if eval_table is not None:
-        eval_set, references = task.evaluation_set(TaskExamples(task, eval_table, regions), args.retrieval_eval_images)
-        eval_collator = TaskCollator(processor, task, eval_set, labels.get("label2id"), args.max_text_length)
-        eval_dataloader = DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator,
-                                     num_workers=args.num_workers)  # fmt: skip
+        train_set = TaskExamples(task, train_table, regions)
+        collator = TaskCollator(processor, task, train_set, labels.get("label2id"), args.max_text_length,
+                                negative_probability=args.negative_probability if task.negatives else 0.0, seed=args.seed)  # fmt: skip
+        train_dataloader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collator,
+                                      num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
+        eval_dataloader = references = None
+        if eval_table is not None:
+            eval_set, references = task.evaluation_set(TaskExamples(task, eval_table, regions), args.retrieval_eval_images)
+            eval_collator = TaskCollator(processor, task, eval_set, labels.get("label2id"), args.max_text_length)
+            eval_dataloader = DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator,
+                                         num_workers=args.num_workers)  # fmt: skip
 
-    model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(accelerator, args, model, train_dataloader)
-    if eval_dataloader is not None:
-        eval_dataloader = accelerator.prepare(eval_dataloader)
-    scored = None if eval_dataloader is None else lambda: evaluate(model, eval_dataloader, accelerator, task, references, id2label)
-    results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps,
-                    description=f"fine-tuning {task.name}", evaluate=scored, eval_steps=args.eval_steps)  # fmt: skip
+        model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(
+            accelerator, args, model, train_dataloader, f"cmal_{task.name}"
+        )
+        if eval_dataloader is not None:
+            eval_dataloader = accelerator.prepare(eval_dataloader)
+        scored = None if eval_dataloader is None else lambda: evaluate(model, eval_dataloader, accelerator, task, references, id2label)
+        results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps,
+                        description=f"fine-tuning {task.name}", evaluate=scored, eval_steps=args.eval_steps)  # fmt: skip
 
-    metrics = {k: v for k, v in results["learning_curve"][-1].items() if k != "step"} if scored is not None else {}
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(args.output_dir, save_function=accelerator.save)
-        processor.save_pretrained(args.output_dir)
-        write_json(os.path.join(args.output_dir, "train_results.json"), {**results, "args": vars(args)})
-        if metrics:
-            write_json(os.path.join(args.output_dir, "eval_results.json"), {"task": task.name, **metrics})
-            print(f"{task.name} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-        write_model_card(args.output_dir, args, unwrapped.config, results, metrics)
-        if task.endpoint_handler and unwrapped.config.detector_config is not None:
-            ship_endpoint_handler(args.output_dir)
-        print(f"model saved to {os.path.abspath(args.output_dir)} ({results['train_seconds']:.0f} s of training)")
-        if args.push_to_hub:
-            push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo or None)
+        metrics = {k: v for k, v in results["learning_curve"][-1].items() if k != "step"} if scored is not None else {}
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            config = accelerator.unwrap_model(model).config
+            with save_final(accelerator, model, processor, args, results) as folder:
+                if metrics:
+                    write_json(os.path.join(folder, "eval_results.json"), {"task": task.name, **metrics})
+                write_model_card(folder, args, config, results, metrics)
+                if task.endpoint_handler and config.detector_config is not None:
+                    ship_endpoint_handler(folder)
+            if metrics:
+                print(f"{task.name} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            print(f"model saved to {os.path.abspath(args.output_dir)} ({results['train_seconds']:.0f} s of training)")
+            if args.push_to_hub:
+                push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo or None)
     accelerator.end_training()
     return {**results, "eval": metrics}
 

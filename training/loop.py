@@ -26,7 +26,7 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
 
     Logs the mean of each of `loss_names` the model returns over the last `--logging_steps` steps (mean
     over micro-batches and processes per step), checkpoints every `--checkpointing_steps`, and stops every
-    process on a NaN/inf loss. The collator draws its masks and negatives per (seed, epoch, example), so
+    process on a NaN/inf loss or gradient (`update`). The collator draws its masks and negatives per (seed, epoch, example), so
     it is told the epoch. `evaluate()` (a dict of metrics), when given, runs every `eval_steps` steps and at
     the end: its results make the learning curve, whose last point is the final evaluation. Returns steps,
     global batch size, last learning rate, seconds, the share of them spent waiting for data, each loss's
@@ -39,9 +39,11 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
     logger.info(f"{len(dataloader.dataset)} examples, {steps_per_epoch} steps/epoch, {max_steps} steps, {num_epochs} epochs; "
                 f"global batch {global_batch} = {args.per_device_train_batch_size} per device x "
                 f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation")  # fmt: skip
-    completed, start_epoch, skip_batches = resume(accelerator, args, steps_per_epoch)
+    completed, start_epoch, skip_batches = resume(accelerator, args, optimizer, scheduler, steps_per_epoch)
+    if completed >= max_steps:
+        logger.info(f"the checkpoint is at step {completed} of {max_steps}: no step left to train")
+        start_epoch = num_epochs
 
-    progress = tqdm(total=max_steps, initial=completed, disable=not accelerator.is_local_main_process, desc=description)
     window = {name: [] for name in loss_names}
     first_losses, pending, data_seconds, curve = None, [], 0.0, []
 
@@ -51,51 +53,45 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
             curve.append({"step": step, **evaluate()})
         accelerator.log({f"eval/{k}": v for k, v in curve[-1].items() if isinstance(v, float)}, step=step)
 
-    start = tick = time.perf_counter()
-    model.train()
-    for epoch in range(start_epoch, num_epochs):
-        dataloader.set_epoch(epoch)
-        collator.epoch = epoch
-        batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == start_epoch else dataloader
-        for batch in batches:
-            data_seconds += time.perf_counter() - tick
-            with accelerator.accumulate(model):
-                outputs = model(**batch)
-                check_finite(accelerator, outputs.loss, args, completed)
-                accelerator.backward(outputs.loss)
+    with tqdm(total=max_steps, initial=completed, disable=not accelerator.is_local_main_process, desc=description) as progress:
+        start = tick = time.perf_counter()
+        model.train()
+        for epoch in range(start_epoch, num_epochs):
+            dataloader.set_epoch(epoch)
+            collator.epoch = epoch
+            batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == start_epoch else dataloader
+            for batch in batches:
+                data_seconds += time.perf_counter() - tick
+                with accelerator.accumulate(model):
+                    outputs = model(**batch)
+                    update(accelerator, args, model, optimizer, scheduler, outputs.loss, completed)
+                names = [name for name in loss_names if outputs.get(name) is not None]
+                pending.append(torch.stack([outputs[name].detach().float() for name in names]))
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            names = [name for name in loss_names if outputs.get(name) is not None]
-            pending.append(torch.stack([outputs[name].detach().float() for name in names]))
-            if accelerator.sync_gradients:
-                values = accelerator.reduce(torch.stack(pending).mean(0), "mean").tolist()
-                pending = []
-                for name, value in zip(names, values):
-                    window[name] = (window[name] + [value])[-args.logging_steps :]
-                completed += 1
-                progress.update(1)
-                means = {name: sum(v) / len(v) for name, v in window.items() if v}
-                if completed == args.logging_steps:
-                    first_losses = means
-                progress.set_postfix({name.replace("_loss", ""): f"{value:.4f}" for name, value in means.items()})
-                if completed % args.logging_steps == 0:
-                    accelerator.log({**{f"train/{k}": v for k, v in means.items()}, "train/lr": scheduler.get_last_lr()[0]},
-                                    step=completed)  # fmt: skip
-                if evaluate is not None and eval_steps and completed % eval_steps == 0 and completed < max_steps:
-                    paused = time.perf_counter()
-                    evaluate_at(completed)
-                    start += time.perf_counter() - paused
-                if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args, completed)
-                if completed >= max_steps:
-                    break
-            tick = time.perf_counter()
-        if completed >= max_steps:
-            break
-    progress.close()
+                    values = accelerator.reduce(torch.stack(pending).mean(0), "mean").tolist()
+                    pending = []
+                    for name, value in zip(names, values):
+                        window[name] = (window[name] + [value])[-args.logging_steps :]
+                    completed += 1
+                    progress.update(1)
+                    means = {name: sum(v) / len(v) for name, v in window.items() if v}
+                    if completed == args.logging_steps:
+                        first_losses = means
+                    progress.set_postfix({name.replace("_loss", ""): f"{value:.4f}" for name, value in means.items()})
+                    if completed % args.logging_steps == 0:
+                        accelerator.log({**{f"train/{k}": v for k, v in means.items()}, "train/lr": scheduler.get_last_lr()[0]},
+                                        step=completed)  # fmt: skip
+                    if evaluate is not None and eval_steps and completed % eval_steps == 0 and completed < max_steps:
+                        paused = time.perf_counter()
+                        evaluate_at(completed)
+                        start += time.perf_counter() - paused
+                    if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
+                        save_checkpoint(accelerator, args, completed)
+                    if completed >= max_steps:
+                        break
+                tick = time.perf_counter()
+            if completed >= max_steps:
+                break
     seconds = time.perf_counter() - start
     if evaluate is not None:
         evaluate_at(completed)
@@ -112,12 +108,32 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
     }
 
 
+def update(accelerator, args, model, optimizer, scheduler, loss: torch.Tensor, step: int) -> None:
+    """Backward, and at the end of an accumulation window the clipped update: never with a non-finite loss or
+    gradient norm (`check_finite` stops first), so a NaN never reaches the weights or a checkpoint."""
+    check_finite(accelerator, loss, args, step, "loss")
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        if norm is not None and accelerator.scaler is None:  # fp16's scaler skips non-finite steps itself
+            check_finite(accelerator, torch.as_tensor(norm, device=accelerator.device), args, step, "gradient norm")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+
+
 def checkpoints(folder: str) -> list[tuple[int, str]]:
     """Complete checkpoints, oldest first; a `.tmp` folder (a save cut short) is never one."""
     root = os.path.join(folder, "checkpoints")
     found = [(int(m.group(1)), os.path.join(root, n)) for n in os.listdir(root) if (m := CHECKPOINT.fullmatch(n))] \
         if os.path.isdir(root) else []  # fmt: skip
     return sorted(found)
+
+
+def checkpoint_step(path: str) -> int | None:
+    """N of a `.../step_N` checkpoint folder's name; None for any other name."""
+    name = CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path)))
+    return int(name.group(1)) if name else None
 
 
 def save_checkpoint(accelerator, args, step: int):
@@ -132,14 +148,16 @@ def save_checkpoint(accelerator, args, step: int):
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)  # a step retrained after resuming from an earlier checkpoint
         os.replace(tmp, final)
         for _, old in checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
-def resume(accelerator, args, steps_per_epoch: int) -> tuple[int, int, int]:
-    """Load `--resume_from_checkpoint`; return (completed steps, epoch to start in, batches to skip in it)."""
+def resume(accelerator, args, optimizer, scheduler, steps_per_epoch: int) -> tuple[int, int, int]:
+    """Load `--resume_from_checkpoint` (checked by `utils.prepare_output_dir`) and apply a changed
+    `--learning_rate`; return (completed steps, epoch to start in, batches to skip in it)."""
     path = args.resume_from_checkpoint
     if not path:
         return 0, 0, 0
@@ -149,24 +167,39 @@ def resume(accelerator, args, steps_per_epoch: int) -> tuple[int, int, int]:
             logger.info("no checkpoint to resume from: starting fresh")
             return 0, 0, 0
         path = found[-1][1]
-    name = CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path)))
-    if not os.path.isdir(path) or name is None:
-        raise ValueError(f"`--resume_from_checkpoint` must be 'latest' or a checkpoint folder `.../checkpoints/step_N`, got {path!r}")
     accelerator.load_state(path)
-    completed = int(name.group(1))
+    rescale_learning_rate(optimizer, scheduler, args.learning_rate)
+    completed = checkpoint_step(path)
     start_epoch, done_in_epoch = divmod(completed, steps_per_epoch)
     skip_batches = done_in_epoch * args.gradient_accumulation_steps
     logger.info(f"resumed from {path}: step {completed}, epoch {start_epoch}, skipping {skip_batches} batches")
     return completed, start_epoch, skip_batches
 
 
-def check_finite(accelerator, loss: torch.Tensor, args, step: int) -> None:
-    """Stop every process on a NaN/inf loss, naming the last good checkpoint."""
-    if bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()):
+def rescale_learning_rate(optimizer, scheduler, peak: float) -> None:
+    """A resumed schedule keeps its shape and position but peaks at `peak` (`--learning_rate`), so a run
+    that diverged can be resumed with a lower rate. Schedules scale their `base_lrs` (LambdaLR and kin)."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper
+    saved = inner.base_lrs[0]
+    if math.isclose(saved, peak, rel_tol=1e-9):
+        return
+    ratio = peak / saved
+    inner.base_lrs = [lr * ratio for lr in inner.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= ratio
+        group["initial_lr"] = group.get("initial_lr", saved) * ratio
+    inner._last_lr = [group["lr"] for group in optimizer.param_groups]
+    logger.info(f"--learning_rate {peak:g} differs from the checkpoint's {saved:g}: the resumed schedule is scaled by {ratio:g}")
+
+
+def check_finite(accelerator, value: torch.Tensor, args, step: int, what: str) -> None:
+    """Stop every process on a NaN/inf loss or gradient norm, before it reaches the weights, so every
+    checkpoint holds finite weights; name the newest one."""
+    if bool(accelerator.gather(torch.isfinite(value.detach()).reshape(1)).all()):
         return
     last = checkpoints(args.output_dir)
     raise RuntimeError(
-        f"The loss became {loss.item()} at step {step}; stopping. The last good checkpoint is "
-        f"{last[-1][1] if last else 'none (no checkpoint was written yet)'}. Lower --learning_rate, "
-        "or use bf16 rather than fp16."
+        f"The {what} became {value.item()} at step {step}; stopping before the update. The last good checkpoint is "
+        f"{last[-1][1] if last else 'none (no checkpoint was written yet)'}: resume from it with a lower "
+        "--learning_rate (the schedule is rescaled), or use bf16 rather than fp16."
     )

@@ -35,14 +35,23 @@ from cmal.training.loop import train
 from cmal.training.metrics import binary_auc, load_metric
 from cmal.training.tasks import synthetic_texts
 from cmal.training.utils import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    PROBABILITY,
     add_training_args,
+    bounded,
+    command_line,
     enable_activation_checkpointing,
+    model_config_source,
+    model_source,
     new_model_config,
     new_processor,
     prepare_training,
     push_to_hub,
+    resume_hint_on_interrupt,
+    save_final,
     setup_accelerator,
-    write_json,
 )
 
 
@@ -52,45 +61,53 @@ LOSSES = ["mlm_loss", "mrm_feature_loss", "mrm_concept_loss", "itm_loss", "amc_t
 AMC_PARTS = ("token", "region", "pointer")
 
 
+def dataset_source(text: str) -> str:
+    if text == "synthetic" or all(os.path.isdir(os.path.join(text, part)) for part in ("regions", "captions")):
+        return text
+    raise argparse.ArgumentTypeError(f"expected 'synthetic' or a folder with regions/ and captions/ (docs/DATA.md), got {text!r}")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", default="synthetic",
+    data.add_argument("--dataset", default="synthetic", type=dataset_source,
                       help="'synthetic' (the embedded scene world) or a folder with `regions/` (a region store, "
                            "docs/DATA.md) and `captions/` (a datasets table or DatasetDict with image_id, text).")
-    data.add_argument("--synthetic_images", type=int, default=2000, help="Images of the synthetic world.")
-    data.add_argument("--synthetic_seed", type=int, default=0, help="Seed of the synthetic world.")
-    data.add_argument("--max_text_length", type=int, default=40, help="Word pieces per text, [CLS]/[SEP] included.")
-    data.add_argument("--corpus_fraction", type=float, default=1.0,
+    data.add_argument("--synthetic_images", type=POSITIVE_INT, default=2000, help="Images of the synthetic world.")
+    data.add_argument("--synthetic_seed", type=NON_NEGATIVE_INT, default=0, help="Seed of the synthetic world.")
+    data.add_argument("--max_text_length", type=bounded(int, 3), default=40, help="Word pieces per text, [CLS]/[SEP] included.")
+    data.add_argument("--corpus_fraction", type=bounded(float, 0, 1, low_open=True), default=1.0,
                       help="Pre-train on the texts of the first fraction of the training images (data-scale studies).")
-    data.add_argument("--curriculum_epochs", type=int, default=6,
+    data.add_argument("--curriculum_epochs", type=NON_NEGATIVE_INT, default=6,
                       help="Epochs drawn only from the pairs whose image has at most the median number of regions "
                            "(small scenes first: ITM learns on them and carries over); 0 for none.")
-    data.add_argument("--tokenizer", default=None,
+    data.add_argument("--tokenizer", default=None, type=model_source,
                       help="Tokenizer folder or Hub id (a fast BERT-style one). Default: with --init_text_from, "
                            "that checkpoint's; otherwise a word-level vocabulary built from the corpus.")
     model = p.add_argument_group("model")
-    model.add_argument("--model_config", default="mini", help=f"Preset ({', '.join(CMAL_PRESETS)}) or a config JSON.")
-    model.add_argument("--init_text_from", default=None, help="BERT checkpoint (folder or Hub id) for the text path.")
+    model.add_argument("--model_config", default="mini", type=model_config_source, help=f"Preset ({', '.join(CMAL_PRESETS)}) or a config JSON.")
+    model.add_argument("--init_text_from", default=None, type=model_source, help="BERT checkpoint (folder or Hub id) for the text path.")
     for name, default, what in [("mlm", 1.0, "masked language modelling"), ("mrm", 1.0, "masked region modelling"),
                                 ("itm", 1.0, "image-text matching"), ("amc", 1.0, "associative mapping (all 3 parts)"),
                                 ("itc", 0.0, "image-text contrastive (the CMCL baseline)")]:  # fmt: skip
-        model.add_argument(f"--{name}", type=float, default=default, help=f"Weight of {what}; 0 switches it off.")
+        model.add_argument(f"--{name}", type=NON_NEGATIVE, default=default, help=f"Weight of {what}; 0 switches it off.")
     model.add_argument("--amc_parts", nargs="+", choices=AMC_PARTS, default=list(AMC_PARTS),
                        help="AMC parts that get the --amc weight (ablations); the others are off.")
-    model.add_argument("--anchor_mask_prob", type=float, default=None,
+    model.add_argument("--anchor_mask_prob", type=PROBABILITY, default=None,
                        help="Probability that an anchor concept is swapped in training (default: the config's, 0.3).")
     model.add_argument("--no_hypersphere", action="store_true", help="Keep plain uni-modal features (an ablation).")
     model.add_argument("--no_hard_negatives", action="store_true",
                        help="ITM on the collator's random negatives only, none drawn by ITC similarity (an ablation).")
     model.add_argument("--anchor_fill", choices=["swap", "mask"], default="swap",
                        help="Fill chosen anchors with the partner modality's feature (swap) or nothing (mask, an ablation).")
-    model.add_argument("--mlm_probability", type=float, default=0.15, help="Share of non-anchor words masked.")
-    model.add_argument("--mrm_probability", type=float, default=0.15, help="Share of regions masked.")
-    model.add_argument("--itm_negative_probability", type=float, default=0.5, help="Share of mismatched pairs.")
+    model.add_argument("--mlm_probability", type=PROBABILITY, default=0.15, help="Share of non-anchor words masked.")
+    model.add_argument("--mrm_probability", type=PROBABILITY, default=0.15, help="Share of regions masked.")
+    model.add_argument("--itm_negative_probability", type=PROBABILITY, default=0.5, help="Share of mismatched pairs.")
     # 12 epochs of the 2,000-image world are 1,500 steps: ITM needs about a thousand to leave chance (measured)
     add_training_args(p, "outputs/cmal-mini-synthetic", batch_size=32, learning_rate=1e-3, epochs=12, warmup=50)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.command = command_line("training/pretrain.py", argv)
+    return args
 
 
 class Corpus(NamedTuple):
@@ -267,40 +284,38 @@ def main(argv=None):
     args = parse_args(argv)
     # heads whose weight is 0 get no gradient; DDP must be told
     unused = min(args.mlm, args.mrm, args.itm, args.amc) == 0 or len(set(args.amc_parts)) < len(AMC_PARTS)
-    accelerator = setup_accelerator(args, "cmal_pretrain", find_unused_parameters=unused)
+    accelerator = setup_accelerator(args, find_unused_parameters=unused)
 
-    with accelerator.main_process_first():
-        corpus = load_corpus(args)
-    config, processor, train_set, collator, train_dataloader = build_data(args, corpus, accelerator.num_processes)
-    model = build_model(args, config)
-    model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(accelerator, args, model, train_dataloader)
-    results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps, LOSSES, "pre-training")
-    held_out, pairs = {}, validation_pairs(corpus) if args.itm > 0 or args.itc > 0 else None
-    if pairs is not None and args.itm > 0:
-        held_out |= validate_matching(model, validation_loader(args, pairs, processor, accelerator, 0.5, corpus.true_of), accelerator)
-    if pairs is not None and args.itc > 0:
-        held_out |= validate_retrieval(model, validation_loader(args, pairs, processor, accelerator, 0.0), pairs, accelerator)
-    if held_out:
-        results["validation"] = held_out
+    with resume_hint_on_interrupt(args, accelerator):
+        with accelerator.main_process_first():
+            corpus = load_corpus(args)
+        config, processor, train_set, collator, train_dataloader = build_data(args, corpus, accelerator.num_processes)
+        model = build_model(args, config)
+        model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(accelerator, args, model, train_dataloader, "cmal_pretrain")
+        results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps, LOSSES, "pre-training")
+        held_out, pairs = {}, validation_pairs(corpus) if args.itm > 0 or args.itc > 0 else None
+        if pairs is not None and args.itm > 0:
+            held_out |= validate_matching(model, validation_loader(args, pairs, processor, accelerator, 0.5, corpus.true_of), accelerator)
+        if pairs is not None and args.itc > 0:
+            held_out |= validate_retrieval(model, validation_loader(args, pairs, processor, accelerator, 0.0), pairs, accelerator)
+        if held_out:
+            results["validation"] = held_out
 
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(args.output_dir, save_function=accelerator.save)
-        processor.save_pretrained(args.output_dir)
-        write_json(os.path.join(args.output_dir, "train_results.json"), {**results, "args": vars(args)})
-        write_model_card(args.output_dir, args, unwrapped.config, results)
-        logger.info(f"data loading took {100 * results['data_loading_share']:.1f}% of the training time")
-        print(f"final losses: {json.dumps({k: round(v, 4) for k, v in results['final_losses'].items()})}")
-        if "itm_auc" in held_out:
-            print(f"validation ITM: accuracy {held_out['itm_accuracy']:.4f}, AUC {held_out['itm_auc']:.4f} "
-                  f"({held_out['itm_pairs']} pairs, half mismatched: chance 0.5)")
-        if "itc_images" in held_out:
-            print(f"validation retrieval by ITC: text->image R@1 {held_out['itc_text_to_image_r1']:.1f}%, "
-                  f"R@5 {held_out['itc_text_to_image_r5']:.1f}% over {held_out['itc_images']} images "
-                  f"(chance R@1 {100 / held_out['itc_images']:.1f}%)")
-        print(f"model saved to {os.path.abspath(args.output_dir)} ({results['train_seconds']:.0f} s of training)")
-        if args.push_to_hub:
-            push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo or None)
+        if accelerator.is_main_process:
+            with save_final(accelerator, model, processor, args, results) as folder:
+                write_model_card(folder, args, accelerator.unwrap_model(model).config, results)
+            logger.info(f"data loading took {100 * results['data_loading_share']:.1f}% of the training time")
+            print(f"final losses: {json.dumps({k: round(v, 4) for k, v in results['final_losses'].items()})}")
+            if "itm_auc" in held_out:
+                print(f"validation ITM: accuracy {held_out['itm_accuracy']:.4f}, AUC {held_out['itm_auc']:.4f} "
+                      f"({held_out['itm_pairs']} pairs, half mismatched: chance 0.5)")
+            if "itc_images" in held_out:
+                print(f"validation retrieval by ITC: text->image R@1 {held_out['itc_text_to_image_r1']:.1f}%, "
+                      f"R@5 {held_out['itc_text_to_image_r5']:.1f}% over {held_out['itc_images']} images "
+                      f"(chance R@1 {100 / held_out['itc_images']:.1f}%)")
+            print(f"model saved to {os.path.abspath(args.output_dir)} ({results['train_seconds']:.0f} s of training)")
+            if args.push_to_hub:
+                push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo or None)
     accelerator.end_training()
     return results
 

@@ -3,10 +3,16 @@ and processor, training arguments, the Accelerator, optimizer and schedule, and 
 small on purpose: each script stays readable top to bottom.
 """
 
+import argparse
+import contextlib
 import json
 import logging
 import math
 import os
+import shlex
+import shutil
+import signal
+import sys
 
 import torch
 from accelerate import Accelerator
@@ -15,6 +21,7 @@ from transformers import get_scheduler
 
 from cmal.modeling_cmal import CMAL_PRESETS, CMALConfig
 from cmal.processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
+from cmal.training.loop import checkpoint_step, checkpoints
 
 
 logger = logging.getLogger(__name__)
@@ -40,39 +47,107 @@ def new_processor(config: CMALConfig, tokenizer, lexicon: AnchorLexicon | None =
     return CMALProcessor(image_processor, tokenizer, anchor_lexicon=lexicon.to_dict())
 
 
+def bounded(kind: type, low: float, high: float | None = None, low_open: bool = False):
+    """An argparse `type` that refuses values outside [low, high] (or (low, high]) with the range in the message."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and value > high):
+            interval = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
+            raise argparse.ArgumentTypeError(f"expected a value in {interval}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT, NON_NEGATIVE_INT = bounded(int, 1), bounded(int, 0)
+POSITIVE, NON_NEGATIVE, PROBABILITY = bounded(float, 0, low_open=True), bounded(float, 0), bounded(float, 0, 1)
+
+
+def existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}" + (" (a folder)" if os.path.isdir(text) else ""))
+    return text
+
+
+def existing_folder(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"no such folder: {text!r}" + (" (a file)" if os.path.isfile(text) else ""))
+    return text
+
+
+def model_source(text: str) -> str:
+    """A local folder or a Hub repo id. What can only be a path (it starts with `.`, `/` or `~`, has more than
+    one `/`, or its first part is a local folder, as in `outputs/cmal-smal`) fails at once with "no such
+    folder" rather than after minutes of Hub retries and a message about some config file."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.isdir(text):
+        return text
+    try:
+        validate_repo_id(text)
+        is_repo_id = not text.startswith((".", "~")) and not os.path.isdir(text.split("/")[0] or "/")
+    except HFValidationError:
+        is_repo_id = False
+    if not is_repo_id or os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such folder: {text!r} (a local path, so not a Hub repo id)")
+    return text
+
+
+def model_config_source(text: str) -> str:
+    if text in CMAL_PRESETS or os.path.isfile(text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected a preset ({', '.join(CMAL_PRESETS)}) or a config JSON file, "
+                                     f"got {text!r} (no such file)")  # fmt: skip
+
+
 def add_training_args(parser, output_dir: str, batch_size: int, learning_rate: float, epochs: int, warmup: int):
     """The optimisation, checkpointing and tracking flags of both scripts; the defaults differ per script."""
+    from transformers import SchedulerType
+
     train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", default=output_dir, help="Checkpoints and the final model.")
-    train.add_argument("--per_device_train_batch_size", type=int, default=batch_size)
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--learning_rate", type=float, default=learning_rate)
-    train.add_argument("--weight_decay", type=float, default=0.01)
-    train.add_argument("--max_grad_norm", type=float, default=1.0)
-    train.add_argument("--lr_scheduler_type", default="linear", help="Any transformers schedule: linear, cosine, constant...")
-    train.add_argument("--num_warmup_steps", type=int, default=warmup)
-    train.add_argument("--num_train_epochs", type=int, default=epochs)
-    train.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    train.add_argument("--output_dir", default=output_dir,
+                       help="Checkpoints and the final model. Must be empty or absent unless resuming or --overwrite_output_dir.")  # fmt: skip
+    train.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Start over in a non-empty --output_dir: its checkpoints are deleted, its model replaced at the end.")  # fmt: skip
+    train.add_argument("--per_device_train_batch_size", type=POSITIVE_INT, default=batch_size)
+    train.add_argument("--gradient_accumulation_steps", type=POSITIVE_INT, default=1)
+    train.add_argument("--learning_rate", type=POSITIVE, default=learning_rate,
+                       help="Peak learning rate; a new value on resume rescales the resumed schedule.")  # fmt: skip
+    train.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.01)
+    train.add_argument("--max_grad_norm", type=POSITIVE, default=1.0)
+    train.add_argument("--lr_scheduler_type", default="linear", choices=[s.value for s in SchedulerType], metavar="SCHEDULE",
+                       help="A transformers schedule: linear, cosine, constant, constant_with_warmup, ...")  # fmt: skip
+    train.add_argument("--num_warmup_steps", type=NON_NEGATIVE_INT, default=warmup)
+    train.add_argument("--num_train_epochs", type=POSITIVE_INT, default=epochs)
+    train.add_argument("--max_train_steps", type=POSITIVE_INT, default=None, help="Overrides --num_train_epochs.")
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                        help="Default: what `accelerate config`/`accelerate launch` says, else no.")  # fmt: skip
-    train.add_argument("--checkpointing_steps", type=int, default=None, help="Save a resumable state every N steps.")
-    train.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep only the newest N checkpoints.")
-    train.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    train.add_argument("--checkpointing_steps", type=POSITIVE_INT, default=None, help="Save a resumable state every N steps.")
+    train.add_argument("--checkpoints_total_limit", type=POSITIVE_INT, default=2, help="Keep only the newest N checkpoints.")
+    train.add_argument("--resume_from_checkpoint", default=None,
+                       help="'latest' (this --output_dir's newest checkpoint; none: start fresh) or a checkpoint folder.")  # fmt: skip
     train.add_argument("--gradient_checkpointing", action="store_true")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes.")
+    train.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
+    train.add_argument("--num_workers", type=NON_NEGATIVE_INT, default=0, help="DataLoader worker processes.")
     train.add_argument("--report_to", default="all", help="tensorboard, wandb, ... ; all = every installed tracker; none.")
-    train.add_argument("--logging_steps", type=int, default=10)
+    train.add_argument("--logging_steps", type=POSITIVE_INT, default=10)
     train.add_argument("--push_to_hub", action="store_true", help="Upload the final folder to --hub_model_id.")
     train.add_argument("--hub_model_id", default=None, help="Repo id (user/name); default: the output folder's name.")
     train.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
     return train
 
 
-def setup_accelerator(args, project_name: str, find_unused_parameters: bool = False) -> Accelerator:
+def setup_accelerator(args, find_unused_parameters: bool = False) -> Accelerator:
     """The Accelerator of both scripts (seedable sampler, so a resumed epoch has the same order), logging,
-    seed and trackers."""
+    the output folder (`prepare_output_dir`) and the seed."""
     accelerator = Accelerator(
+        # `accelerate launch --multi_gpu` (or training/configs/cpu_2proc.yaml) on a machine without an accelerator:
+        # without `cpu=True` each process would train alone, all writing the same folder
+        cpu=not accelerator_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -86,10 +161,129 @@ def setup_accelerator(args, project_name: str, find_unused_parameters: bool = Fa
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING)  # fmt: skip
+    prepare_output_dir(accelerator, args)
     set_seed(args.seed)
-    if args.report_to != "none":
-        accelerator.init_trackers(project_name, {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     return accelerator
+
+
+def prepare_output_dir(accelerator, args) -> None:
+    """The output-folder policy, applied before any data is loaded or any tracker writes.
+
+    A new run needs an absent or empty `--output_dir`; `--resume_from_checkpoint` continues the run that
+    is there, and `--overwrite_output_dir` starts over (its checkpoints are deleted now, its model is
+    replaced at the end), so `latest` only ever names this run's newest checkpoint. A final save cut
+    short by a kill is undone first (`final_folder`).
+    """
+    folder = args.output_dir
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--output_dir {folder!r} is a file; expected a folder (absent or empty, or a run to resume)")
+    if accelerator.is_main_process:
+        recover_final_folder(folder)
+    accelerator.wait_for_everyone()
+    found = checkpoints(folder)
+    stale = []
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        step = checkpoint_step(args.resume_from_checkpoint)
+        if step is None or not os.path.isdir(args.resume_from_checkpoint):
+            raise ValueError("`--resume_from_checkpoint` must be 'latest' or a checkpoint folder `.../checkpoints/step_N`, "
+                             f"got {args.resume_from_checkpoint!r}")  # fmt: skip
+        stale = [path for n, path in found if n > step]
+    elif not args.resume_from_checkpoint and os.path.isdir(folder) and os.listdir(folder):
+        stale = [os.path.join(folder, "checkpoints")] if found or os.path.isdir(os.path.join(folder, "checkpoints")) else []
+        if not args.overwrite_output_dir:
+            rerun = args.command + " --resume_from_checkpoint latest"
+            hint = (f"it holds this run's checkpoints up to step {found[-1][0]}: resume with `{rerun}`, "
+                    if found else f"it holds {', '.join(sorted(os.listdir(folder))[:5])}: ")  # fmt: skip
+            raise ValueError(f"--output_dir {folder!r} is not empty; {hint}or pass --overwrite_output_dir to start over, "
+                             "or choose another --output_dir")  # fmt: skip
+    if stale and not args.overwrite_output_dir:
+        raise ValueError(f"{', '.join(stale)} are newer than --resume_from_checkpoint {args.resume_from_checkpoint!r}: "
+                         "they would outlive the resumed run as its 'latest'. Pass --overwrite_output_dir to delete them, "
+                         "or resume from 'latest'")  # fmt: skip
+    if stale and accelerator.is_main_process:
+        logger.info(f"--overwrite_output_dir: deleting {', '.join(stale)}")
+        for path in stale:
+            shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+
+
+def command_line(script: str, argv: list | None) -> str:
+    """The command that ran `script` with `argv` (default: this process's), as a user would retype it to resume."""
+    launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
+    return f"{launcher} {shlex.join([script, *(sys.argv[1:] if argv is None else argv)])}"
+
+
+@contextlib.contextmanager
+def final_folder(folder: str):
+    """Yield a temporary sibling of `folder` to write the final model into; on success it takes `folder`'s
+    place, keeping the run's sub-folders (checkpoints, tracker logs) and dropping the previous model's files.
+
+    A kill mid-save leaves the previous complete folder (or none) beside a `.tmp` folder; a kill between the
+    two renames leaves a `.old` one that `recover_final_folder` moves back at the next start.
+    """
+    folder = os.path.abspath(folder)
+    staging = os.path.join(folder + ".tmp", os.path.basename(folder))  # same name: the card names the model after it
+    shutil.rmtree(folder + ".tmp", ignore_errors=True)
+    os.makedirs(staging)
+    yield staging
+    if os.path.isdir(folder):
+        os.replace(folder, folder + ".old")
+    os.replace(staging, folder)
+    recover_final_folder(folder)
+
+
+@contextlib.contextmanager
+def save_final(accelerator, model, processor, args, results: dict):
+    """The model, processor and `train_results.json` written into a `final_folder`, which is yielded for
+    the script's own files (card, evaluation) before it takes `--output_dir`'s place."""
+    with final_folder(args.output_dir) as folder:
+        accelerator.unwrap_model(model).save_pretrained(folder, save_function=accelerator.save)
+        processor.save_pretrained(folder)
+        write_json(os.path.join(folder, "train_results.json"), {**results, "args": vars(args)})
+        yield folder
+
+
+def recover_final_folder(folder: str) -> None:
+    """Finish or undo a `final_folder` swap that a kill cut short; drop an unfinished staging folder."""
+    folder = os.path.abspath(folder)
+    old = folder + ".old"
+    shutil.rmtree(folder + ".tmp", ignore_errors=True)
+    if not os.path.isdir(old):
+        return
+    if not os.path.isdir(folder):
+        os.replace(old, folder)
+        return
+    for name in os.listdir(old):
+        if os.path.isdir(os.path.join(old, name)) and not os.path.exists(os.path.join(folder, name)):
+            os.replace(os.path.join(old, name), os.path.join(folder, name))
+    shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def resume_hint_on_interrupt(args, accelerator):
+    """Ctrl-C (or a scheduler's SIGTERM) ends the run with one line saying how to resume, not ~90 lines of
+    tracebacks; the exit status is 130 as for any interrupted program."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if accelerator.is_main_process:
+            found = checkpoints(args.output_dir)
+            if found:
+                resume = args.command.replace(" --overwrite_output_dir", "")
+                resume += "" if "--resume_from_checkpoint" in resume else " --resume_from_checkpoint latest"
+                print(f"\ninterrupted; step {found[-1][0]} is saved in {found[-1][1]}: resume with `{resume}`", file=sys.stderr)
+            else:
+                print(f"\ninterrupted before any checkpoint was saved (set --checkpointing_steps to make runs resumable); "
+                      f"start over with `{args.command} --overwrite_output_dir`", file=sys.stderr)  # fmt: skip
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def accelerator_available() -> bool:
+    """A GPU or other accelerator torch can use (`torch.accelerator` from torch 2.6; CUDA before)."""
+    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -101,11 +295,14 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def prepare_training(accelerator, args, model, train_dataloader):
-    """AdamW and the schedule sized from the data, prepared with the model and the data.
+def prepare_training(accelerator, args, model, train_dataloader, project_name: str):
+    """AdamW and the schedule sized from the data, prepared with the model and the data, and the trackers
+    (started only now, so a run that fails while loading leaves no logs in `--output_dir`).
 
     Returns (model, optimizer, dataloader, scheduler, max_steps).
     """
+    if args.report_to != "none":
+        accelerator.init_trackers(project_name, {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
     steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -139,38 +336,44 @@ def write_json(path: str, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def hub_files(folder: str) -> list[str]:
-    """The files of `folder` that make its Hub repo, after checking that nothing a user needs is missing.
+# What a model repo may hold besides the weights and code: configs, processor and tokenizer files, the card,
+# the run's results and the Inference Endpoint handler. Nothing else is ever uploaded.
+HUB_FILES = {
+    "config.json", "generation_config.json", "processor_config.json", "preprocessor_config.json", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "README.md",
+    "train_results.json", "eval_results.json", "handler.py", "requirements.txt",
+}  # fmt: skip
 
-    A repo loads with `trust_remote_code=True` only if every code file an `auto_map` or `custom_pipelines`
-    entry names is there, with the files those import (`from .x import`); it also needs its weights, its
-    processor and a model card. Checkpoints, logs and unfinished `.tmp` writes stay behind.
+
+def hub_files(folder: str) -> list[str]:
+    """The files of `folder` that make its Hub repo: an allowlist, after checking nothing a user needs is missing.
+
+    Uploaded: the weights (checked to be whole safetensors files, every shard the index names with
+    exactly its tensors), `HUB_FILES`, and the code files an `auto_map` or `custom_pipelines` entry
+    names with the files those import (`from .x import`): a repo loads with `trust_remote_code=True`
+    only if all are there. Never uploaded: anything else (dotfiles, logs, checkpoints, unfinished
+    `.tmp` writes), symlinks, and anything resolving outside the folder. Raises `ValueError` naming
+    each missing or broken file.
     """
     from transformers.dynamic_module_utils import get_relative_imports
 
     if not os.path.isdir(folder):
         raise ValueError(f"expected a model folder to upload, got {folder!r} (not a directory)")
-    present = sorted(f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)) and not f.endswith(".tmp"))
+    root = os.path.realpath(folder)
+    present = {name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name))}
     needed = {"config.json": "the model config", "processor_config.json": "the processor", "README.md": "the model card"}
     if "model.safetensors.index.json" in present:
-        with open(os.path.join(folder, "model.safetensors.index.json")) as f:
-            needed.update({shard: "a weight shard" for shard in json.load(f)["weight_map"].values()})
+        weights = shard_map(os.path.join(folder, "model.safetensors.index.json"))
+        needed |= {"model.safetensors.index.json": "the shard index"} | {shard: "a weight shard" for shard in weights}
     else:
+        weights = {"model.safetensors": None}
         needed["model.safetensors"] = "the weights"
     if "tokenizer.json" not in present and "vocab.txt" not in present:
         needed["tokenizer.json"] = "the tokenizer"
     for config_file in ("config.json", "processor_config.json", "tokenizer_config.json"):
-        if config_file not in present:
-            continue
-        with open(os.path.join(folder, config_file)) as f:
-            config = json.load(f)
-        references = list((config.get("auto_map") or {}).values())
-        references += [p["impl"] for p in (config.get("custom_pipelines") or {}).values()]
-        for reference in references:
-            reference = reference[0] if isinstance(reference, list) else reference  # tokenizers: [slow, fast]
-            if not reference:
-                continue
-            needed.setdefault(reference.split("--")[-1].rsplit(".", 1)[0] + ".py", f"code named in {config_file}")
+        if config_file in present:
+            for module in code_files(os.path.join(folder, config_file)):
+                needed.setdefault(module, f"code named in {config_file}")
     modules = [name for name in needed if name.endswith(".py")]
     for module in modules:  # grows as imports are found
         if module in present:
@@ -181,7 +384,55 @@ def hub_files(folder: str) -> list[str]:
     missing = [f"{name} ({why})" for name, why in needed.items() if name not in present]
     if missing:
         raise ValueError(f"{folder!r} is not a complete model folder, so it is not uploaded: missing {', '.join(missing)}")
-    return present
+    selected = sorted(name for name in present if name in needed or name in HUB_FILES)
+    for name in selected:
+        path = os.path.join(folder, name)
+        if os.path.islink(path) or os.path.dirname(os.path.realpath(path)) != root:
+            raise ValueError(f"{path} is a link (to {os.path.realpath(path)}): only files inside the folder are uploaded; "
+                             "copy the file in")  # fmt: skip
+    for name, keys in weights.items():
+        check_safetensors(os.path.join(folder, name), keys)
+    return selected
+
+
+def code_files(config_path: str) -> list[str]:
+    """The `.py` files a config's `auto_map` and `custom_pipelines` entries name."""
+    with open(config_path) as f:
+        config = json.load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    references = list((config.get("auto_map") or {}).values())
+    references += [p["impl"] for p in (config.get("custom_pipelines") or {}).values()]
+    references = [r[0] if isinstance(r, list) else r for r in references]  # tokenizers: [slow, fast]
+    return [r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in references if r]
+
+
+def shard_map(index_path: str) -> dict[str, set]:
+    """{shard file: the tensor names the index puts in it} of a `model.safetensors.index.json`."""
+    with open(index_path) as f:
+        weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path}: expected a non-empty `weight_map` object")
+    shards = {}
+    for tensor, shard in weight_map.items():
+        if os.path.basename(shard) != shard:
+            raise ValueError(f"{index_path}: shard {shard!r} of {tensor!r} is not a file name in the folder")
+        shards.setdefault(shard, set()).add(tensor)
+    return shards
+
+
+def check_safetensors(path: str, keys: set | None = None) -> None:
+    """A whole safetensors file (header and data; a cut-short write fails here) holding exactly `keys`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            stored = set(f.keys())
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a complete safetensors file ({error}), so it is not uploaded") from None
+    if keys is not None and stored != keys:
+        raise ValueError(f"{path} holds {len(stored)} tensors but the shard index names {len(keys)} for it "
+                         f"(e.g. {sorted(stored ^ keys)[:3]}): the shards and their index disagree")  # fmt: skip
 
 
 def push_to_hub(folder: str, repo_id: str | None = None, private: bool | None = None, commit_message: str | None = None):

@@ -1,0 +1,139 @@
+"""The output-folder policy of the training scripts: no run silently mixes with or deletes another's work,
+reruns after an interrupt say how to resume, and the final folder is replaced whole or not at all."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, pretrain_args
+from safetensors.torch import load_file
+
+from cmal.training import finetune, pretrain
+from cmal.training.utils import final_folder, recover_final_folder
+
+
+@pytest.fixture
+def corpus(pretraining_corpus):
+    return pretraining_corpus
+
+
+def run(corpus, folder, *extra):
+    return pretrain.main(pretrain_args(corpus, folder, *extra))
+
+
+def steps_of(folder) -> int:
+    return json.loads((folder / "train_results.json").read_text())["steps"]
+
+
+def test_a_non_empty_output_dir_is_refused_before_any_data_is_loaded(tmp_path):
+    """The data given here is empty: reading it would fail otherwise."""
+    for part in ("data/regions", "data/captions", "out"):
+        (tmp_path / part).mkdir(parents=True)
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    (tmp_path / "questions.json").write_text("")
+    argv = ["--output_dir", str(tmp_path / "out"), "--report_to", "none"]
+    with pytest.raises(ValueError, match=r"--output_dir .* is not empty; it holds notes.txt: or pass --overwrite_output_dir"):
+        pretrain.main(["--dataset", str(tmp_path / "data"), *argv])
+    with pytest.raises(ValueError, match=r"--output_dir .* is not empty"):
+        finetune.main(["--task", "vqa", "--train_file", str(tmp_path / "questions.json"), "--regions", str(tmp_path / "data"), *argv])
+    assert os.listdir(tmp_path / "out") == ["notes.txt"]
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "model").write_text("")
+    with pytest.raises(ValueError, match=r"--output_dir .*model' is a file; expected a folder"):
+        pretrain.main(["--output_dir", str(tmp_path / "model"), "--report_to", "none"])
+
+
+def test_a_rerun_says_how_to_resume_and_a_finished_run_resumed_trains_no_step(corpus, tmp_path):
+    folder = tmp_path / "run"
+    run(corpus, folder, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    before = load_file(folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"holds this run's checkpoints up to step 4: resume with "
+                                         r"`python training/pretrain.py .* --resume_from_checkpoint latest`"):  # fmt: skip
+        run(corpus, folder, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    results = run(corpus, folder, "--max_train_steps", "4", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest")
+    assert results["steps"] == 4 and results["final_losses"] == {}  # no step trained
+    after = load_file(folder / "model.safetensors")
+    assert all(bool((before[k] == after[k]).all()) for k in before)
+    assert sorted(os.listdir(folder / "checkpoints")) == ["step_2", "step_4"]
+
+
+def test_overwrite_starts_over_so_latest_is_this_runs(corpus, tmp_path):
+    folder = tmp_path / "run"
+    run(corpus, folder, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    run(corpus, folder, "--max_train_steps", "3", "--checkpointing_steps", "3", "--overwrite_output_dir")
+    assert sorted(os.listdir(folder / "checkpoints")) == ["step_3"]
+    assert steps_of(folder) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging or `.old` folder left behind
+
+
+def test_resuming_an_earlier_checkpoint_refuses_to_keep_newer_ones(corpus, tmp_path):
+    folder = tmp_path / "run"
+    run(corpus, folder, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "3")
+    earlier = str(folder / "checkpoints" / "step_2")
+    with pytest.raises(ValueError, match=r"step_4, .*step_6 are newer than --resume_from_checkpoint .*step_2"):
+        run(corpus, folder, "--max_train_steps", "6", "--checkpointing_steps", "2", "--resume_from_checkpoint", earlier)
+    results = run(corpus, folder, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "3",
+                  "--resume_from_checkpoint", earlier, "--overwrite_output_dir")  # fmt: skip
+    assert results["steps"] == 6
+    assert sorted(os.listdir(folder / "checkpoints")) == ["step_2", "step_4", "step_6"]
+
+
+def test_a_final_save_cut_short_leaves_the_previous_folder(tmp_path):
+    folder = tmp_path / "model"
+    (folder / "checkpoints" / "step_2").mkdir(parents=True)
+    (folder / "model.safetensors").write_text("previous")
+    with pytest.raises(KeyboardInterrupt), final_folder(str(folder)) as staging:
+        (tmp_path / "model.tmp" / "model" / "model.safetensors").write_text("half")
+        assert staging == str(tmp_path / "model.tmp" / "model")
+        raise KeyboardInterrupt
+    assert (folder / "model.safetensors").read_text() == "previous"
+    recover_final_folder(str(folder))  # the next start drops the unfinished staging folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+    with final_folder(str(folder)) as staging:
+        (tmp_path / "model.tmp" / "model" / "model.safetensors").write_text("new")
+    assert (folder / "model.safetensors").read_text() == "new"
+    assert (folder / "checkpoints" / "step_2").is_dir()  # the run's sub-folders move into the new folder
+
+
+@pytest.mark.parametrize("new_folder_in_place", [False, True])
+def test_a_kill_between_the_renames_is_recovered(tmp_path, new_folder_in_place):
+    folder, old = tmp_path / "model", tmp_path / "model.old"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "model.safetensors").write_text("previous")
+    if new_folder_in_place:
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("new")
+    recover_final_folder(str(folder))
+    assert (folder / "model.safetensors").read_text() == ("new" if new_folder_in_place else "previous")
+    assert (folder / "checkpoints").is_dir() and not old.exists()
+
+
+def test_ctrl_c_prints_one_line_with_a_resume_command_that_works(corpus, tmp_path):
+    folder = tmp_path / "run"
+    argv = pretrain_args(corpus, folder, "--max_train_steps", "400", "--checkpointing_steps", "2")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    process = subprocess.Popen([sys.executable, "training/pretrain.py", *argv], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and not (folder / "checkpoints" / "step_2").exists():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted; step ") and " is saved in " in last, last
+    command = shlex.split(last.split("resume with `")[1].rstrip("`"))
+    assert command[:2] == ["python", "training/pretrain.py"] and command[-2:] == ["--resume_from_checkpoint", "latest"]
+    command[command.index("400")] = "6"  # finish soon
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and steps_of(folder) == 6
