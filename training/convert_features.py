@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cmal.training.data.region_store import RegionStoreWriter
+from cmal.training.data.safe_pickle import load_npz_object
 
 
 # bottom-up-attention's generate_tsv.py writes 6 fields; LXMERT's TSVs add object and attribute
@@ -157,9 +158,7 @@ def npz_row(path: str) -> dict:
             if "num_bbox" in keys:
                 row["num_regions"] = int(npz["num_bbox"])
             if "info" in keys:
-                # `info` is a pickled dict, and unpickling can run code: allow it for this one key only.
-                with np.load(path, allow_pickle=True) as pickled:
-                    info = pickled["info"].item()
+                info = load_npz_object(path, "info").item()  # a pickled dict, read without running code
                 row["concept_ids"] = np.asarray(info["objects_id"])
                 row["scores"] = np.asarray(info["objects_conf"])
             return row

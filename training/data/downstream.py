@@ -23,7 +23,6 @@ annotation file onto them, e.g. `"COCO_train2014_{:012d}"` for VQA v2's integer 
 
 import json
 import os
-import pickle
 from collections import Counter
 
 import datasets
@@ -34,6 +33,7 @@ from torch.utils.data import Dataset
 from cmal.training.metrics import import_metric_module
 
 from .region_store import rows_to_regions
+from .safe_pickle import load_data_pickle
 
 
 VE_LABELS = ["entailment", "neutral", "contradiction"]
@@ -134,8 +134,7 @@ def read_refcoco(refs_path: str, instances_path: str, split: str, image_id_templ
         with open(refs_path) as f:
             refs = json.load(f)
     else:
-        with open(refs_path, "rb") as f:
-            refs = pickle.load(f)  # the official files are pickles; only open files you trust
+        refs = load_data_pickle(refs_path)  # the official files are pickles: read without running code
     with open(instances_path) as f:
         instances = json.load(f)
     images = {image["id"]: image for image in instances["images"]}
