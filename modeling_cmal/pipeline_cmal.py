@@ -30,9 +30,10 @@ The other heads: "visual-entailment" (`hypothesis`) gives every label with its p
 for a `text`, or `texts` for an `image`.
 """
 
+import warnings
+
 import torch
 from transformers import Pipeline
-from transformers.image_utils import load_image
 
 
 class CMALPipeline(Pipeline):
@@ -67,17 +68,27 @@ class CMALPipeline(Pipeline):
                 "This checkpoint has no detector, so it cannot read raw images: pass `regions=` (precomputed "
                 "regions, e.g. from training/extract_regions.py) instead of `image=`"
             )
-        return {"images": [load_image(image, timeout=timeout)]}
+        return {"images": [self.processor.image_processor.open_image(image, timeout=timeout)]}
 
-    def _text(self, inputs: dict) -> str:
+    def _text(self, inputs: dict, max_length: int) -> str:
+        """The text argument, checked; a text longer than `max_length` word pieces is read up to there, with a
+        warning (a question pasted by a user must not fail on the position embeddings)."""
         text = inputs.get(self.text_argument)
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"`{self.text_argument}` must be a non-empty string, got {text!r}")
+        pieces = len(self.processor.tokenizer(text)["input_ids"])
+        if pieces > max_length:
+            warnings.warn(f"`{self.text_argument}` has {pieces} word pieces; only the first {max_length} are read", UserWarning)
         return text
+
+    def _max_length(self, max_length: int | None) -> int:
+        """`max_length`, else the tokenizer's or the model's limit, whichever is lower."""
+        return max_length or min(self.processor.tokenizer.model_max_length, self.model.config.max_position_embeddings)
 
     def preprocess(self, inputs, timeout=None, max_length=None):
         visual = self._visual(inputs.get("image"), inputs.get("regions"), timeout)
-        return self.processor(text=self._text(inputs), max_length=max_length, **visual)
+        max_length = self._max_length(max_length)
+        return self.processor(text=self._text(inputs, max_length), max_length=max_length, **visual)
 
     def _forward(self, model_inputs):
         return self.model(**model_inputs)
@@ -119,7 +130,8 @@ class CMALVisualReasoningPipeline(CMALPipeline):
         key = next(iter(visual[0]))
         if any(next(iter(v)) != key for v in visual):
             raise ValueError("`images` must both be raw images or both be region dicts")
-        text = self._text(inputs)
+        max_length = self._max_length(max_length)
+        text = self._text(inputs, max_length)
         batch = self.processor(text=[text, text], max_length=max_length, **{key: [v[key][0] for v in visual]})
         names = set(self.processor.image_processor.model_input_names)
         return {k: v.unsqueeze(0) if k in names else v[:1] for k, v in batch.items()}
@@ -147,8 +159,9 @@ class CMALImageTextRetrievalPipeline(CMALPipeline):
     `image` (or `regions`) + `texts` ranks the texts; `[{"index", "score"}]`, best first."""
 
     def preprocess(self, inputs, timeout=None, max_length=None):
+        max_length = self._max_length(max_length)
         if inputs.get("images") is not None:
-            text, candidates = self._text(inputs), list(inputs["images"])
+            text, candidates = self._text(inputs, max_length), list(inputs["images"])
             visual = [self._visual(image, None, timeout) for image in candidates]
             key = next(iter(visual[0]))
             return self.processor(text=[text] * len(candidates), max_length=max_length, **{key: [v[key][0] for v in visual]})

@@ -18,7 +18,10 @@ Ships as Hub remote code: it imports numpy, PIL, torch and transformers only. It
 behaves the same on every transformers 5.x release.
 """
 
+import base64
+import io
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,6 +39,10 @@ def _to_numpy(value, name: str, index: int) -> np.ndarray:
         return np.asarray(value)
     except Exception as error:  # noqa: BLE001 - re-raised with the argument's name
         raise ValueError(f"`regions[{index}]['{name}']` must be array-like, got {type(value).__name__}") from error
+
+
+# 8000 x 8000: above any camera's default output, far below what a few-KB decompression bomb can claim
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 
 def boxes_to_visual_pos(boxes: np.ndarray, visual_pos_dim: int = 7) -> np.ndarray:
@@ -72,6 +79,9 @@ class CMALImageProcessor(BaseImageProcessor):
         size (`dict`, defaults to `{"height": 640, "width": 640}`): detector input size (RT-DETR's).
         do_rescale, rescale_factor: multiply pixel values by `rescale_factor` (1/255).
         do_normalize, image_mean, image_std: normalise pixels per channel (RT-DETR does not).
+        max_image_pixels (`int`, defaults to 64,000,000): larger images (width x height, read from the
+            file's header) are refused before they are decoded; a few-KB PNG can claim gigabytes.
+            `None` for no limit.
     """
 
     model_input_names = [
@@ -94,6 +104,7 @@ class CMALImageProcessor(BaseImageProcessor):
         do_normalize: bool = False,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -111,6 +122,10 @@ class CMALImageProcessor(BaseImageProcessor):
         self.do_normalize = do_normalize
         self.image_mean = list(image_mean) if image_mean is not None else [0.485, 0.456, 0.406]
         self.image_std = list(image_std) if image_std is not None else [0.229, 0.224, 0.225]
+        if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int)
+                                             or max_image_pixels < 1):  # fmt: skip
+            raise ValueError(f"`max_image_pixels` must be a positive integer or None, got {max_image_pixels!r}")
+        self.max_image_pixels = max_image_pixels
 
     def __call__(self, images=None, regions=None, **kwargs) -> BatchFeature:
         return self.preprocess(images=images, regions=regions, **kwargs)
@@ -133,18 +148,43 @@ class CMALImageProcessor(BaseImageProcessor):
 
     # -- raw images ---------------------------------------------------------------------------
 
-    def _to_rgb_pil(self, image, index: int) -> PIL.Image.Image:
-        """Any supported image -> an 8-bit RGB PIL image, upright by its EXIF orientation."""
+    def open_image(self, image, name: str = "`image`", timeout: float | None = None):
+        """A path, URL, `data:` URL, bytes or PIL image -> a PIL image whose size is checked against
+        `max_image_pixels` before its pixels are decoded; arrays and tensors pass through unchanged."""
         if isinstance(image, (str, os.PathLike)):
             path = os.fspath(image)
-            if path.startswith(("http://", "https://", "data:")):
-                from transformers.image_utils import load_image
+            if path.startswith(("http://", "https://")):
+                import httpx
 
-                return load_image(path)
-            if not os.path.isfile(path):
-                raise ValueError(f"`images[{index}]` is a path to no file: {path!r}")
-            image = PIL.Image.open(path)
-            image.load()
+                image = httpx.get(path, timeout=timeout, follow_redirects=True).content
+            elif path.startswith("data:"):
+                image = base64.b64decode(path.split(",", 1)[-1])
+            elif not os.path.isfile(path):
+                raise ValueError(f"{name} is a path to no file: {path!r}")
+            else:
+                image = path
+        if isinstance(image, (bytes, str)):
+            source = image if isinstance(image, str) else io.BytesIO(image)
+            try:
+                with warnings.catch_warnings():  # above Pillow's warning size: `max_image_pixels` decides below
+                    warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+                    image = PIL.Image.open(source)
+            except PIL.Image.DecompressionBombError as error:
+                raise ValueError(f"{name} is too large to decode safely ({error}); the limit is `max_image_pixels` = "
+                                 f"{self.max_image_pixels}") from None  # fmt: skip
+            except (PIL.UnidentifiedImageError, OSError) as error:
+                raise ValueError(f"{name} is not an image Pillow can read ({error})") from None
+        if isinstance(image, PIL.Image.Image) and self.max_image_pixels and image.width * image.height > self.max_image_pixels:
+            raise ValueError(
+                f"{name} is {image.width}x{image.height} = {image.width * image.height / 1e6:.1f} megapixels, above the "
+                f"image processor's `max_image_pixels` ({self.max_image_pixels / 1e6:g} MP): refused before decoding. "
+                "Downscale it, or raise `max_image_pixels` if you trust the file"
+            )
+        return image
+
+    def _to_rgb_pil(self, image, index: int) -> PIL.Image.Image:
+        """Any supported image -> an 8-bit RGB PIL image, upright by its EXIF orientation."""
+        image = self.open_image(image, f"`images[{index}]`")
         if isinstance(image, PIL.Image.Image):
             image = PIL.ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

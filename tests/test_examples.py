@@ -159,7 +159,7 @@ def test_endpoint_handler_answers_like_the_pipeline(handler, photos, vqa):
         ({"image": "PHOTO"}, [3], r"`parameters` must be an object such as \{\"top_k\": 3\}, got list"),
         ({"image": "not base64!", "question": "q"}, None, r"`inputs.image` must be a base64-encoded image, got a string of 11 characters that is not valid base64"),
         ({"image": "PATH", "question": "q"}, None, r"not valid base64"),  # a server path is never read
-        ({"image": base64.b64encode(b"hello").decode(), "question": "q"}, None, r"got 5 bytes of base64 that are not an image Pillow can read"),
+        ({"image": base64.b64encode(b"hello").decode(), "question": "q"}, None, r"`inputs.image` \(5 bytes of base64\) is not an image Pillow can read"),
     ],
 )  # fmt: skip
 def test_endpoint_handler_rejects_bad_requests(handler, photos, inputs, parameters, message):
@@ -184,3 +184,48 @@ def test_space_app_answers_and_draws(detector_folder, photos, vqa):
     assert isinstance(picture, PIL.Image.Image) and picture.width == 512 + visualize.PANEL_WIDTH
     with pytest.raises(gr.Error):
         predict(None, QUESTIONS[0], 3)
+
+
+@pytest.fixture(scope="module")
+def huge_pngs(tmp_path_factory) -> dict:
+    """PNGs of a few KB whose headers claim 150 and 210 megapixels (decoding them takes 0.15-2 GB)."""
+    folder = tmp_path_factory.mktemp("huge")
+    paths = {}
+    for megapixels, size in ((150, (12500, 12000)), (210, (15000, 14000))):
+        paths[megapixels] = folder / f"{megapixels}mp.png"
+        PIL.Image.new("1", size).save(paths[megapixels], optimize=True)
+        assert paths[megapixels].stat().st_size < 100_000
+    return paths
+
+
+@pytest.mark.parametrize("megapixels, message", [
+    (150, r"is 12500x12000 = 150.0 megapixels, above the image processor's `max_image_pixels` \(64 MP\): refused before decoding"),
+    (210, r"is too large to decode safely \(Image size \(210000000 pixels\) exceeds limit"),
+])  # fmt: skip
+def test_huge_images_are_refused_before_decoding(handler, vqa, huge_pngs, megapixels, message):
+    path = huge_pngs[megapixels]
+    with pytest.raises(ValueError, match=r"`image` " + message):
+        vqa(image=str(path), question=QUESTIONS[0])
+    with pytest.raises(ValueError, match=r"`images\[0\]` " + message):
+        vqa.processor(text=QUESTIONS[0], images=[str(path)])
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    with pytest.raises(ValueError, match=rf"`inputs.image` \({path.stat().st_size} bytes of base64\) " + message):
+        handler({"inputs": {"image": encoded, "question": QUESTIONS[0]}})
+
+
+def test_a_long_question_is_truncated_with_a_warning(vqa, photos):
+    photo = photos / "astronaut.jpg"
+    limit = min(vqa.processor.tokenizer.model_max_length, vqa.model.config.max_position_embeddings)
+    long_question = QUESTIONS[0] + " and" * 3000
+    with pytest.warns(UserWarning, match=rf"`question` has \d+ word pieces; only the first {limit} are read"):
+        answers = vqa(image=str(photo), question=long_question, top_k=2)
+    assert len(answers) == 2
+
+
+def test_space_shows_errors_to_the_user(detector_folder, huge_pngs):
+    gr = pytest.importorskip("gradio")
+    demo = load_example("space/app.py").build_demo(str(detector_folder))
+    functions = demo.fns.values() if isinstance(demo.fns, dict) else demo.fns
+    predict = next(f.fn for f in functions if f.name == "predict")
+    with pytest.raises(gr.Error, match=r"The image is 12500x12000 = 150.0 megapixels"):
+        predict(str(huge_pngs[150]), QUESTIONS[0], 3)

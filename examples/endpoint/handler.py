@@ -12,9 +12,8 @@ answers `[{"score": 0.93, "answer": "cake"}, ...]`, best first, exactly as
 
 import base64
 import binascii
-import io
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import pipeline
 
 
@@ -38,14 +37,16 @@ class EndpointHandler:
         top_k = parameters.get("top_k", 5)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"`parameters.top_k` must be a positive integer, got {top_k!r}")
-        return self.pipeline(image=decode_image(inputs.get("image")), question=question, top_k=top_k)
+        image = decode_image(inputs.get("image"), self.pipeline.processor.image_processor)
+        return self.pipeline(image=image, question=question, top_k=top_k)
 
 
-def decode_image(value) -> Image.Image:
-    """A base64 string (optionally a `data:image/...;base64,` URL) -> a PIL image.
+def decode_image(value, image_processor) -> Image.Image:
+    """A base64 string (optionally a `data:image/...;base64,` URL) -> a PIL image, its size checked against
+    the image processor's `max_image_pixels` before it is decoded.
 
     Decoded here and handed to the pipeline as an image, never as a string: the pipeline would read
-    a string that is not base64 as a URL to fetch or a file path on the server.
+    a string as a URL to fetch or a file path on the server.
     """
     if not isinstance(value, str) or not value:
         raise ValueError(f"`inputs.image` must be a base64-encoded image string, got {type(value).__name__}")
@@ -57,12 +58,4 @@ def decode_image(value) -> Image.Image:
             f"`inputs.image` must be a base64-encoded image, got a string of {len(value)} characters that is not "
             f"valid base64 ({error}): {value[:40]!r}"
         ) from None
-    try:
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(
-            f"`inputs.image` must be a base64-encoded image (JPEG, PNG, ...), got {len(raw)} bytes of base64 that "
-            f"are not an image Pillow can read ({error})"
-        ) from None
-    return image
+    return image_processor.open_image(raw, f"`inputs.image` ({len(raw)} bytes of base64)")

@@ -11,6 +11,7 @@ next to this file.
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import gradio as gr
@@ -31,12 +32,23 @@ def build_demo(model_path: str, revision: str | None = None) -> gr.Blocks:
     vqa = pipeline("visual-question-answering", model=model_path, revision=revision, trust_remote_code=True)
 
     def predict(image, question, top_k):
+        """Every error reaches the user as its message (a `gr.Error`), every warning (a long question
+        truncated) as a notice; the image is opened by the checkpoint's processor, which refuses images
+        above its `max_image_pixels` before decoding them."""
         if image is None:
             raise gr.Error("Upload an image first.")
         if not question or not question.strip():
             raise gr.Error("Type a question about the image.")
-        answers = vqa(image=image, question=question, top_k=int(top_k))
-        picture = anchor_picture(vqa.model, vqa.processor, question, image)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                image = vqa.processor.image_processor.open_image(image, "The image")
+                answers = vqa(image=image, question=question, top_k=int(top_k))
+                picture = anchor_picture(vqa.model, vqa.processor, question, image)
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+        for warning in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
+            gr.Warning(warning)
         return {a["answer"]: a["score"] for a in answers}, picture
 
     with gr.Blocks(title="CMAL visual question answering") as demo:
@@ -47,7 +59,7 @@ def build_demo(model_path: str, revision: str | None = None) -> gr.Blocks:
         )
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="pil", label="Image")
+                image = gr.Image(type="filepath", label="Image")  # opened by the processor, size-checked first
                 question = gr.Textbox(label="Question", placeholder="what is on the table?")
                 top_k = gr.Slider(1, 10, value=5, step=1, label="Answers")
                 ask = gr.Button("Ask", variant="primary")
