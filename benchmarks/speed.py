@@ -122,7 +122,7 @@ def make_batch(args, vocab_size: int, visual_feat_dim: int, num_concepts: int, d
     """Random inputs; CMAL also gets concept ids (a fifth of the tokens, every region) so its anchor swap runs."""
     g = torch.Generator().manual_seed(args.seed)
     b, n, t = args.batch_size, args.num_regions, args.text_len
-    corners = torch.rand(b, n, 2, 2, generator=g).sort(dim=2).values  # x1 <= x2, y1 <= y2
+    corners = torch.rand(b, n, 2, 2, generator=g).sort(dim=-1).values  # (x|y, low|high): x1 <= x2, y1 <= y2
     boxes = torch.stack([corners[..., 0, 0], corners[..., 1, 0], corners[..., 0, 1], corners[..., 1, 1]], dim=-1)
     width, height = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
     batch = {

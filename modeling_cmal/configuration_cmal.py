@@ -21,6 +21,7 @@ transformers 5.x release: 5.0 builds configs through ``__init__``, later release
 import math
 
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 
 # The 80 COCO object categories: the tag vocabulary of the DETR-family detectors in transformers,
@@ -65,6 +66,38 @@ CMAL_PRESETS = {
         max_position_embeddings=512, max_regions=100,
     ),
 }  # fmt: skip
+
+
+# field -> (type, lowest, highest, lowest excluded): what `CMALConfig` accepts, so a bad value fails here with
+# its name, not deep inside torch (`hidden_size=0` would divide by zero, a negative size fail in `nn.Linear`).
+_NUMBER_FIELDS = {
+    "vocab_size": (int, 1, None, False), "hidden_size": (int, 1, None, False), "num_text_layers": (int, 0, None, False),
+    "num_visual_layers": (int, 0, None, False), "num_hidden_layers": (int, 1, None, False),
+    "num_attention_heads": (int, 1, None, False), "intermediate_size": (int, 1, None, False),
+    "hidden_dropout_prob": (float, 0, 1, False), "attention_probs_dropout_prob": (float, 0, 1, False),
+    "max_position_embeddings": (int, 1, None, False), "type_vocab_size": (int, 1, None, False),
+    "initializer_range": (float, 0, None, False), "layer_norm_eps": (float, 0, None, True),
+    "pad_token_id": (int, 0, None, False), "visual_feat_dim": (int, 1, None, False), "max_regions": (int, 1, None, False),
+    "hypersphere_init_scale": (float, 0, None, True), "anchor_mask_prob": (float, 0, 1, False),
+    "mlm_weight": (float, 0, None, False), "mrm_weight": (float, 0, None, False), "itm_weight": (float, 0, None, False),
+    "amc_token_weight": (float, 0, None, False), "amc_region_weight": (float, 0, None, False),
+    "amc_pointer_weight": (float, 0, None, False), "itc_weight": (float, 0, None, False),
+    "itc_projection_dim": (int, 1, None, False), "itc_temperature": (float, 0.001, 0.5, False),
+    "classifier_dropout": (float, 0, 1, False), "detector_num_regions": (int, 1, None, False),
+    "detector_score_threshold": (float, 0, 1, False),
+}  # fmt: skip
+_BOOL_FIELDS = ("hypersphere", "unimodal_final_layer_norm", "prompt_at_inference", "itm_hard_negatives", "train_detector",
+                "tie_word_embeddings")  # fmt: skip
+
+
+def _check_number(name: str, value, kind: type, low: float, high: float | None, low_excluded: bool) -> None:
+    """`value` is a `kind` (an int is a float too; a bool is neither) in its range, else a ValueError naming `name`."""
+    wanted = "an integer" if kind is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int,) if kind is int else (int, float)):
+        raise ValueError(f"`{name}` must be {wanted}, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or value < low or (low_excluded and value == low) or (high is not None and value > high):
+        interval = f"{'(' if low_excluded else '['}{low}, {'inf)' if high is None else f'{high}]'}"
+        raise ValueError(f"`{name}` must be {wanted} in {interval}, got {value!r}")
 
 
 class CMALConfig(PreTrainedConfig):
@@ -205,6 +238,10 @@ class CMALConfig(PreTrainedConfig):
         tie_word_embeddings: bool = True,
         **kwargs,
     ):
+        if isinstance(concept_names, str) or (concept_names is not None and not all(
+            isinstance(name, str) and name.strip() for name in concept_names
+        )):  # fmt: skip
+            raise ValueError(f"`concept_names` must be a list of non-empty names, got {concept_names!r}"[:300])
         if concept_names is None:
             concept_names = (
                 list(COCO_CONCEPT_NAMES)
@@ -218,21 +255,23 @@ class CMALConfig(PreTrainedConfig):
             )
         if len(set(concept_names)) != len(concept_names):
             raise ValueError("`concept_names` must not repeat a name")
+        for name, (kind, low, high, low_excluded) in _NUMBER_FIELDS.items():
+            value = locals()[name]
+            if value is not None or name not in ("hypersphere_init_scale", "classifier_dropout"):
+                _check_number(name, value, kind, low, high, low_excluded)
+        for name in _BOOL_FIELDS:
+            if not isinstance(locals()[name], bool):
+                raise ValueError(f"`{name}` must be true or false, got {locals()[name]!r}")
+        if pad_token_id >= vocab_size:
+            raise ValueError(f"`pad_token_id` ({pad_token_id}) must be below `vocab_size` ({vocab_size})")
+        if hidden_act not in ACT2FN:
+            raise ValueError(f"`hidden_act` must be one of {sorted(ACT2FN)}, got {hidden_act!r}")
+        if visual_pos_dim not in (4, 6, 7):
+            raise ValueError(f"`visual_pos_dim` must be 4, 6 or 7 (x1, y1, x2, y2[, w, h[, area]]), got {visual_pos_dim!r}")
         if hidden_size % num_attention_heads != 0:
             raise ValueError(
                 f"`hidden_size` ({hidden_size}) must be a multiple of `num_attention_heads` ({num_attention_heads})"
             )
-        for name, value in (("num_text_layers", num_text_layers), ("num_visual_layers", num_visual_layers)):
-            if value < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {value}")
-        if num_hidden_layers < 1:
-            raise ValueError(f"`num_hidden_layers` must be >= 1, got {num_hidden_layers}")
-        if not 0.0 <= anchor_mask_prob <= 1.0:
-            raise ValueError(f"`anchor_mask_prob` must be in [0, 1], got {anchor_mask_prob}")
-        if not 0.001 <= itc_temperature <= 0.5:
-            raise ValueError(f"`itc_temperature` must lie in [0.001, 0.5] (its clamp range), got {itc_temperature}")
-        if itc_projection_dim < 1:
-            raise ValueError(f"`itc_projection_dim` must be >= 1, got {itc_projection_dim}")
 
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -292,6 +331,28 @@ class CMALConfig(PreTrainedConfig):
             # transformers 5 no longer derives it; pipelines and label lookups need both directions
             kwargs["label2id"] = {label: int(i) for i, label in kwargs["id2label"].items()}
         super().__init__(**kwargs)
+        self._check_labels()
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file):
+        """A config file must hold a JSON object: a list or a string would fail later as a bare TypeError."""
+        config_dict = super()._dict_from_json_file(json_file)
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"{json_file} must hold a JSON object of config fields, got a {type(config_dict).__name__}")
+        return config_dict
+
+    def _check_labels(self) -> None:
+        """`id2label` numbers 0..n-1 with distinct labels and `label2id` is its inverse: a head's class i must mean
+        one thing in both directions (a pipeline reads one, training the other)."""
+        id2label, label2id = self.id2label or {}, self.label2id or {}
+        if sorted(int(i) for i in id2label) != list(range(len(id2label))):
+            raise ValueError(f"`id2label` must number its labels 0..{len(id2label) - 1}, got ids {sorted(id2label)[:10]}")
+        if len(set(id2label.values())) != len(id2label):
+            raise ValueError("`id2label` must not repeat a label")
+        inverse = {label: int(i) for i, label in id2label.items()}
+        if label2id and {label: int(i) for label, i in label2id.items()} != inverse:
+            wrong = sorted(label for label in set(label2id) | set(inverse) if label2id.get(label) != inverse.get(label))
+            raise ValueError(f"`label2id` must be the inverse of `id2label`; they disagree on {wrong[:5]}")
 
     @classmethod
     def from_detector(cls, detector_config, preset: str = "base", **kwargs) -> "CMALConfig":

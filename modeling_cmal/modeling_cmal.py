@@ -36,6 +36,7 @@ from typing import Unpack
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -372,6 +373,8 @@ def validate_model_inputs(
         if not value.is_floating_point():
             fail(ValueError(f"`{name}` must be a floating-point tensor, got dtype {value.dtype}"))
         pending.append(_finite_check(name, value))
+    if visual_pos.numel():
+        pending.append(_box_check(visual_pos, visual_attention_mask))
     if attention_mask is not None:
         pending.append((~attention_mask.bool().any(dim=1).all(), lambda: _raise_empty_text(attention_mask)))
     if token_type_ids is not None and token_type_ids.numel():
@@ -410,6 +413,27 @@ def _range_check(name: str, value: torch.Tensor, low: int, high: int, rule: str)
         raise ValueError(f"`{name}` values {rule}, got range [{int(value_min)}, {int(value_max)}]")
 
     return (value_min < low) | (value_max >= high), raise_error
+
+
+def _box_check(visual_pos: torch.Tensor, visual_attention_mask: torch.Tensor | None, slack: float = 1e-3):
+    """A queued check that every real region's box is normalised `(x1, y1, x2, y2)` in [0, 1] with x2 >= x1 and
+    y2 >= y1 (`slack` for rounding): pixel boxes or swapped corners would train on nonsense silently."""
+    boxes = visual_pos[..., :4].float()
+    if visual_attention_mask is not None:
+        boxes = boxes * visual_attention_mask[..., None].to(boxes.dtype)  # padded regions hold anything
+    sides = boxes[..., 2:] - boxes[..., :2]
+    flag = (boxes.amin() < -slack) | (boxes.amax() > 1 + slack) | (sides.amin() < -slack)
+
+    def raise_error():
+        bad = ((boxes < -slack) | (boxes > 1 + slack)).any(-1) | (sides < -slack).any(-1)
+        example, region = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"`visual_pos` boxes must be normalised (x1, y1, x2, y2) in [0, 1] with x2 >= x1 and y2 >= y1, got "
+            f"{[round(v, 4) for v in boxes[example, region].tolist()]} at example {example}, region {region} (the "
+            "processor normalises pixel boxes given `image_size`)"
+        )
+
+    return flag, raise_error
 
 
 def _finite_check(name: str, value: torch.Tensor):
@@ -1204,8 +1228,16 @@ class CMALPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, key_mapping: dict[str, str] | None = None, **kwargs):
         """As `PreTrainedModel.from_pretrained`; checkpoints with the parameter names of older CMAL releases
         load too (`LEGACY_KEY_MAPPING`). transformers re-saves a model loaded from such a checkpoint under
-        the names it was loaded from, so both layouts stay in use; both load."""
-        return super().from_pretrained(*args, key_mapping={**LEGACY_KEY_MAPPING, **(key_mapping or {})}, **kwargs)
+        the names it was loaded from, so both layouts stay in use; both load. A cut-short weights file is
+        named as such (safetensors alone says "incomplete metadata")."""
+        try:
+            return super().from_pretrained(*args, key_mapping={**LEGACY_KEY_MAPPING, **(key_mapping or {})}, **kwargs)
+        except SafetensorError as error:
+            raise OSError(
+                f"The weights of {str(args[0] if args else kwargs.get('pretrained_model_name_or_path'))!r} are not a "
+                f"complete safetensors file ({error}): an interrupted save or download cut them short; save or "
+                "download them again"
+            ) from None
 
     def load_detector_weights(self, detector: PreTrainedModel) -> None:
         """Copy a pre-trained detector (e.g. `RTDetrForObjectDetection.from_pretrained("PekingU/rtdetr_r50vd")`)

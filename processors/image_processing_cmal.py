@@ -174,6 +174,8 @@ class CMALImageProcessor(BaseImageProcessor):
                                  f"{self.max_image_pixels}") from None  # fmt: skip
             except (PIL.UnidentifiedImageError, OSError) as error:
                 raise ValueError(f"{name} is not an image Pillow can read ({error})") from None
+        if isinstance(image, PIL.Image.Image) and min(image.size) < 1:
+            raise ValueError(f"{name} is empty ({image.width}x{image.height} pixels)")
         if isinstance(image, PIL.Image.Image) and self.max_image_pixels and image.width * image.height > self.max_image_pixels:
             raise ValueError(
                 f"{name} is {image.width}x{image.height} = {image.width * image.height / 1e6:.1f} megapixels, above the "

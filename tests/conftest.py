@@ -29,6 +29,14 @@ def tiny_config(**overrides) -> CMALConfig:
     return CMALConfig.from_preset("tiny", **values)
 
 
+def random_visual_pos(batch_size: int, num_regions: int, generator=None, dim: int = 7) -> torch.Tensor:
+    """Random valid regions: normalised boxes (x1 <= x2, y1 <= y2) with their width, height and area."""
+    from cmal.modeling_cmal.modeling_cmal import boxes_to_visual_pos
+
+    corners = torch.rand(batch_size, num_regions, 2, 2, generator=generator).sort(dim=-1).values  # (x|y, low|high)
+    return boxes_to_visual_pos(corners.transpose(-1, -2).reshape(batch_size, num_regions, 4))[..., :dim]
+
+
 def make_inputs(batch_size=3, text_len=8, num_regions=5, seed=0, pad=True) -> dict:
     """Random text and regions with anchors: concept c sits on token 1 and region 0 of every example.
 
@@ -53,7 +61,7 @@ def make_inputs(batch_size=3, text_len=8, num_regions=5, seed=0, pad=True) -> di
         input_ids=input_ids,
         attention_mask=attention_mask,
         visual_feats=torch.randn(batch_size, num_regions, FEAT_DIM, generator=g),
-        visual_pos=torch.rand(batch_size, num_regions, 7, generator=g),
+        visual_pos=random_visual_pos(batch_size, num_regions, g),
         visual_attention_mask=visual_attention_mask,
         token_concept_ids=token_concept_ids,
         region_concept_ids=region_concept_ids,

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from conftest import FEAT_DIM, NUM_CONCEPTS, VOCAB_SIZE, make_inputs, run_without_project, tiny_config
+from conftest import FEAT_DIM, NUM_CONCEPTS, VOCAB_SIZE, make_inputs, random_visual_pos, run_without_project, tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForVisualQuestionAnswering
 
 from cmal.modeling_cmal import (
@@ -244,7 +244,7 @@ def test_associative_swap_by_hand():
     region_concept_ids = torch.tensor([[3, 0, 5, 3]])  # dog (score .5), person, cat, dog (score .9)
     region_scores = torch.tensor([[0.5, 0.8, 0.7, 0.9]])
     torch.manual_seed(0)
-    visual_feats, visual_pos = torch.randn(1, 4, FEAT_DIM), torch.rand(1, 4, 7)
+    visual_feats, visual_pos = torch.randn(1, 4, FEAT_DIM), random_visual_pos(1, 4)
     common = dict(token_concept_ids=token_concept_ids, region_concept_ids=region_concept_ids, region_scores=region_scores)
 
     # Swap only "dog" (concept 3), not "cat".
@@ -284,7 +284,7 @@ def test_mask_fill_keeps_no_partner_feature():
     input_ids = torch.tensor([[1, 20, 30, 2]])
     common = dict(token_concept_ids=torch.tensor([[-1, -1, 3, -1]]), region_concept_ids=torch.tensor([[3, 0]]),
                   anchor_selection=torch.ones(1, NUM_CONCEPTS, dtype=torch.bool))  # fmt: skip
-    visual_pos = torch.rand(1, 2, 7)
+    visual_pos = random_visual_pos(1, 2)
     hidden = []
     handle = model.unified_encoder.register_forward_pre_hook(lambda mod, args: hidden.append(args[0]))
     out = model(input_ids, torch.randn(1, 2, FEAT_DIM), visual_pos, **common)
@@ -531,11 +531,11 @@ def test_default_concepts_are_coco():
         (dict(num_concepts=3, concept_names=["a", "b"]), r"`num_concepts` \(3\) must equal len\(`concept_names`\) \(2\)"),
         (dict(concept_names=["a", "a"]), "`concept_names` must not repeat a name"),
         (dict(hidden_size=30, num_attention_heads=4), r"`hidden_size` \(30\) must be a multiple of `num_attention_heads` \(4\)"),
-        (dict(anchor_mask_prob=1.5), r"`anchor_mask_prob` must be in \[0, 1\], got 1.5"),
-        (dict(num_hidden_layers=0), "`num_hidden_layers` must be >= 1, got 0"),
-        (dict(num_text_layers=-1), "`num_text_layers` must be >= 0, got -1"),
-        (dict(itc_temperature=0.0), r"`itc_temperature` must lie in \[0.001, 0.5\] \(its clamp range\), got 0.0"),
-        (dict(itc_projection_dim=0), "`itc_projection_dim` must be >= 1, got 0"),
+        (dict(anchor_mask_prob=1.5), r"`anchor_mask_prob` must be a number in \[0, 1\], got 1.5"),
+        (dict(num_hidden_layers=0), r"`num_hidden_layers` must be an integer in \[1, inf\), got 0"),
+        (dict(num_text_layers=-1), r"`num_text_layers` must be an integer in \[0, inf\), got -1"),
+        (dict(itc_temperature=0.0), r"`itc_temperature` must be a number in \[0.001, 0.5\], got 0.0"),
+        (dict(itc_projection_dim=0), r"`itc_projection_dim` must be an integer in \[1, inf\), got 0"),
         (dict(anchor_fill="zero"), "`anchor_fill` must be 'swap' or 'mask', got 'zero'"),
     ],
 )

@@ -68,7 +68,7 @@ class CMALModelTester:
     def __init__(
         self,
         parent,
-        batch_size=3,
+        batch_size=7,  # what test_eager_matches_sdpa_inference uses: it pads a smaller batch with random, invalid boxes
         seq_length=7,
         num_regions=5,
         is_training=True,

@@ -9,6 +9,7 @@ Re-running the same command after an interruption skips the images already store
 
 import argparse
 import base64
+import binascii
 import os
 
 import datasets
@@ -28,9 +29,13 @@ NPZ_SOURCE = "npz"
 
 
 def read_concept_names(path: str) -> list[str]:
-    """One name per line, the line index being the concept id (as in Visual Genome's objects_vocab.txt)."""
+    """One name per line, the line index being the concept id (as in Visual Genome's objects_vocab.txt).
+
+    Visual Genome lists synonyms on one line ("television,tv"): the first is the concept's name (the
+    anchor lexicon's synonyms cover the others); the whole line would match no word of any text.
+    """
     with open(path) as f:
-        return [line.strip() for line in f.read().splitlines()]
+        return [line.split(",")[0].strip() for line in f.read().splitlines()]
 
 
 def normalize_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -41,8 +46,15 @@ def normalize_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.clip(np.asarray(boxes, dtype=np.float32).reshape(-1, 4) / scale, 0.0, 1.0)
 
 
+def _b64(field: bytes, name: str) -> bytes:
+    try:
+        return base64.b64decode(field, validate=True)
+    except binascii.Error as error:
+        raise ValueError(f"`{name}` is not valid base64 ({error}): {field[:20]!r}...") from None
+
+
 def _b64_array(field: bytes, dtype, shape: tuple, name: str) -> np.ndarray:
-    array = np.frombuffer(base64.b64decode(field), dtype=dtype)
+    array = np.frombuffer(_b64(field, name), dtype=dtype)
     if array.size != np.prod(shape):
         expected = f"expected {np.prod(shape)} for shape {list(shape)}"
         raise ValueError(f"`{name}` holds {array.size} {np.dtype(dtype).name} values, {expected}")
@@ -87,7 +99,7 @@ def tsv_feature_dim(tsv_files: list[str]) -> int:
                     continue
                 try:
                     fields = split_tsv_line(line)
-                    n, size = int(fields["num_boxes"]), len(base64.b64decode(fields["features"])) // 4
+                    n, size = int(fields["num_boxes"]), len(_b64(fields["features"], "features")) // 4
                     if n and size % n:
                         raise ValueError(f"{size} feature values do not split into {n} boxes")
                 except ValueError as error:
@@ -103,6 +115,7 @@ def convert_tsv(
     """Bottom-up-attention / LXMERT TSV files -> a region store. Returns (images added, images skipped)."""
     feature_dim = tsv_feature_dim(tsv_files)
     added = skipped = 0
+    first_seen = {}  # image id -> where this run stored it: a second one is a clash, not a resumed image
     with RegionStoreWriter(output_dir, feature_dim, concept_names, source=TSV_SOURCE, shard_size=shard_size) as writer:
         total = sum(os.path.getsize(path) for path in tsv_files)
         with tqdm(total=total, unit="B", unit_scale=True, desc="tsv") as progress:
@@ -114,17 +127,40 @@ def convert_tsv(
                             continue
                         try:
                             fields = split_tsv_line(line)
-                            if fields["image_id"].decode() in writer.done_image_ids:
+                            image_id = fields["image_id"].decode()
+                            if image_id in first_seen:
+                                raise ValueError(f"image id {image_id!r} came already at {first_seen[image_id]}: ids must be "
+                                                 "unique across the files (the same image extracted twice?)")  # fmt: skip
+                            if image_id in writer.done_image_ids:  # stored by an earlier, interrupted run
                                 skipped += 1
                                 continue
                             writer.add(tsv_row(fields, feature_dim))
                         except ValueError as error:
                             raise ValueError(f"{path}, line {line_no}: {error}") from error
+                        first_seen[image_id] = f"{path}, line {line_no}"
                         added += 1
     return added, skipped
 
 
 def npz_row(path: str) -> dict:
+    """One per-image .npz (image id = file stem) -> a store row, its arrays' shapes checked."""
+    try:
+        row = _npz_layout(path)
+    except IndexError as error:  # slicing a 1-D array where [N, ...] was due
+        raise ValueError(f"{path}: an array has too few dimensions ({error}); expected [N, D] features and [N, 4] boxes") from None
+    except ValueError as error:
+        raise ValueError(error if str(error).startswith(path) else f"{path}: {error}") from None
+    n = len(row["features"]) if row["features"].ndim else 0
+    shapes = {"features": "[N, D]", "boxes": "[N, 4]", "scores": "[N]", "concept_ids": "[N]", "soft_labels": "[N, C]"}
+    for name, layout in shapes.items():
+        if name in row:
+            value = np.asarray(row[name])
+            if value.ndim != layout.count(",") + 1 or len(value) != n or (name == "boxes" and value.shape[1] != 4):
+                raise ValueError(f"{path}: `{name}` must have shape {layout} with N = {n} regions, got shape {list(value.shape)}")
+    return row
+
+
+def _npz_layout(path: str) -> dict:
     """One per-image .npz (image id = file stem) -> a store row; the layout is told by its keys."""
     image_id = os.path.splitext(os.path.basename(path))[0]
     with np.load(path) as npz:
@@ -146,7 +182,7 @@ def npz_row(path: str) -> dict:
                 row["concept_ids"] = soft_labels.argmax(axis=1)
             return row
         if {"x", "bbox", "image_w", "image_h"} <= keys:
-            # py-bottom-up-attention: absolute boxes and the image size.
+            # bottom-up-attention.pytorch (MILVLG): absolute boxes and the image size.
             width, height = int(npz["image_w"]), int(npz["image_h"])
             row = {
                 "image_id": image_id,
@@ -159,12 +195,14 @@ def npz_row(path: str) -> dict:
                 row["num_regions"] = int(npz["num_bbox"])
             if "info" in keys:
                 info = load_npz_object(path, "info").item()  # a pickled dict, read without running code
-                row["concept_ids"] = np.asarray(info["objects_id"])
+                # MILVLG's extractor takes the argmax over all score columns, column 0 being the background:
+                # class c is stored as c + 1, and 0 (background won) is no concept
+                row["concept_ids"] = np.asarray(info["objects_id"]) - 1
                 row["scores"] = np.asarray(info["objects_conf"])
             return row
     raise ValueError(
-        f"{path}: unknown .npz layout with keys {sorted(keys)}; expected UNITER (features, norm_bb, conf"
-        f"[, soft_labels]) or py-bottom-up-attention (x, bbox, image_w, image_h[, num_bbox, info])"
+        f"unknown .npz layout with keys {sorted(keys)}; expected UNITER (features, norm_bb, conf"
+        f"[, soft_labels]) or bottom-up-attention.pytorch (MILVLG) (x, bbox, image_w, image_h[, num_bbox, info])"
     )
 
 
@@ -201,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     subparsers = parser.add_subparsers(dest="format", required=True)
     tsv = subparsers.add_parser("tsv", help="bottom-up-attention (6 fields) or LXMERT (10 fields) TSV files")
     tsv.add_argument("--tsv", nargs="+", required=True, help="one or more TSV files, read in the order given")
-    npz = subparsers.add_parser("npz", help="a folder of per-image .npz files (UNITER or py-bottom-up-attention)")
+    npz = subparsers.add_parser("npz", help="a folder of per-image .npz files (UNITER or bottom-up-attention.pytorch (MILVLG))")
     npz.add_argument("--npz_dir", required=True)
     for subparser in (tsv, npz):
         subparser.add_argument("--output_dir", required=True, help="the store folder; an existing store is resumed")

@@ -42,10 +42,45 @@ NLVR2_LABELS = ["false", "true"]
 _normalize_answer = import_metric_module("vqa_accuracy").normalize_answer
 
 
-def _json_lines(path: str) -> list[dict]:
-    """One JSON object per line: the format of SNLI-VE (`.jsonl`) and NLVR2 (`.json`)."""
+def _json_lines(path: str, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """(line number, object) of a file of one JSON object per line with `fields` (SNLI-VE `.jsonl`, NLVR2
+    `.json`); a broken line or a missing field is named by file and line."""
+    items = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                items.append((number, _checked(_parse_json(line, f"{path}:{number}"), fields, f"{path}:{number}")))
+    return items
+
+
+def _parse_json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error})") from None
+
+
+def _load_json(path: str, key: str | None = None):
+    """A JSON file (its `key` entry when given), errors naming the file: a wrong file fails here, not as a
+    bare `KeyError` later."""
+    with open(path) as f:
+        data = _parse_json(f.read(), path)
+    if key is None:
+        return data
+    if not isinstance(data, dict) or key not in data:
+        got = f"keys {sorted(data)[:8]}" if isinstance(data, dict) else f"a {type(data).__name__}"
+        raise ValueError(f"{path}: expected a JSON object with {key!r}, got {got}: is it the right file?")
+    return data[key]
+
+
+def _checked(item, fields: tuple[str, ...], where: str):
+    """`item` if it is an object with every one of `fields`, else a ValueError naming the record."""
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    missing = [field for field in fields if field not in item]
+    if missing:
+        raise ValueError(f"{where}: the record lacks {missing}; it has {sorted(item)[:8]}")
+    return item
 
 
 def _from_rows(rows: list[dict], columns: list[str], path: str) -> datasets.Dataset:
@@ -64,12 +99,13 @@ def read_vqa_v2(questions_path: str, annotations_path: str | None = None, image_
 
     Questions without annotations (the test split) get `answers=[]`.
     """
-    with open(questions_path) as f:
-        questions = json.load(f)["questions"]
+    questions = [_checked(q, ("question_id", "image_id", "question"), f"{questions_path}, questions[{i}]")
+                 for i, q in enumerate(_load_json(questions_path, "questions"))]  # fmt: skip
     answers = {}
     if annotations_path:
-        with open(annotations_path) as f:
-            answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in json.load(f)["annotations"]}
+        annotations = [_checked(a, ("question_id", "answers"), f"{annotations_path}, annotations[{i}]")
+                       for i, a in enumerate(_load_json(annotations_path, "annotations"))]  # fmt: skip
+        answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in annotations}
         missing = [q["question_id"] for q in questions if q["question_id"] not in answers]
         if missing:
             raise ValueError(f"{len(missing)} questions of {questions_path!r} have no annotation, e.g. {missing[:3]}")
@@ -95,7 +131,7 @@ def vqa_soft_scores(answers: list[str]) -> dict[str, float]:
 def read_snli_ve(path: str, image_id_template: str = "{}") -> datasets.Dataset:
     """SNLI-VE jsonl (`snli_ve_{train,dev,test}.jsonl`): Flickr30K_ID, sentence2 (the hypothesis), gold_label."""
     rows = []
-    for line_number, item in enumerate(_json_lines(path), 1):
+    for line_number, item in _json_lines(path, ("Flickr30K_ID", "sentence2", "gold_label")):
         if item["gold_label"] not in VE_LABELS:
             raise ValueError(f"{path}:{line_number}: gold_label must be one of {VE_LABELS}, got {item['gold_label']!r}")
         rows.append({"image_id": image_id_template.format(item["Flickr30K_ID"]), "hypothesis": item["sentence2"],
@@ -109,7 +145,7 @@ def read_nlvr2(path: str, image_id_template: str = "{}") -> datasets.Dataset:
     An identifier `dev-850-0-1` names the images `dev-850-0-img0` (left) and `dev-850-0-img1` (right).
     """
     rows = []
-    for line_number, item in enumerate(_json_lines(path), 1):
+    for line_number, item in _json_lines(path, ("identifier", "sentence", "label")):
         label = str(item["label"]).lower()
         if label not in NLVR2_LABELS:
             raise ValueError(f"{path}:{line_number}: label must be 'True' or 'False', got {item['label']!r}")
@@ -130,15 +166,18 @@ def read_refcoco(refs_path: str, instances_path: str, split: str, image_id_templ
     """
     if instances_path is None:
         raise ValueError("RefCOCO needs the COCO `instances.json` as its annotations file")
-    if refs_path.endswith(".json"):
-        with open(refs_path) as f:
-            refs = json.load(f)
-    else:
-        refs = load_data_pickle(refs_path)  # the official files are pickles: read without running code
-    with open(instances_path) as f:
-        instances = json.load(f)
-    images = {image["id"]: image for image in instances["images"]}
-    boxes = {a["id"]: a["bbox"] for a in instances["annotations"]}
+    # the official refs files are pickles: read without running code
+    refs = _load_json(refs_path) if refs_path.endswith(".json") else load_data_pickle(refs_path)
+    if not isinstance(refs, list):
+        raise ValueError(f"{refs_path}: expected a list of refs, got a {type(refs).__name__}")
+    refs = [_checked(ref, ("ref_id", "image_id", "ann_id", "split", "sentences"), f"{refs_path}, ref {i}")
+            for i, ref in enumerate(refs)]  # fmt: skip
+    images = {image["id"]: image for image in _load_json(instances_path, "images")}
+    boxes = {a["id"]: a["bbox"] for a in _load_json(instances_path, "annotations")}
+    unknown = [ref["ref_id"] for ref in refs if ref["image_id"] not in images or ref["ann_id"] not in boxes]
+    if unknown:
+        raise ValueError(f"{len(unknown)} refs of {refs_path} name an image or annotation that {instances_path} lacks, "
+                         f"e.g. ref_id {unknown[:3]}: are they the same dataset?")  # fmt: skip
     rows = []
     for ref in refs:
         if ref["split"] != split:
@@ -158,13 +197,15 @@ def read_refcoco(refs_path: str, instances_path: str, split: str, image_id_templ
 def read_karpathy(path: str, split: str, image_id_template: str = "{}") -> datasets.Dataset:
     """Karpathy-split retrieval JSON (`dataset_coco.json`, `dataset_flickr30k.json`): one row per caption.
 
-    `split` is train (with COCO's restval), val or test; image ids are the file names without extension.
+    `split` is train (with COCO's restval), val or test; image ids are the file names without extension,
+    formatted by `image_id_template`, which may also name COCO's `{filepath}` (`val2014`): a store extracted
+    from the COCO folder tree (`extract_regions.py`) is matched with `"{filepath}/{}"`.
     """
-    with open(path) as f:
-        images = json.load(f)["images"]
+    images = [_checked(image, ("filename", "split", "sentences"), f"{path}, images[{i}]")
+              for i, image in enumerate(_load_json(path, "images"))]  # fmt: skip
     wanted = {"train", "restval"} if split == "train" else {split}
-    rows = [{"image_id": image_id_template.format(os.path.splitext(image["filename"])[0]), "text": sentence["raw"]}
-            for image in images if image["split"] in wanted for sentence in image["sentences"]]  # fmt: skip
+    rows = [{"image_id": image_id_template.format(os.path.splitext(image["filename"])[0], filepath=image.get("filepath", "")),
+             "text": sentence["raw"]} for image in images if image["split"] in wanted for sentence in image["sentences"]]  # fmt: skip
     return _from_rows(rows, ["image_id", "text"], path)
 
 
