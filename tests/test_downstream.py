@@ -128,6 +128,15 @@ def test_karpathy_reader(tmp_path):
     assert downstream.read_karpathy(path, "val")["text"] == ["Caption 0 of image 2.", "Caption 1 of image 2."]
 
 
+def test_karpathy_coco_ids_can_keep_the_filepath(tmp_path):
+    """dataset_coco.json names each image's folder (`filepath`); a store extracted from the COCO tree has it in its ids."""
+    images = [{"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "split": "test",
+               "sentences": [{"raw": "A man riding a bike."}]}]  # fmt: skip
+    path = write_json(tmp_path / "dataset_coco.json", {"images": images, "dataset": "coco"})
+    assert downstream.read_karpathy(path, "test")["image_id"] == ["COCO_val2014_000000391895"]
+    assert downstream.read_karpathy(path, "test", "{filepath}/{}")["image_id"] == ["val2014/COCO_val2014_000000391895"]
+
+
 def test_rec_needs_the_instances(tmp_path):
     refs, _ = refcoco_files(tmp_path)
     with pytest.raises(ValueError, match="RefCOCO needs the COCO `instances.json`"):

@@ -131,3 +131,10 @@ def test_upright_size_follows_the_exif_orientation(tmp_path):
     image.save(tmp_path / "plain.jpg")
     assert extract_regions.upright_size(extract_regions.open_image(str(tmp_path / "rotated.jpg"))) == (20, 40)
     assert extract_regions.upright_size(extract_regions.open_image(str(tmp_path / "plain.jpg"))) == (40, 20)
+
+
+def test_two_files_of_one_image_id_are_refused(tmp_path):
+    for name in ("a.jpg", "a.png", "b.jpg"):
+        PIL.Image.new("RGB", (8, 8)).save(tmp_path / name)
+    with pytest.raises(ValueError, match=r"1 image ids name two files each, e.g. '.*a.jpg' and '.*a.png'"):
+        extract_regions.list_images(str(tmp_path))

@@ -201,6 +201,17 @@ def test_a_killed_run_resumes_to_the_same_weights(corpus, tmp_path, monkeypatch)
         torch.testing.assert_close(again[name], whole[name], msg=name)
 
 
+def test_validation_images_can_have_their_own_id_template(corpus):
+    """VQA's val2014 questions name COCO_val2014_* images: one template for both splits could never match."""
+    root, files = corpus
+    argv = ["--task", "vqa", *real_args("vqa", root, files), "--regions", str(root / "regions")]
+    args = finetune.parse_args(argv + ["--validation_image_id_template", "val-{}"])
+    train, validation, *_ = finetune.load_data(args, TASKS["vqa"])
+    assert train["image_id"][0] == COCO.format(1) and sorted(set(validation["image_id"])) == ["val-5", "val-6"]
+    _, validation, *_ = finetune.load_data(finetune.parse_args(argv), TASKS["vqa"])  # default: --image_id_template
+    assert sorted(set(validation["image_id"])) == [COCO.format(5), COCO.format(6)]
+
+
 def test_argument_errors(tmp_path, corpus, capsys):
     root, files = corpus
     regions = ["--regions", str(root / "regions")]

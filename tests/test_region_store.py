@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cmal.training.convert_features import convert_npz, convert_tsv
+from cmal.training.convert_features import convert_npz, convert_tsv, read_concept_names
 from cmal.training.data.region_store import (
     METADATA_FILE,
     RegionStoreWriter,
@@ -246,12 +246,13 @@ def test_npz_uniter_with_soft_labels(tmp_path):
     assert row_to_regions(stored[2])["soft_labels"].shape == (2, 4)
 
 
-def test_npz_py_bottom_up_attention(tmp_path):
+def test_npz_bottom_up_attention_pytorch(tmp_path):
+    """MILVLG's layout; its `objects_id` count the background as class 0 (real extractor output is c + 1)."""
     folder = tmp_path / "npz"
     folder.mkdir()
     for im in IMAGES:
         info = {
-            "objects_id": np.asarray(im["objects_id"], np.int64),
+            "objects_id": np.asarray(im["objects_id"], np.int64) + 1,  # MILVLG: column 0 is the background
             "objects_conf": np.asarray(im["objects_conf"], np.float32),
         }
         np.savez_compressed(
@@ -270,6 +271,13 @@ def test_npz_py_bottom_up_attention(tmp_path):
     for row, im in zip(stored, IMAGES):
         np.testing.assert_array_equal(row["concept_ids"], im["objects_id"])
         np.testing.assert_allclose(row["scores"], im["objects_conf"], rtol=1e-6)
+
+    background = tmp_path / "background"
+    background.mkdir()
+    np.savez(background / "e.npz", x=np.zeros((2, D), np.float32), bbox=np.array([[0, 0, 5, 5], [1, 1, 9, 9]], np.float32),
+             image_h=10, image_w=10, info={"objects_id": np.array([0, 5]), "objects_conf": np.array([0.2, 0.9])})  # fmt: skip
+    convert_npz(background, tmp_path / "store-background")
+    np.testing.assert_array_equal(rows(tmp_path / "store-background")[0][0]["concept_ids"], [-1, 4])
 
     np.savez(folder / "d.npz", feats=np.zeros((1, D)))
     with pytest.raises(ValueError, match=r"d\.npz: unknown \.npz layout with keys \['feats'\]"):
@@ -400,3 +408,27 @@ def test_cli(tmp_path):
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0 and "cannot resume" in result.stderr
+
+
+def test_visual_genome_synonym_lines_name_the_concept_by_their_first_entry(tmp_path):
+    vocab = tmp_path / "objects_vocab.txt"
+    vocab.write_text("yolk\ntelevision,tv\nbathroom sink, sink\n")
+    assert read_concept_names(str(vocab)) == ["yolk", "television", "bathroom sink"]
+
+
+def test_training_refuses_a_store_without_concept_names(tmp_path):
+    with RegionStoreWriter(str(tmp_path / "store"), D, None, source="test") as writer:
+        writer.add(dict(image_id="a", image_width=10, image_height=10, features=np.zeros((1, D), np.float32),
+                        boxes=[[0, 0, 1, 1]]))  # fmt: skip
+    assert load_region_store(str(tmp_path / "store"))[1]["concept_names"] is None  # reading alone is fine
+    with pytest.raises(ValueError, match=r"region store .* has no concept names \(converted without --concept_names\): "
+                                         r".*convert it again with --concept_names FILE"):  # fmt: skip
+        load_region_store(str(tmp_path / "store"), require_concept_names=True)
+
+
+def test_an_image_id_repeated_across_tsv_files_is_refused_not_dropped(tmp_path):
+    first = write_butd_tsv(tmp_path / "a.tsv")
+    second = tmp_path / "b.tsv"
+    second.write_bytes(Path(first).read_bytes().splitlines(keepends=True)[0])  # image "a" again
+    with pytest.raises(ValueError, match=r"b.tsv, line 1: image id 'a' came already at .*a.tsv, line 1: ids must be unique"):
+        convert_tsv([first, str(second)], tmp_path / "store")

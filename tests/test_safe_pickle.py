@@ -1,4 +1,4 @@
-"""Pickled data files (RefCOCO refs, the `info` of py-bottom-up-attention npz files) never run the code a
+"""Pickled data files (RefCOCO refs, the `info` of bottom-up-attention.pytorch (MILVLG) npz files) never run the code a
 crafted file names: the readers refuse it with the file's name, and the payload is shown to be live."""
 
 import json

@@ -36,7 +36,12 @@ def list_images(image_dir: str) -> list[tuple[str, str]]:
                 path = os.path.join(root, name)
                 image_id = os.path.splitext(os.path.relpath(path, image_dir))[0].replace(os.sep, "/")
                 found.append((image_id, path))
-    return sorted(found)
+    found.sort()
+    clashes = [(a, b) for (id_a, a), (id_b, b) in zip(found, found[1:]) if id_a == id_b]
+    if clashes:
+        raise ValueError(f"{len(clashes)} image ids name two files each, e.g. {clashes[0][0]!r} and {clashes[0][1]!r}: "
+                         "an image's id is its path without the extension, so rename one of each pair")  # fmt: skip
+    return found
 
 
 def upright_size(image: PIL.Image.Image) -> tuple[int, int]:

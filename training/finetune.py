@@ -75,7 +75,10 @@ def parse_args(argv=None):
     data.add_argument("--train_split", default="train", help="REC/retrieval: split name inside the file.")
     data.add_argument("--validation_split", default="val", help="REC/retrieval: split name inside the file.")
     data.add_argument("--regions", default=None, type=existing_folder, help="Region store (docs/DATA.md) of the images of the real data.")
-    data.add_argument("--image_id_template", default="{}", help="Maps the files' image ids to the store's.")
+    data.add_argument("--image_id_template", default="{}",
+                      help="Maps the files' image ids to the store's, e.g. COCO_train2014_{:012d}.")
+    data.add_argument("--validation_image_id_template", default=None,
+                      help="The same for the validation file (VQA val2014 images: COCO_val2014_{:012d}); default: --image_id_template.")  # fmt: skip
     data.add_argument("--min_answer_count", type=POSITIVE_INT, default=None,
                       help="VQA answers kept in the vocabulary: majority answer of >= N training questions "
                            "(default 9 on real data, 1 on the synthetic world).")  # fmt: skip
@@ -126,9 +129,9 @@ def load_data(args, task):
         validation = task.read(
             args.validation_file or args.train_file,
             args.validation_annotations or (args.train_annotations if task.split_by_name else None),
-            args.validation_split, args.image_id_template,
+            args.validation_split, args.validation_image_id_template or args.image_id_template,
         )  # fmt: skip
-    regions, metadata = load_region_store(args.regions)
+    regions, metadata = load_region_store(args.regions, require_concept_names=True)
     return _non_empty(task, train, validation) + (regions, metadata, train[task.text_column], None)
 
 

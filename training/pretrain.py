@@ -138,7 +138,7 @@ def load_corpus(args) -> Corpus:
                       synthetic.caption_truth(world))  # fmt: skip
     from datasets import load_from_disk
 
-    regions, metadata = load_region_store(os.path.join(args.dataset, "regions"))
+    regions, metadata = load_region_store(os.path.join(args.dataset, "regions"), require_concept_names=True)
     captions = load_from_disk(os.path.join(args.dataset, "captions"))
     return Corpus(captions, regions, metadata, None, split(captions, "train")["text"], None)
 

@@ -248,10 +248,17 @@ def _checked_array(value, name: str, dtype, shape: tuple, where: str) -> np.ndar
     return cast
 
 
-def load_region_store(path: str) -> tuple[datasets.Dataset, dict]:
-    """All complete shards, memory-mapped and concatenated in shard order, and the sidecar metadata."""
+def load_region_store(path: str, require_concept_names: bool = False) -> tuple[datasets.Dataset, dict]:
+    """All complete shards, memory-mapped and concatenated in shard order, and the sidecar metadata.
+
+    Training needs the detector's concept names (they make the anchors): with `require_concept_names`, a
+    store converted without them is refused with the way to fix it.
+    """
     path = os.fspath(path)
     metadata = _read_metadata(path)
+    if require_concept_names and metadata["concept_names"] is None:
+        raise ValueError(f"the region store {path!r} has no concept names (converted without --concept_names): CMAL's "
+                         "anchors need the detector's class names; convert it again with --concept_names FILE")  # fmt: skip
     shards = [datasets.load_from_disk(os.path.join(path, name)) for name in _shard_dirs(path)]
     if not shards:
         features = region_store_features(metadata["feature_dim"], metadata["num_soft_labels"])

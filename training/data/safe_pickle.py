@@ -1,6 +1,6 @@
 """Pickled data files read without running code.
 
-RefCOCO's `refs(unc).p` and the `info` entry of py-bottom-up-attention's `.npz` files are pickles, and
+RefCOCO's `refs(unc).p` and the `info` entry of bottom-up-attention.pytorch (MILVLG)'s `.npz` files are pickles, and
 `pickle.load` runs whatever callable a file names: a downloaded file could execute anything. These
 readers build only plain containers, numbers, strings and numpy arrays; any other global the file
 names is refused with the file's name, before anything is called.
