@@ -186,6 +186,10 @@ def reader_cases():
          r"k.json: expected a JSON object with 'images'"),
         (lambda d: downstream.read_karpathy(write(d / "k.json", '{"images": [{"split": "train", "sentences": []}]}'), "train"),
          r"k.json, images\[0\]: the record lacks \['filename'\]"),
+        (lambda d: downstream.read_vqa_v2(write(d / "q.json", vqa_questions), image_id_template="{filepath}/{}"),
+         r"--image_id_template '\{filepath\}/\{\}' cannot format the image id 5 \(KeyError\('filepath'\)\); it takes `\{\}` for the id$"),
+        (lambda d: downstream.read_vqa_v2(write(d / "q.json", vqa_questions), image_id_template="COCO_{:012d"),
+         r"--image_id_template 'COCO_\{:012d' cannot format the image id 5"),
         (lambda d: downstream.read_karpathy(write(d / "k.json", '{"images": [{"filename": "a.jpg", "split": "val", "sentences": []}]}'), "train"),
          r"k.json' holds no examples for the requested split"),
     ]  # fmt: skip

@@ -73,6 +73,15 @@ def _load_json(path: str, key: str | None = None):
     return data[key]
 
 
+def _image_id(template: str, image_id, **fields) -> str:
+    """A file's image id mapped onto the store's by `--image_id_template` (`{}` is the id; Karpathy also `{filepath}`)."""
+    try:
+        return template.format(image_id, **fields)
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"--image_id_template {template!r} cannot format the image id {image_id!r} ({error!r}); it takes "
+                         f"`{{}}` for the id{''.join(f' and {{{name}}}' for name in fields)}") from None
+
+
 def _checked(item, fields: tuple[str, ...], where: str):
     """`item` if it is an object with every one of `fields`, else a ValueError naming the record."""
     if not isinstance(item, dict):
@@ -109,7 +118,7 @@ def read_vqa_v2(questions_path: str, annotations_path: str | None = None, image_
         missing = [q["question_id"] for q in questions if q["question_id"] not in answers]
         if missing:
             raise ValueError(f"{len(missing)} questions of {questions_path!r} have no annotation, e.g. {missing[:3]}")
-    rows = [{"image_id": image_id_template.format(q["image_id"]), "question_id": q["question_id"],
+    rows = [{"image_id": _image_id(image_id_template, q["image_id"]), "question_id": q["question_id"],
              "question": q["question"], "answers": answers.get(q["question_id"], [])} for q in questions]  # fmt: skip
     return _from_rows(rows, ["image_id", "question_id", "question", "answers"], questions_path)
 
@@ -134,7 +143,7 @@ def read_snli_ve(path: str, image_id_template: str = "{}") -> datasets.Dataset:
     for line_number, item in _json_lines(path, ("Flickr30K_ID", "sentence2", "gold_label")):
         if item["gold_label"] not in VE_LABELS:
             raise ValueError(f"{path}:{line_number}: gold_label must be one of {VE_LABELS}, got {item['gold_label']!r}")
-        rows.append({"image_id": image_id_template.format(item["Flickr30K_ID"]), "hypothesis": item["sentence2"],
+        rows.append({"image_id": _image_id(image_id_template, item["Flickr30K_ID"]), "hypothesis": item["sentence2"],
                      "label": VE_LABELS.index(item["gold_label"])})  # fmt: skip
     return _from_rows(rows, ["image_id", "hypothesis", "label"], path)
 
@@ -150,8 +159,8 @@ def read_nlvr2(path: str, image_id_template: str = "{}") -> datasets.Dataset:
         if label not in NLVR2_LABELS:
             raise ValueError(f"{path}:{line_number}: label must be 'True' or 'False', got {item['label']!r}")
         pair = item["identifier"].rsplit("-", 1)[0]
-        rows.append({"left_image_id": image_id_template.format(f"{pair}-img0"),
-                     "right_image_id": image_id_template.format(f"{pair}-img1"),
+        rows.append({"left_image_id": _image_id(image_id_template, f"{pair}-img0"),
+                     "right_image_id": _image_id(image_id_template, f"{pair}-img1"),
                      "sentence": item["sentence"], "label": NLVR2_LABELS.index(label)})  # fmt: skip
     return _from_rows(rows, ["left_image_id", "right_image_id", "sentence", "label"], path)
 
@@ -186,7 +195,7 @@ def read_refcoco(refs_path: str, instances_path: str, split: str, image_id_templ
         x, y, w, h = boxes[ref["ann_id"]]
         box = [x / image["width"], y / image["height"], (x + w) / image["width"], (y + h) / image["height"]]
         for sentence in ref["sentences"]:
-            rows.append({"image_id": image_id_template.format(ref["image_id"]), "expression": sentence["sent"],
+            rows.append({"image_id": _image_id(image_id_template, ref["image_id"]), "expression": sentence["sent"],
                          "target_box": box, "ref_id": ref["ref_id"]})  # fmt: skip
     splits = sorted({ref["split"] for ref in refs})
     if not rows:
@@ -204,7 +213,7 @@ def read_karpathy(path: str, split: str, image_id_template: str = "{}") -> datas
     images = [_checked(image, ("filename", "split", "sentences"), f"{path}, images[{i}]")
               for i, image in enumerate(_load_json(path, "images"))]  # fmt: skip
     wanted = {"train", "restval"} if split == "train" else {split}
-    rows = [{"image_id": image_id_template.format(os.path.splitext(image["filename"])[0], filepath=image.get("filepath", "")),
+    rows = [{"image_id": _image_id(image_id_template, os.path.splitext(image["filename"])[0], filepath=image.get("filepath", "")),
              "text": sentence["raw"]} for image in images if image["split"] in wanted for sentence in image["sentences"]]  # fmt: skip
     return _from_rows(rows, ["image_id", "text"], path)
 
