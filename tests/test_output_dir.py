@@ -66,7 +66,10 @@ def test_a_rerun_says_how_to_resume_and_a_finished_run_resumed_trains_no_step(co
 
 def test_overwrite_starts_over_so_latest_is_this_runs(corpus, tmp_path):
     folder = tmp_path / "run"
-    run(corpus, folder, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    run(corpus, folder, "--max_train_steps", "2")
+    with pytest.raises(ValueError, match=r"is not empty; it holds a finished run \(train_results.json\): or pass --overwrite"):
+        run(corpus, folder, "--max_train_steps", "2")
+    run(corpus, folder, "--max_train_steps", "4", "--checkpointing_steps", "2", "--overwrite_output_dir")
     run(corpus, folder, "--max_train_steps", "3", "--checkpointing_steps", "3", "--overwrite_output_dir")
     assert sorted(os.listdir(folder / "checkpoints")) == ["step_3"]
     assert steps_of(folder) == 3

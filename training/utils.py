@@ -192,8 +192,12 @@ def prepare_output_dir(accelerator, args) -> None:
         stale = [os.path.join(folder, "checkpoints")] if found or os.path.isdir(os.path.join(folder, "checkpoints")) else []
         if not args.overwrite_output_dir:
             rerun = args.command + " --resume_from_checkpoint latest"
-            hint = (f"it holds this run's checkpoints up to step {found[-1][0]}: resume with `{rerun}`, "
-                    if found else f"it holds {', '.join(sorted(os.listdir(folder))[:5])}: ")  # fmt: skip
+            if found:
+                hint = f"it holds this run's checkpoints up to step {found[-1][0]}: resume with `{rerun}`, "
+            elif os.path.isfile(os.path.join(folder, "train_results.json")):
+                hint = "it holds a finished run (train_results.json): "
+            else:
+                hint = f"it holds {', '.join(sorted(os.listdir(folder))[:5])}: "
             raise ValueError(f"--output_dir {folder!r} is not empty; {hint}or pass --overwrite_output_dir to start over, "
                              "or choose another --output_dir")  # fmt: skip
     if stale and not args.overwrite_output_dir:
