@@ -189,11 +189,11 @@ def prepare_output_dir(accelerator, args) -> None:
                              f"got {args.resume_from_checkpoint!r}")  # fmt: skip
         stale = [path for n, path in found if n > step]
     elif not args.resume_from_checkpoint and os.path.isdir(folder) and os.listdir(folder):
-        stale = [os.path.join(folder, "checkpoints")] if found or os.path.isdir(os.path.join(folder, "checkpoints")) else []
+        stale = [path for path in [os.path.join(folder, "checkpoints")] if os.path.isdir(path)]
         if not args.overwrite_output_dir:
-            rerun = args.command + " --resume_from_checkpoint latest"
             if found:
-                hint = f"it holds this run's checkpoints up to step {found[-1][0]}: resume with `{rerun}`, "
+                hint = (f"it holds this run's checkpoints up to step {found[-1][0]}: resume with "
+                        f"`{args.command} --resume_from_checkpoint latest`, ")  # fmt: skip
             elif os.path.isfile(os.path.join(folder, "train_results.json")):
                 hint = "it holds a finished run (train_results.json): "
             else:
