@@ -259,30 +259,48 @@ def test_killed_run_resumes_to_the_same_weights(corpus, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
-def test_two_process_ddp_matches_one_process(corpus, tmp_path):
-    """The shipped `training/configs/cpu_2proc.yaml` (2 gloo processes, the script choosing the CPU itself)
-    with 4 examples per process vs one process with 8: each step sees the same examples with the same masks
-    (sampler and collator are seeded per example); only the loss averaging and the anchor draws differ."""
+# 80 steps: at 40 the gain over the untrained loss is within the spread over seeds (ratio 0.92-0.98, measured)
+DDP_STEPS = ["--max_train_steps", "80", "--learning_rate", "1e-3", "--logging_steps", "80"]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(pretraining_corpus, tmp_path_factory):
+    """One process with 8 examples per step: what the 2-process launches below must match."""
+    folder = tmp_path_factory.mktemp("single") / "run"
+    return folder, pretrain.main(args_for(pretraining_corpus, folder, *DDP_STEPS, "--per_device_train_batch_size", "8"))
+
+
+@pytest.mark.parametrize("launch", ["cpu_2proc.yaml", "two machines"])
+def test_two_processes_match_one_process(corpus, single_process_run, tmp_path, launch):
+    """The shipped `training/configs/cpu_2proc.yaml` (2 gloo processes, the script choosing the CPU itself), and
+    2 machines x 1 process on 127.0.0.1 (`--num_machines 2 --machine_rank 0/1`, as on a cluster), with 4 examples
+    per process vs one process with 8: each step sees the same examples with the same masks (sampler and
+    collator are seeded per example); only the loss averaging and the anchor draws differ."""
     from cmal.modeling_cmal import CMALForPreTraining
     from cmal.processors import CMALProcessor
 
-    # 80 steps: at 40 the gain over the untrained loss is within the spread over seeds (ratio 0.92-0.98, measured)
-    steps = ["--max_train_steps", "80", "--learning_rate", "1e-3", "--logging_steps", "80"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "training/configs/cpu_2proc.yaml",
-              "--main_process_port", "29533",
-              "training/pretrain.py", *args_for(corpus, tmp_path / "ddp", *steps, "--per_device_train_batch_size", "4")]  # fmt: skip
+    script = ["training/pretrain.py", *args_for(corpus, tmp_path / "ddp", *DDP_STEPS, "--per_device_train_batch_size", "4")]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "x 2 processes" in result.stderr
+    if launch == "cpu_2proc.yaml":
+        commands = [ACCELERATE + ["--config_file", "training/configs/cpu_2proc.yaml", "--main_process_port", "29533", *script]]
+    else:
+        cluster = ["--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+                   "--main_process_port", "29534", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+        commands = [ACCELERATE + cluster + ["--machine_rank", str(rank), *script] for rank in (0, 1)]
+    machines = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                for c in commands]  # fmt: skip
+    stderr = [machine.communicate(timeout=600)[1] for machine in machines]
+    assert all(machine.returncode == 0 for machine in machines), stderr[0][-3000:] + stderr[-1][-3000:]
+    assert "x 2 processes" in stderr[0]
     ddp = json.loads((tmp_path / "ddp" / "train_results.json").read_text())
-    single = pretrain.main(args_for(corpus, tmp_path / "single", *steps, "--per_device_train_batch_size", "8"))
+    single_folder, single = single_process_run
     assert ddp["global_batch_size"] == single["global_batch_size"] == 8 and ddp["steps"] == single["steps"] == 80
 
     # both models are equally good on the same batch, and both better than at the start
     captions = DatasetDict.load_from_disk(str(corpus / "captions"))["train"]
     regions = load_region_store(str(corpus / "regions"))[0]
-    processor = CMALProcessor.from_pretrained(tmp_path / "single")
+    processor = CMALProcessor.from_pretrained(single_folder)
     pairs = ImageTextPairs(captions, regions)
     batch = PretrainingCollator(processor, pairs, seed=123)([pairs[i] for i in range(0, 48, 2)])
 
@@ -290,9 +308,10 @@ def test_two_process_ddp_matches_one_process(corpus, tmp_path):
         with torch.no_grad():
             return model.eval()(**batch).loss.item()
 
-    losses = {name: eval_loss(CMALForPreTraining.from_pretrained(tmp_path / name)) for name in ("ddp", "single")}
+    losses = {name: eval_loss(CMALForPreTraining.from_pretrained(folder)) for name, folder in
+              (("ddp", tmp_path / "ddp"), ("single", single_folder))}  # fmt: skip
     torch.manual_seed(0)
-    untrained = eval_loss(CMALForPreTraining(CMALForPreTraining.config_class.from_pretrained(tmp_path / "single")))
+    untrained = eval_loss(CMALForPreTraining(CMALForPreTraining.config_class.from_pretrained(single_folder)))
     assert abs(losses["ddp"] - losses["single"]) < 0.02 * losses["single"], losses
     assert max(losses.values()) < 0.95 * untrained, (losses, untrained)
 
