@@ -7,6 +7,7 @@ number of processes, sees the same masks for the same examples.
 """
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 from transformers import trainer_pt_utils
@@ -23,20 +24,23 @@ class ImageTextPairs(Dataset):
         self.texts = texts
         self.regions = regions.with_format("numpy")
         self.preloaded = rows_to_regions(self.regions, range(len(regions))) if regions.data.nbytes <= preload_max_bytes else None
-        position = {image_id: i for i, image_id in enumerate(regions["image_id"])}
-        missing = sorted(set(texts["image_id"]) - set(position))
-        if missing:
+        # joined in Arrow (no Python loop over the captions: start-up must not grow with the corpus)
+        text_ids = texts.with_format("arrow")["image_id"]
+        rows = pc.index_in(text_ids, value_set=regions.with_format("arrow")["image_id"].combine_chunks())
+        if rows.null_count:
+            missing = sorted(pc.unique(pc.filter(text_ids, pc.is_null(rows))).to_pylist())
             raise ValueError(f"{len(missing)} texts refer to images missing from the region store, e.g. {missing[:3]}")
-        self.image_rows = [position[image_id] for image_id in texts["image_id"]]
+        self.image_rows = rows.to_numpy()
         self.num_images = len(regions)
 
     def __len__(self):
         return len(self.texts)
 
     def lengths(self) -> list[int]:
-        """Words plus regions of each pair: what the batch is padded to."""
-        counts = self.num_regions()
-        return [len(text.split()) + int(counts[row]) for text, row in zip(self.texts["text"], self.image_rows)]
+        """Words (as `str.split` counts them) plus regions of each pair: what the batch is padded to."""
+        texts = pc.utf8_trim_whitespace(self.texts.with_format("arrow")["text"])
+        words = pc.if_else(pc.equal(texts, ""), 0, pc.list_value_length(pc.utf8_split_whitespace(texts)))
+        return (words.to_numpy() + self.num_regions()[self.image_rows]).tolist()
 
     def num_regions(self) -> np.ndarray:
         """Regions of each image (by image row)."""
@@ -54,7 +58,7 @@ class ImageTextPairs(Dataset):
         return rows_to_regions(self.regions, rows)
 
     def __getitem__(self, index):
-        return {"index": index, "text": self.texts[index]["text"], "image_row": self.image_rows[index]}
+        return {"index": index, "text": self.texts[index]["text"], "image_row": int(self.image_rows[index])}
 
 
 class LengthGroupedSampler(trainer_pt_utils.LengthGroupedSampler):

@@ -1,0 +1,32 @@
+"""benchmarks/startup.py: the corpus it builds is a valid `--dataset` folder, and the pairs it times are exact."""
+
+import os
+import sys
+
+import datasets
+from conftest import REPO
+
+from cmal.training.data.pretraining import ImageTextPairs
+from cmal.training.data.region_store import load_region_store
+
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import startup  # noqa: E402
+
+
+def test_startup_report_and_the_joined_lengths(tmp_path):
+    report = startup.main(["--captions", "500", "--folder", str(tmp_path)])
+    assert (report["captions"], report["images"]) == (500, 100)
+    assert 0 < report["join_seconds"] <= report["startup_seconds"]
+    captions = datasets.load_from_disk(str(tmp_path / "captions"))
+    pairs = ImageTextPairs(captions, load_region_store(str(tmp_path / "regions"))[0])
+    assert pairs.image_rows.tolist() == [i % 100 for i in range(500)]  # the join done in Arrow
+    assert pairs.lengths() == [len(text.split()) + 2 for text in captions["text"]]  # words as str.split counts them
+
+
+def test_lengths_count_words_as_str_split_does(tmp_path):
+    startup.build_corpus(str(tmp_path), 5)
+    texts = ["  two  words ", "", "   ", "tab\tand\nnewline", "one"]
+    captions = datasets.Dataset.from_dict({"image_id": ["img0"] * 5, "text": texts})
+    pairs = ImageTextPairs(captions, load_region_store(str(tmp_path / "regions"))[0])
+    assert pairs.lengths() == [len(text.split()) + 2 for text in texts] == [4, 2, 2, 5, 3]
