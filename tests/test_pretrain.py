@@ -288,9 +288,14 @@ def test_two_processes_match_one_process(corpus, single_process_run, tmp_path, l
         cluster = ["--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
                    "--main_process_port", "29534", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
         commands = [ACCELERATE + cluster + ["--machine_rank", str(rank), *script] for rank in (0, 1)]
-    machines = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                for c in commands]  # fmt: skip
-    stderr = [machine.communicate(timeout=600)[1] for machine in machines]
+    machines = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True) for c in commands]  # fmt: skip
+    try:
+        stderr = [machine.communicate(timeout=600)[1] for machine in machines]
+    finally:  # a launch that hangs must not outlive the test with its workers
+        for machine in machines:
+            if machine.poll() is None:
+                os.killpg(machine.pid, signal.SIGKILL)
     assert all(machine.returncode == 0 for machine in machines), stderr[0][-3000:] + stderr[-1][-3000:]
     assert "x 2 processes" in stderr[0]
     ddp = json.loads((tmp_path / "ddp" / "train_results.json").read_text())

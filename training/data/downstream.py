@@ -230,7 +230,7 @@ class TaskExamples(Dataset):
     """
 
     def __init__(self, task, table: datasets.Dataset, regions: datasets.Dataset):
-        self.regions = regions.with_format("numpy")
+        self.regions = regions.with_format("arrow")  # what `rows_to_regions` takes from
         position = {image_id: i for i, image_id in enumerate(regions["image_id"])}
         ids = list(zip(*(table[c] for c in task.image_columns)))
         missing = sorted({i for pair in ids for i in pair} - set(position))

@@ -22,7 +22,7 @@ class ImageTextPairs(Dataset):
         """A region store of at most `preload_max_bytes` (Arrow size) is decoded into memory once: each image
         is read several times an epoch (its captions, ITM negatives), and decoding dominates the collator."""
         self.texts = texts
-        self.regions = regions.with_format("numpy")
+        self.regions = regions.with_format("arrow")  # what `rows_to_regions` takes from
         self.preloaded = rows_to_regions(self.regions, range(len(regions))) if regions.data.nbytes <= preload_max_bytes else None
         # joined in Arrow (no Python loop over the captions: start-up must not grow with the corpus)
         text_ids = texts.with_format("arrow")["image_id"]

@@ -286,10 +286,30 @@ def row_to_regions(row: dict) -> dict:
 
 
 def rows_to_regions(table, rows: list[int]) -> list[dict]:
-    """The regions of several store rows, read in one call: datasets formats a row read in about 3 ms,
-    so a batch read row by row costs more than the training step of a small model."""
-    columns = table[list(rows)]
-    return [row_to_regions({name: values[i] for name, values in columns.items()}) for i in range(len(rows))]
+    """The regions of several store rows, read in one Arrow `take` and sliced out of flat numpy buffers:
+    `datasets` formatting rows into numpy was most of the collator's time (a row read alone costs ~3 ms).
+    Give an Arrow-formatted table (`with_format("arrow")`): re-formatting one per call costs ~7 ms."""
+    taken = (table if table.format["type"] == "arrow" else table.with_format("arrow"))[list(rows)]
+    bounds = np.concatenate([[0], np.cumsum(taken.column("num_regions").to_numpy())])
+    # each column cast once for the whole batch to the dtype `row_to_regions` gives, which then copies nothing
+    dtypes = {"features": np.float32, "boxes": np.float32, "concept_ids": np.int64, "scores": np.float32, "soft_labels": np.float32}
+    columns = {name: _flat_values(taken.column(name)).astype(dtype, copy=False) for name, dtype in dtypes.items()
+               if name in taken.column_names}  # fmt: skip
+    regions = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        row = {name: values[start:end] for name, values in columns.items()}
+        regions.append(row_to_regions(row))
+    return regions
+
+
+def _flat_values(column) -> np.ndarray:
+    """The values of a list (or `Array2D`: list of lists) column of a `take` as one numpy array, one row per
+    region: a region's vector for `Array2D` columns, a scalar for lists."""
+    array = column.combine_chunks()
+    values = getattr(array, "storage", array).flatten()  # datasets' Array2D extension: list<list<value>>
+    if isinstance(column.type, datasets.features.features.Array2DExtensionType):
+        return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), column.type.shape[1])
+    return values.to_numpy(zero_copy_only=False)
 
 
 def _matrix(value, dtype) -> np.ndarray:
