@@ -1,0 +1,111 @@
+"""How fast pre-training's data pipeline feeds a model: samples per second and per CPU-second, warm and cold.
+
+    python benchmarks/data_pipeline.py                                  # 20,000 images of 36 x 2048-d fp16 (~3 GB)
+    python benchmarks/data_pipeline.py --regions 10-100 --workers 0 2   # adaptive region counts
+
+Builds (once, under --folder) a `pretrain.py --dataset` folder of random bottom-up-attention-sized regions
+and five captions per image, then times `pretrain.build_data`'s DataLoader as training uses it (same
+sampler, collator, masking and ITM negatives) for each `--workers`, warm (the store in the page cache) and
+cold (evicted with `posix_fadvise(DONTNEED)` first). CPU time counts the main process and its DataLoader
+workers. `loader_cores_per_gpu` is `--gpu_samples_per_second` (10,000: CMAL-base at 40% MFU on an H100)
+divided by the samples per CPU-second. Prints one JSON line per (workers, cache) and returns them.
+"""
+
+import argparse
+import glob
+import json
+import os
+import resource
+import time
+
+import datasets
+import numpy as np
+
+from cmal.training import pretrain
+from cmal.training.data.region_store import RegionStoreWriter
+
+
+def build_corpus(folder: str, images: int, feature_dim: int, regions: tuple[int, int], seed: int = 0) -> None:
+    """`folder/regions` (fp16 features) and `folder/captions`, unless already there."""
+    if os.path.isdir(os.path.join(folder, "captions")):
+        return
+    rng = np.random.default_rng(seed)
+    names = ["dog", "cat", "ball", "car", "tree"]
+    with RegionStoreWriter(os.path.join(folder, "regions"), feature_dim, names, source="benchmark", shard_size=1000) as writer:
+        for i in range(images):
+            n = int(rng.integers(regions[0], regions[1] + 1))
+            corner = rng.uniform(0, 0.5, (n, 2))
+            writer.add(dict(image_id=f"img{i}", image_width=640, image_height=480,
+                            features=rng.standard_normal((n, feature_dim), dtype=np.float32).astype(np.float16),
+                            boxes=np.concatenate([corner, corner + rng.uniform(0.05, 0.5, (n, 2))], 1),
+                            concept_ids=rng.integers(0, len(names), n), scores=rng.uniform(0.2, 1, n)))  # fmt: skip
+    texts = [f"a {names[i % 5]} next to a {names[(i // 5) % 5]} in a picture with {k + 1} things" for i in range(images) for k in range(5)]
+    captions = datasets.Dataset.from_dict({"image_id": [f"img{i}" for i in range(images) for _ in range(5)], "text": texts})
+    datasets.DatasetDict(train=captions).save_to_disk(os.path.join(folder, "captions"))
+
+
+def evict(folder: str) -> None:
+    """Drop the store's files from the page cache, so the next read comes from disk."""
+    for path in glob.glob(os.path.join(folder, "**", "*.arrow"), recursive=True):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def measure(args, corpus, workers: int, cold: bool) -> dict:
+    """Samples, seconds and CPU-seconds (this process and its workers) over `--batches` batches after one warm-up."""
+    run = pretrain.parse_args(["--dataset", args.folder, "--report_to", "none", "--num_workers", str(workers),
+                               "--per_device_train_batch_size", str(args.batch_size), "--curriculum_epochs", "0"])  # fmt: skip
+    *_, pairs, _, loader = pretrain.build_data(run, corpus)
+    if cold:
+        evict(args.folder)
+    batches = iter(loader)
+    next(batches)  # workers started, first batch out
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu, wall, samples, regions = time.process_time(), time.perf_counter(), 0, 0
+    for _ in range(args.batches):
+        batch = next(batches)
+        samples += len(batch["input_ids"])
+        regions += int(batch["visual_attention_mask"].sum())
+    wall = time.perf_counter() - wall
+    del batches  # the workers exit and are reaped: their CPU time lands in RUSAGE_CHILDREN
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = time.process_time() - cpu + (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
+    per_cpu_second = samples / cpu
+    return {
+        "workers": workers, "cache": "cold" if cold else "warm", "preloaded": pairs.preloaded is not None,
+        "samples_per_second": samples / wall, "samples_per_cpu_second": per_cpu_second,
+        "feature_mb_per_second": regions * args.feature_dim * 2 / wall / 2**20,
+        "loader_cores_per_gpu": args.gpu_samples_per_second / per_cpu_second, "samples": samples,
+    }  # fmt: skip
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=20_000)
+    p.add_argument("--feature_dim", type=int, default=2048)
+    p.add_argument("--regions", default="36", help="Regions per image: N, or MIN-MAX for adaptive counts.")
+    p.add_argument("--folder", default=None, help="Where the corpus is built (default: outputs/pipeline-...).")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batches", type=int, default=50)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--caches", nargs="+", choices=["warm", "cold"], default=["warm", "cold"])
+    p.add_argument("--gpu_samples_per_second", type=float, default=10_000.0)
+    args = p.parse_args(argv)
+    low, _, high = args.regions.partition("-")
+    regions = (int(low), int(high or low))
+    args.folder = args.folder or f"outputs/pipeline-{args.images}x{args.regions}x{args.feature_dim}"
+    build_corpus(args.folder, args.images, args.feature_dim, regions)
+    corpus = pretrain.load_corpus(pretrain.parse_args(["--dataset", args.folder, "--report_to", "none"]))
+    reports = []
+    for workers in args.workers:
+        for cache in args.caches:
+            reports.append(measure(args, corpus, workers, cache == "cold"))
+            print(json.dumps(reports[-1]))
+    return reports
+
+
+if __name__ == "__main__":
+    main()
