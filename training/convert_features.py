@@ -115,8 +115,8 @@ def convert_tsv(
     """Bottom-up-attention / LXMERT TSV files -> a region store. Returns (images added, images skipped)."""
     feature_dim = tsv_feature_dim(tsv_files)
     added = skipped = 0
-    first_seen = {}  # image id -> where this run stored it: a second one is a clash, not a resumed image
     with RegionStoreWriter(output_dir, feature_dim, concept_names, source=TSV_SOURCE, shard_size=shard_size) as writer:
+        resumed = set(writer.done_image_ids)  # an interrupted run's images are skipped; any other repeat is a clash
         total = sum(os.path.getsize(path) for path in tsv_files)
         with tqdm(total=total, unit="B", unit_scale=True, desc="tsv") as progress:
             for path in tsv_files:
@@ -128,18 +128,29 @@ def convert_tsv(
                         try:
                             fields = split_tsv_line(line)
                             image_id = fields["image_id"].decode()
-                            if image_id in first_seen:
-                                raise ValueError(f"image id {image_id!r} came already at {first_seen[image_id]}: ids must be "
-                                                 "unique across the files (the same image extracted twice?)")  # fmt: skip
-                            if image_id in writer.done_image_ids:  # stored by an earlier, interrupted run
+                            if image_id in resumed:
                                 skipped += 1
                                 continue
+                            if image_id in writer.done_image_ids:
+                                raise ValueError(f"image id {image_id!r} came already at {first_line(tsv_files, image_id)}: "
+                                                 "ids must be unique across the files (the same image extracted twice?)")  # fmt: skip
                             writer.add(tsv_row(fields, feature_dim))
                         except ValueError as error:
                             raise ValueError(f"{path}, line {line_no}: {error}") from error
-                        first_seen[image_id] = f"{path}, line {line_no}"
                         added += 1
     return added, skipped
+
+
+def first_line(tsv_files: list[str], image_id: str) -> str:
+    """Where `image_id` first appears in the TSV files: read again only to name a clash, so a conversion keeps
+    no location per image."""
+    wanted = image_id.encode() + b"\t"
+    for path in tsv_files:
+        with open(path, "rb") as f:
+            for line_no, line in enumerate(f, start=1):
+                if line.startswith(wanted):
+                    return f"{path}, line {line_no}"
+    return "an earlier line"
 
 
 def npz_row(path: str) -> dict:
