@@ -19,6 +19,7 @@ behaves the same on every transformers 5.x release.
 """
 
 import base64
+import binascii
 import io
 import os
 import warnings
@@ -158,7 +159,10 @@ class CMALImageProcessor(BaseImageProcessor):
 
                 image = httpx.get(path, timeout=timeout, follow_redirects=True).content
             elif path.startswith("data:"):
-                image = base64.b64decode(path.split(",", 1)[-1])
+                try:
+                    image = base64.b64decode(path.split(",", 1)[-1], validate=True)
+                except binascii.Error as error:
+                    raise ValueError(f"{name} is a `data:` URL whose base64 is invalid ({error})") from None
             elif not os.path.isfile(path):
                 raise ValueError(f"{name} is a path to no file: {path!r}")
             else:

@@ -229,6 +229,7 @@ def test_image_processor_pixel_limit(value, message):
     (b"hello", r"`image` is not an image Pillow can read"),
     ("no-such-photo.jpg", r"`image` is a path to no file: 'no-such-photo.jpg'"),
     ("data:image/png;base64,aGVsbG8=", r"`image` is not an image Pillow can read"),
+    ("data:image/png;base64,aGVsbG8", r"`image` is a `data:` URL whose base64 is invalid \(Incorrect padding\)"),
     (PIL.Image.new("RGB", (0, 0)), r"`image` is empty \(0x0 pixels\)"),
     (PIL.Image.new("L", (5, 0)), r"`image` is empty \(5x0 pixels\)"),
 ])  # fmt: skip
