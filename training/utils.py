@@ -275,7 +275,8 @@ def resume_hint_on_interrupt(args, accelerator):
             found = checkpoints(args.output_dir)
             if found:
                 resume = args.command.replace(" --overwrite_output_dir", "")
-                resume += "" if "--resume_from_checkpoint" in resume else " --resume_from_checkpoint latest"
+                if "--resume_from_checkpoint" not in resume:
+                    resume += " --resume_from_checkpoint latest"
                 print(f"\ninterrupted; step {found[-1][0]} is saved in {found[-1][1]}: resume with `{resume}`", file=sys.stderr)
             else:
                 print(f"\ninterrupted before any checkpoint was saved (set --checkpointing_steps to make runs resumable); "
