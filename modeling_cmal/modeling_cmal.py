@@ -40,6 +40,8 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import SequenceClassifierOutput
@@ -777,7 +779,8 @@ class CMALHypersphere(nn.Module):
     def __init__(self, config: CMALConfig):
         super().__init__()
         self.enabled = config.hypersphere
-        self.scale = nn.Parameter(torch.tensor(float(config.hypersphere_init_scale))) if self.enabled else None
+        # 1-D, not a scalar: FSDP2 shards only tensors with a dimension (older checkpoints' scalars are converted on load)
+        self.scale = nn.Parameter(torch.full((1,), float(config.hypersphere_init_scale))) if self.enabled else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -1177,6 +1180,24 @@ CMAL_INPUTS_DOCSTRING = r"""
 
 # Checkpoints saved before the named units (CMAL <= 0.1.0.dev0 of 2026-11) keep loading: their parameter
 # names -> today's. Passed as `key_mapping` by `from_pretrained`; patterns are regexes on checkpoint keys.
+class CMALScalarToVector(ConversionOps):
+    """Loads a hypersphere radius saved as a 0-d tensor (checkpoints older than FSDP2 support) into a 1-element one."""
+
+    @torch.no_grad()
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        (tensors,) = input_dict.values()
+        tensor = tensors[0] if isinstance(tensors, list) else tensors
+        return {target_patterns[0]: tensor.reshape(1)}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return self
+
+
+register_checkpoint_conversion_mapping(
+    "cmal", [WeightConverter("hypersphere.scale", "hypersphere.scale", operations=[CMALScalarToVector()])], overwrite=True
+)
+
 LEGACY_KEY_MAPPING = {
     r"text_embeddings\.": "text_encoder.embeddings.",
     r"text_hypersphere\.": "text_encoder.hypersphere.",
@@ -1226,18 +1247,25 @@ class CMALPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, key_mapping: dict[str, str] | None = None, **kwargs):
-        """As `PreTrainedModel.from_pretrained`; checkpoints with the parameter names of older CMAL releases
-        load too (`LEGACY_KEY_MAPPING`). transformers re-saves a model loaded from such a checkpoint under
-        the names it was loaded from, so both layouts stay in use; both load. A cut-short weights file is
-        named as such (safetensors alone says "incomplete metadata")."""
+        """As `PreTrainedModel.from_pretrained`; checkpoints with the parameter names and scalar radii of older
+        CMAL releases load too (`LEGACY_KEY_MAPPING`, `CMALScalarToVector`), and are re-saved in today's
+        layout. A cut-short weights file is named as such (safetensors alone says "incomplete metadata")."""
         try:
-            return super().from_pretrained(*args, key_mapping={**LEGACY_KEY_MAPPING, **(key_mapping or {})}, **kwargs)
+            loaded = super().from_pretrained(*args, key_mapping={**LEGACY_KEY_MAPPING, **(key_mapping or {})}, **kwargs)
         except SafetensorError as error:
             raise OSError(
                 f"The weights of {str(args[0] if args else kwargs.get('pretrained_model_name_or_path'))!r} are not a "
                 f"complete safetensors file ({error}): an interrupted save or download cut them short; save or "
                 "download them again"
             ) from None
+        # transformers saves by reverting the renamings it loaded with: ours would write old names back
+        # (transformers 5.0 even writes their regex escapes, `cmal.text_hypersphere\.scale`)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._weight_conversions = [
+            transform for transform in getattr(model, "_weight_conversions", None) or []
+            if not set(transform.source_patterns) <= LEGACY_KEY_MAPPING.keys()
+        ] or None  # fmt: skip
+        return loaded
 
     def load_detector_weights(self, detector: PreTrainedModel) -> None:
         """Copy a pre-trained detector (e.g. `RTDetrForObjectDetection.from_pretrained("PekingU/rtdetr_r50vd")`)

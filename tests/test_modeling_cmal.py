@@ -1,6 +1,7 @@
 """Model tests on tiny configs, parametrised over every head (timm style)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -585,7 +586,8 @@ LEGACY_KEYS = json.loads((Path(__file__).parent / "fixtures" / "checkpoint_keys_
 @pytest.mark.parametrize("class_name", [name for name in LEGACY_KEYS if not name.startswith("_")])
 def test_checkpoint_of_the_old_layout_loads(class_name, tmp_path):
     """A folder with the parameter names CMAL saved before its named units (the fixture lists them, taken from a
-    save by that code) loads every tensor into the unit that now holds it, and re-saved it loads the same."""
+    save by that code, with 0-d hypersphere radii) loads every tensor into the unit that now holds it, and is
+    re-saved in today's layout, which loads the same."""
     import cmal
     from safetensors.torch import save_file
 
@@ -604,7 +606,8 @@ def test_checkpoint_of_the_old_layout_loads(class_name, tmp_path):
 
     new = model.state_dict()
     # old name -> the new names holding its values (tied parameters hold one tensor under two names)
-    renamed = {old_name: {name for name in new if new[name].shape == value.shape and torch.equal(new[name], value)}
+    renamed = {old_name: {name for name in new if new[name].numel() == value.numel()
+                          and torch.equal(new[name].reshape(value.shape), value)}
                for old_name, value in old.items()}  # fmt: skip
     assert all(renamed.values())  # every saved tensor reached the model
     word_embeddings = next(name for name in old if name.endswith("text_embeddings.word_embeddings.weight"))
@@ -614,7 +617,17 @@ def test_checkpoint_of_the_old_layout_loads(class_name, tmp_path):
         assert renamed["cmal.encoder.layer.1.output.dense.weight"] == {"cmal.unified_encoder.layer.1.output.dense.weight"}
         assert model.mapping_head.token_head.decoder.weight is model.cmal.text_encoder.embeddings.word_embeddings.weight
 
+    radii = [name for name in new if name.endswith("hypersphere.scale")]
+    assert len(radii) == 2 and all(new[name].shape == (1,) for name in radii)  # FSDP2 shards no 0-d tensor
+
     model.save_pretrained(tmp_path / "again")
+    from safetensors.torch import load_file
+
+    from modeling_cmal.modeling_cmal import LEGACY_KEY_MAPPING
+
+    saved = load_file(tmp_path / "again" / "model.safetensors")
+    assert not [key for key in saved if re.search("|".join(LEGACY_KEY_MAPPING), key)]  # today's names only
+    assert all(saved[name].shape == (1,) for name in radii)
     again = model_class.from_pretrained(tmp_path / "again")
     assert all(torch.equal(again.state_dict()[name], value) for name, value in new.items())
 

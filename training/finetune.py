@@ -251,9 +251,10 @@ def main(argv=None):
 
         metrics = {k: v for k, v in results["learning_curve"][-1].items() if k != "step"} if scored is not None else {}
         accelerator.wait_for_everyone()
+        state_dict = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
             config = accelerator.unwrap_model(model).config
-            with save_final(accelerator, model, processor, args, results) as folder:
+            with save_final(accelerator, model, state_dict, processor, args, results) as folder:
                 if metrics:
                     write_json(os.path.join(folder, "eval_results.json"), {"task": task.name, **metrics})
                 write_model_card(folder, args, config, results, metrics)

@@ -301,8 +301,9 @@ def main(argv=None):
         if held_out:
             results["validation"] = held_out
 
+        state_dict = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
-            with save_final(accelerator, model, processor, args, results) as folder:
+            with save_final(accelerator, model, state_dict, processor, args, results) as folder:
                 write_model_card(folder, args, accelerator.unwrap_model(model).config, results)
             logger.info(f"data loading took {100 * results['data_loading_share']:.1f}% of the training time")
             print(f"final losses: {json.dumps({k: round(v, 4) for k, v in results['final_losses'].items()})}")

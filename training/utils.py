@@ -237,11 +237,15 @@ def final_folder(folder: str):
 
 
 @contextlib.contextmanager
-def save_final(accelerator, model, processor, args, results: dict):
+def save_final(accelerator, model, state_dict: dict, processor, args, results: dict):
     """The model, processor and `train_results.json` written into a `final_folder`, which is yielded for
-    the script's own files (card, evaluation) before it takes `--output_dir`'s place."""
+    the script's own files (card, evaluation) before it takes `--output_dir`'s place.
+
+    `state_dict` is `accelerator.get_state_dict(model)`, taken on every process (under FSDP it gathers the
+    shards into full tensors on the main one); this runs on the main process only.
+    """
     with final_folder(args.output_dir) as folder:
-        accelerator.unwrap_model(model).save_pretrained(folder, save_function=accelerator.save)
+        accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict, save_function=accelerator.save)
         processor.save_pretrained(folder)
         write_json(os.path.join(folder, "train_results.json"), {**results, "args": vars(args)})
         yield folder
