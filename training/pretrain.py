@@ -43,6 +43,7 @@ from cmal.training.utils import (
     bounded,
     command_line,
     enable_activation_checkpointing,
+    finish,
     model_config_source,
     model_source,
     new_model_config,
@@ -317,7 +318,7 @@ def main(argv=None):
             print(f"model saved to {os.path.abspath(args.output_dir)} ({results['train_seconds']:.0f} s of training)")
             if args.push_to_hub:
                 push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo or None)
-    accelerator.end_training()
+    finish(accelerator)
     return results
 
 

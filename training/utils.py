@@ -251,6 +251,13 @@ def save_final(accelerator, model, state_dict: dict, processor, args, results: d
         yield folder
 
 
+def finish(accelerator) -> None:
+    """End the run on every process together: a process tearing down its gloo group while another still
+    works (the main one saving) could hang in the group's destructor at exit (seen with 2 CPU processes)."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
 def recover_final_folder(folder: str) -> None:
     """Finish or undo a `final_folder` swap that a kill cut short; drop an unfinished staging folder."""
     folder = os.path.abspath(folder)
