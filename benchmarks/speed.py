@@ -16,7 +16,10 @@ Timing interleaves the models (one step of each configuration per round, `--step
 `--warmup` rounds) and reports the median, so machine noise hits every model alike. Memory is the
 peak of `torch.cuda.max_memory_allocated` on cuda, and on CPU of `MemTracker` (total and activations).
 FLOPs come from `FlopCounterMode`; MFU is achieved FLOP/s over a timed large square matmul at the same
-dtype. The data pipeline of `training/pretrain.py` (wired as in its `main()`) is timed against the
+dtype. Adaptive regions (`--adaptive_examples`): the same examples (10-100 regions, COCO-like captions, half
+of them ITM negatives) trained in random batches, in pre-training's length-grouped batches, and with its
+negative window, giving samples/s, the FLOP share spent on padding, and CMAL/VisualBERT speed at equal
+FLOPs per real token. The data pipeline of `training/pretrain.py` (wired as in its `main()`) is timed against the
 training step of the `small` CMALForPreTraining at the pre-training batch size (32).
 """
 
@@ -29,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's).")
     p.add_argument("--data_steps", type=int, default=10, help="Batches of the data pipeline to time.")
     p.add_argument("--no_data", action="store_true", help="Skip the data-pipeline measurement.")
+    p.add_argument("--adaptive_examples", type=int, default=96,
+                   help="Examples of the adaptive-region measurement (10-100 regions per image; 0 skips it).")
     p.add_argument("--output_json", default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -358,6 +364,88 @@ def time_data_pipeline(args, device) -> dict:
             "data_samples_per_s": data_rate, "train_samples_per_s": train_rate, "ratio": data_rate / train_rate}  # fmt: skip
 
 
+ADAPTIVE_SCHEMES = {  # name -> (length-grouped batches, ITM negative window)
+    "random batches": (False, 0),  # a plain shuffling DataLoader, negatives from any image
+    "length-grouped": (True, 0),  # CMAL's sampler, negatives from any image (its default)
+    "length-grouped + negative window": (True, 1000),  # `--itm_negative_window 1000`
+}
+ADAPTIVE_ROWS = [("CMAL", scheme) for scheme in ADAPTIVE_SCHEMES] + [("VisualBERT", "random batches"),
+                                                                     ("VisualBERT", "length-grouped + negative window")]
+
+
+def adaptive_batches(args, scheme: str) -> list[list[tuple[int, int]]]:
+    """(tokens, regions) of each example of each batch: COCO-like captions (13 word pieces on average with
+    [CLS]/[SEP]) over images of 10-100 regions drawn from a 100k-image corpus; half the examples are ITM
+    negatives whose image is another one, drawn as `scheme` says (pre-training's sampler and negatives)."""
+    from cmal.training.data.pretraining import LengthGroupedSampler, NegativeImages
+
+    grouped, window = ADAPTIVE_SCHEMES[scheme]
+    rng = np.random.default_rng(args.seed)
+    most = min(100, CMALConfig.from_preset(args.size).max_regions)  # the tiny preset takes 50
+    corpus_regions = rng.integers(10, most + 1, 100_000)
+    n = args.adaptive_examples
+    tokens = np.clip(rng.normal(13.0, 3.0, n).round(), 7, 40).astype(int)
+    draw, negatives = np.random.default_rng(args.seed + 1), NegativeImages(corpus_regions, window)
+    images = [negatives(i, draw) if draw.random() < 0.5 else i for i in range(n)]
+    lengths = (tokens + corpus_regions[:n]).tolist()  # what the sampler sees: the caption and its own image
+    order = list(LengthGroupedSampler(lengths, args.batch_size, seed=args.seed)) if grouped else rng.permutation(n).tolist()
+    examples = [(int(tokens[i]), int(corpus_regions[images[i]])) for i in order]
+    return [examples[k : k + args.batch_size] for k in range(0, n, args.batch_size)]
+
+
+def padded_batch(examples, args, device, dtype, seed: int) -> dict:
+    """`make_batch` at the batch's longest text and largest region count, the rest masked as padding."""
+    defaults = CMALConfig()
+    text_len, num_regions = max(t for t, _ in examples), max(r for _, r in examples)
+    shape = argparse.Namespace(batch_size=len(examples), num_regions=num_regions, text_len=text_len, seed=seed)
+    batch = make_batch(shape, defaults.vocab_size, defaults.visual_feat_dim, defaults.num_concepts, device, dtype)
+    for b, (t, r) in enumerate(examples):
+        batch["attention_mask"][b, t:] = 0
+        batch["visual_attention_mask"][b, r:] = 0
+    return batch
+
+
+def measure_adaptive(args, models: dict, device, dtype) -> dict:
+    """Training samples/s over the same examples batched per scheme (eager attention for both models, one
+    pass interleaved batch by batch), the FLOP share spent on padding (forward FLOPs of each padded batch vs
+    of each example alone), and CMAL/VisualBERT speed at equal FLOPs per real token (samples/s weighted by
+    each model's forward FLOPs per real example)."""
+    batches = {scheme: [padded_batch(b, args, device, dtype, args.seed + k) for k, b in enumerate(adaptive_batches(args, scheme))]
+               for scheme in ADAPTIVE_SCHEMES}  # fmt: skip
+    examples = sorted(ex for b in adaptive_batches(args, "random batches") for ex in b)
+    optimizers = {name: make_optimizer(models[name]["model"], 1e-5) for name, _ in ADAPTIVE_ROWS}
+    real_flops = {}
+    for name in optimizers:
+        configure(models[name], "eager", False, training=False)
+        real_flops[name] = sum(count_flops(make_step(models[name], padded_batch([ex], args, device, dtype, 0), None, False))
+                               for ex in examples)  # fmt: skip
+    rows = []
+    for name, scheme in ADAPTIVE_ROWS:
+        configure(models[name], "eager", False, training=False)
+        padded = sum(count_flops(make_step(models[name], batch, None, False)) for batch in batches[scheme])
+        rows.append({"model": name, "scheme": scheme, "padded_flop_share": 1 - real_flops[name] / padded, "seconds": 0.0})
+    for name, _ in ADAPTIVE_ROWS:  # warm-up: one step each
+        configure(models[name], "eager", False, training=True)
+        make_step(models[name], batches["random batches"][0], optimizers[name], True)()
+    for k in range(len(batches["random batches"])):
+        for row in rows:
+            configure(models[row["model"]], "eager", False, training=True)
+            step = make_step(models[row["model"]], batches[row["scheme"]][k], optimizers[row["model"]], True)
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            row["seconds"] += time.perf_counter() - start
+    for row in rows:
+        row["samples_per_s"] = args.adaptive_examples / row.pop("seconds")
+        row["real_flops_per_sample"] = real_flops[row["model"]] / args.adaptive_examples
+    peer = next(row for row in rows if (row["model"], row["scheme"]) == ("VisualBERT", "random batches"))
+    for row in rows:
+        row["speed_at_equal_flops_vs_visualbert"] = (row["samples_per_s"] * row["real_flops_per_sample"]) / (
+            peer["samples_per_s"] * peer["real_flops_per_sample"])
+    return {"examples": args.adaptive_examples, "batch_size": args.batch_size, "rows": rows}
+
+
 def fmt(value, spec):
     return "n/a" if value is None else format(value, spec)
 
@@ -386,6 +474,15 @@ def markdown(result: dict) -> str:
         )
     lines += ["", f"Gradient checkpointing cuts CMAL's training activation memory (eager) by "
               f"{result['cmal_checkpointing_saving']:.1%}."]  # fmt: skip
+    adaptive = result.get("adaptive")
+    if adaptive:
+        lines += ["", f"Adaptive regions (10-100 per image, COCO-like captions; {adaptive['examples']} training examples "
+                  f"in batches of {adaptive['batch_size']}, eager attention, half ITM negatives):", "",
+                  "| model | batching | samples/s | padded FLOP share | real GFLOP/sample (fwd) | speed vs VisualBERT at equal FLOPs |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {row['model']} | {row['scheme']} | {row['samples_per_s']:.2f} | {row['padded_flop_share']:.1%} | "
+                  f"{row['real_flops_per_sample'] / 1e9:.2f} | {row['speed_at_equal_flops_vs_visualbert']:.2f}x |"
+                  for row in adaptive["rows"]]  # fmt: skip
     data = result.get("data_pipeline")
     if data:
         lines += ["", f"Data pipeline (training/pretrain.py, batch {data['batch_size']}, {data['num_workers']} workers): "
@@ -420,6 +517,8 @@ def benchmark(args) -> dict:
         "models": {name: {"depth": m["depth"], "params": m["params"]} for name, m in models.items()},
         "rows": rows, "cmal_checkpointing_saving": checkpointing_saving(rows),
     }  # fmt: skip
+    if args.adaptive_examples:
+        result["adaptive"] = measure_adaptive(args, models, device, dtype)
     if not args.no_data:
         result["data_pipeline"] = time_data_pipeline(args, device)
     return result

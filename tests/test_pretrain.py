@@ -67,6 +67,22 @@ def test_collator_targets(corpus):
     assert negatives and all(row % 2 == 1 for row in negatives)
 
 
+@pytest.mark.parametrize("window", [1, 4, 0])
+def test_itm_negatives_come_from_the_images_nearest_in_region_count(corpus, window):
+    """`--itm_negative_window W`: another image among the W nearest in region count (the window shifted inwards
+    at either end of the order), so a length-grouped batch keeps its length; each of them is drawn. 0: any."""
+    args = pretrain.parse_args(args_for(corpus, corpus / "unused"))
+    _, processor, pairs, _, _ = pretrain.build_data(args, pretrain.load_corpus(args))
+    order = np.argsort(pairs.num_regions(), kind="stable")
+    collator = PretrainingCollator(processor, pairs, negative_window=window)
+    rng = np.random.default_rng(0)
+    for row in range(pairs.num_images):
+        place = int(np.flatnonzero(order == row)[0])
+        start = min(max(place - (window + 1) // 2, 0), pairs.num_images - window - 1)
+        expected = set(order[start : start + window + 1].tolist()) if window else set(range(pairs.num_images))
+        assert {collator.negative_image(row, rng) for _ in range(300)} == expected - {row}, row
+
+
 def test_preloaded_and_streamed_regions_give_the_same_batches(corpus):
     """A small store is decoded into memory once; a large one is read per batch: the batches must not differ."""
     args = pretrain.parse_args(args_for(corpus, corpus / "unused"))

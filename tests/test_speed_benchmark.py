@@ -14,11 +14,13 @@ from cmal.modeling_cmal import CMALConfig  # noqa: E402
 
 
 BATCH_SIZE = 2
+ADAPTIVE_EXAMPLES = 24
 
 
 @pytest.fixture(scope="module")
 def result():
-    args = speed.parse_args(["--size", "tiny", "--batch_size", str(BATCH_SIZE), "--steps", "1", "--warmup", "0", "--no_data"])
+    args = speed.parse_args(["--size", "tiny", "--batch_size", str(BATCH_SIZE), "--steps", "1", "--warmup", "0", "--no_data",
+                             "--adaptive_examples", str(ADAPTIVE_EXAMPLES)])
     return speed.benchmark(args)
 
 
@@ -87,3 +89,27 @@ def test_cmal_forward_flops_match_analytic_count(result):
 def test_gradient_checkpointing_cuts_cmal_activations(result):
     assert result["environment"]["device"] == "cpu"  # activations from MemTracker
     assert result["cmal_checkpointing_saving"] >= 0.40
+
+
+def test_adaptive_batches_cut_padding(result):
+    """FLOP counts, not times: the same examples padded in random batches waste the most; length grouping less;
+    with the negative window, whose ITM negatives keep a batch's region counts, least of all."""
+    adaptive = result["adaptive"]
+    share = {(row["model"], row["scheme"]): row["padded_flop_share"] for row in adaptive["rows"]}
+    assert set(share) == set(speed.ADAPTIVE_ROWS)
+    for model in ("CMAL", "VisualBERT"):
+        assert share[model, "length-grouped + negative window"] < 0.5 * share[model, "random batches"]
+        assert 0 <= share[model, "length-grouped + negative window"] < 0.15
+    assert share["CMAL", "length-grouped + negative window"] < share["CMAL", "length-grouped"] < share["CMAL", "random batches"]
+    for row in adaptive["rows"]:
+        assert row["samples_per_s"] > 0 and row["real_flops_per_sample"] > 0 and row["speed_at_equal_flops_vs_visualbert"] > 0
+    assert "| CMAL | length-grouped + negative window |" in speed.markdown(result)
+
+
+def test_adaptive_examples_are_the_same_under_every_scheme():
+    args = speed.parse_args(["--size", "base", "--batch_size", "4", "--adaptive_examples", "40"])
+    examples = {scheme: speed.adaptive_batches(args, scheme) for scheme in speed.ADAPTIVE_SCHEMES}
+    captions = {scheme: sorted(t for batch in batches for t, _ in batch) for scheme, batches in examples.items()}
+    assert len({tuple(c) for c in captions.values()}) == 1 and len(captions["random batches"]) == 40
+    regions = [r for batch in examples["random batches"] for _, r in batch]
+    assert 10 <= min(regions) and max(regions) <= 100

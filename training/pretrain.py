@@ -104,6 +104,10 @@ def parse_args(argv=None):
     model.add_argument("--mlm_probability", type=PROBABILITY, default=0.15, help="Share of non-anchor words masked.")
     model.add_argument("--mrm_probability", type=PROBABILITY, default=0.15, help="Share of regions masked.")
     model.add_argument("--itm_negative_probability", type=PROBABILITY, default=0.5, help="Share of mismatched pairs.")
+    model.add_argument("--itm_negative_window", type=NON_NEGATIVE_INT, default=0,
+                       help="A mismatched pair's image is one of the N images nearest its own in region count, so "
+                            "length-grouped batches stay unpadded with adaptive region counts (e.g. 1000; 0: any "
+                            "image). It also takes away region count as an ITM cue (see docs/BENCHMARKS.md).")
     # 12 epochs of the 2,000-image world are 1,500 steps: ITM needs about a thousand to leave chance (measured)
     add_training_args(p, "outputs/cmal-mini-synthetic", batch_size=32, learning_rate=1e-3, epochs=12, warmup=50)
     args = p.parse_args(argv)
@@ -191,7 +195,7 @@ def build_data(args, corpus: Corpus, num_processes: int = 1):
     train_set = ImageTextPairs(train_texts, regions)
     collator = PretrainingCollator(
         processor, train_set, args.mlm_probability, args.mrm_probability, args.itm_negative_probability,
-        max_length=args.max_text_length, seed=args.seed, true_of=true_of,
+        max_length=args.max_text_length, seed=args.seed, true_of=true_of, negative_window=args.itm_negative_window,
     )  # fmt: skip
     global_batch = args.per_device_train_batch_size * num_processes
     sampler = LengthGroupedSampler(train_set.lengths(), global_batch, seed=args.seed,

@@ -89,12 +89,35 @@ class LengthGroupedSampler(trainer_pt_utils.LengthGroupedSampler):
         return super().__iter__()
 
 
+class NegativeImages:
+    """Draws an ITM negative for an image: another one among the `window` images nearest it in region count
+    (0: any other image, drawn as before windows existed)."""
+
+    def __init__(self, num_regions: np.ndarray, window: int = 0):
+        self.num_images = len(num_regions)
+        self.window = self.num_images if window == 0 else min(window + 1, self.num_images)  # with the image itself
+        self.by_regions = np.argsort(num_regions, kind="stable")
+        self.place = np.empty(self.num_images, dtype=np.int64)
+        self.place[self.by_regions] = np.arange(self.num_images)
+
+    def __call__(self, image_row: int, rng: np.random.Generator) -> int:
+        if self.window == self.num_images:
+            return (image_row + 1 + int(rng.integers(self.num_images - 1))) % self.num_images
+        place = self.place[image_row]
+        start = min(max(place - self.window // 2, 0), self.num_images - self.window)
+        other = start + int(rng.integers(self.window - 1))
+        return int(self.by_regions[other + (other >= place)])
+
+
 class PretrainingCollator:
     """Batch of `ImageTextPairs` items -> the inputs and targets of `CMALForPreTraining`.
 
     * ITM: with probability `itm_negative_probability` an example's image is replaced by another one
       (`itm_labels` 0), drawn again (up to 10 times) while `true_of(text, image_row)` says the text also
-      holds of it, when the corpus knows (the synthetic world does: `synthetic.caption_holds`).
+      holds of it, when the corpus knows (the synthetic world does: `synthetic.caption_holds`). With
+      `negative_window` W, the other image is one of the W images nearest in region count: a batch the
+      sampler grouped by length keeps its length (a random image would pad it to the largest scenes, and
+      region count would tell the mismatch). 0 draws from all images.
     * One modality at a time: each matched pair is either an MLM example (whole words that are not
       anchors are masked with probability `mlm_probability`; 80% [MASK], 10% random, 10% kept) or an
       MRM example (each real region is masked with probability `mrm_probability`). Mismatched pairs
@@ -113,6 +136,7 @@ class PretrainingCollator:
         max_length: int = 40,
         seed: int = 0,
         true_of=None,
+        negative_window: int = 0,
     ):
         self.processor = processor
         self.true_of = true_of
@@ -125,6 +149,7 @@ class PretrainingCollator:
         self.epoch = 0
         tokenizer = processor.tokenizer
         self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
+        self.negative_image = NegativeImages(dataset.num_regions(), negative_window)
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         rngs = [np.random.default_rng([self.seed, self.epoch, item["index"]]) for item in items]
@@ -133,7 +158,7 @@ class PretrainingCollator:
             row = item["image_row"]
             if self.dataset.num_images > 1 and rng.random() < self.itm_negative_probability:
                 for _ in range(10):
-                    row = (item["image_row"] + 1 + int(rng.integers(self.dataset.num_images - 1))) % self.dataset.num_images
+                    row = self.negative_image(item["image_row"], rng)
                     if self.true_of is None or not self.true_of(item["text"], row):
                         break
             image_rows.append(row)
