@@ -35,7 +35,8 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 def _to_numpy(value, name: str, index: int) -> np.ndarray:
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().float().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()  # numpy has no bfloat16
     try:
         return np.asarray(value)
     except Exception as error:  # noqa: BLE001 - re-raised with the argument's name
@@ -306,7 +307,9 @@ class CMALImageProcessor(BaseImageProcessor):
             for key in ("features", "boxes"):
                 if key not in region:
                     raise ValueError(f"`regions[{index}]` needs '{key}', got keys {sorted(region)}")
-            features = _to_numpy(region["features"], "features", index).astype(np.float32)
+            features = _to_numpy(region["features"], "features", index)
+            if features.dtype not in (np.float16, np.float32):
+                features = features.astype(np.float32)
             boxes = _to_numpy(region["boxes"], "boxes", index).astype(np.float64)
             if features.ndim != 2:
                 raise ValueError(f"`regions[{index}]['features']` must have shape (N, D), got {features.shape}")
@@ -346,7 +349,9 @@ class CMALImageProcessor(BaseImageProcessor):
 
         batch, longest = len(kept), max(len(item["scores"]) for item in kept)
         data = {
-            "visual_feats": np.zeros((batch, longest, feature_dim), np.float32),
+            # float16 features stay float16 (bottom-up-attention stores keep them so): half the bytes through
+            # DataLoader workers and to the device, where the model casts them to its dtype
+            "visual_feats": np.zeros((batch, longest, feature_dim), np.result_type(*(item["features"].dtype for item in kept))),
             "visual_pos": np.zeros((batch, longest, self.visual_pos_dim), np.float32),
             "visual_attention_mask": np.zeros((batch, longest), np.int64),
             "region_concept_ids": np.full((batch, longest), -1, np.int64),

@@ -67,10 +67,19 @@ def test_padding_across_the_batch(processor):
     assert out["visual_feats"][1].abs().sum() == 0 and out["visual_feats"].dtype == torch.float32
 
 
-def test_float16_features_and_torch_inputs(processor):
-    features = torch.randn(2, 4).half()
-    out = processor(regions={"features": features, "boxes": torch.tensor([[0, 0, 1, 1.0]] * 2), "boxes_normalized": True})
-    torch.testing.assert_close(out["visual_feats"][0], features.float())
+@pytest.mark.parametrize(
+    "dtypes, expected",
+    [((torch.float16,), torch.float16), ((torch.float16, torch.float32), torch.float32), ((torch.bfloat16,), torch.float32),
+     ((torch.float64,), torch.float32)],
+)  # fmt: skip
+def test_features_keep_float16_and_torch_inputs(processor, dtypes, expected):
+    """float16 features (as stores hold them) stay float16 until the model casts them on its device."""
+    features = [torch.randn(2, 4).to(dtype) for dtype in dtypes]
+    boxes = torch.tensor([[0, 0, 1, 1.0]] * 2)
+    out = processor(regions=[{"features": f, "boxes": boxes, "boxes_normalized": True} for f in features])
+    assert out["visual_feats"].dtype == expected
+    for b, f in enumerate(features):
+        assert torch.equal(out["visual_feats"][b], f.to(expected))
 
 
 def test_soft_labels(processor):

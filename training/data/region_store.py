@@ -274,7 +274,7 @@ def row_to_regions(row: dict) -> dict:
     rows keep [0, D].
     """
     regions = {
-        "features": _matrix(row["features"], np.float32),
+        "features": _matrix(_features(np.asarray(row["features"])), None),
         "boxes": np.asarray(row["boxes"], dtype=np.float32).reshape(-1, 4),
         "boxes_normalized": True,
         "concept_ids": np.asarray(row["concept_ids"], dtype=np.int64),
@@ -292,9 +292,10 @@ def rows_to_regions(table, rows: list[int]) -> list[dict]:
     taken = (table if table.format["type"] == "arrow" else table.with_format("arrow"))[list(rows)]
     bounds = np.concatenate([[0], np.cumsum(taken.column("num_regions").to_numpy())])
     # each column cast once for the whole batch to the dtype `row_to_regions` gives, which then copies nothing
-    dtypes = {"features": np.float32, "boxes": np.float32, "concept_ids": np.int64, "scores": np.float32, "soft_labels": np.float32}
+    dtypes = {"boxes": np.float32, "concept_ids": np.int64, "scores": np.float32, "soft_labels": np.float32}
     columns = {name: _flat_values(taken.column(name)).astype(dtype, copy=False) for name, dtype in dtypes.items()
                if name in taken.column_names}  # fmt: skip
+    columns["features"] = _features(_flat_values(taken.column("features")))
     regions = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         row = {name: values[start:end] for name, values in columns.items()}
@@ -310,6 +311,12 @@ def _flat_values(column) -> np.ndarray:
     if isinstance(column.type, datasets.features.features.Array2DExtensionType):
         return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), column.type.shape[1])
     return values.to_numpy(zero_copy_only=False)
+
+
+def _features(array: np.ndarray) -> np.ndarray:
+    """float16 features stay float16 (the processor and DataLoader move half the bytes; the model casts them
+    on its device); other dtypes become float32."""
+    return array if array.dtype in (np.float16, np.float32) else array.astype(np.float32)
 
 
 def _matrix(value, dtype) -> np.ndarray:
