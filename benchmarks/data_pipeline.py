@@ -75,7 +75,7 @@ def measure(args, corpus, workers: int, cold: bool) -> dict:
     cpu = time.process_time() - cpu + (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
     per_cpu_second = samples / cpu
     return {
-        "workers": workers, "cache": "cold" if cold else "warm", "preloaded": pairs.preloaded is not None,
+        "workers": workers, "cache": "cold" if cold else "warm", 
         "samples_per_second": samples / wall, "samples_per_cpu_second": per_cpu_second,
         "feature_mb_per_second": regions * args.feature_dim * 2 / wall / 2**20,
         "loader_cores_per_gpu": args.gpu_samples_per_second / per_cpu_second, "samples": samples,

@@ -42,7 +42,7 @@ def measure(folder: str) -> dict:
     regions, _ = load_region_store(os.path.join(folder, "regions"))
     captions = datasets.load_from_disk(os.path.join(folder, "captions"))
     start = time.perf_counter()
-    pairs = ImageTextPairs(captions, regions, preload_max_bytes=0)
+    pairs = ImageTextPairs(captions, regions)
     joined = time.perf_counter()
     pairs.lengths(), pairs.easy_pairs()
     sized = time.perf_counter()

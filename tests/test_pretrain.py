@@ -83,20 +83,6 @@ def test_itm_negatives_come_from_the_images_nearest_in_region_count(corpus, wind
         assert {collator.negative_image(row, rng) for _ in range(300)} == expected - {row}, row
 
 
-def test_preloaded_and_streamed_regions_give_the_same_batches(corpus):
-    """A small store is decoded into memory once; a large one is read per batch: the batches must not differ."""
-    args = pretrain.parse_args(args_for(corpus, corpus / "unused"))
-    _, processor, preloaded, _, _ = pretrain.build_data(args, pretrain.load_corpus(args))
-    streamed = ImageTextPairs(preloaded.texts, load_region_store(str(corpus / "regions"))[0], preload_max_bytes=0)
-    assert preloaded.preloaded is not None and streamed.preloaded is None
-    batches = [PretrainingCollator(processor, pairs, 0.3, 0.3, seed=2)([pairs[i] for i in range(20)])
-               for pairs in (preloaded, streamed, preloaded)]  # fmt: skip
-    for batch in batches[1:]:
-        assert batches[0].keys() == batch.keys()
-        for key in batch:
-            torch.testing.assert_close(batches[0][key], batch[key], rtol=0, atol=0)
-
-
 def test_sampler_is_seeded_per_epoch_and_groups_lengths():
     lengths = list(np.random.default_rng(0).integers(1, 50, 500))
     sampler = LengthGroupedSampler(lengths, batch_size=2, seed=3)

@@ -14,11 +14,11 @@ import pytest
 from cmal.training.convert_features import convert_npz, convert_tsv, read_concept_names
 from cmal.training.data.region_store import (
     METADATA_FILE,
+    RegionReader,
     RegionStoreWriter,
     load_region_store,
     region_store_features,
     row_to_regions,
-    rows_to_regions,
 )
 
 
@@ -156,15 +156,21 @@ def test_schema_round_trips_dynamic_region_counts_including_zero(tmp_path):
     empty = row_to_regions(dataset.with_format("numpy")[1])
     assert empty["features"].shape == (0, D) and empty["boxes"].shape == (0, 4)
     assert row_to_regions(dataset[1])["boxes"].shape == (0, 4)  # plain rows work too
-    # One read of several rows (repeats and empty images included) gives what row-by-row reads give.
-    # float16 stays float16 (the model casts on its device); rows formatted without a cast compare exactly
-    table, rows = dataset.with_format("numpy", dtype=None), [1, 0, 3, 0, 2]
-    assert rows_to_regions(table, [0])[0]["features"].dtype == np.float16
-    for together, alone in zip(rows_to_regions(table, rows), [row_to_regions(table[r]) for r in rows], strict=True):
+    # Zero-copy reads of several rows (repeats and empty images included) give what row-by-row reads give;
+    # float16 stays float16 (the model casts on its device): rows formatted without a cast compare exactly.
+    table, rows, read = dataset.with_format("numpy", dtype=None), [1, 0, 3, 0, 2], RegionReader(dataset)
+    for together, alone in zip(read(rows), [row_to_regions(table[r]) for r in rows], strict=True):
         assert together.keys() == alone.keys()
         for key in alone:
             np.testing.assert_array_equal(together[key], alone[key], strict=True)
-    assert [r["features"].shape for r in rows_to_regions(table, [1, 3])] == [(0, D), (0, D)]
+    assert [r["features"].shape for r in read([1, 3])] == [(0, D), (0, D)]
+    features = read([0])[0]["features"]
+    assert features.dtype == np.float16 and not features.flags.owndata  # a view into the store's buffers
+    # a selected (or shuffled) store reads through its indices mapping
+    selected = dataset.select([3, 0, 2])
+    for together, alone in zip(RegionReader(selected)([0, 1, 2]), read([3, 0, 2]), strict=True):
+        for key in alone:
+            np.testing.assert_array_equal(together[key], alone[key], strict=True)
 
 
 def test_tsv_bottom_up_attention(tmp_path):

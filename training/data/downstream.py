@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from cmal.training.metrics import import_metric_module
 
-from .region_store import rows_to_regions
+from .region_store import RegionReader
 from .safe_pickle import load_data_pickle
 
 
@@ -230,7 +230,8 @@ class TaskExamples(Dataset):
     """
 
     def __init__(self, task, table: datasets.Dataset, regions: datasets.Dataset):
-        self.regions = regions.with_format("arrow")  # what `rows_to_regions` takes from
+        self.read_regions = RegionReader(regions)  # zero-copy views into the memory-mapped store
+        self.num_images = len(regions)
         position = {image_id: i for i, image_id in enumerate(regions["image_id"])}
         ids = list(zip(*(table[c] for c in task.image_columns)))
         missing = sorted({i for pair in ids for i in pair} - set(position))
@@ -244,7 +245,7 @@ class TaskExamples(Dataset):
         return len(self.texts)
 
     def regions_of_images(self, rows: list[int]) -> list[dict]:
-        return rows_to_regions(self.regions, rows)
+        return self.read_regions(rows)
 
     def __getitem__(self, index):
         return {"index": index, "text": self.texts[index], "image_rows": self.image_rows[index], "target": self.targets[index]}
@@ -306,7 +307,7 @@ class TaskCollator:
         rows = [list(item["image_rows"]) for item in items]
         targets = [item["target"] for item in items]
         if self.negative_probability:
-            num_images = len(self.dataset.regions)
+            num_images = self.dataset.num_images
             for k, item in enumerate(items):
                 rng = np.random.default_rng([self.seed, self.epoch, item["index"]])
                 if num_images > 1 and rng.random() < self.negative_probability:

@@ -12,18 +12,16 @@ import torch
 from torch.utils.data import Dataset
 from transformers import trainer_pt_utils
 
-from .region_store import rows_to_regions
+from .region_store import RegionReader
 
 
 class ImageTextPairs(Dataset):
     """(text, regions of its image) pairs: a text table with `image_id`, `text` joined to a region store."""
 
-    def __init__(self, texts, regions, preload_max_bytes: int = 256 * 2**20):
-        """A region store of at most `preload_max_bytes` (Arrow size) is decoded into memory once: each image
-        is read several times an epoch (its captions, ITM negatives), and decoding dominates the collator."""
+    def __init__(self, texts, regions):
         self.texts = texts
-        self.regions = regions.with_format("arrow")  # what `rows_to_regions` takes from
-        self.preloaded = rows_to_regions(self.regions, range(len(regions))) if regions.data.nbytes <= preload_max_bytes else None
+        self.regions = regions.with_format("arrow")
+        self.read_regions = RegionReader(regions)  # zero-copy views into the memory-mapped store
         # joined in Arrow (no Python loop over the captions: start-up must not grow with the corpus)
         text_ids = texts.with_format("arrow")["image_id"]
         rows = pc.index_in(text_ids, value_set=regions.with_format("arrow")["image_id"].combine_chunks())
@@ -53,9 +51,7 @@ class ImageTextPairs(Dataset):
         return np.flatnonzero(counts <= np.quantile(counts, quantile)).tolist()
 
     def regions_of_images(self, rows: list[int]) -> list[dict]:
-        if self.preloaded is not None:
-            return [self.preloaded[row] for row in rows]
-        return rows_to_regions(self.regions, rows)
+        return self.read_regions(rows)
 
     def __getitem__(self, index):
         return {"index": index, "text": self.texts[index]["text"], "image_row": int(self.image_rows[index])}

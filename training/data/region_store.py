@@ -23,6 +23,7 @@ import shutil
 
 import datasets
 import numpy as np
+import pyarrow as pa
 from cmal.training.utils import write_json
 
 
@@ -285,32 +286,59 @@ def row_to_regions(row: dict) -> dict:
     return regions
 
 
-def rows_to_regions(table, rows: list[int]) -> list[dict]:
-    """The regions of several store rows, read in one Arrow `take` and sliced out of flat numpy buffers:
-    `datasets` formatting rows into numpy was most of the collator's time (a row read alone costs ~3 ms).
-    Give an Arrow-formatted table (`with_format("arrow")`): re-formatting one per call costs ~7 ms."""
-    taken = (table if table.format["type"] == "arrow" else table.with_format("arrow"))[list(rows)]
-    bounds = np.concatenate([[0], np.cumsum(taken.column("num_regions").to_numpy())])
-    # each column cast once for the whole batch to the dtype `row_to_regions` gives, which then copies nothing
-    dtypes = {"boxes": np.float32, "concept_ids": np.int64, "scores": np.float32, "soft_labels": np.float32}
-    columns = {name: _flat_values(taken.column(name)).astype(dtype, copy=False) for name, dtype in dtypes.items()
-               if name in taken.column_names}  # fmt: skip
-    columns["features"] = _features(_flat_values(taken.column("features")))
-    regions = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        row = {name: values[start:end] for name, values in columns.items()}
-        regions.append(row_to_regions(row))
-    return regions
+class RegionReader:
+    """Zero-copy reads of a region store: each image's arrays are numpy views into the store's memory-mapped
+    Arrow buffers, so the processor's padded batch is the only copy a feature sees between disk and device.
 
+    `datasets` formatting rows into numpy was most of the collator's time; an Arrow `take` still copied
+    every feature and rebuilt the extension types. Here a read is a few slices per image (in the main
+    process or a DataLoader worker alike: the buffers are file mappings, shared after fork).
+    """
 
-def _flat_values(column) -> np.ndarray:
-    """The values of a list (or `Array2D`: list of lists) column of a `take` as one numpy array, one row per
-    region: a region's vector for `Array2D` columns, a scalar for lists."""
-    array = column.combine_chunks()
-    values = getattr(array, "storage", array).flatten()  # datasets' Array2D extension: list<list<value>>
-    if isinstance(column.type, datasets.features.features.Array2DExtensionType):
-        return values.flatten().to_numpy(zero_copy_only=False).reshape(len(values), column.type.shape[1])
-    return values.to_numpy(zero_copy_only=False)
+    COLUMNS = {"features": None, "boxes": np.float32, "concept_ids": np.int64, "scores": np.float32,
+               "soft_labels": np.float32}  # None: float16 stays float16 (`_features`)  # fmt: skip
+
+    def __init__(self, dataset):
+        table = dataset.data.table
+        # a selected or shuffled dataset reads through its indices mapping
+        self.indices = None if dataset._indices is None else dataset._indices.column(0).to_numpy().astype(np.int64)
+        lengths = [len(chunk) for chunk in table.column(0).chunks]
+        self.chunk_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        # per column and chunk: (row offsets into regions, region offsets into values or None, flat values)
+        names = [name for name in self.COLUMNS if name in table.column_names]
+        self.columns = {name: [self._buffers(chunk) for chunk in table.column(name).chunks] for name in names}
+        self.widths = {name: getattr(table.column(name).type, "shape", (None, None))[1] for name in names}  # Array2D
+
+    @staticmethod
+    def _buffers(chunk):
+        storage = getattr(chunk, "storage", chunk)  # datasets' Array2D extension: list<list<value>>
+        rows = storage.offsets.to_numpy()
+        if pa.types.is_list(storage.type.value_type):
+            return rows, storage.values.offsets.to_numpy(), storage.values.values.to_numpy(zero_copy_only=False)
+        return rows, None, storage.values.to_numpy(zero_copy_only=False)
+
+    def __call__(self, rows) -> list[dict]:
+        """The regions of store rows, as `row_to_regions` gives them, in the given order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.indices is not None:
+            rows = self.indices[rows]
+        chunks = np.searchsorted(self.chunk_starts, rows, side="right") - 1
+        regions = []
+        for chunk, row in zip(chunks.tolist(), (rows - self.chunk_starts[chunks]).tolist()):
+            region = {"boxes_normalized": True}
+            for name, buffers in self.columns.items():
+                row_offsets, value_offsets, values = buffers[chunk]
+                start, end = row_offsets[row], row_offsets[row + 1]
+                if value_offsets is None:
+                    region[name] = values[start:end].astype(self.COLUMNS[name], copy=False)
+                    continue
+                first, last = value_offsets[start], value_offsets[end]
+                width = self.widths[name] or ((last - first) // (end - start) if end > start else 0)
+                matrix = values[first:last].reshape(end - start, width)
+                region[name] = _features(matrix) if self.COLUMNS[name] is None else matrix.astype(self.COLUMNS[name], copy=False)
+            region["boxes"] = region["boxes"].reshape(-1, 4)
+            regions.append(region)
+        return regions
 
 
 def _features(array: np.ndarray) -> np.ndarray:
