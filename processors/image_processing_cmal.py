@@ -43,6 +43,14 @@ def _to_numpy(value, name: str, index: int) -> np.ndarray:
         raise ValueError(f"`regions[{index}]['{name}']` must be array-like, got {type(value).__name__}") from error
 
 
+def _all_finite(array: np.ndarray) -> bool:
+    """`np.isfinite(array).all()`; for float16 from the exponent bits (all ones: inf or NaN), since numpy's
+    float16 `isfinite` works element by element in software: 90 us for 36 x 2048 features, 7 this way."""
+    if array.dtype == np.float16:
+        return not ((array.view(np.uint16) & 0x7C00) == 0x7C00).any()
+    return bool(np.isfinite(array).all())
+
+
 # 8000 x 8000: above any camera's default output, far below what a few-KB decompression bomb can claim
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
@@ -322,7 +330,7 @@ class CMALImageProcessor(BaseImageProcessor):
                 )
             feature_dim = features.shape[1]
             for name, value in (("features", features), ("boxes", boxes)):
-                if not np.isfinite(value).all():
+                if not _all_finite(value):
                     raise ValueError(f"`regions[{index}]['{name}']` must be finite, got NaN or inf")
             scores = region.get("scores")
             scores = np.ones(count) if scores is None else _to_numpy(scores, "scores", index).astype(np.float64)

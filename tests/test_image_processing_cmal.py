@@ -82,6 +82,13 @@ def test_features_keep_float16_and_torch_inputs(processor, dtypes, expected):
         assert torch.equal(out["visual_feats"][b], f.to(expected))
 
 
+def test_float16_extremes_are_finite(processor):
+    """The float16 finiteness check reads exponent bits: the largest, smallest and subnormal values pass."""
+    extremes = np.array([[65504, -65504, 6e-8, -0.0]], np.float16)
+    out = processor(regions={"features": extremes, "boxes": [[0, 0, 1, 1]], "boxes_normalized": True})
+    assert torch.equal(out["visual_feats"][0], torch.from_numpy(extremes))
+
+
 def test_soft_labels(processor):
     soft = np.eye(4, dtype=np.float32)[:3]
     out = processor(regions=region(3, scores=[0.1, 0.3, 0.2], soft_labels=soft))
@@ -98,6 +105,9 @@ def test_soft_labels(processor):
         (dict(features=np.ones((1, 4)), boxes=[[0, 0, 5, 5]], boxes_normalized=True), r"boxes must lie in the image, got normalised range \[0, 5\]"),
         (dict(features=np.ones((1, 4)), boxes=[[0.5, 0, 0.2, 1]], boxes_normalized=True), r"x2 >= x1 and y2 >= y1"),
         (dict(features=np.full((1, 4), np.nan), boxes=[[0, 0, 1, 1]], boxes_normalized=True), r"`regions\[0\]\['features'\]` must be finite"),
+        (dict(features=np.array([[1, np.nan]], np.float16), boxes=[[0, 0, 1, 1]], boxes_normalized=True), r"`regions\[0\]\['features'\]` must be finite"),
+        (dict(features=np.array([[1, -np.inf]], np.float16), boxes=[[0, 0, 1, 1]], boxes_normalized=True), r"`regions\[0\]\['features'\]` must be finite"),
+        (dict(features=np.array([[np.inf, 1]], np.float16), boxes=[[0, 0, 1, 1]], boxes_normalized=True), r"`regions\[0\]\['features'\]` must be finite"),
         (dict(features=np.ones((1, 4)), boxes=[[0, 0, 1, 1]], boxes_normalized=True, tags=["unicorn"]), r"tags that are not concept names: \['unicorn'\]"),
         (dict(features=np.ones((1, 4)), boxes=[[0, 0, 1, 1]], boxes_normalized=True, tags=[7]), r"concept ids must be -1 or lie in \[0, 4\), got range \[7, 7\]"),
         (dict(features=np.ones((2, 4)), boxes=[[0, 0, 1, 1]] * 2, boxes_normalized=True, tags=["dog"]), r"has 2 boxes but 1 tags"),
