@@ -5,7 +5,8 @@
 Every rank does this before its first step, so it must not grow with Python loops over the captions. The
 corpus: N captions of 5-15 words, five per image, over a region store of N/5 images (2 tiny regions each:
 the region features do not matter here). Prints one JSON line: seconds to build `ImageTextPairs` (the
-join), to compute `lengths()` and `easy_pairs()`, and their sum.
+join), to compute `lengths()` and `easy_pairs()`, their sum, and the length-grouped sampler's order of one
+epoch (computed again at every epoch).
 """
 
 import argparse
@@ -16,7 +17,7 @@ import time
 import datasets
 import numpy as np
 
-from cmal.training.data.pretraining import ImageTextPairs
+from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler
 from cmal.training.data.region_store import RegionStoreWriter, load_region_store
 
 
@@ -44,10 +45,14 @@ def measure(folder: str) -> dict:
     start = time.perf_counter()
     pairs = ImageTextPairs(captions, regions)
     joined = time.perf_counter()
-    pairs.lengths(), pairs.easy_pairs()
+    lengths, _ = pairs.lengths(), pairs.easy_pairs()
     sized = time.perf_counter()
+    order = list(LengthGroupedSampler(lengths, batch_size=32))
+    ordered = time.perf_counter()
+    assert len(order) == len(captions)
     return {"captions": len(captions), "images": len(regions), "join_seconds": joined - start,
-            "lengths_seconds": sized - joined, "startup_seconds": sized - start}  # fmt: skip
+            "lengths_seconds": sized - joined, "startup_seconds": sized - start,
+            "epoch_order_seconds": ordered - sized}  # fmt: skip
 
 
 def main(argv=None) -> dict:

@@ -93,6 +93,18 @@ def test_sampler_is_seeded_per_epoch_and_groups_lengths():
     assert list(sampler) != first
 
 
+@pytest.mark.parametrize("count, batch_size", [(1, 4), (7, 4), (100, 3), (1000, 8), (12345, 32)])
+def test_length_grouped_order_is_transformers_order(count, batch_size):
+    """The numpy order is transformers' `get_length_grouped_indices` order, ties and the longest-first swap included."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from cmal.training.data.pretraining import length_grouped_indices
+
+    lengths = np.random.default_rng(count).integers(5, 40, count)
+    expected = get_length_grouped_indices(lengths.tolist(), batch_size, generator=torch.Generator().manual_seed(3))
+    assert length_grouped_indices(lengths, batch_size, torch.Generator().manual_seed(3)).tolist() == expected
+
+
 def test_curriculum_epochs_draw_small_scenes_only():
     lengths = list(range(100))
     easy = list(range(0, 100, 4))
