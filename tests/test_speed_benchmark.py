@@ -13,14 +13,14 @@ import speed  # noqa: E402
 from cmal.modeling_cmal import CMALConfig  # noqa: E402
 
 
-BATCH_SIZE = 2
-ADAPTIVE_EXAMPLES = 24
+BATCH_SIZE = 4
+ADAPTIVE_EXAMPLES = 800  # mega-batches of 50 batches, as in a corpus
 
 
 @pytest.fixture(scope="module")
 def result():
     args = speed.parse_args(["--size", "tiny", "--batch_size", str(BATCH_SIZE), "--steps", "1", "--warmup", "0", "--no_data",
-                             "--adaptive_examples", str(ADAPTIVE_EXAMPLES)])
+                             "--adaptive_examples", str(ADAPTIVE_EXAMPLES), "--adaptive_batches", "20"])
     return speed.benchmark(args)
 
 
