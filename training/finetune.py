@@ -47,6 +47,7 @@ from cmal.training.utils import (
     existing_file,
     existing_folder,
     finish,
+    loader_options,
     model_config_source,
     model_source,
     new_model_config,
@@ -233,13 +234,13 @@ def main(argv=None):
         collator = TaskCollator(processor, task, train_set, labels.get("label2id"), args.max_text_length,
                                 negative_probability=args.negative_probability if task.negatives else 0.0, seed=args.seed)  # fmt: skip
         train_dataloader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collator,
-                                      num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
+                                      generator=torch.Generator().manual_seed(args.seed), **loader_options(args))  # fmt: skip
         eval_dataloader = references = None
         if eval_table is not None:
             eval_set, references = task.evaluation_set(TaskExamples(task, eval_table, regions), args.retrieval_eval_images)
             eval_collator = TaskCollator(processor, task, eval_set, labels.get("label2id"), args.max_text_length)
             eval_dataloader = DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator,
-                                         num_workers=args.num_workers)  # fmt: skip
+                                         **loader_options(args))  # fmt: skip
 
         model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(
             accelerator, args, model, train_dataloader, f"cmal_{task.name}"

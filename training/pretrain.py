@@ -44,6 +44,7 @@ from cmal.training.utils import (
     command_line,
     enable_activation_checkpointing,
     finish,
+    loader_options,
     model_config_source,
     model_source,
     new_model_config,
@@ -202,7 +203,7 @@ def build_data(args, corpus: Corpus, num_processes: int = 1):
                                    easy=train_set.easy_pairs(), easy_epochs=args.curriculum_epochs)  # fmt: skip
     train_dataloader = DataLoader(
         train_set, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collator,
-        num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(args.seed), **loader_options(args),
     )  # fmt: skip
     return config, processor, train_set, collator, train_dataloader
 

@@ -156,7 +156,8 @@ def setup_accelerator(args, find_unused_parameters: bool = False) -> Accelerator
         # from) and delete the oldest checkpoint before the new one exists. `loop.save_checkpoint` writes
         # `step_N.tmp`, renames it, and only then drops the oldest.
         project_config=ProjectConfiguration(project_dir=args.output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # non_blocking: batches in pinned memory (`loader_options`) go to the GPU while it still computes
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -164,6 +165,12 @@ def setup_accelerator(args, find_unused_parameters: bool = False) -> Accelerator
     prepare_output_dir(accelerator, args)
     set_seed(args.seed)
     return accelerator
+
+
+def loader_options(args) -> dict:
+    """DataLoader workers as asked, and pinned host memory where a GPU will take the batches (copied
+    asynchronously then; pinning on a CPU-only machine would only cost)."""
+    return {"num_workers": args.num_workers, "pin_memory": torch.cuda.is_available()}
 
 
 def prepare_output_dir(accelerator, args) -> None:
