@@ -98,6 +98,9 @@ PRETRAIN_ARGS = TRAINING_ARGS + [
     (["--mlm_probability", "1.5"], "--mlm_probability: expected a value in [0, 1], got '1.5'"),
     (["--mrm_probability", "-0.1"], "--mrm_probability: expected a value in [0, 1], got '-0.1'"),
     (["--itm_negative_probability", "3"], "--itm_negative_probability: expected a value in [0, 1], got '3'"),
+    (["--itm_negative_window", "-5"], "--itm_negative_window: expected a value in [0, inf), got '-5'"),
+    (["--streaming_shards", "0"], "--streaming_shards: expected a value in [1, inf), got '0'"),
+    (["--streaming"], "--streaming: reads shards in order and draws no curriculum: pass --curriculum_epochs 0"),
 ]  # fmt: skip
 FINETUNE_ARGS = TRAINING_ARGS + [
     (["--task", "vqa2"], "--task: invalid choice: 'vqa2' (choose from "),

@@ -105,6 +105,84 @@ def test_length_grouped_order_is_transformers_order(count, batch_size):
     assert length_grouped_indices(lengths, batch_size, torch.Generator().manual_seed(3)).tolist() == expected
 
 
+def stream_loaders(corpus, processes: int, workers: int, shards: int):
+    """Each process's stream of item indices, as `pretrain.build_data` makes it (the collator swapped for one
+    that keeps the indices), with `workers` DataLoader workers."""
+    from torch.utils.data import DataLoader
+
+    argv = args_for(corpus, corpus / "unused", "--streaming", "--curriculum_epochs", "0", "--num_workers", str(workers),
+                    "--streaming_shards", str(shards), "--per_device_train_batch_size", "3")  # fmt: skip
+    args, data = pretrain.parse_args(argv), pretrain.load_corpus(pretrain.parse_args(argv))
+    loaders = []
+    for rank in range(processes):
+        stream = pretrain.build_data(args, data, processes, rank)[4].dataset
+        loaders.append(DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=lambda items: [i["index"] for i in items]))
+    return loaders
+
+
+def test_streaming_reads_every_example_once_per_epoch_over_processes_and_workers(corpus):
+    """2 processes x 2 workers: every example once per epoch, each reader (process, worker) on its own shards,
+    a new order each epoch, and as many batches as the loader says (the schedule is sized from it)."""
+    loaders = stream_loaders(corpus, processes=2, workers=2, shards=8)
+    total = len(loaders[0].dataset.pairs)
+    orders = []
+    for epoch in (0, 1):
+        seen = []
+        for loader in loaders:
+            loader.dataset.set_epoch(epoch)
+            batches = list(loader)
+            assert len(batches) == len(loader) and all(1 <= len(batch) <= 3 for batch in batches)
+            seen.append([index for batch in batches for index in batch])
+        assert sorted(seen[0] + seen[1]) == list(range(total))  # once each, across both processes
+        orders.append(seen)
+    assert not set(orders[0][0]) & set(orders[0][1]) and set(orders[0][0]) == set(orders[1][0])  # own shards
+    assert orders[0][0] != orders[1][0]  # reshuffled
+    with pytest.raises(ValueError, match=r"--streaming_shards 3 is fewer than the 4 readers \(2 processes x 2 workers\)"):
+        stream_loaders(corpus, processes=2, workers=2, shards=3)
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(args_for(corpus, corpus / "unused", "--streaming"))  # the curriculum needs random access
+
+
+def test_streaming_resume_skips_to_exactly_where_the_run_was(corpus):
+    """What a resumed run reads (accelerate's `skip_first_batches`, as the training loop does) is the rest of
+    the epoch the killed run was reading, with 2 workers."""
+    from accelerate.data_loader import skip_first_batches
+
+    (loader,) = stream_loaders(corpus, processes=1, workers=2, shards=8)
+    loader.dataset.set_epoch(3)
+    whole = list(loader)
+    assert list(skip_first_batches(loader, 5)) == whole[5:] and len(whole) > 6
+
+
+def test_streamed_pretraining_killed_and_resumed_ends_with_the_same_weights(corpus, tmp_path, monkeypatch):
+    """Streamed pre-training with a DataLoader worker, interrupted after its step-4 checkpoint (mid-epoch: 5 batches
+    per epoch) and resumed from it: the weights of the uninterrupted run."""
+    from cmal.training import loop
+
+    def run(folder, *extra):
+        return pretrain.main(args_for(corpus, folder, "--streaming", "--curriculum_epochs", "0", "--streaming_shards", "4",
+                                      "--num_workers", "1", "--per_device_train_batch_size", "16", "--max_train_steps", "7",
+                                      "--checkpointing_steps", "2", *extra))  # fmt: skip
+
+    whole = run(tmp_path / "whole")
+    save = loop.save_checkpoint
+
+    def save_then_die(accelerator, run_args, step):
+        save(accelerator, run_args, step)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(SystemExit, match="130"):
+        run(tmp_path / "killed")
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    resumed = run(tmp_path / "killed", "--resume_from_checkpoint", "latest")
+    assert whole["steps"] == resumed["steps"] == 7
+    expected, again = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(again[name], expected[name], msg=name)
+
+
 def test_curriculum_epochs_draw_small_scenes_only():
     lengths = list(range(100))
     easy = list(range(0, 100, 4))
@@ -333,6 +411,28 @@ def test_two_processes_match_one_process(corpus, single_process_run, tmp_path, l
     untrained = eval_loss(CMALForPreTraining(CMALForPreTraining.config_class.from_pretrained(single_folder)))
     assert abs(losses["ddp"] - losses["single"]) < 0.02 * losses["single"], losses
     assert max(losses.values()) < 0.95 * untrained, (losses, untrained)
+
+
+def test_two_processes_stream_with_two_workers_each(corpus, tmp_path):
+    """`--streaming` under the shipped 2-process launch, 2 DataLoader workers per process: the stream is each
+    process's own part (accelerate does not split it again) and the run trains its steps to the end."""
+    script = ["training/pretrain.py", *args_for(corpus, tmp_path / "run", "--streaming", "--curriculum_epochs", "0",
+                                                "--num_workers", "2", "--streaming_shards", "8", "--max_train_steps", "6")]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = ACCELERATE + ["--config_file", "training/configs/cpu_2proc.yaml", "--main_process_port", "29535", *script]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        stderr = process.communicate(timeout=600)[1]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "x 2 processes" in stderr
+    # 48 captions in 8 shards of 6, 2 shards per reader (process x worker): 12 captions, batches of 8 and 4
+    assert "48 examples, 4 steps/epoch" in stderr
+    results = json.loads((tmp_path / "run" / "train_results.json").read_text())
+    assert results["steps"] == 6 and results["global_batch_size"] == 16
 
 
 def test_push_to_hub_uploads_the_final_folder(corpus, tmp_path, monkeypatch):

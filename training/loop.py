@@ -36,7 +36,8 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(max_steps / steps_per_epoch)
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"{len(dataloader.dataset)} examples, {steps_per_epoch} steps/epoch, {max_steps} steps, {num_epochs} epochs; "
+    examples = len(getattr(dataloader.dataset, "pairs", dataloader.dataset))  # a stream counts batches, its pairs examples
+    logger.info(f"{examples} examples, {steps_per_epoch} steps/epoch, {max_steps} steps, {num_epochs} epochs; "
                 f"global batch {global_batch} = {args.per_device_train_batch_size} per device x "
                 f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation")  # fmt: skip
     completed, start_epoch, skip_batches = resume(accelerator, args, optimizer, scheduler, steps_per_epoch)

@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 from cmal.model_cards import render as model_card
 from cmal.modeling_cmal import CMAL_PRESETS, CMALConfig, CMALForPreTraining
 from cmal.modeling_cmal.convert_bert_to_cmal import load_bert_weights
-from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator
+from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator, StreamingPairs
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
 from cmal.training.loop import train
@@ -83,6 +83,11 @@ def parse_args(argv=None):
     data.add_argument("--curriculum_epochs", type=NON_NEGATIVE_INT, default=6,
                       help="Epochs drawn only from the pairs whose image has at most the median number of regions "
                            "(small scenes first: ITM learns on them and carries over); 0 for none.")
+    data.add_argument("--streaming", action="store_true",
+                      help="Read the captions as shards in order, each process and worker its own (StreamingPairs), "
+                           "instead of length-grouped batches drawn at random; needs --curriculum_epochs 0.")
+    data.add_argument("--streaming_shards", type=POSITIVE_INT, default=64,
+                      help="Shards of the stream: at least processes x workers, ideally many times that.")
     data.add_argument("--tokenizer", default=None, type=model_source,
                       help="Tokenizer folder or Hub id (a fast BERT-style one). Default: with --init_text_from, "
                            "that checkpoint's; otherwise a word-level vocabulary built from the corpus.")
@@ -112,6 +117,8 @@ def parse_args(argv=None):
     # 12 epochs of the 2,000-image world are 1,500 steps: ITM needs about a thousand to leave chance (measured)
     add_training_args(p, "outputs/cmal-mini-synthetic", batch_size=32, learning_rate=1e-3, epochs=12, warmup=50)
     args = p.parse_args(argv)
+    if args.streaming and args.curriculum_epochs:
+        p.error("argument --streaming: reads shards in order and draws no curriculum: pass --curriculum_epochs 0")
     args.command = command_line("training/pretrain.py", argv)
     return args
 
@@ -185,7 +192,7 @@ def build_config(args, tokenizer, metadata) -> CMALConfig:
                             itm_hard_negatives=not args.no_hard_negatives, anchor_fill=args.anchor_fill, **weights)  # fmt: skip
 
 
-def build_data(args, corpus: Corpus, num_processes: int = 1):
+def build_data(args, corpus: Corpus, num_processes: int = 1, process_index: int = 0):
     """(config, processor, pairs, collator, dataloader) of a `load_corpus` result: the pipeline `main`
     trains on, and the one `benchmarks/speed.py` times."""
     captions, regions, metadata, lexicon, vocabulary_texts, true_of = corpus
@@ -198,6 +205,13 @@ def build_data(args, corpus: Corpus, num_processes: int = 1):
         processor, train_set, args.mlm_probability, args.mrm_probability, args.itm_negative_probability,
         max_length=args.max_text_length, seed=args.seed, true_of=true_of, negative_window=args.itm_negative_window,
     )  # fmt: skip
+    if args.streaming:
+        stream = StreamingPairs(train_set, args.per_device_train_batch_size, args.streaming_shards, process_index,
+                                num_processes, args.num_workers, args.seed)  # fmt: skip
+        # its own generator, as below: an iterator's worker seeds must not come from (and shift) the global RNG
+        loader = DataLoader(stream, batch_size=None, collate_fn=collator, generator=torch.Generator().manual_seed(args.seed),
+                            **loader_options(args))  # fmt: skip
+        return config, processor, train_set, collator, loader
     global_batch = args.per_device_train_batch_size * num_processes
     sampler = LengthGroupedSampler(train_set.lengths(), global_batch, seed=args.seed,
                                    easy=train_set.easy_pairs(), easy_epochs=args.curriculum_epochs)  # fmt: skip
@@ -295,7 +309,7 @@ def main(argv=None):
     with resume_hint_on_interrupt(args, accelerator):
         with accelerator.main_process_first():
             corpus = load_corpus(args)
-        config, processor, train_set, collator, train_dataloader = build_data(args, corpus, accelerator.num_processes)
+        config, processor, train_set, collator, train_dataloader = build_data(args, corpus, accelerator.num_processes, accelerator.process_index)
         model = build_model(args, config)
         model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(accelerator, args, model, train_dataloader, "cmal_pretrain")
         results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps, LOSSES, "pre-training")

@@ -16,6 +16,7 @@ import sys
 
 import torch
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from transformers import get_scheduler
 
@@ -327,13 +328,21 @@ def prepare_training(accelerator, args, model, train_dataloader, project_name: s
     if args.report_to != "none":
         accelerator.init_trackers(project_name, {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
-    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    # a stream (`StreamingPairs`) is this process's part already: accelerate must not split it again
+    stream = getattr(train_dataloader.dataset, "batches_all_processes", None)
+    batches = stream() if stream else len(train_dataloader)
+    steps_per_epoch = math.ceil(batches / accelerator.num_processes / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     scheduler = get_scheduler(
         args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
         num_training_steps=max_steps * accelerator.num_processes,
     )  # fmt: skip
-    model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
+    if stream:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        train_dataloader = prepare_data_loader(train_dataloader, accelerator.device, num_processes=1, process_index=0,
+                                               put_on_device=True, dispatch_batches=False, non_blocking=True)  # fmt: skip
+    else:
+        model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
     return model, optimizer, train_dataloader, scheduler, max_steps
 
 

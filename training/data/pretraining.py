@@ -9,7 +9,7 @@ number of processes, sees the same masks for the same examples.
 import numpy as np
 import pyarrow.compute as pc
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from transformers import trainer_pt_utils
 
 from .region_store import RegionReader
@@ -97,6 +97,56 @@ class LengthGroupedSampler(trainer_pt_utils.LengthGroupedSampler):
             picks = torch.randint(len(self.easy), (len(self.lengths),), generator=self.generator)
             return iter([self.easy[k] for k in picks.tolist()])
         return iter(length_grouped_indices(self.lengths, self.batch_size, self.generator).tolist())
+
+
+class StreamingPairs(IterableDataset):
+    """`ImageTextPairs` read as shards in order, for corpora too large to read at random (regions on network or
+    spinning storage): each process and each of its DataLoader workers reads only its own shards.
+
+    Shard s is the s-th contiguous run of caption rows (a store lists an image's captions together, so a
+    shard reads a contiguous part of the region store). Shard s belongs to reader s % R of the R = processes
+    x workers readers, every epoch, so every example is read once per epoch and each reader keeps to its part
+    of the corpus. Each epoch shuffles the order of a reader's shards and of the rows inside each shard by
+    (seed, epoch, shard). A reader yields batches (lists of items, for the collator; the DataLoader takes
+    `batch_size=None`), its last one possibly short. The stream is a function of (seed, epoch), so a resumed
+    run skips the batches it had trained on and reads on exactly where the killed run was.
+    """
+
+    def __init__(self, pairs: ImageTextPairs, batch_size: int, num_shards: int, process_index: int = 0,
+                 num_processes: int = 1, num_workers: int = 0, seed: int = 0):  # fmt: skip
+        self.readers = num_processes * max(num_workers, 1)
+        if num_shards < self.readers:
+            raise ValueError(f"--streaming_shards {num_shards} is fewer than the {self.readers} readers "
+                             f"({num_processes} processes x {max(num_workers, 1)} workers): some would read nothing")  # fmt: skip
+        self.pairs, self.batch_size, self.seed, self.epoch = pairs, batch_size, seed, 0
+        self.bounds = np.linspace(0, len(pairs), num_shards + 1).round().astype(np.int64)
+        self.process_index, self.workers = process_index, max(num_workers, 1)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _batches_of(self, reader: int) -> int:
+        sizes = np.diff(self.bounds)[reader :: self.readers]
+        return int(np.ceil(sizes.sum() / self.batch_size))
+
+    def __len__(self):
+        """Batches this process yields per epoch (the same every epoch)."""
+        first = self.process_index * self.workers
+        return sum(self._batches_of(reader) for reader in range(first, first + self.workers))
+
+    def batches_all_processes(self) -> int:
+        """Batches of one epoch over every process: what sizes the schedule, the same on every process."""
+        return sum(self._batches_of(reader) for reader in range(self.readers))
+
+    def __iter__(self):
+        worker = get_worker_info()
+        reader = self.process_index * self.workers + (worker.id if worker is not None else 0)
+        shards = np.arange(reader, len(self.bounds) - 1, self.readers)
+        order = np.random.default_rng([self.seed, self.epoch, reader]).permutation(shards)
+        rows = np.concatenate([self.bounds[s] + np.random.default_rng([self.seed, self.epoch, s]).permutation(
+            self.bounds[s + 1] - self.bounds[s]) for s in order])  # fmt: skip
+        for start in range(0, len(rows), self.batch_size):
+            yield [self.pairs[int(index)] for index in rows[start : start + self.batch_size]]
 
 
 class NegativeImages:
