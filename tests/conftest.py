@@ -168,3 +168,19 @@ def run_without_project(script: str, folder: Path, tmp_path: Path) -> dict:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def die_after_saving(monkeypatch, step: int):
+    """Make the training loop raise KeyboardInterrupt (as Ctrl-C would) right after saving the checkpoint of
+    `step`; returns the function that undoes it, for the resumed run."""
+    from cmal.training import loop
+
+    save = loop.save_checkpoint
+
+    def save_then_die(accelerator, run_args, completed):
+        save(accelerator, run_args, completed)
+        if completed == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    return lambda: monkeypatch.setattr(loop, "save_checkpoint", save)

@@ -7,11 +7,12 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
+from conftest import die_after_saving
 from test_downstream import write_json, write_lines
 
 from cmal.modeling_cmal import CMALConfig, CMALForImageTextClassification
 from cmal.processors import CMALProcessor
-from cmal.training import finetune, loop
+from cmal.training import finetune
 from cmal.training.data import downstream, synthetic
 from cmal.training.data.region_store import RegionStoreWriter, load_region_store
 from cmal.training.tasks import TASKS
@@ -183,17 +184,10 @@ def test_a_killed_run_resumes_to_the_same_weights(corpus, tmp_path, monkeypatch)
     args = real_args("rec", root, files) + ["--task", "rec", "--regions", str(root / "regions"), "--checkpointing_steps", "2"]
     finetune.main(common(tmp_path / "whole", 6) + args)
 
-    save = loop.save_checkpoint
-
-    def save_then_die(accelerator, run_args, step):
-        save(accelerator, run_args, step)
-        if step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    undo = die_after_saving(monkeypatch, 4)
     with pytest.raises(SystemExit, match="130"):  # an interrupt ends the run with a resume hint (test_output_dir.py)
         finetune.main(common(tmp_path / "killed", 6) + args)
-    monkeypatch.setattr(loop, "save_checkpoint", save)
+    undo()
     resumed = finetune.main(common(tmp_path / "killed", 6) + args + ["--resume_from_checkpoint", "latest"])
     assert resumed["steps"] == 6
     whole, again = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")

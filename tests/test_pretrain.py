@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_without_project
+from conftest import REPO, die_after_saving, run_without_project
 from conftest import SHAPE_NAMES as NAMES
 from conftest import pretrain_args as args_for
 from datasets import DatasetDict, load_from_disk
@@ -157,25 +157,16 @@ def test_streaming_resume_skips_to_exactly_where_the_run_was(corpus):
 def test_streamed_pretraining_killed_and_resumed_ends_with_the_same_weights(corpus, tmp_path, monkeypatch):
     """Streamed pre-training with a DataLoader worker, interrupted after its step-4 checkpoint (mid-epoch: 5 batches
     per epoch) and resumed from it: the weights of the uninterrupted run."""
-    from cmal.training import loop
-
     def run(folder, *extra):
         return pretrain.main(args_for(corpus, folder, "--streaming", "--curriculum_epochs", "0", "--streaming_shards", "4",
                                       "--num_workers", "1", "--per_device_train_batch_size", "16", "--max_train_steps", "7",
                                       "--checkpointing_steps", "2", *extra))  # fmt: skip
 
     whole = run(tmp_path / "whole")
-    save = loop.save_checkpoint
-
-    def save_then_die(accelerator, run_args, step):
-        save(accelerator, run_args, step)
-        if step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    undo = die_after_saving(monkeypatch, 4)
     with pytest.raises(SystemExit, match="130"):
         run(tmp_path / "killed")
-    monkeypatch.setattr(loop, "save_checkpoint", save)
+    undo()
     resumed = run(tmp_path / "killed", "--resume_from_checkpoint", "latest")
     assert whole["steps"] == resumed["steps"] == 7
     expected, again = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
