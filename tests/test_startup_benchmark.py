@@ -4,6 +4,7 @@ import os
 import sys
 
 import datasets
+import pytest
 from conftest import REPO
 
 from cmal.training.data.pretraining import ImageTextPairs
@@ -24,7 +25,11 @@ def test_startup_report_and_the_joined_lengths(tmp_path):
     assert pairs.lengths().tolist() == [len(text.split()) + 2 for text in captions["text"]]  # words as str.split counts them
 
 
-def test_lengths_count_words_as_str_split_does(tmp_path):
+@pytest.mark.parametrize("part", [1_000_000, 2])  # 2: counted in three parts, in threads
+def test_lengths_count_words_as_str_split_does(tmp_path, monkeypatch, part):
+    from cmal.training.data import pretraining
+
+    monkeypatch.setattr(pretraining, "WORD_COUNT_PART", part)
     startup.build_corpus(str(tmp_path), 5)
     texts = ["  two  words ", "", "   ", "tab\tand\nnewline", "one"]
     captions = datasets.Dataset.from_dict({"image_id": ["img0"] * 5, "text": texts})
