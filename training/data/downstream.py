@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from cmal.training.metrics import import_metric_module
 
+from .pretraining import other_image
 from .region_store import RegionReader
 from .safe_pickle import load_data_pickle
 
@@ -311,7 +312,7 @@ class TaskCollator:
             for k, item in enumerate(items):
                 rng = np.random.default_rng([self.seed, self.epoch, item["index"]])
                 if num_images > 1 and rng.random() < self.negative_probability:
-                    rows[k] = [(rows[k][0] + 1 + int(rng.integers(num_images - 1))) % num_images]
+                    rows[k] = [other_image(rows[k][0], num_images, rng)]
                     targets[k] = 0
         per_image = len(rows[0])
         batch = self.processor(

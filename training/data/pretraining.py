@@ -35,7 +35,7 @@ class ImageTextPairs(Dataset):
         self.read_regions = RegionReader(regions)  # zero-copy views into the memory-mapped store
         # joined in Arrow (no Python loop over the captions: start-up must not grow with the corpus)
         text_ids = texts.with_format("arrow")["image_id"]
-        rows = pc.index_in(text_ids, value_set=regions.with_format("arrow")["image_id"].combine_chunks())
+        rows = pc.index_in(text_ids, value_set=self.regions["image_id"].combine_chunks())
         if rows.null_count:
             missing = sorted(pc.unique(pc.filter(text_ids, pc.is_null(rows))).to_pylist())
             raise ValueError(f"{len(missing)} texts refer to images missing from the region store, e.g. {missing[:3]}")
@@ -130,13 +130,13 @@ class StreamingPairs(IterableDataset):
 
     def __init__(self, pairs: ImageTextPairs, batch_size: int, num_shards: int, process_index: int = 0,
                  num_processes: int = 1, num_workers: int = 0, seed: int = 0):  # fmt: skip
-        self.readers = num_processes * max(num_workers, 1)
+        self.process_index, self.workers = process_index, max(num_workers, 1)  # no workers: the process reads
+        self.readers = num_processes * self.workers
         if num_shards < self.readers:
             raise ValueError(f"--streaming_shards {num_shards} is fewer than the {self.readers} readers "
-                             f"({num_processes} processes x {max(num_workers, 1)} workers): some would read nothing")  # fmt: skip
+                             f"({num_processes} processes x {self.workers} workers): some would read nothing")  # fmt: skip
         self.pairs, self.batch_size, self.seed, self.epoch = pairs, batch_size, seed, 0
         self.bounds = np.linspace(0, len(pairs), num_shards + 1).round().astype(np.int64)
-        self.process_index, self.workers = process_index, max(num_workers, 1)
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -165,20 +165,26 @@ class StreamingPairs(IterableDataset):
             yield [self.pairs[int(index)] for index in rows[start : start + self.batch_size]]
 
 
+def other_image(image_row: int, num_images: int, rng: np.random.Generator) -> int:
+    """Any image row but `image_row`, uniformly (at least two images)."""
+    return (image_row + 1 + int(rng.integers(num_images - 1))) % num_images
+
+
 class NegativeImages:
     """Draws an ITM negative for an image: another one among the `window` images nearest it in region count
-    (0: any other image, drawn as before windows existed)."""
+    (0, or a window of every image: any other image, `other_image`; no order by region count is built then)."""
 
     def __init__(self, num_regions: np.ndarray, window: int = 0):
         self.num_images = len(num_regions)
         self.window = self.num_images if window == 0 else min(window + 1, self.num_images)  # with the image itself
-        self.by_regions = np.argsort(num_regions, kind="stable")
-        self.place = np.empty(self.num_images, dtype=np.int64)
-        self.place[self.by_regions] = np.arange(self.num_images)
+        if self.window < self.num_images:
+            self.by_regions = np.argsort(num_regions, kind="stable")
+            self.place = np.empty(self.num_images, dtype=np.int64)
+            self.place[self.by_regions] = np.arange(self.num_images)
 
     def __call__(self, image_row: int, rng: np.random.Generator) -> int:
         if self.window == self.num_images:
-            return (image_row + 1 + int(rng.integers(self.num_images - 1))) % self.num_images
+            return other_image(image_row, self.num_images, rng)
         place = self.place[image_row]
         start = min(max(place - self.window // 2, 0), self.num_images - self.window)
         other = start + int(rng.integers(self.window - 1))
