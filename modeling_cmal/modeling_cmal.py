@@ -1178,8 +1178,6 @@ CMAL_INPUTS_DOCSTRING = r"""
 """
 
 
-# Checkpoints saved before the named units (CMAL <= 0.1.0.dev0 of 2026-11) keep loading: their parameter
-# names -> today's. Passed as `key_mapping` by `from_pretrained`; patterns are regexes on checkpoint keys.
 class CMALScalarToVector(ConversionOps):
     """Loads a hypersphere radius saved as a 0-d tensor (checkpoints older than FSDP2 support) into a 1-element one."""
 
@@ -1198,6 +1196,8 @@ register_checkpoint_conversion_mapping(
     "cmal", [WeightConverter("hypersphere.scale", "hypersphere.scale", operations=[CMALScalarToVector()])], overwrite=True
 )
 
+# Checkpoints saved before the named units (CMAL <= 0.1.0.dev0 of 2026-11) keep loading: their parameter
+# names -> today's. Passed as `key_mapping` by `from_pretrained`; patterns are regexes on checkpoint keys.
 LEGACY_KEY_MAPPING = {
     r"text_embeddings\.": "text_encoder.embeddings.",
     r"text_hypersphere\.": "text_encoder.hypersphere.",

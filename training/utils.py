@@ -340,7 +340,8 @@ def prepare_training(accelerator, args, model, train_dataloader, project_name: s
     if stream:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         train_dataloader = prepare_data_loader(train_dataloader, accelerator.device, num_processes=1, process_index=0,
-                                               put_on_device=True, dispatch_batches=False, non_blocking=True)  # fmt: skip
+                                               put_on_device=True, dispatch_batches=False,
+                                               non_blocking=accelerator.dataloader_config.non_blocking)  # fmt: skip
     else:
         model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
     return model, optimizer, train_dataloader, scheduler, max_steps
