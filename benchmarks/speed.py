@@ -16,15 +16,16 @@ Timing interleaves the models (one step of each configuration per round, `--step
 `--warmup` rounds) and reports the median, so machine noise hits every model alike. Memory is the
 peak of `torch.cuda.max_memory_allocated` on cuda, and on CPU of `MemTracker` (total and activations).
 FLOPs come from `FlopCounterMode`; MFU is achieved FLOP/s over a timed large square matmul at the same
-dtype. Adaptive regions (`--adaptive_examples`): the same examples (10-100 regions, COCO-like captions, half
-of them ITM negatives) trained in random batches, in pre-training's length-grouped batches, and with its
-negative window, giving samples/s, the FLOP share spent on padding, and CMAL/VisualBERT speed at equal
-FLOPs per real token. The data pipeline of `training/pretrain.py` (wired as in its `main()`) is timed against the
+dtype. Adaptive regions (`--adaptive_examples`, `--adaptive_batches`): one corpus of examples (10-100 regions,
+COCO-like captions, half of them ITM negatives) batched at random, by pre-training's length-grouped sampler,
+and with its negative window; batches spread over each epoch are trained, giving samples/s, the FLOP share
+spent on padding, and CMAL/VisualBERT speed at equal FLOPs per real token. The data pipeline of `training/pretrain.py` (wired as in its `main()`) is timed against the
 training step of the `small` CMALForPreTraining at the pre-training batch size (32).
 """
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import statistics
@@ -222,6 +223,15 @@ class ActivationPeakTracker(MemTracker):
             self.peak_activations = max(self.peak_activations, snapshot["Activation"])
 
 
+def time_step(step, device) -> float:
+    """Wall time of one step, the device's queue drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def count_flops(step) -> int:
     with FlopCounterMode(display=False) as counter:
         step()
@@ -282,11 +292,7 @@ def measure(args, models: dict, batch: dict, device) -> list[dict]:
         configure(entry, row["attention"], row["checkpointing"], training)
         step = make_step(entry, batch, optimizers[row["model"]], training)
         if what == "time":
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            return time.perf_counter() - start
+            return time_step(step, device)
         if what == "flops":
             return count_flops(step)
         return peak_memory(step, entry, optimizers[row["model"]], device)
@@ -420,18 +426,17 @@ def measure_adaptive(args, models: dict, device, dtype) -> dict:
     batches = {scheme: [padded_batch(b, args, device, dtype, args.seed + k) for k, b in enumerate(chosen)]
                for scheme, chosen in picked.items()}  # fmt: skip
     optimizers = {name: make_optimizer(models[name]["model"], 1e-5) for name, _ in ADAPTIVE_ROWS}
-    alone = {}  # (model, tokens, regions) -> forward FLOPs of that example alone
 
-    def real_flops(name, chosen):
-        for ex in {ex for batch in chosen for ex in batch} - {key[1:] for key in alone if key[0] == name}:
-            alone[name, *ex] = count_flops(make_step(models[name], padded_batch([ex], args, device, dtype, 0), None, False))
-        return sum(alone[name, *ex] for batch in chosen for ex in batch)
+    @functools.cache
+    def alone(name, example) -> int:
+        """Forward FLOPs of one (tokens, regions) example in a batch of its own."""
+        return count_flops(make_step(models[name], padded_batch([example], args, device, dtype, 0), None, False))
 
     rows = []
     for name, scheme in ADAPTIVE_ROWS:
         configure(models[name], "eager", False, training=False)
         padded = sum(count_flops(make_step(models[name], batch, None, False)) for batch in batches[scheme])
-        real = real_flops(name, picked[scheme])
+        real = sum(alone(name, example) for batch in picked[scheme] for example in batch)
         samples = sum(len(batch) for batch in picked[scheme])
         rows.append({"model": name, "scheme": scheme, "padded_flop_share": 1 - real / padded,
                      "real_flops_per_sample": real / samples, "samples": samples, "seconds": 0.0})  # fmt: skip
@@ -444,11 +449,7 @@ def measure_adaptive(args, models: dict, device, dtype) -> dict:
                 continue
             configure(models[row["model"]], "eager", False, training=True)
             step = make_step(models[row["model"]], batches[row["scheme"]][k], optimizers[row["model"]], True)
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            row["seconds"] += time.perf_counter() - start
+            row["seconds"] += time_step(step, device)
     for row in rows:
         row["samples_per_s"] = row["samples"] / row.pop("seconds")
     peer = next(row for row in rows if (row["model"], row["scheme"]) == ("VisualBERT", "random batches"))
