@@ -376,8 +376,11 @@ ADAPTIVE_SCHEMES = {  # name -> (length-grouped batches, ITM negative window)
     "length-grouped": (True, 0),  # CMAL's sampler, negatives from any image (its default)
     "length-grouped + negative window": (True, 1000),  # `--itm_negative_window 1000`
 }
-ADAPTIVE_ROWS = [("CMAL", scheme) for scheme in ADAPTIVE_SCHEMES] + [("VisualBERT", "random batches"),
-                                                                     ("VisualBERT", "length-grouped + negative window")]
+ADAPTIVE_ROWS = (  # (model, batching, padding-free: CMALConfig.padding_free)
+    [("CMAL", scheme, False) for scheme in ADAPTIVE_SCHEMES]
+    + [("CMAL", scheme, True) for scheme in ("random batches", "length-grouped")]
+    + [("VisualBERT", "random batches", False), ("VisualBERT", "length-grouped + negative window", False)]
+)
 
 
 def adaptive_batches(args, scheme: str) -> list[list[tuple[int, int]]]:
@@ -412,12 +415,19 @@ def padded_batch(examples, args, device, dtype, seed: int) -> dict:
     return batch
 
 
+def configure_adaptive(entry, padding_free: bool, training: bool):
+    configure(entry, "eager", False, training)
+    config = entry["model"].backbone.config
+    if hasattr(config, "padding_free"):  # CMAL's option; the peers have none
+        config.padding_free = padding_free
+
+
 def measure_adaptive(args, models: dict, device, dtype) -> dict:
     """Per scheme, `--adaptive_batches` batches spread over the epoch of `--adaptive_examples` examples (so the
     sampler groups as it would in a corpus: mega-batches of 50 batches): training samples/s (eager attention
     for both models, interleaved batch by batch), the FLOP share spent on padding (forward FLOPs of each padded
     batch vs of each of its examples alone), and CMAL/VisualBERT speed at equal FLOPs per real token (samples/s
-    weighted by each model's forward FLOPs per real example)."""
+    weighted by each model's forward FLOPs per real example). CMAL runs padded and padding-free."""
     picked = {}
     for scheme in ADAPTIVE_SCHEMES:
         every = adaptive_batches(args, scheme)
@@ -425,31 +435,33 @@ def measure_adaptive(args, models: dict, device, dtype) -> dict:
         picked[scheme] = every[::stride][: args.adaptive_batches]
     batches = {scheme: [padded_batch(b, args, device, dtype, args.seed + k) for k, b in enumerate(chosen)]
                for scheme, chosen in picked.items()}  # fmt: skip
-    optimizers = {name: make_optimizer(models[name]["model"], 1e-5) for name, _ in ADAPTIVE_ROWS}
+    optimizers = {name: make_optimizer(models[name]["model"], 1e-5) for name, _, _ in ADAPTIVE_ROWS}
 
     @functools.cache
     def alone(name, example) -> int:
         """Forward FLOPs of one (tokens, regions) example in a batch of its own."""
+        configure_adaptive(models[name], False, training=False)
         return count_flops(make_step(models[name], padded_batch([example], args, device, dtype, 0), None, False))
 
     rows = []
-    for name, scheme in ADAPTIVE_ROWS:
-        configure(models[name], "eager", False, training=False)
-        padded = sum(count_flops(make_step(models[name], batch, None, False)) for batch in batches[scheme])
+    for name, scheme, padding_free in ADAPTIVE_ROWS:
         real = sum(alone(name, example) for batch in picked[scheme] for example in batch)
+        configure_adaptive(models[name], padding_free, training=False)
+        padded = sum(count_flops(make_step(models[name], batch, None, False)) for batch in batches[scheme])
         samples = sum(len(batch) for batch in picked[scheme])
-        rows.append({"model": name, "scheme": scheme, "padded_flop_share": 1 - real / padded,
+        rows.append({"model": name, "scheme": scheme, "padding_free": padding_free, "padded_flop_share": 1 - real / padded,
                      "real_flops_per_sample": real / samples, "samples": samples, "seconds": 0.0})  # fmt: skip
-    for name, _ in ADAPTIVE_ROWS:  # warm-up: one step each
-        configure(models[name], "eager", False, training=True)
-        make_step(models[name], batches["random batches"][0], optimizers[name], True)()
+    for row in rows:  # warm-up: one step each
+        configure_adaptive(models[row["model"]], row["padding_free"], training=True)
+        make_step(models[row["model"]], batches["random batches"][0], optimizers[row["model"]], True)()
     for k in range(args.adaptive_batches):
         for row in rows:
             if k >= len(batches[row["scheme"]]):
                 continue
-            configure(models[row["model"]], "eager", False, training=True)
+            configure_adaptive(models[row["model"]], row["padding_free"], training=True)
             step = make_step(models[row["model"]], batches[row["scheme"]][k], optimizers[row["model"]], True)
             row["seconds"] += time_step(step, device)
+    configure_adaptive(models["CMAL"], False, training=False)  # the other sections measure the padded model
     for row in rows:
         row["samples_per_s"] = row["samples"] / row.pop("seconds")
     peer = next(row for row in rows if (row["model"], row["scheme"]) == ("VisualBERT", "random batches"))
@@ -493,9 +505,10 @@ def markdown(result: dict) -> str:
         lines += ["", f"Adaptive regions (10-100 per image, COCO-like captions, half ITM negatives; {adaptive['batches']} "
                   f"batches of {adaptive['batch_size']} spread over an epoch of {adaptive['examples']} examples; eager "
                   "attention):", "",
-                  "| model | batching | samples/s | padded FLOP share | real GFLOP/sample (fwd) | speed vs VisualBERT at equal FLOPs |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {row['model']} | {row['scheme']} | {row['samples_per_s']:.2f} | {row['padded_flop_share']:.1%} | "
+                  "| model | batching | padding-free | samples/s | padded FLOP share | real GFLOP/sample (fwd) | "
+                  "speed vs VisualBERT at equal FLOPs |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {row['model']} | {row['scheme']} | {'yes' if row['padding_free'] else 'no'} | "
+                  f"{row['samples_per_s']:.2f} | {row['padded_flop_share']:.1%} | "
                   f"{row['real_flops_per_sample'] / 1e9:.2f} | {row['speed_at_equal_flops_vs_visualbert']:.2f}x |"
                   for row in adaptive["rows"]]  # fmt: skip
     data = result.get("data_pipeline")

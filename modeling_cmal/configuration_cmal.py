@@ -87,7 +87,7 @@ _NUMBER_FIELDS = {
     "detector_score_threshold": (float, 0, 1, False),
 }  # fmt: skip
 _BOOL_FIELDS = ("hypersphere", "unimodal_final_layer_norm", "prompt_at_inference", "itm_hard_negatives", "train_detector",
-                "tie_word_embeddings")  # fmt: skip
+                "tie_word_embeddings", "padding_free")  # fmt: skip
 
 
 def _check_number(name: str, value, kind: type, low: float, high: float | None, low_excluded: bool) -> None:
@@ -180,6 +180,15 @@ class CMALConfig(PreTrainedConfig):
             frozen (no gradients, always in eval mode).
         tie_word_embeddings (`bool`, defaults to `True`): tie the vocabulary head to the word
             embeddings.
+        padding_free (`bool`, defaults to `False`): run every encoder layer on the real tokens and
+            regions only, packed into one sequence: no projection, feed-forward or LayerNorm is computed
+            on padding. Attention gets the packed sequence with its boundaries (`cu_seq_lens_*`) under a
+            flash-attention implementation (variable-length kernels); under eager and sdpa it gets the
+            batch re-padded, so only its small share of the work still sees padding. Outputs equal the
+            padded path within float tolerance (padded slots come out as zeros). Pays on batches with
+            much padding (pre-training's adaptive region counts); off, the graph has no data-dependent
+            shapes (`torch.compile`, export). Not used when `output_attentions`/`output_hidden_states`
+            are asked for.
 
     Example:
 
@@ -236,6 +245,7 @@ class CMALConfig(PreTrainedConfig):
         detector_score_threshold: float = 0.0,
         train_detector: bool = False,
         tie_word_embeddings: bool = True,
+        padding_free: bool = False,
         **kwargs,
     ):
         if isinstance(concept_names, str) or (concept_names is not None and not all(
@@ -327,6 +337,7 @@ class CMALConfig(PreTrainedConfig):
         self.detector_score_threshold = detector_score_threshold
         self.train_detector = train_detector
         self.tie_word_embeddings = tie_word_embeddings
+        self.padding_free = padding_free
         if kwargs.get("id2label") is not None and kwargs.get("label2id") is None:
             # transformers 5 no longer derives it; pipelines and label lookups need both directions
             kwargs["label2id"] = {label: int(i) for i, label in kwargs["id2label"].items()}

@@ -580,6 +580,41 @@ def anchor_operator(
 # ----------------------------------------------------------------------------------------------
 
 
+class CMALPacking:
+    """Where the real slots of a padded `(batch_size, length)` batch lie, for layers that skip the padding
+    (`config.padding_free`).
+
+    The real slots are packed row by row into one sequence of `total` slots, so example `b` holds slots
+    `cu_seqlens[b]:cu_seqlens[b + 1]` (flash attention's variable-length contract). Attention without
+    variable-length kernels re-pads each layer's queries, keys and values and uses `mask`, the padded path's.
+    """
+
+    def __init__(self, config: CMALConfig, attention_mask: torch.Tensor, dtype: torch.dtype):
+        self.batch_size, self.length = attention_mask.shape
+        real = attention_mask.bool()
+        self.indices = real.reshape(-1).nonzero().squeeze(1)
+        lengths = real.sum(1, dtype=torch.int32)
+        self.cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        self.max_seqlen = int(lengths.max()) if len(lengths) else 0
+        self.varlen = "flash" in (config._attn_implementation or "")
+        # the mask of the padded path, made from a zero-width stand-in for the padded hidden states
+        shape_carrier = torch.empty(self.batch_size, self.length, 0, dtype=dtype, device=attention_mask.device)
+        self.mask = None if self.varlen else create_bidirectional_mask(config, shape_carrier, attention_mask)
+
+    @property
+    def total(self) -> int:
+        return len(self.indices)
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """`(batch_size, length, ...)` -> `(total, ...)`."""
+        return padded.reshape(self.batch_size * self.length, *padded.shape[2:]).index_select(0, self.indices)
+
+    def pad(self, packed: torch.Tensor) -> torch.Tensor:
+        """`(total, ...)` -> `(batch_size, length, ...)`, zeros in the padded slots."""
+        padded = packed.new_zeros(self.batch_size * self.length, *packed.shape[1:]).index_copy(0, self.indices, packed)
+        return padded.view(self.batch_size, self.length, *packed.shape[1:])
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -616,13 +651,28 @@ class CMALSelfAttention(nn.Module):
         self.is_causal = False  # read by the sdpa backend: an encoder must never be causal
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Unpack[TransformersKwargs]
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        packing: CMALPacking | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`hidden_states` is `(batch_size, length, hidden_size)`, or `(total, hidden_size)` with a `packing`."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.attention_head_size)
-        query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key, value = (proj(hidden_states).view(hidden_shape) for proj in (self.query, self.key, self.value))
+        varlen = {}
+        if packing is None:
+            query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        elif packing.varlen:  # one packed sequence and its boundaries: flash's variable-length kernels
+            query, key, value = query.transpose(0, 1)[None], key.transpose(0, 1)[None], value.transpose(0, 1)[None]
+            varlen = {
+                "cu_seq_lens_q": packing.cu_seqlens, "cu_seq_lens_k": packing.cu_seqlens,
+                "max_length_q": packing.max_seqlen, "max_length_k": packing.max_seqlen,
+            }  # fmt: skip
+        else:  # re-padded for this attention only
+            query, key, value = (packing.pad(x).transpose(1, 2) for x in (query, key, value))
+            attention_mask = packing.mask
 
         # Only eager materialises the weights; asking for them switches this call to eager.
         attention_interface: Callable = eager_attention_forward
@@ -644,7 +694,10 @@ class CMALSelfAttention(nn.Module):
             dropout=self.dropout.p if self.training else 0.0,
             scaling=self.scaling,
             is_causal=False,
+            **varlen,
         )
+        if packing is not None and not packing.varlen:
+            attn_output = packing.unpad(attn_output)
         return attn_output.reshape(*input_shape, -1), attn_weights
 
 
@@ -732,10 +785,12 @@ class CMALTextEmbeddings(nn.Module):
         input_ids: torch.LongTensor | None,
         token_type_ids: torch.LongTensor,
         inputs_embeds: torch.FloatTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
-        position_ids = self.position_ids[:, : inputs_embeds.shape[1]]
+        if position_ids is None:
+            position_ids = self.position_ids[:, : inputs_embeds.shape[1]]
         embeddings = inputs_embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(embeddings))
 
@@ -805,9 +860,21 @@ class CMALUnimodalEncoder(nn.Module):
             self.layer[-1].output.LayerNorm = nn.Identity()
         self.hypersphere = CMALHypersphere(config)
 
-    def forward(self, *embedding_inputs, attention_mask: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
-        """`embedding_inputs` go to the embeddings; `attention_mask` is the (batch_size, length) 0/1 mask."""
+    def forward(
+        self,
+        *embedding_inputs,
+        attention_mask: torch.Tensor,
+        packing: CMALPacking | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """`embedding_inputs` go to the embeddings, per slot: `(batch_size, length, ...)`, or `(total, ...)` with a
+        `packing` (the output is re-padded); `attention_mask` is the (batch_size, length) 0/1 mask."""
         hidden_states = self.embeddings(*embedding_inputs)
+        if packing is not None:
+            if packing.total > 0:
+                for layer in self.layer:
+                    hidden_states, _ = layer(hidden_states, packing.mask, packing=packing, **kwargs)
+            return packing.pad(self.hypersphere(hidden_states))
         if hidden_states.shape[1] > 0 and len(self.layer) > 0:  # an image may have no regions
             mask = create_bidirectional_mask(self.config, hidden_states, attention_mask)
             for layer in self.layer:
@@ -920,11 +987,18 @@ class CMALUnifiedEncoder(nn.Module):
         self.layer = nn.ModuleList([CMALUnifiedLayer(config) for _ in range(config.num_hidden_layers)])
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Unpack[TransformersKwargs]
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        packing: CMALPacking | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        """With a `packing`, the padded `hidden_states` run packed and come back re-padded."""
+        if packing is not None:
+            hidden_states, attention_mask, kwargs = packing.unpad(hidden_states), packing.mask, {**kwargs, "packing": packing}
         for layer in self.layer:
             hidden_states, _ = layer(hidden_states, attention_mask, **kwargs)
-        return hidden_states
+        return hidden_states if packing is None else packing.pad(hidden_states)
 
 
 class CMALPooler(nn.Module):
@@ -1418,11 +1492,23 @@ class CMALModel(CMALPreTrainedModel):
             masked_regions = masked_regions.bool()
             region_concept_ids = region_concept_ids.masked_fill(masked_regions, -1)
 
+        # Packed encoders (config.padding_free) skip padding; captured layer outputs keep the padded layout.
+        capturing = any(kwargs.get(name, getattr(self.config, name, False)) for name in ("output_attentions", "output_hidden_states"))
+        text_inputs = (input_ids, token_type_ids, inputs_embeds)
+        region_inputs = (visual_feats, visual_pos, masked_regions)
+        text_packing = region_packing = None
+        if self.config.padding_free and not capturing:
+            text_packing = CMALPacking(self.config, attention_mask, dtype)
+            region_packing = CMALPacking(self.config, visual_attention_mask, dtype)
+            position_ids = self.text_encoder.embeddings.position_ids[:, :text_len].expand(batch_size, -1)
+            text_inputs = tuple(None if x is None else text_packing.unpad(x) for x in (*text_inputs, position_ids))
+            region_inputs = tuple(None if x is None else region_packing.unpad(x) for x in region_inputs)
+
         # 1. The anchor operator; 2. the uni-modal encoders, each onto its hypersphere.
         anchor_map = anchor_operator(token_concept_ids, region_concept_ids, attention_mask, visual_attention_mask)
-        text_features = self.text_encoder(input_ids, token_type_ids, inputs_embeds, attention_mask=attention_mask, **kwargs)
+        text_features = self.text_encoder(*text_inputs, attention_mask=attention_mask, packing=text_packing, **kwargs)
         region_features = self.visual_encoder(
-            visual_feats, visual_pos, masked_regions, attention_mask=visual_attention_mask, **kwargs
+            *region_inputs, attention_mask=visual_attention_mask, packing=region_packing, **kwargs
         )
         text_embeds = F.normalize(text_features[:, 0], dim=-1)
         region_weights = visual_attention_mask.to(dtype).unsqueeze(-1)
@@ -1439,10 +1525,12 @@ class CMALModel(CMALPreTrainedModel):
             None if region_scores is None else region_scores.to(dtype),
             None if anchor_selection is None else anchor_selection.bool(),
         )
-        joint_mask = create_bidirectional_mask(
-            self.config, prompt.hybrid_states, torch.cat([attention_mask, visual_attention_mask], dim=1)
-        )
-        sequence_output = self.unified_encoder(prompt.hybrid_states, joint_mask, **kwargs)
+        joint_attention_mask = torch.cat([attention_mask, visual_attention_mask], dim=1)
+        if text_packing is None:
+            joint_mask, joint_packing = create_bidirectional_mask(self.config, prompt.hybrid_states, joint_attention_mask), None
+        else:
+            joint_mask, joint_packing = None, CMALPacking(self.config, joint_attention_mask, dtype)
+        sequence_output = self.unified_encoder(prompt.hybrid_states, joint_mask, packing=joint_packing, **kwargs)
         return CMALModelOutput(
             last_hidden_state=sequence_output,
             pooler_output=self.pooler(sequence_output) if self.pooler is not None else None,

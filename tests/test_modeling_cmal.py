@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from conftest import FEAT_DIM, NUM_CONCEPTS, VOCAB_SIZE, make_inputs, random_visual_pos, run_without_project, tiny_config
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForVisualQuestionAnswering
+from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForVisualQuestionAnswering
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from cmal.modeling_cmal import (
     CMAL_PRESETS,
@@ -401,6 +404,106 @@ def test_gradient_checkpointing_gives_same_gradients(name):
             torch.testing.assert_close(p.grad, reference[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
+def heavily_padded(inputs: dict) -> dict:
+    """More padding than `make_inputs` gives: a short first text and a second image of two regions."""
+    inputs = dict(inputs)
+    tokens, regions = inputs["attention_mask"].clone(), inputs["visual_attention_mask"].clone()
+    tokens[0, 5:], regions[1, 2:] = 0, 0
+    inputs.update(attention_mask=tokens, visual_attention_mask=regions, input_ids=inputs["input_ids"] * tokens)
+    return inputs
+
+
+def forward_flops(model, inputs) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(**inputs)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", HEADS)
+def test_padding_free_equals_padded(name, attention):
+    """`padding_free` packs the real slots: the same loss, logits (at real slots) and gradients as the padded
+    path, and fewer FLOPs. NLVR2's second image has its padded region first (a hole inside the mask)."""
+    model_class, overrides, inputs, logits_name, _ = head_case(name)
+    if name != "nlvr2":
+        inputs = heavily_padded(inputs)
+    torch.manual_seed(0)
+    model = model_class(tiny_config(**overrides, **NO_DROPOUT, attn_implementation=attention)).train()
+    runs = {}
+    for padding_free in (False, True):
+        model.config.padding_free = padding_free
+        model.zero_grad()
+        torch.manual_seed(1)  # the same anchor draws in both runs
+        outputs = model(**inputs)
+        outputs.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs[padding_free] = outputs, grads, forward_flops(model, inputs)
+    (padded, padded_grads, padded_flops), (packed, packed_grads, packed_flops) = runs[False], runs[True]
+    torch.testing.assert_close(packed.loss, padded.loss, atol=1e-5, rtol=1e-5)
+    logits, reference = packed[logits_name], padded[logits_name]
+    if name == "pretraining":  # word logits: padded slots come out of a packed run as zeros
+        real = inputs["attention_mask"].bool()
+        logits, reference = logits[real], reference[real]
+    if name == "rec":  # padded regions score -inf either way
+        real = torch.isfinite(reference)
+        logits, reference = logits[real], reference[real]
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+    assert packed_grads.keys() == padded_grads.keys()
+    for n, grad in packed_grads.items():
+        torch.testing.assert_close(grad, padded_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+    assert packed_flops < 0.95 * padded_flops
+
+
+def test_padding_free_hands_flash_the_packed_sequence():
+    """Under a flash-attention implementation the packed run calls attention once per layer on one sequence with
+    flash's variable-length arguments (the contract of transformers' `flash_attention_forward`); a CPU
+    stand-in honouring that contract gives the padded model's outputs."""
+    calls = []
+
+    def flash_varlen_stand_in(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        cu_seqlens = kwargs["cu_seq_lens_q"]
+        assert attention_mask is None and query.shape[0] == 1 and torch.equal(kwargs["cu_seq_lens_k"], cu_seqlens)
+        assert kwargs["max_length_q"] == kwargs["max_length_k"] == int(cu_seqlens.diff().max())
+        calls.append(cu_seqlens.tolist())
+        parts = [
+            F.scaled_dot_product_attention(*(x[:, :, start:end] for x in (query, key, value)), scale=scaling)
+            for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())
+        ]
+        return torch.cat(parts, dim=2).transpose(1, 2), None  # flash's layout: (1, total, heads, head_dim)
+
+    inputs = heavily_padded(make_inputs())
+    torch.manual_seed(0)
+    model = CMALModel(tiny_config(attn_implementation="eager")).eval()
+    reference = model(**inputs)
+    AttentionInterface.register("flash_varlen_stand_in", flash_varlen_stand_in)
+    AttentionMaskInterface.register("flash_varlen_stand_in", ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+    model.config._attn_implementation = "flash_varlen_stand_in"
+    model.config.padding_free = True
+    packed = model(**inputs)
+    real = torch.cat([inputs["attention_mask"], inputs["visual_attention_mask"]], dim=1).bool()
+    torch.testing.assert_close(packed.last_hidden_state[real], reference.last_hidden_state[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.pooler_output, reference.pooler_output, atol=1e-5, rtol=1e-5)
+    assert packed.last_hidden_state[~real].abs().max() == 0
+    config = model.config
+    expected = (
+        [[0, 5, 13, 19]] * config.num_text_layers  # texts of 5, 8, 6 tokens
+        + [[0, 5, 7, 11]] * config.num_visual_layers  # 5, 2, 4 regions
+        + [[0, 10, 20, 30]] * config.num_hidden_layers
+    )
+    assert calls == expected
+
+
+def test_padding_free_still_returns_padded_attentions_and_hidden_states():
+    inputs = heavily_padded(make_inputs())
+    model = CMALModel(tiny_config(attn_implementation="eager")).eval()
+    reference = model(**inputs, output_attentions=True, output_hidden_states=True)
+    model.config.padding_free = True
+    out = model(**inputs, output_attentions=True, output_hidden_states=True)
+    assert out.attentions[0].shape == (3, 4, 13, 13) and len(out.hidden_states) == model.config.num_hidden_layers + 1
+    for got, expected in zip(out.hidden_states + out.attentions, reference.hidden_states + reference.attentions):
+        torch.testing.assert_close(got, expected)
+
+
 def test_example_alone_equals_example_in_padded_batch():
     inputs = make_inputs()
     model = CMALForQuestionAnswering(tiny_config()).eval()
@@ -538,6 +641,7 @@ def test_default_concepts_are_coco():
         (dict(itc_temperature=0.0), r"`itc_temperature` must be a number in \[0.001, 0.5\], got 0.0"),
         (dict(itc_projection_dim=0), r"`itc_projection_dim` must be an integer in \[1, inf\), got 0"),
         (dict(anchor_fill="zero"), "`anchor_fill` must be 'swap' or 'mask', got 'zero'"),
+        (dict(padding_free="yes"), "`padding_free` must be true or false, got 'yes'"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):

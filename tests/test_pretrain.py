@@ -221,6 +221,13 @@ def test_ablation_flags_reach_the_config(corpus):
     assert (default.amc_token_weight, default.hypersphere, default.anchor_fill, default.anchor_mask_prob) == (1.0, True, "swap", 0.3)
 
 
+@pytest.mark.parametrize("flags, padding_free", [([], False), (["--padding_free"], True)])
+def test_padding_free_flag_reaches_the_model(corpus, flags, padding_free):
+    args = pretrain.parse_args(args_for(corpus, "unused", *flags))
+    model = pretrain.build_model(args, pretrain.build_config(args, *_tokenizer_and_metadata(corpus, args)))
+    assert model.config.padding_free is padding_free
+
+
 def _tokenizer_and_metadata(corpus, args):
     captions, _, metadata, _, texts, _ = pretrain.load_corpus(args)
     return pretrain.build_tokenizer(args, texts), metadata

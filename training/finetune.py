@@ -41,9 +41,9 @@ from cmal.training.utils import (
     POSITIVE_INT,
     PROBABILITY,
     add_training_args,
+    apply_compute_flags,
     bounded,
     command_line,
-    enable_activation_checkpointing,
     existing_file,
     existing_folder,
     finish,
@@ -175,8 +175,7 @@ def build_model_and_processor(args, task, labels, metadata, vocabulary_texts, le
         config = new_model_config(args.model_config, tokenizer, metadata, **overrides)
         processor = new_processor(config, tokenizer, lexicon)
         model = task.head(config)
-    if args.gradient_checkpointing:
-        enable_activation_checkpointing(model)
+    apply_compute_flags(model, args)
     return model, processor
 
 

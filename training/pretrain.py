@@ -40,9 +40,9 @@ from cmal.training.utils import (
     POSITIVE_INT,
     PROBABILITY,
     add_training_args,
+    apply_compute_flags,
     bounded,
     command_line,
-    enable_activation_checkpointing,
     finish,
     loader_options,
     model_config_source,
@@ -287,8 +287,7 @@ def build_model(args, config):
     model = CMALForPreTraining(config)
     if args.init_text_from:
         logger.info("\n" + str(load_bert_weights(model, args.init_text_from)))
-    if args.gradient_checkpointing:
-        enable_activation_checkpointing(model)
+    apply_compute_flags(model, args)
     return model
 
 

@@ -132,6 +132,9 @@ def add_training_args(parser, output_dir: str, batch_size: int, learning_rate: f
     train.add_argument("--resume_from_checkpoint", default=None,
                        help="'latest' (this --output_dir's newest checkpoint; none: start fresh) or a checkpoint folder.")  # fmt: skip
     train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--padding_free", action="store_true",
+                       help="Compute nothing on padding: layers run the real tokens and regions packed "
+                            "(CMALConfig.padding_free; the same outputs; faster when batches carry much padding).")  # fmt: skip
     train.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     train.add_argument("--num_workers", type=NON_NEGATIVE_INT, default=0, help="DataLoader worker processes.")
     train.add_argument("--report_to", default="all", help="tensorboard, wandb, ... ; all = every installed tracker; none.")
@@ -317,6 +320,14 @@ def enable_activation_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_compute_flags(model, args) -> None:
+    """`--gradient_checkpointing` and `--padding_free`: how the model computes, not what (both scripts)."""
+    if args.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    if args.padding_free:
+        model.config.padding_free = True  # saved with the model: its users' padded batches run packed too
 
 
 def prepare_training(accelerator, args, model, train_dataloader, project_name: str):
