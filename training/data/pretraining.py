@@ -22,8 +22,10 @@ WORD_COUNT_PART = 1_000_000  # captions per thread task of `ImageTextPairs.lengt
 
 
 def _word_counts(texts) -> np.ndarray:
-    texts = pc.utf8_trim_whitespace(texts)
-    return pc.if_else(pc.equal(texts, ""), 0, pc.list_value_length(pc.utf8_split_whitespace(texts))).to_numpy()
+    """Spaces + 1: a caption's words when single spaces separate them. Only which pairs batch together
+    depends on it (the text is padded to its word pieces anyway), so irregular whitespace may overcount;
+    Arrow's exact whitespace split took 3x as long (10M captions: 2.4 s vs 0.7-0.9 s on 2 cores)."""
+    return pc.count_substring(texts, " ").to_numpy() + 1
 
 
 class ImageTextPairs(Dataset):
@@ -46,10 +48,9 @@ class ImageTextPairs(Dataset):
         return len(self.texts)
 
     def lengths(self) -> np.ndarray:
-        """Words (as `str.split` counts them) plus regions of each pair: what the batch is padded to.
+        """Words (`_word_counts`) plus regions of each pair: what the batch is padded to, near enough to group by.
 
-        Arrow's whitespace split releases the GIL, so parts of a million captions are counted in threads:
-        10M captions in 2.4 s on 2 cores instead of 6.6 s in one call."""
+        Arrow's compute functions release the GIL, so parts of a million captions are counted in threads."""
         texts = self.texts.with_format("arrow")["text"]
         parts = [texts.slice(start, WORD_COUNT_PART) for start in range(0, len(texts), WORD_COUNT_PART)]
         with ThreadPoolExecutor(pa.cpu_count()) as pool:
@@ -60,11 +61,11 @@ class ImageTextPairs(Dataset):
         """Regions of each image (by image row)."""
         return np.asarray(self.regions["num_regions"][:])  # one read; a Column read row by row formats each row
 
-    def easy_pairs(self, quantile: float = 0.5) -> list[int]:
+    def easy_pairs(self, quantile: float = 0.5) -> np.ndarray:
         """The pairs whose image has at most the `quantile` of the images' region counts: the small scenes a
         curriculum starts with (all pairs when every image has as many regions, as a fixed-K detector gives)."""
         counts = self.num_regions()[self.image_rows]
-        return np.flatnonzero(counts <= np.quantile(counts, quantile)).tolist()
+        return np.flatnonzero(counts <= np.quantile(counts, quantile))
 
     def regions_of_images(self, rows: list[int]) -> list[dict]:
         return self.read_regions(rows)
@@ -97,11 +98,11 @@ class LengthGroupedSampler(trainer_pt_utils.LengthGroupedSampler):
     The training loop's `set_epoch` (through Accelerate) shuffles each epoch anew.
     """
 
-    def __init__(self, lengths, batch_size: int, seed: int = 0, easy: list[int] | None = None,
-                 easy_epochs: int = 0):  # fmt: skip
+    def __init__(self, lengths, batch_size: int, seed: int = 0, easy=None, easy_epochs: int = 0):
         super().__init__(batch_size, lengths=np.asarray(lengths), generator=torch.Generator())
         self.seed, self.epoch = seed, 0
-        self.easy, self.easy_epochs = easy, easy_epochs if easy else 0
+        self.easy = np.asarray([] if easy is None else easy, dtype=np.int64)
+        self.easy_epochs = easy_epochs if len(self.easy) else 0
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -111,7 +112,7 @@ class LengthGroupedSampler(trainer_pt_utils.LengthGroupedSampler):
         self.generator.manual_seed(self.seed + self.epoch)
         if self.epoch < self.easy_epochs:
             picks = torch.randint(len(self.easy), (len(self.lengths),), generator=self.generator)
-            return iter([self.easy[k] for k in picks.tolist()])
+            return iter(self.easy[picks.numpy()].tolist())
         return iter(length_grouped_indices(self.lengths, self.batch_size, self.generator).tolist())
 
 
