@@ -194,8 +194,9 @@ class AnchorLexicon:
                     f"Anchor phrase {phrase!r} maps to two concepts: "
                     f"{self.concept_names[self.phrases[phrase]]!r} and {self.concept_names[cid]!r}"
                 )
-        # A span of words longer than every phrase cannot match: this bounds the search.
-        self._max_phrase_chars = max(len(phrase) for phrase in self.phrases)
+        # Every prefix of every phrase: a span whose text is none of them cannot grow into a match (a longer
+        # span's normalised text starts with this one's), so most words are passed over at their first lookup.
+        self._prefixes = {phrase[:end] for phrase in self.phrases for end in range(len(phrase) + 1)}
 
     def concept_of(self, phrase: str) -> int:
         """Concept id of `phrase` (any case and spacing), or -1 when it names no concept."""
@@ -237,7 +238,7 @@ class AnchorLexicon:
                 # The text under the span, not its words joined by spaces, so "hot-dog" and "t.v."
                 # match as written whatever the tokenizer's pre-tokenisation did to them.
                 phrase = _normalize(text[words[first][0] : words[last][1]])
-                if len(phrase) > self._max_phrase_chars:
+                if phrase not in self._prefixes:
                     break
                 if phrase in self.phrases:
                     match = (last, self.phrases[phrase])

@@ -187,6 +187,14 @@ def test_curriculum_epochs_draw_small_scenes_only():
     assert sorted(LengthGroupedSampler(lengths, 4, easy=[], easy_epochs=2)) == lengths  # nothing easy: no curriculum
 
 
+def test_a_batch_of_items_is_read_in_one_call_as_row_by_row(corpus):
+    captions = load_from_disk(str(corpus / "captions"))["train"]
+    pairs = ImageTextPairs(captions, load_region_store(str(corpus / "regions"))[0])
+    indices = [7, 0, 7, len(pairs) - 1]
+    expected = [{"index": i, "text": captions[i]["text"], "image_row": int(pairs.image_rows[i])} for i in indices]
+    assert pairs.__getitems__(np.array(indices)) == expected and [pairs[i] for i in indices] == expected
+
+
 def test_easy_pairs_are_the_small_scenes(corpus):
     pairs = ImageTextPairs(load_from_disk(str(corpus / "captions"))["train"], load_region_store(str(corpus / "regions"))[0])
     counts = pairs.num_regions()[pairs.image_rows]
