@@ -36,3 +36,16 @@ def test_wheel_carries_the_files_read_by_path(wheel_files):
     for data in ("training/metrics/vqa_accuracy/vqa_accuracy.py", "training/configs/fsdp.yaml",
                  "model_cards/templates/vqa.md", "endpoint/requirements.txt"):  # fmt: skip
         assert f"cmal/{data}" in wheel_files
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/DATA.md", "docs/FINETUNING.md", "docs/BENCHMARKS.md", "CHANGELOG.md"])
+def test_documents_link_only_to_files_of_the_repository(document):
+    """A reader of a clone (or of the Hub page) can follow every relative link: none leaves the repository."""
+    import re
+
+    text = (REPO / document).read_text()
+    targets = [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+://|#|mailto:", t)]
+    for target in targets:
+        path = ((REPO / document).parent / target).resolve()
+        assert path.is_relative_to(REPO) and path.exists(), f"{document} links to {target!r}"
+    assert "../shared" not in text
