@@ -138,3 +138,57 @@ def test_two_files_of_one_image_id_are_refused(tmp_path):
         PIL.Image.new("RGB", (8, 8)).save(tmp_path / name)
     with pytest.raises(ValueError, match=r"1 image ids name two files each, e.g. '.*a.jpg' and '.*a.png'"):
         extract_regions.list_images(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def detector_folder(tmp_path_factory):
+    """An untrained RT-DETR of training/train_detector.py's shape and its image processor (128 x 128, /255)."""
+    sys.path.insert(0, str(REPO / "training"))
+    import train_detector
+
+    folder = tmp_path_factory.mktemp("detector")
+    torch.manual_seed(0)
+    train_detector.RTDetrForObjectDetection(train_detector.detector_config()).save_pretrained(folder)
+    train_detector.image_processor().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scene_dir(tmp_path_factory):
+    from cmal.training.data import synthetic
+
+    folder = tmp_path_factory.mktemp("scenes")
+    for i in range(5):
+        synthetic.render(synthetic.generate_scene(np.random.default_rng(i))).save(folder / f"scene{i}.png")
+    return folder
+
+
+def test_a_plain_detector_folder_extracts_what_its_wrapped_model_detects(detector_folder, scene_dir, tmp_path):
+    """`--detector`: the store holds what the CMAL-wrapped detector finds on the pixels of the detector's own
+    processor (`from_detector_processor` reproduces them), top `--num_regions` above `--score_threshold`."""
+    from transformers import AutoImageProcessor
+
+    command = [sys.executable, "training/extract_regions.py", "--detector", str(detector_folder), "--image_dir",
+               str(scene_dir), "--output_dir", str(tmp_path / "store"), "--num_regions", "8"]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    store, meta = load_region_store(str(tmp_path / "store"))
+    assert meta["feature_dim"] == 64 and meta["concept_names"] == ["sphere", "cube", "cylinder", "cone", "star", "ring"]
+    assert meta["detector"]["name_or_path"] == str(detector_folder) and store["num_regions"] == [8] * 5
+
+    model, processor = extract_regions.detector_model(str(detector_folder), 8, 0.0)
+    images = [PIL.Image.open(scene_dir / f"scene{i}.png") for i in range(5)]
+    pixels = processor(images=images)["pixel_values"]
+    own = AutoImageProcessor.from_pretrained(detector_folder)(images=images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels, own, atol=1e-6, rtol=0)
+    regions = model.eval().detect_regions(pixels)
+    for i, row in enumerate(store.with_format("numpy")):
+        np.testing.assert_allclose(row["features"], regions["visual_feats"][i].numpy(), rtol=1e-3, atol=1e-3)
+        np.testing.assert_array_equal(row["concept_ids"], regions["region_concept_ids"][i].numpy())
+
+
+def test_region_limits_go_with_a_detector_folder_only(checkpoint, image_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        extract_regions.main(["--model_name_or_path", str(checkpoint), "--image_dir", str(image_dir),
+                              "--output_dir", str(tmp_path / "out"), "--num_regions", "5"])  # fmt: skip
+    assert "--num_regions and --score_threshold go with --detector" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 
 from cmal.training.data import synthetic
@@ -425,3 +426,17 @@ def test_cli_prints_counts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "images: train 8, validation 1, test 1" in out and "vqa: train" in out
     assert load_world(tmp_path / "cli")["world"]["arguments"]["seed"] == 2
+
+
+def test_world_images_are_its_scenes_rendered(world_dir):
+    folder = Path(synthetic.write_images(world_dir))
+    world = load_world(world_dir)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{image_id}.png" for image_id in world["regions"]["image_id"])
+    for image_id, scene in list(zip(world["regions"]["image_id"], synthetic.world_scenes(world)))[:5]:
+        assert np.array_equal(np.asarray(PIL.Image.open(folder / f"{image_id}.png")), np.asarray(synthetic.render(scene)))
+    first = folder / f"{world['regions'][0]['image_id']}.png"
+    first.write_bytes(b"kept")  # a rerun writes only what is missing
+    assert synthetic.write_images(world_dir) == str(folder) and first.read_bytes() == b"kept"
+    first.unlink()
+    synthetic.write_images(world_dir)
+    assert np.asarray(PIL.Image.open(first)).shape == (synthetic.IMAGE_SIZE, synthetic.IMAGE_SIZE, 3)

@@ -1,8 +1,11 @@
 """Run a CMAL checkpoint's detector over an image folder and write a region feature store.
 
     python training/extract_regions.py --model_name_or_path CKPT --image_dir DIR --output_dir OUT
+    python training/extract_regions.py --detector outputs/detector-synthetic --image_dir DIR --output_dir OUT
 
-The checkpoint must carry a detector (`CMALConfig.from_detector`) and its image processor. The
+The checkpoint must carry a detector (`CMALConfig.from_detector`) and its image processor; `--detector`
+takes a transformers detector folder instead (e.g. training/train_detector.py's), wrapped the way a
+checkpoint built on it carries it (`detector_model`). The
 regions come from `CMALModel.detect_regions`, the very function the model runs on `pixel_values`,
 so a model trained on this store answers the same on the raw image. The store is written in shards,
 each atomically; re-running the same command after an interruption skips the images already stored.
@@ -18,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 
-from cmal.modeling_cmal import CMALModel
+from cmal.modeling_cmal import CMALConfig, CMALModel
 from cmal.processors.image_processing_cmal import CMALImageProcessor
 from cmal.training.data.region_store import RegionStoreWriter
 
@@ -54,6 +57,22 @@ def open_image(path: str) -> PIL.Image.Image:
     image = PIL.Image.open(path)
     image.load()
     return image
+
+
+def detector_model(path: str, num_regions: int, score_threshold: float) -> tuple[CMALModel, CMALImageProcessor]:
+    """A CMAL model whose raw-image path is the transformers detector in `path` (its encoder, a `tiny` one, never
+    runs here), and a CMAL image processor with that detector's own preprocessing."""
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    detector = AutoModelForObjectDetection.from_pretrained(path)
+    config = CMALConfig.from_detector(detector.config, preset="tiny", detector_num_regions=num_regions,
+                                      detector_score_threshold=score_threshold)  # fmt: skip
+    model = CMALModel(config)
+    model.load_detector_weights(detector)
+    processor = CMALImageProcessor.from_detector_processor(
+        AutoImageProcessor.from_pretrained(path), concept_names=config.concept_names, max_regions=config.max_regions
+    )
+    return model, processor
 
 
 @torch.no_grad()
@@ -120,7 +139,12 @@ def extract(
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True, help="CMAL checkpoint (folder or Hub id) with a detector.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model_name_or_path", help="CMAL checkpoint (folder or Hub id) with a detector.")
+    source.add_argument("--detector", help="A transformers object-detection folder (e.g. training/train_detector.py's).")
+    parser.add_argument("--num_regions", type=int, default=None, help="With --detector: regions kept per image, best first (36).")
+    parser.add_argument("--score_threshold", type=float, default=None,
+                        help="With --detector: kept regions scoring below it are dropped (0.0).")  # fmt: skip
     parser.add_argument("--image_dir", required=True, help="Folder of images (searched recursively).")
     parser.add_argument("--output_dir", required=True, help="Region store to create or resume.")
     parser.add_argument("--batch_size", type=int, default=8, help="Images per detector call.")
@@ -129,13 +153,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    model = CMALModel.from_pretrained(args.model_name_or_path).to(args.device)
-    if model.detector is None:
-        raise SystemExit(f"{args.model_name_or_path} has no detector (config.detector_config is None)")
-    image_processor = CMALImageProcessor.from_pretrained(args.model_name_or_path)
+    if args.detector:
+        num_regions = 36 if args.num_regions is None else args.num_regions
+        model, image_processor = detector_model(args.detector, num_regions, args.score_threshold or 0.0)
+    else:
+        if args.num_regions is not None or args.score_threshold is not None:
+            parser.error("--num_regions and --score_threshold go with --detector; a checkpoint's config sets its own")
+        model = CMALModel.from_pretrained(args.model_name_or_path)
+        if model.detector is None:
+            raise SystemExit(f"{args.model_name_or_path} has no detector (config.detector_config is None)")
+        image_processor = CMALImageProcessor.from_pretrained(args.model_name_or_path)
     added = extract(
-        model, image_processor, args.image_dir, args.output_dir, args.batch_size, args.shard_size,
-        detector_name=args.model_name_or_path,
+        model.to(args.device), image_processor, args.image_dir, args.output_dir, args.batch_size, args.shard_size,
+        detector_name=args.detector or args.model_name_or_path,
     )  # fmt: skip
     print(f"added {added} images to {args.output_dir}")
 

@@ -923,6 +923,21 @@ def build_world(
 _BUILD_SIGNATURE = inspect.signature(build_world)
 
 
+def write_images(world_dir) -> str:
+    """Render every image of a built world to `world_dir/images/<image_id>.png`, the photos a detector reads
+    (`training/extract_regions.py`); images already there are kept, each file appears whole (written, then
+    renamed). Returns the folder."""
+    world = load_world(world_dir)
+    folder = os.path.join(os.fspath(world_dir), "images")
+    os.makedirs(folder, exist_ok=True)
+    for image_id, scene in zip(world["regions"]["image_id"], world_scenes(world)):
+        path = os.path.join(folder, f"{image_id}.png")
+        if not os.path.exists(path):
+            render(scene).save(path + ".tmp", format="PNG")
+            os.replace(path + ".tmp", path)
+    return folder
+
+
 def load_world(output_dir) -> dict:
     """A built world: {"world": world.json, "regions": Dataset, "region_metadata": dict, <table>: DatasetDict}."""
     output_dir = os.fspath(output_dir)
