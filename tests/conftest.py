@@ -118,6 +118,19 @@ def pretrain_args(corpus: Path, output_dir, *extra) -> list[str]:
             "--logging_steps", "4", *extra]  # fmt: skip
 
 
+@pytest.fixture(scope="session")
+def synthetic_detector(tmp_path_factory):
+    """An untrained RT-DETR of training/train_detector.py's shape and its image processor (128 x 128, /255)."""
+    sys.path.insert(0, str(REPO / "training"))
+    import train_detector
+
+    folder = tmp_path_factory.mktemp("detector")
+    torch.manual_seed(0)
+    train_detector.RTDetrForObjectDetection(train_detector.detector_config()).save_pretrained(folder)
+    train_detector.image_processor().save_pretrained(folder)
+    return folder
+
+
 def write_tiny_config(root: Path) -> None:
     """`root / "tiny.json"`: the `tiny` preset without dropout, for `--model_config`."""
     config = CMALConfig.from_preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)

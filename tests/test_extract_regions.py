@@ -141,19 +141,6 @@ def test_two_files_of_one_image_id_are_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def detector_folder(tmp_path_factory):
-    """An untrained RT-DETR of training/train_detector.py's shape and its image processor (128 x 128, /255)."""
-    sys.path.insert(0, str(REPO / "training"))
-    import train_detector
-
-    folder = tmp_path_factory.mktemp("detector")
-    torch.manual_seed(0)
-    train_detector.RTDetrForObjectDetection(train_detector.detector_config()).save_pretrained(folder)
-    train_detector.image_processor().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def scene_dir(tmp_path_factory):
     from cmal.training.data import synthetic
 
@@ -163,11 +150,12 @@ def scene_dir(tmp_path_factory):
     return folder
 
 
-def test_a_plain_detector_folder_extracts_what_its_wrapped_model_detects(detector_folder, scene_dir, tmp_path):
+def test_a_plain_detector_folder_extracts_what_its_wrapped_model_detects(synthetic_detector, scene_dir, tmp_path):
     """`--detector`: the store holds what the CMAL-wrapped detector finds on the pixels of the detector's own
     processor (`from_detector_processor` reproduces them), top `--num_regions` above `--score_threshold`."""
     from transformers import AutoImageProcessor
 
+    detector_folder = synthetic_detector
     command = [sys.executable, "training/extract_regions.py", "--detector", str(detector_folder), "--image_dir",
                str(scene_dir), "--output_dir", str(tmp_path / "store"), "--num_regions", "8"]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)

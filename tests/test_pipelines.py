@@ -237,3 +237,30 @@ def test_retrieval_pipeline_ranks_images_and_texts(region_inputs, tmp_path):
     with torch.no_grad():
         scores = model(**processor(text=texts, regions=[region_inputs[1]] * 3)).scores
     assert [r["index"] for r in top] == scores.argsort(descending=True)[:2].tolist()
+
+
+def test_the_synthetic_world_answered_from_pixels_end_to_end(synthetic_detector, tmp_path):
+    """pretrain.py --detector, then fine-tuning VQA from it: the checkpoint carries the detector, fine-tuning read
+    the world as that detector sees it, and the pipeline answers a rendered world image as it answers the
+    image's stored detections."""
+    from cmal.training import pretrain
+
+    world = ["--synthetic_images", "60"]
+    pretrain.main([*world, "--detector", str(synthetic_detector), "--model_config", "tiny", "--output_dir",
+                   str(tmp_path / "pre"), "--max_train_steps", "2", "--per_device_train_batch_size", "8",
+                   "--report_to", "none", "--curriculum_epochs", "0"])  # fmt: skip
+    finetune.main([*world, "--task", "vqa", "--model_name_or_path", str(tmp_path / "pre"), "--output_dir",
+                   str(tmp_path / "vqa"), "--max_train_steps", "2", "--per_device_train_batch_size", "4",
+                   "--per_device_eval_batch_size", "4", "--max_eval_samples", "8", "--report_to", "none"])  # fmt: skip
+    tuned = CMALForQuestionAnswering.from_pretrained(tmp_path / "vqa")
+    assert tuned.config.detector_config["model_type"] == "rt_detr" and tuned.config.visual_feat_dim == 64
+
+    world_dir = synthetic.default_world(num_images=60, seed=0)
+    corpus = pretrain.load_corpus(pretrain.parse_args([*world, "--detector", str(synthetic_detector)]))
+    rows = corpus.regions.with_format("numpy")
+    vqa = pipeline("visual-question-answering", model=str(tmp_path / "vqa"), trust_remote_code=True)
+    for index in (0, 7):
+        image = f"{world_dir}/images/synthetic-{index:06d}.png"
+        raw = vqa(image=image, question="what colour is the ball?", top_k=3)
+        stored = vqa(regions=row_to_regions(rows[index]), question="what colour is the ball?", top_k=3)
+        assert_same_answers(raw, stored, atol=2e-3)  # the store keeps features in float16

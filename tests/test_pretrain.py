@@ -500,3 +500,40 @@ def test_validation_reports_held_out_itm(corpus, tmp_path):
     assert saved["validation"] == held_out
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"ROC AUC {held_out['itm_auc']:.4f} over 8 pairs" in card and "over 4 images (chance R@1: 25.0%)" in card
+
+
+def test_a_run_with_a_detector_reads_its_detections_and_answers_from_pixels_alike(synthetic_detector, tmp_path):
+    """`--detector` on the world: the regions trained on are the detector's over the world's images, and the saved
+    model, fed a world image, matches what it does on that image's stored regions."""
+    import PIL.Image
+
+    from cmal.modeling_cmal import CMALForPreTraining
+    from cmal.processors import CMALProcessor
+    from cmal.training.data import synthetic
+    from cmal.training.data.region_store import row_to_regions
+
+    world = ["--synthetic_images", "60"]
+    results = pretrain.main([*world, "--detector", str(synthetic_detector), "--model_config", "tiny", "--output_dir",
+                             str(tmp_path / "run"), "--max_train_steps", "3", "--per_device_train_batch_size", "8",
+                             "--report_to", "none", "--curriculum_epochs", "0"])  # fmt: skip
+    assert results["steps"] == 3
+    corpus = pretrain.load_corpus(pretrain.parse_args([*world, "--detector", str(synthetic_detector)]))
+    assert corpus.metadata["source"] == "detector" and corpus.metadata["feature_dim"] == 64
+    assert corpus.regions["image_id"] == [f"synthetic-{i:06d}" for i in range(60)]
+
+    model = CMALForPreTraining.from_pretrained(tmp_path / "run").eval()
+    processor = CMALProcessor.from_pretrained(tmp_path / "run")
+    assert model.config.detector_num_regions == 10 and model.config.detector_score_threshold == 0.3
+    images = [PIL.Image.open(os.path.join(synthetic.default_world(num_images=60, seed=0), "images", f"synthetic-{i:06d}.png"))
+              for i in (3, 4)]  # fmt: skip
+    texts = ["a red ball", "two cubes"]
+    from_pixels = model(**processor(text=texts, images=images, return_tensors="pt"))
+    rows = [row_to_regions(corpus.regions.with_format("numpy")[i]) for i in (3, 4)]
+    from_store = model(**processor(text=texts, regions=rows, return_tensors="pt"))
+    torch.testing.assert_close(from_pixels.itm_logits, from_store.itm_logits, atol=2e-3, rtol=2e-3)  # float16 store
+
+
+def test_a_detector_that_did_not_make_the_store_is_refused(corpus, synthetic_detector):
+    args = pretrain.parse_args(args_for(corpus, corpus / "unused", "--detector", str(synthetic_detector)))
+    with pytest.raises(ValueError, match=r"gives 64-d regions of .* but the region store has 16-d ones"):
+        pretrain.build_config(args, *_tokenizer_and_metadata(corpus, args))

@@ -13,6 +13,8 @@ Schema and other routes into it: docs/DATA.md.
 """
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 
@@ -73,6 +75,26 @@ def detector_model(path: str, num_regions: int, score_threshold: float) -> tuple
         AutoImageProcessor.from_pretrained(path), concept_names=config.concept_names, max_regions=config.max_regions
     )
     return model, processor
+
+
+def extract_world(world_dir: str, model: CMALModel, image_processor: CMALImageProcessor) -> str:
+    """The synthetic world's images (`synthetic.write_images`) through `model`'s detector, once: a region store
+    kept in the world's folder under a key of what decides the regions (the detector's weights, its limits, the
+    pixels it gets), so a rerun, or the fine-tuning of a model pre-trained on it, reuses it, and a killed
+    extraction resumes. Returns the store's path."""
+    from cmal.training.data import synthetic
+
+    config = model.config
+    settings = [config.detector_num_regions, config.detector_score_threshold, image_processor.size,
+                image_processor.do_rescale, image_processor.rescale_factor, image_processor.do_normalize]  # fmt: skip
+    digest = hashlib.sha256(json.dumps(settings).encode())
+    for name, tensor in sorted(model.detector.model.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    key = digest.hexdigest()[:16]
+    store = os.path.join(world_dir, f"detected-{key}")
+    # named by its key, not a path: the same detector moved elsewhere (or inside a checkpoint) reuses the store
+    extract(model, image_processor, synthetic.write_images(world_dir), store, batch_size=50, detector_name=f"sha256 {key}")
+    return store
 
 
 @torch.no_grad()

@@ -29,11 +29,12 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from cmal.model_cards import render as model_card
-from cmal.modeling_cmal import CMAL_PRESETS, CMALConfig
-from cmal.processors import CMALProcessor
+from cmal.modeling_cmal import CMAL_PRESETS, CMALConfig, CMALModel
+from cmal.processors import CMALImageProcessor, CMALProcessor
 from cmal.training.data.downstream import TaskCollator, TaskExamples
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
+from cmal.training.extract_regions import extract_world
 from cmal.training.loop import train
 from cmal.training.tasks import TASKS, synthetic_texts
 from cmal.training.utils import (
@@ -121,10 +122,17 @@ def load_data(args, task):
     if args.train_file is None:
         from cmal.training.data import synthetic
 
-        world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed))
+        world_dir = synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed)
+        world = synthetic.load_world(world_dir)
         table = world[task.synthetic_table]
+        regions, metadata = world["regions"], world["region_metadata"]
+        if args.model_name_or_path and CMALConfig.from_pretrained(args.model_name_or_path).detector_config:
+            # a model carrying a detector (pretrain.py --detector) reads the world as that detector sees it
+            model = CMALModel.from_pretrained(args.model_name_or_path)
+            image_processor = CMALImageProcessor.from_pretrained(args.model_name_or_path)
+            regions, metadata = load_region_store(extract_world(world_dir, model, image_processor))
         return _non_empty(task, table["train"], table["validation"]) + (
-            world["regions"], world["region_metadata"], synthetic_texts(world), synthetic.synthetic_lexicon())  # fmt: skip
+            regions, metadata, synthetic_texts(world), synthetic.synthetic_lexicon())  # fmt: skip
     train = task.read(args.train_file, args.train_annotations, args.train_split, args.image_id_template)
     validation = None
     if args.validation_file or task.split_by_name:

@@ -31,6 +31,7 @@ from cmal.modeling_cmal.convert_bert_to_cmal import load_bert_weights
 from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator, StreamingPairs
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
+from cmal.training.extract_regions import detector_model, extract_world
 from cmal.training.loop import train
 from cmal.training.metrics import binary_auc, load_metric
 from cmal.training.tasks import synthetic_texts
@@ -43,6 +44,7 @@ from cmal.training.utils import (
     apply_compute_flags,
     bounded,
     command_line,
+    existing_folder,
     finish,
     loader_options,
     model_config_source,
@@ -88,6 +90,13 @@ def parse_args(argv=None):
                            "instead of length-grouped batches drawn at random; needs --curriculum_epochs 0.")
     data.add_argument("--streaming_shards", type=POSITIVE_INT, default=64,
                       help="Shards of the stream: at least processes x workers, ideally many times that.")
+    data.add_argument("--detector", default=None, type=existing_folder,
+                      help="A transformers detector folder (training/train_detector.py's) carried in the model, so it "
+                           "answers from pixels; with --dataset synthetic the world's regions are its detections.")
+    data.add_argument("--detector_num_regions", type=POSITIVE_INT, default=10, help="With --detector: regions per image.")
+    data.add_argument("--detector_score_threshold", type=PROBABILITY, default=0.3,
+                      help="With --detector: detections scoring below it are dropped (0.3: 97.6%% of the world's "
+                           "objects kept, 4.4 regions per image).")
     data.add_argument("--tokenizer", default=None, type=model_source,
                       help="Tokenizer folder or Hub id (a fast BERT-style one). Default: with --init_text_from, "
                            "that checkpoint's; otherwise a word-level vocabulary built from the corpus.")
@@ -145,10 +154,14 @@ def load_corpus(args) -> Corpus:
     if args.dataset == "synthetic":
         from cmal.training.data import synthetic
 
-        world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed))
+        world_dir = synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed)
+        world = synthetic.load_world(world_dir)
+        regions, metadata = world["regions"], world["region_metadata"]
+        if args.detector:  # the same images, seen by the detector the model will carry
+            model, image_processor = detector_model(args.detector, args.detector_num_regions, args.detector_score_threshold)
+            regions, metadata = load_region_store(extract_world(world_dir, model, image_processor))
         texts = synthetic_texts(world)
-        return Corpus(world["captions"], world["regions"], world["region_metadata"], synthetic.synthetic_lexicon(), texts,
-                      synthetic.caption_truth(world))  # fmt: skip
+        return Corpus(world["captions"], regions, metadata, synthetic.synthetic_lexicon(), texts, synthetic.caption_truth(world))
     from datasets import load_from_disk
 
     regions, metadata = load_region_store(os.path.join(args.dataset, "regions"), require_concept_names=True)
@@ -188,6 +201,16 @@ def build_config(args, tokenizer, metadata) -> CMALConfig:
     )  # fmt: skip
     if args.anchor_mask_prob is not None:
         weights["anchor_mask_prob"] = args.anchor_mask_prob
+    if args.detector:
+        from transformers import AutoConfig
+
+        detector = CMALConfig.from_detector(AutoConfig.from_pretrained(args.detector))
+        if (detector.visual_feat_dim, detector.concept_names) != (metadata["feature_dim"], list(metadata["concept_names"])):
+            raise ValueError(f"--detector {args.detector} gives {detector.visual_feat_dim}-d regions of {detector.concept_names[:5]}..., "
+                             f"but the region store has {metadata['feature_dim']}-d ones of {list(metadata['concept_names'])[:5]}...: "
+                             "extract the store with this detector (training/extract_regions.py --detector)")  # fmt: skip
+        weights |= dict(detector_config=detector.detector_config, detector_num_regions=args.detector_num_regions,
+                        detector_score_threshold=args.detector_score_threshold)  # fmt: skip
     return new_model_config(args.model_config, tokenizer, metadata, hypersphere=not args.no_hypersphere,
                             itm_hard_negatives=not args.no_hard_negatives, anchor_fill=args.anchor_fill, **weights)  # fmt: skip
 
@@ -199,7 +222,7 @@ def build_data(args, corpus: Corpus, num_processes: int = 1, process_index: int 
     train_texts = corpus_subset(split(captions, "train"), args.corpus_fraction)
     tokenizer = build_tokenizer(args, vocabulary_texts)
     config = build_config(args, tokenizer, metadata)
-    processor = new_processor(config, tokenizer, lexicon)
+    processor = new_processor(config, tokenizer, lexicon, args.detector)
     train_set = ImageTextPairs(train_texts, regions)
     collator = PretrainingCollator(
         processor, train_set, args.mlm_probability, args.mrm_probability, args.itm_negative_probability,
@@ -285,6 +308,10 @@ def validate_retrieval(model, dataloader, pairs, accelerator) -> dict:
 
 def build_model(args, config):
     model = CMALForPreTraining(config)
+    if args.detector:
+        from transformers import AutoModelForObjectDetection
+
+        model.load_detector_weights(AutoModelForObjectDetection.from_pretrained(args.detector))
     if args.init_text_from:
         logger.info("\n" + str(load_bert_weights(model, args.init_text_from)))
     apply_compute_flags(model, args)

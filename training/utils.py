@@ -38,12 +38,16 @@ def new_model_config(model_config: str, tokenizer, metadata: dict, **overrides) 
     })  # fmt: skip
 
 
-def new_processor(config: CMALConfig, tokenizer, lexicon: AnchorLexicon | None = None) -> CMALProcessor:
+def new_processor(config: CMALConfig, tokenizer, lexicon: AnchorLexicon | None = None, detector: str | None = None) -> CMALProcessor:
     """The processor of a new model: its concepts and region limits, the tokenizer, and the anchor lexicon
-    (default: the concept names themselves)."""
-    image_processor = CMALImageProcessor(
-        concept_names=config.concept_names, max_regions=config.max_regions, visual_pos_dim=config.visual_pos_dim
-    )
+    (default: the concept names themselves); with a `detector` folder, that detector's own image preprocessing."""
+    limits = dict(concept_names=config.concept_names, max_regions=config.max_regions, visual_pos_dim=config.visual_pos_dim)
+    if detector is None:
+        image_processor = CMALImageProcessor(**limits)
+    else:
+        from transformers import AutoImageProcessor
+
+        image_processor = CMALImageProcessor.from_detector_processor(AutoImageProcessor.from_pretrained(detector), **limits)
     lexicon = lexicon or AnchorLexicon(config.concept_names)
     return CMALProcessor(image_processor, tokenizer, anchor_lexicon=lexicon.to_dict())
 
