@@ -3,13 +3,14 @@ real photo (scikit-image's, tiny random detector) and on precomputed regions, th
 and the extraction/in-model parity of a model fine-tuned on an extracted region store."""
 
 import json
+import sys
 
 import numpy as np
 import PIL.Image
 import pytest
 import skimage.data
 import torch
-from conftest import run_without_project
+from conftest import REPO, run_without_project
 from test_detector import LABELS, cmal_config
 from transformers import pipeline
 
@@ -264,3 +265,10 @@ def test_the_synthetic_world_answered_from_pixels_end_to_end(synthetic_detector,
         raw = vqa(image=image, question="what colour is the ball?", top_k=3)
         stored = vqa(regions=row_to_regions(rows[index]), question="what colour is the ball?", top_k=3)
         assert_same_answers(raw, stored, atol=2e-3)  # the store keeps features in float16
+    # benchmarks/photo_vqa.py on that checkpoint: the same questions from pixels and from the stored detections
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import photo_vqa
+
+    result = photo_vqa.evaluate(str(tmp_path / "vqa"), synthetic_images=60, max_questions=12)
+    assert result["questions"] == 12 and 0 <= result["accuracy_from_pixels"] <= 1
+    assert result["agreement"] >= 0.75  # float16 rounding in the store may flip a near tie of an untrained head
