@@ -2,8 +2,8 @@
 
     python training/train_detector.py                                                      # outputs/detector-synthetic
     accelerate launch training/pretrain.py --detector outputs/detector-synthetic --output_dir outputs/cmal-mini-detector
-    python training/finetune.py --task vqa --model_name_or_path outputs/cmal-mini-detector --output_dir outputs/vqa-detector
-    python benchmarks/photo_vqa.py outputs/vqa-detector
+    python training/finetune.py --task vqa --model_name_or_path outputs/cmal-mini-detector --output_dir outputs/vqa-synthetic-detector
+    python benchmarks/photo_vqa.py outputs/vqa-synthetic-detector
 
 Each validation question of the synthetic world is answered twice by the same model: from the rendered image
 (the processor's pixels through the checkpoint's own detector) and from that image's row of the detected

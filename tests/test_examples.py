@@ -51,6 +51,19 @@ def test_quickstart_prints_the_pipeline_answers(detector_folder, photos, vqa, ca
     assert {a["answer"] for a in expected} <= set(test_pipelines.ANSWERS.values())
 
 
+def test_quickstart_defaults_to_what_the_readme_commands_make(tmp_path, monkeypatch, capsys):
+    """No Hub id by default: the folder the documented commands make, or an error that lists those commands."""
+    quickstart = load_example("quickstart.py")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        quickstart.main([])
+    error = capsys.readouterr().err
+    assert "outputs/vqa-synthetic-detector does not exist yet" in error
+    assert "    python training/train_detector.py\n    accelerate launch training/pretrain.py --detector outputs/detector-synthetic" in error
+    image = PIL.Image.open(quickstart.default_image(synthetic_images=60))
+    assert image.size == (synthetic.IMAGE_SIZE, synthetic.IMAGE_SIZE)
+
+
 def test_draw_anchors_draws_boxes_fills_links_and_bars():
     """A known figure: two regions on a grey image, the word "cat" linked to region 0 only, attention 3:1."""
     image = PIL.Image.new("RGB", (200, 100), (128, 128, 128))
