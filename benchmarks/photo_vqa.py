@@ -18,7 +18,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from cmal.modeling_cmal import CMALForQuestionAnswering, CMALModel
+from cmal.modeling_cmal import CMALForQuestionAnswering
 from cmal.processors import CMALProcessor
 from cmal.training.data import synthetic
 from cmal.training.data.region_store import load_region_store, row_to_regions
@@ -31,7 +31,7 @@ def evaluate(folder: str, synthetic_images: int = 2000, seed: int = 0, split: st
     model = CMALForQuestionAnswering.from_pretrained(folder).eval()
     processor = CMALProcessor.from_pretrained(folder)
     world_dir = synthetic.default_world(num_images=synthetic_images, seed=seed)
-    store, _ = load_region_store(extract_world(world_dir, CMALModel.from_pretrained(folder), processor.image_processor))
+    store, _ = load_region_store(extract_world(world_dir, model.cmal, processor.image_processor))  # fine-tuning's store
     rows = store.with_format("numpy")
     row_of = {image_id: k for k, image_id in enumerate(store["image_id"])}
     questions = synthetic.load_world(world_dir)["vqa"][split]

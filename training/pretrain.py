@@ -194,13 +194,13 @@ def build_tokenizer(args, texts):
 
 
 def build_config(args, tokenizer, metadata) -> CMALConfig:
-    """The preset or JSON config, fitted to the tokenizer and the region store, with the objective weights."""
-    weights = dict(
+    """The preset or JSON config, fitted to the tokenizer and the region store, with the run's overrides."""
+    overrides = dict(  # the objective weights, then ablations and the detector
         mlm_weight=args.mlm, mrm_weight=args.mrm, itm_weight=args.itm, itc_weight=args.itc,
         **{f"amc_{part}_weight": args.amc if part in args.amc_parts else 0.0 for part in AMC_PARTS},
     )  # fmt: skip
     if args.anchor_mask_prob is not None:
-        weights["anchor_mask_prob"] = args.anchor_mask_prob
+        overrides["anchor_mask_prob"] = args.anchor_mask_prob
     if args.detector:
         from transformers import AutoConfig
 
@@ -209,10 +209,10 @@ def build_config(args, tokenizer, metadata) -> CMALConfig:
             raise ValueError(f"--detector {args.detector} gives {detector.visual_feat_dim}-d regions of {detector.concept_names[:5]}..., "
                              f"but the region store has {metadata['feature_dim']}-d ones of {list(metadata['concept_names'])[:5]}...: "
                              "extract the store with this detector (training/extract_regions.py --detector)")  # fmt: skip
-        weights |= dict(detector_config=detector.detector_config, detector_num_regions=args.detector_num_regions,
-                        detector_score_threshold=args.detector_score_threshold)  # fmt: skip
+        overrides |= dict(detector_config=detector.detector_config, detector_num_regions=args.detector_num_regions,
+                          detector_score_threshold=args.detector_score_threshold)  # fmt: skip
     return new_model_config(args.model_config, tokenizer, metadata, hypersphere=not args.no_hypersphere,
-                            itm_hard_negatives=not args.no_hard_negatives, anchor_fill=args.anchor_fill, **weights)  # fmt: skip
+                            itm_hard_negatives=not args.no_hard_negatives, anchor_fill=args.anchor_fill, **overrides)  # fmt: skip
 
 
 def build_data(args, corpus: Corpus, num_processes: int = 1, process_index: int = 0):
