@@ -38,6 +38,11 @@ def default_image(synthetic_images: int = 2000, seed: int = 0) -> str:
                         "synthetic-000001.png")  # fmt: skip
 
 
+def missing_default_message() -> str:
+    commands = [line for line in __doc__.splitlines() if line.startswith(("    python training", "    accelerate launch"))]
+    return f"{DEFAULT_MODEL} does not exist yet; make it (from the repository root) with\n" + "\n".join(commands)
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="folder or Hub id of a CMAL VQA checkpoint with a detector")
@@ -46,9 +51,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--top_k", type=int, default=5, help="how many answers to print")
     args = parser.parse_args(argv)
     if args.model == DEFAULT_MODEL and not os.path.isdir(DEFAULT_MODEL):
-        commands = [line for line in __doc__.splitlines() if line.startswith(("    python training", "    accelerate launch"))]
-        parser.error(f"{DEFAULT_MODEL} does not exist yet; make it (from the repository root) with\n" + "\n".join(commands) + "\n"
-                     "or pass --model (a folder or Hub id of a CMAL VQA checkpoint with a detector)")  # fmt: skip
+        parser.error(missing_default_message() + "\nor pass --model (a folder or Hub id of a CMAL VQA checkpoint with a detector)")
     args.image = args.image or default_image()
 
     vqa = pipeline("visual-question-answering", model=args.model, trust_remote_code=True)

@@ -62,6 +62,8 @@ def test_quickstart_defaults_to_what_the_readme_commands_make(tmp_path, monkeypa
     assert "    python training/train_detector.py\n    accelerate launch training/pretrain.py --detector outputs/detector-synthetic" in error
     image = PIL.Image.open(quickstart.default_image(synthetic_images=60))
     assert image.size == (synthetic.IMAGE_SIZE, synthetic.IMAGE_SIZE)
+    with pytest.raises(SystemExit, match="outputs/vqa-synthetic-detector does not exist yet; make it .*\n    python training/train_detector.py\n"):
+        load_example("space/app.py").local_default()  # the Space's default is the quickstart's
 
 
 def test_draw_anchors_draws_boxes_fills_links_and_bars():

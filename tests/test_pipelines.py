@@ -2,8 +2,10 @@
 real photo (scikit-image's, tiny random detector) and on precomputed regions, the other heads' pipelines,
 and the extraction/in-model parity of a model fine-tuned on an extracted region store."""
 
+import base64
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -265,6 +267,32 @@ def test_the_synthetic_world_answered_from_pixels_end_to_end(synthetic_detector,
         raw = vqa(image=image, question="what colour is the ball?", top_k=3)
         stored = vqa(regions=row_to_regions(rows[index]), question="what colour is the ball?", top_k=3)
         assert_same_answers(raw, stored, atol=2e-3)  # the store keeps features in float16
+    # the Endpoint handler and the Space answer the rendered image as the pipeline does
+    from test_examples import load_example
+
+    image = f"{world_dir}/images/synthetic-000007.png"
+    expected = vqa(image=image, question="what colour is the ball?", top_k=3)
+    handler = load_example("endpoint/handler.py").EndpointHandler(str(tmp_path / "vqa"))
+    encoded = base64.b64encode(Path(image).read_bytes()).decode()
+    assert_same_answers(handler({"inputs": {"image": encoded, "question": "what colour is the ball?"},
+                                 "parameters": {"top_k": 3}}), expected)  # fmt: skip
+    demo = load_example("space/app.py").build_demo(str(tmp_path / "vqa"))
+    predict = next(f.fn for f in demo.fns.values() if f.name == "predict")
+    answers, _ = predict(image, "what colour is the ball?", 3)
+    assert answers == {a["answer"]: a["score"] for a in expected}
+    # the Endpoint handler and the Space answer the rendered image as the pipeline does
+    from test_examples import load_example
+
+    image = f"{world_dir}/images/synthetic-000007.png"
+    expected = vqa(image=image, question="what colour is the ball?", top_k=3)
+    handler = load_example("endpoint/handler.py").EndpointHandler(str(tmp_path / "vqa"))
+    encoded = base64.b64encode(Path(image).read_bytes()).decode()
+    assert_same_answers(handler({"inputs": {"image": encoded, "question": "what colour is the ball?"},
+                                 "parameters": {"top_k": 3}}), expected)  # fmt: skip
+    demo = load_example("space/app.py").build_demo(str(tmp_path / "vqa"))
+    predict = next(f.fn for f in demo.fns.values() if f.name == "predict")
+    answers, _ = predict(image, "what colour is the ball?", 3)
+    assert answers == {a["answer"]: a["score"] for a in expected}
     # benchmarks/photo_vqa.py on that checkpoint: the same questions from pixels and from the stored detections
     sys.path.insert(0, str(REPO / "benchmarks"))
     import photo_vqa

@@ -6,9 +6,14 @@ variable; `CMAL_REVISION` pins a commit). It loads with `trust_remote_code=True`
 neither this project nor anything beyond `requirements.txt`. Copy `examples/visualize_anchors.py`
 next to this file.
 
+Unset, `CMAL_MODEL` is the folder the README's commands make (see `examples/quickstart.py`), and the
+app offers a rendered image of the synthetic world's validation split as an example:
+
+    python examples/space/app.py                                  # outputs/vqa-synthetic-detector
     CMAL_MODEL=outputs/my-vqa python examples/space/app.py
 """
 
+import importlib.util
 import os
 import sys
 import warnings
@@ -23,12 +28,14 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 from visualize_anchors import anchor_picture  # noqa: E402
 
 
-MODEL = os.environ.get("CMAL_MODEL", "cmal/cmal-base-vqa")  # placeholder Hub id: set CMAL_MODEL
+DEFAULT_MODEL = "outputs/vqa-synthetic-detector"  # what the README's commands make (examples/quickstart.py)
+MODEL = os.environ.get("CMAL_MODEL", DEFAULT_MODEL)
 REVISION = os.environ.get("CMAL_REVISION")  # the commit whose remote code you reviewed: it runs in the Space
 
 
-def build_demo(model_path: str, revision: str | None = None) -> gr.Blocks:
-    """The interface around one loaded pipeline; `launch()` is left to the caller (tests build it only)."""
+def build_demo(model_path: str, revision: str | None = None, examples: list | None = None) -> gr.Blocks:
+    """The interface around one loaded pipeline; `launch()` is left to the caller (tests build it only).
+    `examples`: `[image path, question]` rows offered under the inputs."""
     vqa = pipeline("visual-question-answering", model=model_path, revision=revision, trust_remote_code=True)
 
     def predict(image, question, top_k):
@@ -63,12 +70,28 @@ def build_demo(model_path: str, revision: str | None = None) -> gr.Blocks:
                 question = gr.Textbox(label="Question", placeholder="what is on the table?")
                 top_k = gr.Slider(1, 10, value=5, step=1, label="Answers")
                 ask = gr.Button("Ask", variant="primary")
+                if examples:
+                    gr.Examples(examples, [image, question])
             with gr.Column():
                 answers = gr.Label(label="Answers")
-                anchors = gr.Image(type="pil", label="Regions, anchor points and [CLS] attention")
+                anchors = gr.Image(type="pil", label="Regions, anchor points and [CLS] attention", elem_id="anchor-picture")
         gr.on([ask.click, question.submit], predict, [image, question, top_k], [answers, anchors])  # one API endpoint
     return demo
 
 
+def local_default() -> list:
+    """The quickstart's rendered world image and question, for the checkpoint the README's commands make;
+    exits naming those commands when it has not been made yet."""
+    quickstart = Path(__file__).resolve().parents[1] / "quickstart.py"
+    if not quickstart.exists():  # in a Space: nothing local to default to
+        sys.exit("Set CMAL_MODEL to a CMAL VQA checkpoint with a detector (a Hub id or folder).")
+    spec = importlib.util.spec_from_file_location("quickstart", quickstart)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not os.path.isdir(DEFAULT_MODEL):
+        sys.exit(module.missing_default_message())
+    return [[module.default_image(), module.DEFAULT_QUESTION]]
+
+
 if __name__ == "__main__":
-    build_demo(MODEL, REVISION).launch()
+    build_demo(MODEL, REVISION, examples=local_default() if MODEL == DEFAULT_MODEL else None).launch()
