@@ -10,6 +10,7 @@ card is parsed back and checked offline (`validate_card`) before it is written.
 """
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from cmal.modeling_cmal.modeling_cmal import (
     CMALForReferringExpression,
     CMALForVisualReasoning,
 )
+from cmal.training.data import synthetic
 from cmal.training.data.region_store import METADATA_FILE
 
 
@@ -41,9 +43,9 @@ TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates"
 SYNTHETIC_DATASET = "synthetic-scene-world"
 REQUIRED_TAGS = ("cmal", "custom_code", "vision-language")
 REQUIRED_TRAIN_RESULTS = ("steps", "global_batch_size", "train_seconds")
-# A COCO photo (two cats and two remotes on a couch): its objects are classes of the default detector.
-VQA_WIDGET = [{"src": "http://images.cocodataset.org/val2017/000000039769.jpg", "text": "How many cats are there?",
-               "example_title": "Cats on a couch"}]  # fmt: skip
+# The region settings of every world the training scripts build: `build_world`'s defaults (no flag changes them).
+SYNTHETIC_REGIONS = {name: inspect.signature(synthetic.build_world).parameters[name].default
+                     for name in ("box_jitter", "num_distractors", "tag_noise")}  # fmt: skip
 
 
 class Metric(NamedTuple):
@@ -97,14 +99,31 @@ def dataset_name(training_args: dict) -> str:
 
 
 def hub_repo_id(name: str | None, root: str = ".") -> str | None:
-    """`name` if it names a Hub repo, None for a local path: `base_model` must link to a repo on the Hub.
+    """The Hub repo `name` stands for, None if none: `base_model` must link to a repo on the Hub.
 
-    A relative path is looked up under `root` (where training ran), since `owner/name` and `folder/name`
-    read the same.
+    A Hub id stands for itself. A local folder (a relative path is looked up under `root`, where training
+    ran, since `owner/name` and `folder/name` read the same) stands for the namespaced repo it was pushed
+    to, as its `train_results.json` records (`hub_model_id`), else for nothing.
     """
-    if not name or os.path.exists(os.path.join(root, os.path.expanduser(name))):
+    if not name:
         return None
+    folder = os.path.join(root, os.path.expanduser(name))
+    if os.path.exists(folder):
+        pushed = ((_read_json(os.path.join(folder, "train_results.json")) or {}).get("args") or {}).get("hub_model_id")
+        return pushed if pushed and "/" in pushed and _is_repo_id(pushed) else None
     return name if _is_repo_id(name) else None
+
+
+def _source(name: str | None, base_model: str | None) -> str:
+    """Where weights came from, as a card states it: a Hub link, or a local folder by its name only (a card
+    is published: a path on the training machine resolves nowhere else)."""
+    if not name:
+        return "random weights"
+    local = f"the local folder `{os.path.basename(os.path.normpath(name))}`"
+    if base_model:
+        hub = f"[`{base_model}`](https://huggingface.co/{base_model})"
+        return hub if name == base_model else f"{hub} ({local})"
+    return local + " (not on the Hub)"
 
 
 def _is_repo_id(name: str) -> bool:
@@ -143,10 +162,15 @@ def _regions(config: dict, training_args: dict, root: str) -> dict:
         with open(os.path.join(root, store, METADATA_FILE)) as f:
             provenance = json.load(f)
     detector = config.get("detector_config")
+    if detector:
+        weights = detector.get("_name_or_path") or None
+        measured = (_read_json(os.path.join(root, weights, "eval_results.json")) or {}) if weights else {}
+        detector = {"type": detector["model_type"], "weights": weights and _source(weights, hub_repo_id(weights, root)),
+                    "validation": measured.get("validation") if "map_50" in (measured.get("validation") or {}) else None}  # fmt: skip
     return {
         "feature_dim": config["visual_feat_dim"],
         "concepts": list(config["concept_names"]),
-        "detector": detector and {"type": detector["model_type"], "checkpoint": detector.get("_name_or_path") or None},
+        "detector": detector,
         "store": store,
         "store_source": provenance.get("source"),
         "store_detector": provenance.get("detector"),
@@ -163,6 +187,7 @@ def render_model_card(
     base_model: str | None,
     dataset_name: str,
     root: str = ".",
+    repo_id: str | None = None,
 ) -> ModelCard:
     """The model card of a checkpoint folder, checked with `validate_card`.
 
@@ -177,6 +202,8 @@ def render_model_card(
             tells them apart); the body names whatever `training_args` started from.
         dataset_name: the training data's name (`dataset_name(training_args)`).
         root: the directory training ran in, against which relative paths in `training_args` are resolved.
+        repo_id: the namespaced Hub repo the card is for (default `training_args["hub_model_id"]`); without
+            one, the snippets name `<your-namespace>/<folder name>`.
     """
     spec = _kind(kind)
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -185,8 +212,8 @@ def render_model_card(
     missing = [key for key in REQUIRED_TRAIN_RESULTS if key not in train_results]
     if missing:
         raise ValueError(f"train_results lacks {', '.join(missing)}, which the card's training section reports")
-    hub_model_id = training_args.get("hub_model_id")
-    model_name = (hub_model_id or os.path.basename(os.path.abspath(folder))).split("/")[-1]
+    repo_id = repo_id or training_args.get("hub_model_id")
+    model_name = (repo_id or os.path.basename(os.path.abspath(folder))).split("/")[-1]
     index = _eval_results(kind, eval_results, dataset_name) if eval_results and spec.metrics else None
     data = ModelCardData(
         language="en",
@@ -199,8 +226,7 @@ def render_model_card(
         base_model=base_model,
         model_name=model_name if index else None,  # only the `model-index` uses it
         eval_results=index,
-        widget=VQA_WIDGET if spec.pipeline_tag == "visual-question-answering" else None,
-    )
+    )  # no `widget`: the Hub's widgets do not run custom code (the card points to the Space and Endpoint)
     regions = _regions(config, training_args, root)
     card = ModelCard.from_template(
         data,
@@ -209,13 +235,15 @@ def render_model_card(
         kind=kind,
         spec=spec,
         model_name=model_name,
-        repo_id=hub_model_id or model_name,
+        repo_id=repo_id if repo_id and "/" in repo_id else f"<your-namespace>/{model_name}",
         config=config,
         args=training_args,
         results=train_results,
         evaluation=eval_results or {},
         metrics=[{"name": e.metric_name, "value": e.metric_value} for e in index or []],
-        init_from=training_args.get("model_name_or_path") or training_args.get("init_text_from"),
+        init_from=_source(training_args.get("model_name_or_path") or training_args.get("init_text_from"), base_model),
+        epochs=train_results["steps"] / train_results["steps_per_epoch"] if train_results.get("steps_per_epoch") else None,
+        synthetic_regions=SYNTHETIC_REGIONS,
         dataset_name=dataset_name,
         synthetic=dataset_name == SYNTHETIC_DATASET,
         regions=regions,
@@ -253,9 +281,7 @@ def validate_card(card: ModelCard, kind: str, eval_results: dict | None = None) 
     check("pipeline_tag", data.pipeline_tag == spec.pipeline_tag, repr(spec.pipeline_tag))
     check("datasets", bool(data.datasets), "the training dataset")
     check("base_model", data.base_model is None or _is_repo_id(data.base_model), "a Hub repo id or nothing")
-    if spec.pipeline_tag == "visual-question-answering":
-        widget = raw.get("widget") or [{}]
-        check("widget", all(example.get("src") and example.get("text") for example in widget), "examples with `src` and `text`")
+    check("widget", "widget" not in raw, "none (the Hub's widgets cannot run a custom-code model)")
     for snippet in ("trust_remote_code=True", "revision="):
         if snippet not in card.text:
             raise ValueError(f"model card body: the loading snippet lacks `{snippet}`")
@@ -304,8 +330,9 @@ def _read_json(path: str) -> dict | None:
         return json.load(f)
 
 
-def render_folder(folder: str, kind: str | None = None) -> str:
-    """Re-render `folder/README.md` from its config.json, train_results.json and eval_results.json."""
+def render_folder(folder: str, kind: str | None = None, repo_id: str | None = None) -> str:
+    """Re-render `folder/README.md` from its config.json, train_results.json and eval_results.json (for the
+    Hub repo `repo_id`, e.g. the one it is being pushed to)."""
     config = _read_json(os.path.join(folder, "config.json"))
     train_results = _read_json(os.path.join(folder, "train_results.json"))
     if config is None or train_results is None:
@@ -324,7 +351,7 @@ def render_folder(folder: str, kind: str | None = None) -> str:
     start = training_args.get("model_name_or_path") or training_args.get("init_text_from")
     base_model = hub_repo_id(start, root) if root is not None else None
     return write_model_card(folder, kind, config, training_args, train_results, eval_results, base_model,
-                            dataset_name(training_args), root=root or ".")  # fmt: skip
+                            dataset_name(training_args), root=root or ".", repo_id=repo_id)  # fmt: skip
 
 
 def main(argv=None):

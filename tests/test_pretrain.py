@@ -449,10 +449,12 @@ def test_push_to_hub_uploads_the_final_folder(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     FakeApi.calls = []
     pretrain.main(args_for(corpus, tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2",
-                           "--push_to_hub", "--hub_model_id", "me/cmal-test"))  # fmt: skip
-    assert FakeApi.calls[0] == ("create_repo", "me/cmal-test", None, True)
+                           "--push_to_hub", "--hub_model_id", "cmal-test"))  # fmt: skip
+    assert FakeApi.calls[0] == ("create_repo", "cmal-test", None, True)
     name, repo, operations = FakeApi.calls[1]
-    assert (name, repo) == ("create_commit", "me/cmal-test")
+    assert (name, repo) == ("create_commit", "me/cmal-test")  # the repo as the Hub names it, owner included
+    # the uploaded card loads that repo (rendered again for it), not a bare name
+    assert 'repo_id, revision = "me/cmal-test", "main"' in (tmp_path / "README.md").read_text()
     assert [path for path, _ in operations] == [
         "README.md", "anchor_lexicon.py", "config.json", "configuration_cmal.py", "image_processing_cmal.py",
         "model.safetensors", "modeling_cmal.py", "processing_cmal.py", "processor_config.json", "tokenizer.json",

@@ -31,6 +31,7 @@ class FakeApi:
 
     def create_repo(self, repo_id, private=None, exist_ok=False):
         self.calls.append(("create_repo", repo_id, private, exist_ok))
+        return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"me/{repo_id}")  # a RepoUrl: the Hub adds the owner
 
     def create_commit(self, repo_id, operations, commit_message):
         self.calls.append(("create_commit", repo_id, [(op.path_in_repo, op.path_or_fileobj) for op in operations]))

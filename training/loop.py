@@ -29,7 +29,7 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
     process on a NaN/inf loss or gradient (`update`). The collator draws its masks and negatives per (seed, epoch, example), so
     it is told the epoch. `evaluate()` (a dict of metrics), when given, runs every `eval_steps` steps and at
     the end: its results make the learning curve, whose last point is the final evaluation. Returns steps,
-    global batch size, last learning rate, seconds, the share of them spent waiting for data, each loss's
+    steps per epoch, training examples, global batch size, last learning rate, seconds, the share of them spent waiting for data, each loss's
     mean over the first and the last logging window, and the learning curve (`[{"step": N, **metrics}]`;
     evaluation time is not training time).
     """
@@ -99,6 +99,8 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
     accelerator.wait_for_everyone()
     return {
         "steps": completed,
+        "steps_per_epoch": steps_per_epoch,  # the card's epochs: steps / steps_per_epoch
+        "train_examples": examples,
         "global_batch_size": global_batch,
         "last_learning_rate": scheduler.get_last_lr()[0],
         "train_seconds": seconds,

@@ -484,13 +484,21 @@ def check_safetensors(path: str, keys: set | None = None) -> None:
 
 
 def push_to_hub(folder: str, repo_id: str | None = None, private: bool | None = None, commit_message: str | None = None):
-    """Upload a checked training folder (`hub_files`) in one commit; returns the commit info."""
+    """Upload a checked training folder (`hub_files`) in one commit; returns the commit info.
+
+    A card the training scripts wrote (the folder has `train_results.json`) is first rendered again for the
+    repo as the Hub names it (`owner/name`, also when `repo_id` was given without the owner), so that its
+    snippets load this very repo."""
     from huggingface_hub import CommitOperationAdd, HfApi
+
+    from cmal.model_cards.render import render_folder
 
     files = hub_files(folder)
     repo_id = repo_id or os.path.basename(os.path.abspath(folder))
     api = HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if os.path.isfile(os.path.join(folder, "train_results.json")):
+        render_folder(folder, repo_id=repo_id)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name)) for name in files]
     info = api.create_commit(repo_id, operations=operations, commit_message=commit_message or f"Upload CMAL from {folder}")
     logger.info(f"uploaded {len(files)} files to {repo_id}: {info.commit_url}")
