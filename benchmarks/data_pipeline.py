@@ -4,7 +4,7 @@
     python benchmarks/data_pipeline.py --regions 10-100 --workers 0 2   # adaptive region counts
 
 Builds (once, under --folder) a `pretrain.py --dataset` folder of random bottom-up-attention-sized regions
-and five captions per image, then times `pretrain.build_data`'s DataLoader as training uses it (same
+and five captions per image, then times `pretrain_run.build_data`'s DataLoader as training uses it (same
 sampler, collator, masking and ITM negatives) for each `--workers`, warm (the store in the page cache),
 cold (evicted with `posix_fadvise(DONTNEED)` first) and, in-process, mapped (every page of the store touched
 once first, as in a later epoch: region reads are views into the memory-mapped store, and on a VM the first
@@ -23,7 +23,7 @@ import time
 import datasets
 import numpy as np
 
-from cmal.training import pretrain
+from cmal.training import pretrain, pretrain_run
 from cmal.training.data.region_store import RegionStoreWriter
 
 
@@ -70,7 +70,7 @@ def measure(args, corpus, workers: int, cache: str, seed: int) -> dict:
     run = pretrain.parse_args(["--dataset", args.folder, "--report_to", "none", "--num_workers", str(workers),
                                "--per_device_train_batch_size", str(args.batch_size), "--curriculum_epochs", "0",
                                "--seed", str(seed)])  # fmt: skip
-    *_, pairs, _, loader = pretrain.build_data(run, corpus)
+    *_, pairs, _, loader = pretrain_run.build_data(run, corpus)
     if cache == "cold":
         evict(args.folder)
     elif cache == "mapped":
@@ -113,7 +113,7 @@ def main(argv=None) -> list[dict]:
     regions = (int(low), int(high or low))
     args.folder = args.folder or f"outputs/pipeline-{args.images}x{args.regions}x{args.feature_dim}"
     build_corpus(args.folder, args.images, args.feature_dim, regions)
-    corpus = pretrain.load_corpus(pretrain.parse_args(["--dataset", args.folder, "--report_to", "none"]))
+    corpus = pretrain_run.load_corpus(pretrain.parse_args(["--dataset", args.folder, "--report_to", "none"]))
     reports = []
     for workers in args.workers:
         for cache in args.caches:

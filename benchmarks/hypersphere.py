@@ -15,7 +15,7 @@ from accelerate import Accelerator
 
 from cmal import CMALProcessor
 from cmal.modeling_cmal import CMALForPreTraining
-from cmal.training import pretrain
+from cmal.training import pretrain, pretrain_run
 
 
 def sphere_inputs(folder: str, synthetic_images: int = 2000, batch_size: int = 32) -> dict[str, dict[str, float]]:
@@ -23,8 +23,8 @@ def sphere_inputs(folder: str, synthetic_images: int = 2000, batch_size: int = 3
     model = CMALForPreTraining.from_pretrained(folder).eval()
     args = pretrain.parse_args(["--per_device_train_batch_size", str(batch_size), "--synthetic_images", str(synthetic_images),
                                 "--mlm_probability", "0", "--mrm_probability", "0"])  # the clean pass: nothing masked
-    corpus = pretrain.load_corpus(args)
-    loader = pretrain.validation_loader(args, pretrain.validation_pairs(corpus), CMALProcessor.from_pretrained(folder),
+    corpus = pretrain_run.load_corpus(args)
+    loader = pretrain_run.validation_loader(args, pretrain_run.validation_pairs(corpus), CMALProcessor.from_pretrained(folder),
                                         Accelerator(cpu=True), negative_probability=0.0)  # fmt: skip
     batch = next(iter(loader))
     seen = {}

@@ -7,7 +7,7 @@
 
 Each validation question of the synthetic world is answered twice by the same model: from the rendered image
 (the processor's pixels through the checkpoint's own detector) and from that image's row of the detected
-region store fine-tuning read (`extract_regions.extract_world`, float16 features). Prints one JSON line:
+region store fine-tuning read (`region_extraction.extract_world`, float16 features). Prints one JSON line:
 accuracy (the world's answers are unanimous, so VQA accuracy is exact match) and how often the two answers agree.
 """
 
@@ -22,7 +22,7 @@ from cmal.modeling_cmal import CMALForQuestionAnswering
 from cmal.processors import CMALProcessor
 from cmal.training.data import synthetic
 from cmal.training.data.region_store import load_region_store, row_to_regions
-from cmal.training.extract_regions import extract_world
+from cmal.training.region_extraction import extract_world
 
 
 @torch.no_grad()

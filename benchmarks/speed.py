@@ -340,10 +340,10 @@ def checkpointing_saving(rows: list[dict], model: str = "CMAL", attention: str =
 def time_data_pipeline(args, device) -> dict:
     """Pre-training batches/s of `training/pretrain.py`'s data pipeline vs the `small` model's training step."""
     from cmal.modeling_cmal import CMALForPreTraining
-    from cmal.training import pretrain
+    from cmal.training import pretrain, pretrain_run
 
     p = pretrain.parse_args([])
-    config, _, _, _, loader = pretrain.build_data(p, pretrain.load_corpus(p))
+    config, _, _, _, loader = pretrain_run.build_data(p, pretrain_run.load_corpus(p))
 
     batches, iterator = [], iter(loader)
     batches.append(next(iterator))  # first batch: iterator start-up, not counted

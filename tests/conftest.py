@@ -122,8 +122,7 @@ def pretrain_args(corpus: Path, output_dir, *extra) -> list[str]:
 @pytest.fixture(scope="session")
 def synthetic_detector(tmp_path_factory):
     """An untrained RT-DETR of training/train_detector.py's shape and its image processor (128 x 128, /255)."""
-    sys.path.insert(0, str(REPO / "training"))
-    import train_detector
+    from cmal.training import train_detector_run as train_detector
 
     folder = tmp_path_factory.mktemp("detector")
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from test_detector import LABELS, cmal_config
 
 from cmal.modeling_cmal import CMALForQuestionAnswering, CMALModel
 from cmal.processors.image_processing_cmal import CMALImageProcessor
-from cmal.training import extract_regions
+from cmal.training import extract_regions, region_extraction
 from cmal.training.data.region_store import RegionStoreWriter, load_region_store, row_to_regions
 
 
@@ -44,7 +44,7 @@ def image_dir(tmp_path_factory):
 def run(checkpoint, image_dir, output_dir, **kwargs):
     model = CMALModel.from_pretrained(checkpoint)
     processor = CMALImageProcessor.from_pretrained(checkpoint)
-    return extract_regions.extract(model, processor, str(image_dir), str(output_dir), **kwargs)
+    return region_extraction.extract(model, processor, str(image_dir), str(output_dir), **kwargs)
 
 
 def test_extraction_resumes_after_a_kill(checkpoint, image_dir, tmp_path, monkeypatch):
@@ -88,7 +88,7 @@ def test_stored_regions_match_the_in_model_path(checkpoint, image_dir, tmp_path)
     model = CMALForQuestionAnswering.from_pretrained(checkpoint).eval()
     processor = CMALImageProcessor.from_pretrained(checkpoint)
     text = dict(input_ids=torch.tensor([[1, 11, 12, 2]] * 7))
-    paths = [path for _, path in extract_regions.list_images(str(image_dir))]
+    paths = [path for _, path in region_extraction.list_images(str(image_dir))]
     raw = model(**text, pixel_values=processor(images=[PIL.Image.open(p) for p in paths])["pixel_values"]).logits
     regions = processor(regions=[row_to_regions(row) for row in store])
     stored = model(**text, **regions).logits
@@ -129,15 +129,15 @@ def test_upright_size_follows_the_exif_orientation(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees to display: the upright image is 20 wide, 40 tall
     image.save(tmp_path / "rotated.jpg", exif=exif)
     image.save(tmp_path / "plain.jpg")
-    assert extract_regions.upright_size(extract_regions.open_image(str(tmp_path / "rotated.jpg"))) == (20, 40)
-    assert extract_regions.upright_size(extract_regions.open_image(str(tmp_path / "plain.jpg"))) == (40, 20)
+    assert region_extraction.upright_size(region_extraction.open_image(str(tmp_path / "rotated.jpg"))) == (20, 40)
+    assert region_extraction.upright_size(region_extraction.open_image(str(tmp_path / "plain.jpg"))) == (40, 20)
 
 
 def test_two_files_of_one_image_id_are_refused(tmp_path):
     for name in ("a.jpg", "a.png", "b.jpg"):
         PIL.Image.new("RGB", (8, 8)).save(tmp_path / name)
     with pytest.raises(ValueError, match=r"1 image ids name two files each, e.g. '.*a.jpg' and '.*a.png'"):
-        extract_regions.list_images(str(tmp_path))
+        region_extraction.list_images(str(tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_a_plain_detector_folder_extracts_what_its_wrapped_model_detects(synthet
     assert meta["feature_dim"] == 64 and meta["concept_names"] == ["sphere", "cube", "cylinder", "cone", "star", "ring"]
     assert meta["detector"]["name_or_path"] == str(detector_folder) and store["num_regions"] == [8] * 5
 
-    model, processor = extract_regions.detector_model(str(detector_folder), 8, 0.0)
+    model, processor = region_extraction.detector_model(str(detector_folder), 8, 0.0)
     images = [PIL.Image.open(scene_dir / f"scene{i}.png") for i in range(5)]
     pixels = processor(images=images)["pixel_values"]
     own = AutoImageProcessor.from_pretrained(detector_folder)(images=images, return_tensors="pt")["pixel_values"]

@@ -12,7 +12,7 @@ from test_downstream import write_json, write_lines
 
 from cmal.modeling_cmal import CMALConfig, CMALForImageTextClassification
 from cmal.processors import CMALProcessor
-from cmal.training import finetune
+from cmal.training import finetune, finetune_run
 from cmal.training.data import downstream, synthetic
 from cmal.training.data.region_store import RegionStoreWriter, load_region_store
 from cmal.training.tasks import TASKS
@@ -200,9 +200,9 @@ def test_validation_images_can_have_their_own_id_template(corpus):
     root, files = corpus
     argv = ["--task", "vqa", *real_args("vqa", root, files), "--regions", str(root / "regions")]
     args = finetune.parse_args(argv + ["--validation_image_id_template", "val-{}"])
-    train, validation, *_ = finetune.load_data(args, TASKS["vqa"])
+    train, validation, *_ = finetune_run.load_data(args, TASKS["vqa"])
     assert train["image_id"][0] == COCO.format(1) and sorted(set(validation["image_id"])) == ["val-5", "val-6"]
-    _, validation, *_ = finetune.load_data(finetune.parse_args(argv), TASKS["vqa"])  # default: --image_id_template
+    _, validation, *_ = finetune_run.load_data(finetune.parse_args(argv), TASKS["vqa"])  # default: --image_id_template
     assert sorted(set(validation["image_id"])) == [COCO.format(5), COCO.format(6)]
 
 

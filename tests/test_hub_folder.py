@@ -15,7 +15,7 @@ from test_pipelines import QUESTIONS, assert_same_answers, detector_folder, expe
 from cmal.model_cards.render import validate_card
 from cmal.modeling_cmal import CMALForQuestionAnswering
 from cmal.processors import CMALProcessor
-from cmal.training import extract_regions, finetune
+from cmal.training import finetune, region_extraction
 from cmal.training.utils import hub_files
 
 
@@ -37,7 +37,7 @@ print(json.dumps({{"pipeline": vqa(image=image, question=question, top_k=2), "ha
 def test_finetuned_vqa_folder_is_a_complete_hub_repo(detector_folder, photos, tmp_path):  # noqa: F811
     model = CMALForQuestionAnswering.from_pretrained(detector_folder)
     processor = CMALProcessor.from_pretrained(detector_folder)
-    extract_regions.extract(model.cmal, processor.image_processor, str(photos), str(tmp_path / "regions"))
+    region_extraction.extract(model.cmal, processor.image_processor, str(photos), str(tmp_path / "regions"))
     questions = [{"image_id": image, "question": q, "question_id": 10 * k + j}
                  for k, image in enumerate(["astronaut", "coffee"]) for j, q in enumerate(QUESTIONS)]  # fmt: skip
     given = {"astronaut": ["flag"] * 8 + ["no"] * 2, "coffee": ["cup"] * 6 + ["yes"] * 4}

@@ -65,7 +65,7 @@ TRAINING_ARGS = [
     (["--learning_rate", "fast"], "--learning_rate: expected a number, got 'fast'"),
     (["--weight_decay", "-0.1"], "--weight_decay: expected a value in [0, inf), got '-0.1'"),
     (["--max_grad_norm", "0"], "--max_grad_norm: expected a value in (0, inf), got '0'"),
-    (["--lr_scheduler_type", "cosin"], "--lr_scheduler_type: invalid choice: 'cosin' (choose from "),
+    (["--lr_scheduler_type", "cosin"], "--lr_scheduler_type: expected a transformers schedule (linear, cosine, "),
     (["--num_warmup_steps", "-5"], "--num_warmup_steps: expected a value in [0, inf), got '-5'"),
     (["--num_train_epochs", "0"], "--num_train_epochs: expected a value in [1, inf), got '0'"),
     (["--max_train_steps", "1.5"], "--max_train_steps: expected an integer, got '1.5'"),

@@ -49,3 +49,35 @@ def test_documents_link_only_to_files_of_the_repository(document):
         path = ((REPO / document).parent / target).resolve()
         assert path.is_relative_to(REPO) and path.exists(), f"{document} links to {target!r}"
     assert "../shared" not in text
+
+
+SCRIPTS = ["pretrain", "finetune", "extract_regions", "train_detector", "push_to_hub"]
+HEAVY = ("torch", "transformers", "datasets", "accelerate")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_answers_without_loading_torch(script):
+    """`--help` builds the parser only: none of torch, transformers, datasets or accelerate is imported (each costs
+    seconds; `python training/pretrain.py --help` took 5.8 s when they were)."""
+    probe = ("import runpy, sys\n"
+             f"sys.argv = ['{script}.py', '--help']\n"
+             f"try:\n    runpy.run_path('training/{script}.py', run_name='__main__')\n"
+             "except SystemExit as done:\n    assert done.code == 0, done.code\n"
+             f"print(sorted(name for name in {HEAVY!r} if name in sys.modules))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("usage: ") and "--help" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_light_name_lists_match_what_they_stand_for():
+    """The scripts' parsers list presets and tasks without loading them; the lists must stay the real ones."""
+    import cmal
+    from cmal.modeling_cmal import CMAL_PRESETS
+    from cmal.processors import __all__ as processor_names
+    from cmal.modeling_cmal import __all__ as model_names
+    from cmal.training.arguments import PRESET_NAMES
+    from cmal.training.finetune import TASK_NAMES
+    from cmal.training.tasks import TASKS
+
+    assert PRESET_NAMES == tuple(CMAL_PRESETS) and TASK_NAMES == tuple(TASKS)
+    assert sorted(cmal.__all__) == sorted([*model_names, *processor_names])  # the lazy package exports every name

@@ -25,7 +25,7 @@ from cmal.modeling_cmal import (
     CMALForVisualReasoning,
 )
 from cmal.processors import CMALImageProcessor, CMALProcessor
-from cmal.training import extract_regions, finetune
+from cmal.training import finetune, region_extraction
 from cmal.training.data import synthetic
 from cmal.training.data.region_store import load_region_store, row_to_regions
 from cmal.training.data.tokenizer import build_word_tokenizer
@@ -96,7 +96,7 @@ def test_fine_tuned_on_extracted_regions_answers_the_same_on_the_raw_photo(detec
     """Extract regions offline, fine-tune on the store, then ask about the raw photo and its stored regions."""
     model = CMALForQuestionAnswering.from_pretrained(detector_folder)
     processor = CMALProcessor.from_pretrained(detector_folder)
-    extract_regions.extract(model.cmal, processor.image_processor, str(photos), str(tmp_path / "regions"))
+    region_extraction.extract(model.cmal, processor.image_processor, str(photos), str(tmp_path / "regions"))
     store, _ = load_region_store(str(tmp_path / "regions"))
     assert sorted(store["image_id"]) == ["astronaut", "coffee"]
     questions = [{"image_id": image, "question": q, "question_id": 10 * k + j}
@@ -246,7 +246,7 @@ def test_the_synthetic_world_answered_from_pixels_end_to_end(synthetic_detector,
     """pretrain.py --detector, then fine-tuning VQA from it: the checkpoint carries the detector, fine-tuning read
     the world as that detector sees it, and the pipeline answers a rendered world image as it answers the
     image's stored detections."""
-    from cmal.training import pretrain
+    from cmal.training import pretrain, pretrain_run
 
     world = ["--synthetic_images", "60"]
     pretrain.main([*world, "--detector", str(synthetic_detector), "--model_config", "tiny", "--output_dir",
@@ -259,7 +259,7 @@ def test_the_synthetic_world_answered_from_pixels_end_to_end(synthetic_detector,
     assert tuned.config.detector_config["model_type"] == "rt_detr" and tuned.config.visual_feat_dim == 64
 
     world_dir = synthetic.default_world(num_images=60, seed=0)
-    corpus = pretrain.load_corpus(pretrain.parse_args([*world, "--detector", str(synthetic_detector)]))
+    corpus = pretrain_run.load_corpus(pretrain.parse_args([*world, "--detector", str(synthetic_detector)]))
     rows = corpus.regions.with_format("numpy")
     vqa = pipeline("visual-question-answering", model=str(tmp_path / "vqa"), trust_remote_code=True)
     for index in (0, 7):

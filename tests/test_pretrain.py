@@ -17,7 +17,7 @@ from conftest import pretrain_args as args_for
 from datasets import DatasetDict, load_from_disk
 from safetensors.torch import load_file
 
-from cmal.training import pretrain
+from cmal.training import pretrain, pretrain_run
 from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator
 from cmal.training.data.region_store import load_region_store
 
@@ -30,8 +30,8 @@ def corpus(pretraining_corpus):
 def test_collator_targets(corpus):
     captions, regions = DatasetDict.load_from_disk(str(corpus / "captions"))["train"], load_region_store(str(corpus / "regions"))[0]
     args = pretrain.parse_args(args_for(corpus, corpus / "unused"))
-    tokenizer = pretrain.build_tokenizer(args, captions["text"])
-    config = pretrain.build_config(args, tokenizer, {"feature_dim": 16, "concept_names": NAMES})
+    tokenizer = pretrain_run.build_tokenizer(args, captions["text"])
+    config = pretrain_run.build_config(args, tokenizer, {"feature_dim": 16, "concept_names": NAMES})
     assert (config.vocab_size, config.visual_feat_dim, config.concept_names) == (len(tokenizer), 16, NAMES)
     from cmal.processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
 
@@ -72,7 +72,7 @@ def test_itm_negatives_come_from_the_images_nearest_in_region_count(corpus, wind
     """`--itm_negative_window W`: another image among the W nearest in region count (the window shifted inwards
     at either end of the order), so a length-grouped batch keeps its length; each of them is drawn. 0: any."""
     args = pretrain.parse_args(args_for(corpus, corpus / "unused"))
-    _, processor, pairs, _, _ = pretrain.build_data(args, pretrain.load_corpus(args))
+    _, processor, pairs, _, _ = pretrain_run.build_data(args, pretrain_run.load_corpus(args))
     order = np.argsort(pairs.num_regions(), kind="stable")
     collator = PretrainingCollator(processor, pairs, negative_window=window)
     rng = np.random.default_rng(0)
@@ -106,16 +106,16 @@ def test_length_grouped_order_is_transformers_order(count, batch_size):
 
 
 def stream_loaders(corpus, processes: int, workers: int, shards: int):
-    """Each process's stream of item indices, as `pretrain.build_data` makes it (the collator swapped for one
+    """Each process's stream of item indices, as `pretrain_run.build_data` makes it (the collator swapped for one
     that keeps the indices), with `workers` DataLoader workers."""
     from torch.utils.data import DataLoader
 
     argv = args_for(corpus, corpus / "unused", "--streaming", "--curriculum_epochs", "0", "--num_workers", str(workers),
                     "--streaming_shards", str(shards), "--per_device_train_batch_size", "3")  # fmt: skip
-    args, data = pretrain.parse_args(argv), pretrain.load_corpus(pretrain.parse_args(argv))
+    args, data = pretrain.parse_args(argv), pretrain_run.load_corpus(pretrain.parse_args(argv))
     loaders = []
     for rank in range(processes):
-        stream = pretrain.build_data(args, data, processes, rank)[4].dataset
+        stream = pretrain_run.build_data(args, data, processes, rank)[4].dataset
         loaders.append(DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=lambda items: [i["index"] for i in items]))
     return loaders
 
@@ -222,37 +222,37 @@ def test_each_objective_alone_learns(corpus, tmp_path, objective):
 def test_ablation_flags_reach_the_config(corpus):
     args = pretrain.parse_args(args_for(corpus, "unused", "--amc_parts", "region", "pointer", "--no_hypersphere",
                                         "--anchor_fill", "mask", "--anchor_mask_prob", "0.5", "--amc", "2"))  # fmt: skip
-    config = pretrain.build_config(args, *_tokenizer_and_metadata(corpus, args))
+    config = pretrain_run.build_config(args, *_tokenizer_and_metadata(corpus, args))
     assert (config.amc_token_weight, config.amc_region_weight, config.amc_pointer_weight) == (0.0, 2.0, 2.0)
     assert (config.hypersphere, config.anchor_fill, config.anchor_mask_prob) == (False, "mask", 0.5)
-    default = pretrain.build_config(pretrain.parse_args(args_for(corpus, "unused")), *_tokenizer_and_metadata(corpus, args))
+    default = pretrain_run.build_config(pretrain.parse_args(args_for(corpus, "unused")), *_tokenizer_and_metadata(corpus, args))
     assert (default.amc_token_weight, default.hypersphere, default.anchor_fill, default.anchor_mask_prob) == (1.0, True, "swap", 0.3)
 
 
 @pytest.mark.parametrize("flags, padding_free", [([], False), (["--padding_free"], True)])
 def test_padding_free_flag_reaches_the_model(corpus, flags, padding_free):
     args = pretrain.parse_args(args_for(corpus, "unused", *flags))
-    model = pretrain.build_model(args, pretrain.build_config(args, *_tokenizer_and_metadata(corpus, args)))
+    model = pretrain_run.build_model(args, pretrain_run.build_config(args, *_tokenizer_and_metadata(corpus, args)))
     assert model.config.padding_free is padding_free
 
 
 def _tokenizer_and_metadata(corpus, args):
-    captions, _, metadata, _, texts, _ = pretrain.load_corpus(args)
-    return pretrain.build_tokenizer(args, texts), metadata
+    captions, _, metadata, _, texts, _ = pretrain_run.load_corpus(args)
+    return pretrain_run.build_tokenizer(args, texts), metadata
 
 
 @pytest.mark.parametrize("fraction, images", [(1.0, 24), (0.5, 12), (0.25, 6), (0.01, 1)])
 def test_corpus_fraction_keeps_whole_images(corpus, fraction, images):
-    captions, *_ = pretrain.load_corpus(pretrain.parse_args(args_for(corpus, "unused")))
-    subset = pretrain.corpus_subset(captions["train"], fraction)
+    captions, *_ = pretrain_run.load_corpus(pretrain.parse_args(args_for(corpus, "unused")))
+    subset = pretrain_run.corpus_subset(captions["train"], fraction)
     assert len(set(subset["image_id"])) == images and len(subset) == 2 * images  # both captions of each kept image
     assert subset["image_id"][: 2 * images] == captions["train"]["image_id"][: 2 * images]
 
 
 def test_corpus_fraction_out_of_range_is_refused(corpus):
-    captions, *_ = pretrain.load_corpus(pretrain.parse_args(args_for(corpus, "unused")))
+    captions, *_ = pretrain_run.load_corpus(pretrain.parse_args(args_for(corpus, "unused")))
     with pytest.raises(ValueError, match=r"--corpus_fraction must lie in \(0, 1\], got 0"):
-        pretrain.corpus_subset(captions["train"], 0)
+        pretrain_run.corpus_subset(captions["train"], 0)
 
 
 def test_run_leaves_a_hub_ready_folder(corpus, tmp_path):
@@ -519,7 +519,7 @@ def test_a_run_with_a_detector_reads_its_detections_and_answers_from_pixels_alik
                              str(tmp_path / "run"), "--max_train_steps", "3", "--per_device_train_batch_size", "8",
                              "--report_to", "none", "--curriculum_epochs", "0"])  # fmt: skip
     assert results["steps"] == 3
-    corpus = pretrain.load_corpus(pretrain.parse_args([*world, "--detector", str(synthetic_detector)]))
+    corpus = pretrain_run.load_corpus(pretrain.parse_args([*world, "--detector", str(synthetic_detector)]))
     assert corpus.metadata["source"] == "detector" and corpus.metadata["feature_dim"] == 64
     assert corpus.regions["image_id"] == [f"synthetic-{i:06d}" for i in range(60)]
 
@@ -538,4 +538,4 @@ def test_a_run_with_a_detector_reads_its_detections_and_answers_from_pixels_alik
 def test_a_detector_that_did_not_make_the_store_is_refused(corpus, synthetic_detector):
     args = pretrain.parse_args(args_for(corpus, corpus / "unused", "--detector", str(synthetic_detector)))
     with pytest.raises(ValueError, match=r"gives 64-d regions of .* but the region store has 16-d ones"):
-        pretrain.build_config(args, *_tokenizer_and_metadata(corpus, args))
+        pretrain_run.build_config(args, *_tokenizer_and_metadata(corpus, args))

@@ -2,8 +2,6 @@
 folder is a transformers detector whose processor gives the pixels training used."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +9,8 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-import train_detector  # noqa: E402
-
-from cmal.training.data import synthetic  # noqa: E402
+from cmal.training import train_detector, train_detector_run
+from cmal.training.data import synthetic
 
 
 WORLD = ["--synthetic_images", "200"]  # the validation split: 20 images
@@ -41,7 +37,7 @@ def test_the_folder_loads_as_a_transformers_detector(trained):
     processor = AutoImageProcessor.from_pretrained(folder)
     assert model.config.id2label == dict(enumerate(synthetic.SHAPES))
     scene = synthetic.generate_scene(np.random.default_rng(5))
-    pixels, _ = train_detector.pixels_and_target(scene)
+    pixels, _ = train_detector_run.pixels_and_target(scene)
     processed = processor(images=synthetic.render(scene), return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(processed[0], pixels, atol=1e-6, rtol=0)  # what training saw, exactly
     with torch.no_grad():
@@ -50,16 +46,16 @@ def test_the_folder_loads_as_a_transformers_detector(trained):
 
 
 def test_training_scenes_are_fresh_per_step_and_none_is_a_world_image():
-    pixels, targets = train_detector.training_batch(0, 3, 4)
-    again, _ = train_detector.training_batch(0, 3, 4)
-    other, _ = train_detector.training_batch(0, 4, 4)
+    pixels, targets = train_detector_run.training_batch(0, 3, 4)
+    again, _ = train_detector_run.training_batch(0, 3, 4)
+    other, _ = train_detector_run.training_batch(0, 4, 4)
     assert pixels.shape == (4, 3, synthetic.IMAGE_SIZE, synthetic.IMAGE_SIZE) and torch.equal(pixels, again)
     assert not torch.equal(pixels, other)
     for target in targets:
         assert len(target["class_labels"]) == len(target["boxes"]) >= 1
         assert ((target["boxes"] > 0) & (target["boxes"] <= 1)).all()
     world = [synthetic.generate_scene(np.random.default_rng([0, i, 0])) for i in range(200)]
-    drawn = [synthetic.generate_scene(np.random.default_rng([0, k, train_detector.DETECTOR_STREAM])) for k in range(200)]
+    drawn = [synthetic.generate_scene(np.random.default_rng([0, k, train_detector_run.DETECTOR_STREAM])) for k in range(200)]
     assert not {tuple(obj.box for obj in scene.objects) for scene in world} & {tuple(obj.box for obj in scene.objects) for scene in drawn}
 
 

@@ -8,8 +8,6 @@ without it. Log in first (`hf auth login`) or set `HF_TOKEN`.
 
 import argparse
 
-from cmal.training.utils import push_to_hub
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -18,6 +16,8 @@ def main(argv=None):
     parser.add_argument("--private", action="store_true", help="Create the repo as private.")
     parser.add_argument("--commit_message", default=None)
     args = parser.parse_args(argv)
+    from cmal.training.utils import push_to_hub  # torch and transformers: after parsing, so --help answers at once
+
     info = push_to_hub(args.folder, args.repo_id, private=args.private or None, commit_message=args.commit_message)
     print(info.commit_url)
 

@@ -1,0 +1,126 @@
+"""The scripts' command-line arguments: value checks (argparse `type`s) and the training flags they share.
+
+Nothing here imports torch, transformers or datasets (a check that needs one imports it when it runs), so a
+script builds its parser and answers `--help` or a usage error at once, before loading the libraries.
+"""
+
+import argparse
+import math
+import os
+import shlex
+import sys
+
+
+# `CMAL_PRESETS`' names (tests/test_packaging.py keeps the two equal): the presets themselves load transformers.
+PRESET_NAMES = ("tiny", "mini", "small", "base")
+
+
+def bounded(kind: type, low: float, high: float | None = None, low_open: bool = False):
+    """An argparse `type` that refuses values outside [low, high] (or (low, high]) with the range in the message."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and value > high):
+            interval = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
+            raise argparse.ArgumentTypeError(f"expected a value in {interval}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT, NON_NEGATIVE_INT = bounded(int, 1), bounded(int, 0)
+POSITIVE, NON_NEGATIVE, PROBABILITY = bounded(float, 0, low_open=True), bounded(float, 0), bounded(float, 0, 1)
+
+
+def existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}" + (" (a folder)" if os.path.isdir(text) else ""))
+    return text
+
+
+def existing_folder(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"no such folder: {text!r}" + (" (a file)" if os.path.isfile(text) else ""))
+    return text
+
+
+def model_source(text: str) -> str:
+    """A local folder or a Hub repo id. What can only be a path (it starts with `.`, `/` or `~`, has more than
+    one `/`, or its first part is a local folder, as in `outputs/cmal-smal`) fails at once with "no such
+    folder" rather than after minutes of Hub retries and a message about some config file."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.isdir(text):
+        return text
+    try:
+        validate_repo_id(text)
+        is_repo_id = not text.startswith((".", "~")) and not os.path.isdir(text.split("/")[0] or "/")
+    except HFValidationError:
+        is_repo_id = False
+    if not is_repo_id or os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such folder: {text!r} (a local path, so not a Hub repo id)")
+    return text
+
+
+def model_config_source(text: str) -> str:
+    if text in PRESET_NAMES or os.path.isfile(text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected a preset ({', '.join(PRESET_NAMES)}) or a config JSON file, "
+                                     f"got {text!r} (no such file)")  # fmt: skip
+
+
+def lr_schedule(text: str) -> str:
+    """A transformers schedule name (checked against `SchedulerType` once parsing, not `--help`, needs it)."""
+    from transformers import SchedulerType
+
+    names = [schedule.value for schedule in SchedulerType]
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"expected a transformers schedule ({', '.join(names)}), got {text!r}")
+    return text
+
+
+def add_training_args(parser, output_dir: str, batch_size: int, learning_rate: float, epochs: int, warmup: int):
+    """The optimisation, checkpointing and tracking flags of both scripts; the defaults differ per script."""
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", default=output_dir,
+                       help="Checkpoints and the final model. Must be empty or absent unless resuming or --overwrite_output_dir.")  # fmt: skip
+    train.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Start over in a non-empty --output_dir: its checkpoints are deleted, its model replaced at the end.")  # fmt: skip
+    train.add_argument("--per_device_train_batch_size", type=POSITIVE_INT, default=batch_size)
+    train.add_argument("--gradient_accumulation_steps", type=POSITIVE_INT, default=1)
+    train.add_argument("--learning_rate", type=POSITIVE, default=learning_rate,
+                       help="Peak learning rate; a new value on resume rescales the resumed schedule.")  # fmt: skip
+    train.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.01)
+    train.add_argument("--max_grad_norm", type=POSITIVE, default=1.0)
+    train.add_argument("--lr_scheduler_type", default="linear", type=lr_schedule, metavar="SCHEDULE",
+                       help="A transformers schedule: linear, cosine, constant, constant_with_warmup, ...")  # fmt: skip
+    train.add_argument("--num_warmup_steps", type=NON_NEGATIVE_INT, default=warmup)
+    train.add_argument("--num_train_epochs", type=POSITIVE_INT, default=epochs)
+    train.add_argument("--max_train_steps", type=POSITIVE_INT, default=None, help="Overrides --num_train_epochs.")
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                       help="Default: what `accelerate config`/`accelerate launch` says, else no.")  # fmt: skip
+    train.add_argument("--checkpointing_steps", type=POSITIVE_INT, default=None, help="Save a resumable state every N steps.")
+    train.add_argument("--checkpoints_total_limit", type=POSITIVE_INT, default=2, help="Keep only the newest N checkpoints.")
+    train.add_argument("--resume_from_checkpoint", default=None,
+                       help="'latest' (this --output_dir's newest checkpoint; none: start fresh) or a checkpoint folder.")  # fmt: skip
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--padding_free", action="store_true",
+                       help="Compute nothing on padding: layers run the real tokens and regions packed "
+                            "(CMALConfig.padding_free; the same outputs; faster when batches carry much padding).")  # fmt: skip
+    train.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
+    train.add_argument("--num_workers", type=NON_NEGATIVE_INT, default=0, help="DataLoader worker processes.")
+    train.add_argument("--report_to", default="all", help="tensorboard, wandb, ... ; all = every installed tracker; none.")
+    train.add_argument("--logging_steps", type=POSITIVE_INT, default=10)
+    train.add_argument("--push_to_hub", action="store_true", help="Upload the final folder to --hub_model_id.")
+    train.add_argument("--hub_model_id", default=None, help="Repo id (user/name); default: the output folder's name.")
+    train.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
+    return train
+
+
+def command_line(script: str, argv: list | None) -> str:
+    """The command that ran `script` with `argv` (default: this process's), as a user would retype it to resume."""
+    launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
+    return f"{launcher} {shlex.join([script, *(sys.argv[1:] if argv is None else argv)])}"
