@@ -541,6 +541,23 @@ def test_tied_word_embeddings_survive_loading(tmp_path):
     assert model.mapping_head.token_head.decoder.weight is model.cmal.text_encoder.embeddings.word_embeddings.weight
 
 
+@pytest.mark.parametrize("head, reported", [
+    (CMALModel, set()),  # AutoModel on a pre-training folder: every key it has is used, the heads are not its own
+    (CMALForQuestionAnswering, {"classifier"}),  # fine-tuning starts: only the new head, as missing
+    (CMALForImageTextRetrieval, set()),  # retrieval keeps pre-training's ITM head: nothing new
+])  # fmt: skip
+def test_loading_a_pretraining_folder_reports_only_new_weights(head, reported, tmp_path):
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as hf_logging
+
+    CMALForPreTraining(tiny_config()).save_pretrained(tmp_path)
+    with CaptureLogger(hf_logging.get_logger("transformers.modeling_utils")) as captured:
+        head.from_pretrained(tmp_path, **({} if head is CMALModel else {"id2label": {0: "no match", 1: "match"}}))
+    assert "UNEXPECTED" not in captured.out  # the pre-training heads are declared (`_keys_to_ignore_on_load_unexpected`)
+    assert {row.split(".")[0] for row in re.findall(r"^([^|\n]+?) *\| MISSING", captured.out, re.M)} == reported
+    assert ("LOAD REPORT" in captured.out) == bool(reported)
+
+
 def test_local_auto_classes():
     config = tiny_config()
     assert isinstance(AutoConfig.for_model("cmal"), CMALConfig)

@@ -36,7 +36,7 @@ from cmal.training.utils import (
 )
 
 
-logger = logging.getLogger("finetune")
+logger = logging.getLogger("cmal.training.finetune")
 
 
 def load_data(args, task):

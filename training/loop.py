@@ -155,6 +155,7 @@ def save_checkpoint(accelerator, args, step: int):
         os.replace(tmp, final)
         for _, old in checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
             shutil.rmtree(old)
+        logger.info(f"step {step}: checkpoint saved to {final}")
     accelerator.wait_for_everyone()
 
 

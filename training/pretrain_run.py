@@ -38,7 +38,7 @@ from cmal.training.utils import (
 )
 
 
-logger = logging.getLogger("pretrain")
+logger = logging.getLogger("cmal.training.pretrain")
 LOSSES = ["mlm_loss", "mrm_feature_loss", "mrm_concept_loss", "itm_loss", "amc_token_loss", "amc_region_loss",
           "amc_pointer_loss", "itc_loss", "loss"]  # fmt: skip
 

@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 from cmal.modeling_cmal import CMALConfig, CMALModel
 from cmal.processors.image_processing_cmal import CMALImageProcessor
 from cmal.training.data.region_store import RegionStoreWriter
+from cmal.training.utils import configure_logging
 
 
-logger = logging.getLogger("extract_regions")
+logger = logging.getLogger("cmal.training.extract_regions")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -151,7 +152,7 @@ def extract(
 
 def run(args) -> None:
     """Extract with the parsed `args` of `extract_regions.parse_args`."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
 
     if args.detector:
         num_regions = 36 if args.num_regions is None else args.num_regions

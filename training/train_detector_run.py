@@ -17,10 +17,10 @@ import transformers
 from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig
 
 from cmal.training.data import synthetic
-from cmal.training.utils import final_folder, recover_final_folder, write_json
+from cmal.training.utils import configure_logging, final_folder, recover_final_folder, write_json
 
 
-logger = logging.getLogger("train_detector")
+logger = logging.getLogger("cmal.training.train_detector")
 DETECTOR_STREAM = 3  # synthetic.py seeds image i's streams with (seed, i, 0..2): stream 3 is no world image's
 
 
@@ -111,7 +111,7 @@ def evaluate(model, scenes, device, batch_size: int = 50) -> dict:
 
 def run(args) -> dict:
     """Train and evaluate with the parsed `args` of `train_detector.parse_args`; returns the results."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    configure_logging()
     recover_final_folder(args.output_dir)  # a save cut short by a kill: back to the previous folder
     if os.path.isfile(args.output_dir) or (os.path.isdir(args.output_dir) and os.listdir(args.output_dir)
                                            and not args.overwrite_output_dir):  # fmt: skip

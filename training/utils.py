@@ -13,6 +13,7 @@ import signal
 import sys
 
 import torch
+import accelerate
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
@@ -69,11 +70,29 @@ def setup_accelerator(args, find_unused_parameters: bool = False) -> Accelerator
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)  # fmt: skip
+    configure_logging(accelerator.is_main_process)
+    # checkpoints hold each tied weight once, as `save_pretrained` does, without accelerate's "Removed shared tensor"
+    accelerator.register_save_state_pre_hook(drop_tied_copies)
     prepare_output_dir(accelerator, args)
     set_seed(args.seed)
     return accelerator
+
+
+def configure_logging(main_process: bool = True) -> None:
+    """CMAL's own progress at INFO on the main process; every library (accelerate's five lines per checkpoint,
+    datasets, transformers) at WARNING, so a run's console shows what the run did and what went wrong."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("cmal").setLevel(logging.INFO if main_process else logging.WARNING)
+
+
+def drop_tied_copies(models, weights, output_dir) -> None:
+    """`save_state` pre-hook: leave out of each model's state dict the weights it ties to another
+    (`_tied_weights_keys`' targets). Loading ties them again (safetensors' `load_model` expects exactly this);
+    accelerate would drop them itself, with a warning at every checkpoint."""
+    for model, state_dict in zip(models, weights):
+        tied = getattr(accelerate.utils.extract_model_from_parallel(model), "_tied_weights_keys", None) or {}
+        for key in [key for key in state_dict if key.removeprefix("module.") in tied]:
+            del state_dict[key]
 
 
 def loader_options(args) -> dict:
