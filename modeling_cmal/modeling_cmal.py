@@ -514,6 +514,8 @@ class CMALRegionDetector(nn.Module):
         labels = [detector_config.id2label[i] for i in range(detector_config.num_labels)]
         self.concept_of_label = [concept_of.get(name, -1) for name in labels]
         self.label_to_concept = nn.Buffer(torch.tensor(self.concept_of_label), persistent=False)
+        # RT-DETR's feature maps halve down to its largest stride, and its encoder needs them exact
+        self.stride = max(getattr(detector_config, "feat_strides", None) or [1])
         if not self.trainable:
             self.model.requires_grad_(False)
 
@@ -522,6 +524,14 @@ class CMALRegionDetector(nn.Module):
         return super().train(mode and self.trainable)
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        height, width = pixel_values.shape[-2:]
+        if height % self.stride or width % self.stride:
+            raise ValueError(
+                f"`pixel_values` are {height}x{width}, but this detector reads sides that are multiples of {self.stride} "
+                f"(its largest stride): set the image processor's `size` to such a size, e.g. "
+                f"{{'height': {max(self.stride, round(height / self.stride) * self.stride)}, "
+                f"'width': {max(self.stride, round(width / self.stride) * self.stride)}}}"
+            )
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             outputs = self.model(pixel_values=pixel_values)
         logits = outputs.logits

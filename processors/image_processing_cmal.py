@@ -140,15 +140,17 @@ class CMALImageProcessor(BaseImageProcessor):
     @classmethod
     def from_detector_processor(cls, processor, **kwargs) -> "CMALImageProcessor":
         """The raw-image settings of a detector's own image processor (size, rescaling, normalisation), so the
-        detector inside a CMAL model sees the pixels it was trained on; `kwargs` set the rest."""
+        detector inside a CMAL model sees the pixels it was trained on; `kwargs` set the rest or override them
+        (a smaller `size` for a faster detector)."""
         size = processor.size  # a dict, or (newer transformers) a SizeDict with every field, unused ones None
         height, width = (size.get("height"), size.get("width")) if isinstance(size, dict) else (size.height, size.width)
         if height is None or width is None:
             raise ValueError(f"the detector's processor resizes to {size}; a fixed {{'height', 'width'}} size is needed")
         settings = {name: getattr(processor, name) for name in ("do_rescale", "rescale_factor", "do_normalize")}
         mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
-        return cls(size={"height": height, "width": width}, image_mean=None if mean is None else list(mean),
-                   image_std=None if std is None else list(std), **settings, **kwargs)  # fmt: skip
+        settings |= dict(size={"height": height, "width": width}, image_mean=None if mean is None else list(mean),
+                         image_std=None if std is None else list(std))  # fmt: skip
+        return cls(**{**settings, **kwargs})
 
     def __call__(self, images=None, regions=None, **kwargs) -> BatchFeature:
         return self.preprocess(images=images, regions=regions, **kwargs)

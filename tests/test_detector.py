@@ -163,6 +163,10 @@ def test_pixel_values_errors(image_processor, photos):
         with_detector(**text_inputs(3), pixel_values=pixels[:, 0])
     with pytest.raises(ValueError, match=r"`pixel_values` must be finite"):
         with_detector(**text_inputs(3), pixel_values=pixels * float("nan"))
+    odd = CMALImageProcessor(concept_names=LABELS, size={"height": 72, "width": 40})(images=photos[:1])["pixel_values"]
+    with pytest.raises(ValueError, match=r"`pixel_values` are 72x40, but this detector reads sides that are multiples of 32 \(its "
+                                         r"largest stride\): set the image processor's `size` to such a size, e.g. \{'height': 64, 'width': 32\}"):
+        with_detector(**text_inputs(1), pixel_values=odd)
     without = CMALModel(CMALConfig.from_preset("tiny", vocab_size=99)).eval()
     with pytest.raises(ValueError, match=r"`pixel_values` need a detector, but this model has none"):
         without(**text_inputs(3), pixel_values=pixels)

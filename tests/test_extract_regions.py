@@ -169,6 +169,11 @@ def test_a_plain_detector_folder_extracts_what_its_wrapped_model_detects(synthet
     pixels = processor(images=images)["pixel_values"]
     own = AutoImageProcessor.from_pretrained(detector_folder)(images=images, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(pixels, own, atol=1e-6, rtol=0)
+    # a smaller input (the faster photo path): the detector's settings but that size
+    smaller = CMALImageProcessor.from_detector_processor(AutoImageProcessor.from_pretrained(detector_folder),
+                                                         size={"height": 96, "width": 96})  # fmt: skip
+    assert smaller.size == {"height": 96, "width": 96} and smaller.do_normalize == processor.do_normalize
+    assert smaller(images=images)["pixel_values"].shape == (5, 3, 96, 96)
     regions = model.eval().detect_regions(pixels)
     for i, row in enumerate(store.with_format("numpy")):
         np.testing.assert_allclose(row["features"], regions["visual_feats"][i].numpy(), rtol=1e-3, atol=1e-3)

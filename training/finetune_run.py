@@ -18,8 +18,8 @@ from cmal.processors import CMALImageProcessor, CMALProcessor
 from cmal.training.data.downstream import TaskCollator, TaskExamples
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
-from cmal.training.region_extraction import extract_world
 from cmal.training.loop import train
+from cmal.training.region_extraction import extract_world
 from cmal.training.tasks import TASKS, synthetic_texts
 from cmal.training.utils import (
     apply_compute_flags,

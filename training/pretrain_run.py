@@ -19,10 +19,10 @@ from cmal.modeling_cmal.convert_bert_to_cmal import load_bert_weights
 from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator, StreamingPairs
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
-from cmal.training.region_extraction import detector_model, extract_world
 from cmal.training.loop import train
 from cmal.training.metrics import binary_auc, load_metric
 from cmal.training.pretrain import AMC_PARTS
+from cmal.training.region_extraction import detector_model, extract_world
 from cmal.training.tasks import synthetic_texts
 from cmal.training.utils import (
     apply_compute_flags,
