@@ -1,9 +1,10 @@
 """Upload a finished training folder to the Hub, after checking it is complete (`utils.hub_files`).
 
-    python -m cmal.training.push_to_hub outputs/cmal-vqa me/cmal-small-vqa [--private]
+    python -m cmal.training.push_to_hub outputs/cmal-vqa me/cmal-small-vqa [--private]   # me: your namespace
 
 The same upload `pretrain.py`/`finetune.py --push_to_hub` do at the end of a run, for a folder trained
-without it. Log in first (`hf auth login`) or set `HF_TOKEN`.
+without it; the model card is rendered again for the repo as the Hub names it (`owner/name`). Log in first
+(`hf auth login`) or set `HF_TOKEN`.
 """
 
 import argparse
