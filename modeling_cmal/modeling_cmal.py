@@ -27,6 +27,7 @@ It ships as Hub remote code, so it imports only torch, transformers and its sibl
 `configuration_cmal.py` (relatively).
 """
 
+import copy
 import math
 import os
 import shutil
@@ -505,7 +506,8 @@ class CMALRegionDetector(nn.Module):
         super().__init__()
         from transformers import AutoConfig, AutoModelForObjectDetection
 
-        detector_config = AutoConfig.for_model(**config.detector_config)
+        # a copy: transformers 5.0's RTDetrConfig pops `model_type` out of the nested backbone dict it is given
+        detector_config = AutoConfig.for_model(**copy.deepcopy(config.detector_config))
         self.model = AutoModelForObjectDetection.from_config(detector_config)
         self.num_regions = config.detector_num_regions
         self.score_threshold = config.detector_score_threshold
