@@ -29,9 +29,9 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
     process on a NaN/inf loss or gradient (`update`). The collator draws its masks and negatives per (seed, epoch, example), so
     it is told the epoch. `evaluate()` (a dict of metrics), when given, runs every `eval_steps` steps and at
     the end: its results make the learning curve, whose last point is the final evaluation. Returns steps,
-    steps per epoch, training examples, global batch size, last learning rate, seconds, the share of them spent waiting for data, each loss's
-    mean over the first and the last logging window, and the learning curve (`[{"step": N, **metrics}]`;
-    evaluation time is not training time).
+    steps per epoch, training examples, global batch size, last learning rate, seconds, the share of them spent
+    waiting for data, each loss's mean over the first and the last logging window, and the learning curve
+    (`[{"step": N, **metrics}]`; evaluation time is not training time).
     """
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(max_steps / steps_per_epoch)

@@ -162,8 +162,9 @@ def run(args) -> None:
         if model.detector is None:
             raise SystemExit(f"{args.model_name_or_path} has no detector (config.detector_config is None)")
         image_processor = CMALImageProcessor.from_pretrained(args.model_name_or_path)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     added = extract(
-        model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), image_processor, args.image_dir, args.output_dir, args.batch_size, args.shard_size,
+        model.to(device), image_processor, args.image_dir, args.output_dir, args.batch_size, args.shard_size,
         detector_name=args.detector or args.model_name_or_path,
     )  # fmt: skip
     print(f"added {added} images to {args.output_dir}")

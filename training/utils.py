@@ -12,8 +12,8 @@ import shutil
 import signal
 import sys
 
-import torch
 import accelerate
+import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
