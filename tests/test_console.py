@@ -15,8 +15,9 @@ NOISE = ["were not passed to `accelerate launch`", "Removed shared tensor", "UNE
 
 
 def console(command: list[str], cwd) -> list[str]:
-    """The lines a user sees (progress bars' redraws dropped), after checking the command succeeded."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    """The lines a user sees, after checking the command succeeded. `CI=true` as CI services set it: transformers
+    then also propagates its records to the root logger, which printed each notice twice."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "CI": "true"}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]

@@ -14,6 +14,7 @@ import sys
 
 import accelerate
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
@@ -80,8 +81,13 @@ def setup_accelerator(args, find_unused_parameters: bool = False) -> Accelerator
 
 def configure_logging(main_process: bool = True) -> None:
     """CMAL's own progress at INFO on the main process; every library (accelerate's five lines per checkpoint,
-    datasets, transformers) at WARNING, so a run's console shows what the run did and what went wrong."""
+    datasets, transformers) at WARNING, so a run's console shows what the run did and what went wrong.
+
+    transformers' records go through this one handler: its own handler also prints them, and where `CI` is set
+    it propagates them to the root too, so a CI console would show every notice twice."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
     logging.getLogger("cmal").setLevel(logging.INFO if main_process else logging.WARNING)
 
 
