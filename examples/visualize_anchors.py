@@ -188,7 +188,7 @@ def synthetic_scene(index: int, world_dir: str | None, synthetic_images: int, sy
         raise ValueError(f"--synthetic_index must be below the world's {len(image_ids)} images, got {index}")
     row = world["regions"].with_format("numpy")[image_ids.index(image_id)]
     seed = world["world"]["arguments"]["seed"]
-    image = synthetic.render(synthetic.generate_scene(np.random.default_rng([seed, index, synthetic._SCENE])))
+    image = synthetic.render(synthetic.scene_of(seed, index))
     captions = [text for split in world["captions"].values() for i, text in zip(split["image_id"], split["text"]) if i == image_id]
     return image, row_to_regions(row), captions[0]
 

@@ -148,7 +148,7 @@ def test_visualize_anchors_on_a_synthetic_scene(tmp_path):
     assert explained["links"]  # captions name shapes
     for w, r in explained["links"]:
         assert explained["tags"][r].split()[1] == synthetic.CONCEPT_NAMES[lexicon.concept_of(explained["words"][w])]
-    scene = synthetic.render(synthetic.generate_scene(np.random.default_rng([0, 0, synthetic._SCENE])))
+    scene = synthetic.render(synthetic.scene_of(0, 0))
     assert_regions_drawn(PIL.Image.open(output), scene, explained)
 
 

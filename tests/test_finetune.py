@@ -117,7 +117,7 @@ def test_each_task_on_its_real_format(task, corpus, tmp_path):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_each_task_on_the_synthetic_world(task, tmp_path):
-    finetune.main(common(tmp_path / task) + ["--task", task, "--synthetic_images", "60", "--max_eval_samples", "12",
+    finetune.main(common(tmp_path / task) + ["--task", task, "--synthetic_images", "70", "--max_eval_samples", "12",
                                              "--retrieval_eval_images", "3"])  # fmt: skip
     config = CMALConfig.from_pretrained(tmp_path / task)
     assert config.architectures == [TASKS[task].head.__name__]
@@ -126,9 +126,10 @@ def test_each_task_on_the_synthetic_world(task, tmp_path):
 
 
 def test_an_empty_split_is_a_clear_error(tmp_path):
-    """30 images leave 3 for validation, none with two objects of one shape: REC has nothing to score there."""
+    """20 images (10 twin families) leave 2 for validation, neither with two objects of one shape: REC has
+    nothing to score there."""
     with pytest.raises(ValueError, match="validation split of REC has no examples"):
-        finetune.main(common(tmp_path) + ["--task", "rec", "--synthetic_images", "30"])
+        finetune.main(common(tmp_path) + ["--task", "rec", "--synthetic_images", "20"])
 
 
 def test_evaluation_equals_the_metric_computed_by_hand(corpus, tmp_path):

@@ -35,25 +35,32 @@ Foreground = pixels whose largest channel difference to `BACKGROUND` exceeds `FO
     rec/            image_id, expression, target_box (ground truth, normalised x1, y1, x2, y2, not jittered),
                     target_index (row of the target in the image's stored regions)
     nlvr2/          left_image_id, right_image_id, sentence, label (0 false, 1 true; up to NLVR2_PER_PAIR)
-    world.json      generator arguments, version, VQA answer vocabulary, answers per question type, counts
+    world.json      generator arguments, version, family size, VQA answer vocabulary, answers per question type, counts
 
-The texts need the image (version 3). A `TextBalancer` keeps a question, hypothesis or sentence only
-while it has had each of its possible labels equally often (within one), and each task's or question
-type's labels within a few of each other, so no reader of the text alone beats chance
-(`benchmarks/floors.py` measures it). VE's three labels use the same two templates (a colour, a
+The texts need the image (version 3). A `TextBalancer` per split keeps a question, hypothesis or sentence
+only while it has had each of its possible labels equally often (within one), and each template's and
+task's or question type's labels within two of each other, so no reader of the text alone beats chance
+(`benchmarks/floors.py` measures it); balancing within each split keeps a held-out label from being the
+one its text had least often in training. VE's three labels use the same two templates (a colour, a
 relation), neutral being a description that fits several differently coloured objects or two objects
 level with each other. REC refers only to objects that share their shape with another, always naming
 the shape, so the detector's tag narrows the choice but colour, size or a relation must decide.
+
+Images come in families (version 4): image 2k is a random scene, image 2k+1 its `contrast_twin`, which has
+the same number of objects and the same set of shapes (and, with two objects or more, the same colours and
+sizes) bound differently: swapped colours, sizes, places, or one shape's count moved to another. Captions
+are chosen false of the twin where one can be, so the twin is an ITM negative and a retrieval distractor
+that no rule reading region count and tags rejects (`training/data/pretraining.py`, `MatchingPairs`).
 
 The task tables are in the canonical layout the real-format readers produce (training/data/downstream.py),
 so fine-tuning reads them as it reads real data; `question_type` and `target_index` are extra columns,
 the ground truth the tests check the world against (training finds REC's target region by overlap, as
 for real data).
 
-Every task is split train/validation/test by image: an image and all its texts sit in one split,
-and NLVR2 pairs two images of the same split. Each image draws from its own generators, seeded by
-(seed, image index, stream), so a build is deterministic and the scene of image i does not depend
-on `num_images`.
+Every task is split train/validation/test by family: an image, its twin and all their texts sit in one
+split, and NLVR2 pairs two images of the same split. Each image draws from its own generators, seeded by
+(seed, family or image index, stream), so a build is deterministic and the scene of image i does not
+depend on `num_images`.
 """
 
 import argparse
@@ -67,6 +74,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import datasets
@@ -79,7 +87,8 @@ from .downstream import NLVR2_LABELS, VE_LABELS
 from .region_store import RegionStoreWriter, load_region_store
 
 
-VERSION = 3  # 2: task tables in the canonical layout (VQA `answers`); 3: texts that need the image
+VERSION = 4  # 2: task tables in the canonical layout (VQA `answers`); 3: texts that need the image;
+# 4: contrast twins (ITM negatives and retrieval distractors that rules cannot reject), labels balanced per split
 FEATURE_FUNCTION = "region_features v1"
 IMAGE_SIZE = 128
 MAX_OBJECTS = 6
@@ -149,6 +158,7 @@ TABLE_FEATURES = {
 }  # fmt: skip
 # Independent generator streams per image, so changing one part of the generator leaves the others alone.
 _SCENE, _REGIONS, _TEXTS = 0, 1, 2
+FAMILY_SIZE = 2  # an image and its contrast twin (`scene_of`): ITM's negatives and retrieval's distractors
 
 
 def synthetic_lexicon() -> AnchorLexicon:
@@ -212,6 +222,90 @@ def generate_scene(rng: np.random.Generator, width: int = IMAGE_SIZE, height: in
                 objects.append(SceneObject(shape, colour, size, box))
                 break
     return Scene(objects, width, height, noise_seed=int(rng.integers(2**31)))
+
+
+def _boxed(obj: SceneObject, centre, width: int, height: int, size=None, shape=None) -> SceneObject:
+    """`obj` with its box centred near `centre` (shifted inside the image) and, where given, another size
+    class (the side of the same rank in the other size's range) or shape (a cylinder is 0.6 as wide)."""
+    size, shape = size or obj.size, shape or obj.shape
+    side = obj.box[3] - obj.box[1]
+    if size != obj.size:
+        low, high = SIZES[obj.size]
+        new_low, new_high = SIZES[size]
+        side = new_low + round((side - low) / max(high - low, 1) * (new_high - new_low))
+    w = round(0.6 * side) if shape == "cylinder" else side
+    x = min(max(round(centre[0] - w / 2), 0), width - w)
+    y = min(max(round(centre[1] - side / 2), 0), height - side)
+    return SceneObject(shape, obj.colour, size, (x, y, x + w, y + side))
+
+
+CONTRASTS = ("colours", "sizes", "places", "shapes")
+
+
+def _contrasts(objects) -> list[tuple]:
+    """Every edit that keeps the object count, the set of shapes and the bags of colours and sizes:
+    (kind, i, j) swaps the colours, sizes or places of objects i and j; ("shapes", i, j) gives object i,
+    whose shape another object shares, object j's shape (one shape's count moves from one to the other)."""
+    n, edits = len(objects), []
+    for i in range(n):
+        for j in range(n):
+            a, b = objects[i], objects[j]
+            if i < j and a.colour != b.colour:
+                edits.append(("colours", i, j))
+            if i < j and a.size != b.size:
+                edits.append(("sizes", i, j))
+            if i < j and (a.shape, a.colour, a.size) != (b.shape, b.colour, b.size):
+                edits.append(("places", i, j))
+            if a.shape != b.shape and sum(o.shape == a.shape for o in objects) > 1:
+                edits.append(("shapes", i, j))
+    return edits
+
+
+def contrast_twin(scene: Scene, rng: np.random.Generator) -> Scene:
+    """A scene that a reader of the detector's tags and region count cannot tell from `scene`: the same
+    number of objects and the same set of shapes, differing in what needs grounding.
+
+    One edit of `_contrasts` (a kind drawn uniformly among the possible ones, then an edit of it) binds
+    colour, size, place or shape to other objects while the image's bags of colours and sizes stay the
+    same. Where no swap is possible or places well (a single object, or one that would overlap), one
+    object gets another colour: then only its colour tells the two scenes apart. The twin has its own
+    pixel noise.
+    """
+    objects, (width, height) = list(scene.objects), (scene.width, scene.height)
+    edits = _contrasts(objects)
+    kinds = [kind for kind in CONTRASTS if any(edit[0] == kind for edit in edits)]
+    for kind in [kinds[k] for k in rng.permutation(len(kinds))]:
+        options = [edit for edit in edits if edit[0] == kind]
+        for _, i, j in [options[k] for k in rng.permutation(len(options))]:
+            a, b = objects[i], objects[j]
+            edited = list(objects)
+            if kind == "colours":
+                edited[i], edited[j] = (SceneObject(o.shape, c, o.size, o.box) for o, c in ((a, b.colour), (b, a.colour)))
+            elif kind == "sizes":
+                edited[i], edited[j] = _boxed(a, a.centre, width, height, size=b.size), _boxed(b, b.centre, width, height, size=a.size)
+            elif kind == "places":
+                edited[i], edited[j] = _boxed(a, b.centre, width, height), _boxed(b, a.centre, width, height)
+            else:
+                edited[i] = _boxed(a, a.centre, width, height, shape=b.shape)
+            if all(_overlap(edited[k].box, edited[m].box) <= MAX_OVERLAP for k in range(len(edited)) for m in range(k)):
+                return Scene(edited, width, height, noise_seed=int(rng.integers(2**31)))
+    k = int(rng.integers(len(objects)))
+    objects[k] = SceneObject(objects[k].shape, _pick(rng, [c for c in COLOURS if c != objects[k].colour]), objects[k].size, objects[k].box)
+    return Scene(objects, width, height, noise_seed=int(rng.integers(2**31)))
+
+
+def scene_of(seed: int, index: int) -> Scene:
+    """The scene of image `index` of a world built with `seed`: images come in families of `FAMILY_SIZE`, the
+    first a random scene (`generate_scene`), each other one its `contrast_twin`. Independent of the world's size."""
+    family, member = divmod(index, FAMILY_SIZE)
+    scene = generate_scene(np.random.default_rng([seed, family, _SCENE]))
+    return scene if member == 0 else contrast_twin(scene, np.random.default_rng([seed, family, _SCENE, member]))
+
+
+def family_members(index: int, num_images: int) -> list[int]:
+    """The other images of image `index`'s family (its contrast twins) among `num_images` images."""
+    start = index - index % FAMILY_SIZE
+    return [k for k in range(start, min(start + FAMILY_SIZE, num_images)) if k != index]
 
 
 # Unit star: 5 outer points, inner radius 0.4, point up; scaled to fill the object's box.
@@ -477,8 +571,11 @@ def _count_phrase(count: int, shape: str, rng, suffix: str = "") -> str:
     return f"there are exactly {NUMBER_WORDS[count]} {_noun(shape, rng, plural=True)}{suffix}"
 
 
-def captions_for(scene: Scene, rng) -> list[str]:
-    """2-3 true captions: a listing of the objects, a relation between two of them, an object count."""
+def captions_for(scene: Scene, rng, contrast: Scene | None = None) -> list[str]:
+    """2-3 true captions: listings of the objects, relations between two of them, object counts.
+
+    With a `contrast` scene (the image's twin), captions false of it come first: a caption then tells its
+    image from the twin, so the twin is a negative that needs grounding (`caption_holds`)."""
     facts = _facts(scene)
     groups: dict[tuple, list[SceneObject]] = {}
     for obj in scene.objects:
@@ -500,30 +597,38 @@ def captions_for(scene: Scene, rng) -> list[str]:
         templates = [f"{text}.", f"an image with {text}.", f"there {verb} {text}.", f"{text} on a grey background."]
         return templates[template]
 
-    def relation() -> str | None:
-        if not facts.pairs:
-            return None
-        i, j, rel = _pick(rng, facts.pairs)
+    def relation(i, j, rel) -> str:
         with_shape = [("shape",), ("colour", "shape"), ("size", "shape"), ("size", "colour", "shape")]
         first, second = (_a(_phrase(scene.objects[k], _pick(rng, with_shape), rng)) for k in (i, j))
         return f"{first} {_pick(rng, ['', 'is '])}{_pick(rng, RELATIONS[rel])} {second}."
 
-    def count() -> str:
-        example = _a(_phrase(_pick(rng, scene.objects), ("colour", "shape"), rng))
+    def count(obj) -> str:
+        example = _a(_phrase(obj, ("colour", "shape"), rng))
         if len(scene.objects) == 1:
             return f"a scene with a single object: {example}."
         return f"a scene with {NUMBER_WORDS[len(scene.objects)]} objects, among them {example}."
 
-    captions = [listing(int(rng.integers(4)))]
     wanted = int(rng.integers(2, 4))
-    makers = [relation, count, lambda: listing(int(rng.integers(4)))]
-    for k in rng.permutation(len(makers)):
-        if len(captions) == wanted:
-            break
-        caption = makers[k]()
-        if caption is not None and caption not in captions:
-            captions.append(caption)
-    return captions
+    if contrast is None:
+        captions = [listing(int(rng.integers(4)))]
+        makers = [lambda: relation(*_pick(rng, facts.pairs)) if facts.pairs else None,
+                  lambda: count(_pick(rng, scene.objects)), lambda: listing(int(rng.integers(4)))]  # fmt: skip
+        for k in rng.permutation(len(makers)):
+            if len(captions) == wanted:
+                break
+            caption = makers[k]()
+            if caption is not None and caption not in captions:
+                captions.append(caption)
+        return captions
+    kinds = [[listing(int(rng.integers(4))) for _ in range(4)], [relation(*pair) for pair in facts.pairs],
+             [count(obj) for obj in scene.objects]]  # fmt: skip
+    ranked = []  # kinds in turn (a random order), telling captions before the others
+    for telling in (True, False):
+        of_kind = [[c for c in kind if caption_holds(c, contrast) != telling] for kind in kinds]
+        of_kind = [[kind[k] for k in rng.permutation(len(kind))] for kind in of_kind]
+        order = rng.permutation(len(kinds))
+        ranked += [kind[n] for n in range(max(map(len, of_kind))) for kind in (of_kind[k] for k in order) if n < len(kind)]
+    return list(dict.fromkeys(ranked))[:wanted]
 
 
 _NUMBER = {word: n for n, word in enumerate(NUMBER_WORDS)} | {"a": 1, "an": 1}
@@ -573,7 +678,18 @@ def caption_holds(caption: str, scene: Scene) -> bool:
 def world_scenes(world: dict) -> list[Scene]:
     """The scene of every image of a loaded world, in region-store order, regenerated from its seed."""
     seed = world["world"]["arguments"]["seed"]
-    return [generate_scene(np.random.default_rng([seed, i, _SCENE])) for i in range(world["world"]["arguments"]["num_images"])]
+    return [scene_of(seed, i) for i in range(world["world"]["arguments"]["num_images"])]
+
+
+def twin_rows(image_ids) -> Callable[[int], list[int]]:
+    """`twins(row)`: the rows of the contrast twins of the image in row `row` of a region store that holds a
+    world's images (found by their ids, so a store in another order, or without some of them, works too)."""
+    row_of = {image_id: row for row, image_id in enumerate(image_ids)}
+    twins = []
+    for image_id in image_ids:
+        ids = (f"synthetic-{k:06d}" for k in family_members(int(image_id.rsplit("-", 1)[1]), math.inf))
+        twins.append([row_of[other] for other in ids if other in row_of])
+    return twins.__getitem__
 
 
 def caption_truth(world: dict):
@@ -614,7 +730,7 @@ def vqa_for(scene: Scene, rng) -> list[dict]:
         n = sum(o.colour == colour for o in objects)
         if str(n) in QUESTION_OPTIONS["count"]:
             add(f"how many {colour} objects are there?", str(n), "count")
-    present = {(o.colour, o.shape) for o in objects}
+    present = list(dict.fromkeys((o.colour, o.shape) for o in objects))  # in object order: a set's order varies by process
     absent = [(c, sh) for c in COLOURS for sh in SHAPES if (c, sh) not in present]
     for colour, shape in [*present, *(_pick(rng, absent) for _ in range(len(present)))]:
         add(f"is there {_a(f'{colour} {_noun(shape, rng)}')}?", "yes" if (colour, shape) in present else "no", "existence")
@@ -721,30 +837,42 @@ def nlvr2_for(left: Scene, right: Scene, rng) -> list[tuple[str, bool]]:
     return [candidates[k] for k in rng.permutation(len(candidates))]
 
 
+def text_template(text: str) -> str:
+    """A text with its shape, colour and size words replaced by their kind: "the <size> <shape> is <colour>."."""
+    words = []
+    for word in re.findall(r"[a-z0-9]+|[^a-z0-9 ]", text):
+        kind = "shape" if _lexicon().concept_of(word) >= 0 else "colour" if word in COLOURS else "size" if word in SIZES else None
+        words.append(f"<{kind}>" if kind else word)
+    return " ".join(words)
+
+
 class TextBalancer:
-    """Keeps labels balanced, per text and per group of texts, so that the text alone tells nothing about its label.
+    """Keeps labels balanced per text, per template and per group of texts, so that the text alone tells nothing
+    about its label.
 
     A text (a question, a hypothesis, a sentence) is accepted with a label only when that label is one of
     the least used ones for that exact text so far, among all its possible labels, and is used no more than
-    `slack` times above the least used label of its group (a task, a question type). Every text then carries
-    each possible label equally often, within one, whatever the world's size, and so does each group within
-    `slack`: a classifier that sees only the text (a lookup table, a bag of words, the majority) cannot beat
-    chance. Texts whose labels are skewed by the scenes (most counts are small) are kept less often; the
-    build offers many candidates.
+    `slack` times above the least used label of its template (`text_template`) and of its group (a task, a
+    question type). Every text then carries each possible label equally often, within one, whatever the
+    world's size, and so does each template and group within `slack`: a text seen once carries the label its
+    scene gave, and the template's balance keeps those from teaching a reader of the words (a bag of words,
+    character n-grams) which label a kind of sentence tends to have. Texts whose labels are skewed by the
+    scenes (most counts are small) are kept less often; the build offers many candidates. The world keeps one
+    balancer per split: balanced over all splits together, a text's held-out label was the one it had least
+    often in training.
     """
 
-    def __init__(self, slack: int = 10):
+    def __init__(self, slack: int = 2):
         self.slack = slack
         self.counts: dict[str, dict] = {}
-        self.totals: dict[str, dict] = {}
 
     def accept(self, text: str, label, options, group: str) -> bool:
-        counts = self.counts.setdefault(text, dict.fromkeys(options, 0))
-        totals = self.totals.setdefault(group, dict.fromkeys(options, 0))
-        if counts[label] > min(counts.values()) or totals[label] >= min(totals.values()) + self.slack:
+        keys = [("text", text), ("template", group, text_template(text)), ("group", group)]
+        counts = [self.counts.setdefault(key, dict.fromkeys(options, 0)) for key in keys]
+        if counts[0][label] > min(counts[0].values()) or any(c[label] >= min(c.values()) + self.slack for c in counts[1:]):
             return False
-        counts[label] += 1
-        totals[label] += 1
+        for c in counts:
+            c[label] += 1
         return True
 
 
@@ -776,22 +904,25 @@ def _split_sizes(num_images: int, splits) -> list[int]:
 
 
 def _write_world(path, num_images, seed, box_jitter, num_distractors, tag_noise, splits) -> dict:
-    sizes = _split_sizes(num_images, splits)
-    order = np.random.default_rng([seed, 10**6]).permutation(num_images)  # streams past any image index
-    split_of = np.empty(num_images, np.int64)
-    split_of[order] = np.repeat(np.arange(3), sizes)
+    num_families = -(-num_images // FAMILY_SIZE)
+    order = np.random.default_rng([seed, 10**6]).permutation(num_families)  # streams past any image index
+    split_of_family = np.empty(num_families, np.int64)
+    split_of_family[order] = np.repeat(np.arange(3), _split_sizes(num_families, splits))
+    split_of = split_of_family[np.arange(num_images) // FAMILY_SIZE]  # a family stays in one split
+    sizes = np.bincount(split_of, minlength=3).tolist()
     image_ids = [f"synthetic-{i:06d}" for i in range(num_images)]
     rows = {table: [[] for _ in SPLIT_NAMES] for table in TABLES}
-    scenes, num_regions = [], 0
-    balancer = TextBalancer()  # one for the whole world: each text is balanced over all splits together
+    scenes, num_regions = [scene_of(seed, i) for i in range(num_images)], 0
+    # One per split: a text's labels are balanced within its split, so its held-out label cannot be read off
+    # its training labels (balanced over all splits together, the held-out label was the one seen least).
+    balancers = [TextBalancer() for _ in SPLIT_NAMES]
 
     detector = {"name": "synthetic-world", "version": VERSION, "feature_function": FEATURE_FUNCTION,
                 "box_jitter": box_jitter, "num_distractors": num_distractors, "tag_noise": tag_noise}  # fmt: skip
     with RegionStoreWriter(os.path.join(path, "regions"), FEATURE_DIM, CONCEPT_NAMES, source="synthetic",
                            detector=detector, shard_size=1000) as writer:  # fmt: skip
         for i, image_id in enumerate(image_ids):
-            scene = generate_scene(np.random.default_rng([seed, i, _SCENE]))
-            scenes.append(scene)
+            scene = scenes[i]
             row, stored = scene_regions(scene, np.asarray(render(scene)), np.random.default_rng([seed, i, _REGIONS]),
                                         box_jitter, num_distractors, tag_noise)  # fmt: skip
             writer.add({"image_id": image_id, **row})
@@ -799,8 +930,11 @@ def _write_world(path, num_images, seed, box_jitter, num_distractors, tag_noise,
 
             rng = np.random.default_rng([seed, i, _TEXTS])
             split = split_of[i]
+            balancer = balancers[split]
             rows_of = {table: rows[table][split] for table in TABLES}
-            rows_of["captions"] += [{"image_id": image_id, "text": text} for text in captions_for(scene, rng)]
+            twins = family_members(i, num_images)
+            captions = captions_for(scene, rng, scenes[twins[0]] if twins else None)
+            rows_of["captions"] += [{"image_id": image_id, "text": text} for text in captions]
             questions = vqa_for(scene, rng)
             for kind, options in QUESTION_OPTIONS.items():
                 of_kind = [item for item in questions if item["question_type"] == kind]
@@ -826,7 +960,7 @@ def _write_world(path, num_images, seed, box_jitter, num_distractors, tag_noise,
         for k, left in enumerate(members):
             right = members[(k + 1) % len(members)]
             statements = _kept(nlvr2_for(scenes[left], scenes[right], rng), NLVR2_PER_PAIR,
-                               lambda statement: balancer.accept(*statement, (False, True), "nlvr2"))  # fmt: skip
+                               lambda statement: balancers[split].accept(*statement, (False, True), "nlvr2"))  # fmt: skip
             rows["nlvr2"][split] += [{"left_image_id": image_ids[left], "right_image_id": image_ids[right],
                                       "sentence": text, "label": int(truth)} for text, truth in statements]  # fmt: skip
 
@@ -854,6 +988,7 @@ def _write_world(path, num_images, seed, box_jitter, num_distractors, tag_noise,
             "tag_noise": tag_noise,
             "splits": list(splits),
         },
+        "family_size": FAMILY_SIZE,
         "image_size": [IMAGE_SIZE, IMAGE_SIZE],
         "concept_names": CONCEPT_NAMES,
         "synonyms": SHAPE_SYNONYMS,
