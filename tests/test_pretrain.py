@@ -18,7 +18,7 @@ from datasets import DatasetDict, load_from_disk
 from safetensors.torch import load_file
 
 from cmal.training import pretrain, pretrain_run
-from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator
+from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler, MatchingPairs, PretrainingCollator
 from cmal.training.data.region_store import load_region_store
 
 
@@ -80,7 +80,32 @@ def test_itm_negatives_come_from_the_images_nearest_in_region_count(corpus, wind
         place = int(np.flatnonzero(order == row)[0])
         start = min(max(place - (window + 1) // 2, 0), pairs.num_images - window - 1)
         expected = set(order[start : start + window + 1].tolist()) if window else set(range(pairs.num_images))
-        assert {collator.negative_image(row, rng) for _ in range(300)} == expected - {row}, row
+        assert {collator.matching.negative_image(row, rng) for _ in range(300)} == expected - {row}, row
+
+
+@pytest.mark.parametrize("twin_probability", [1.0, 0.5, 0.0])
+def test_itm_negatives_are_contrast_twins_of_which_the_caption_is_false(corpus, twin_probability):
+    """Where the corpus has contrast twins (the synthetic world), a negative is one with `twin_probability`, unless
+    the caption is true of every twin; else another image. Pairs are a function of (seed, epoch, index)."""
+    captions, regions = DatasetDict.load_from_disk(str(corpus / "captions"))["train"], load_region_store(str(corpus / "regions"))[0]
+    pairs = ImageTextPairs(captions, regions)
+    n = pairs.num_images
+    twins = lambda row: [row ^ 1] if row ^ 1 < n else []  # noqa: E731  (images 2k and 2k+1 are twins)
+    true_of = lambda text, row: row % 4 == 3  # noqa: E731  (the caption holds of every fourth image)
+    matching = MatchingPairs(pairs.num_regions(), 1.0, true_of, twins=twins, twin_probability=twin_probability)
+    rows, labels = matching.pairs(pairs, seed=3)
+    own = pairs.image_rows
+    assert (labels == 0).all() and (rows != own).all() and not any(true_of("", row) for row in rows)
+    is_twin = rows == own ^ 1
+    usable = np.array([bool(twins(row)) and not true_of("", twins(row)[0]) for row in own])
+    if twin_probability == 1.0:
+        assert (is_twin == usable).all()
+    elif twin_probability == 0.0:
+        assert is_twin.mean() < 0.2  # a random other image is the twin only by chance
+    else:
+        assert 0.3 < is_twin[usable].mean() < 0.7
+    again = matching.pairs(pairs, seed=3)
+    assert (again[0] == rows).all() and not (matching.pairs(pairs, seed=4)[0] == rows).all()
 
 
 def test_sampler_is_seeded_per_epoch_and_groups_lengths():
@@ -237,8 +262,8 @@ def test_padding_free_flag_reaches_the_model(corpus, flags, padding_free):
 
 
 def _tokenizer_and_metadata(corpus, args):
-    captions, _, metadata, _, texts, _ = pretrain_run.load_corpus(args)
-    return pretrain_run.build_tokenizer(args, texts), metadata
+    corpus = pretrain_run.load_corpus(args)
+    return pretrain_run.build_tokenizer(args, corpus.vocabulary_texts), corpus.metadata
 
 
 @pytest.mark.parametrize("fraction, images", [(1.0, 24), (0.5, 12), (0.25, 6), (0.01, 1)])

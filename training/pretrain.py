@@ -89,6 +89,13 @@ def parse_args(argv=None):
     model.add_argument("--mlm_probability", type=PROBABILITY, default=0.15, help="Share of non-anchor words masked.")
     model.add_argument("--mrm_probability", type=PROBABILITY, default=0.15, help="Share of regions masked.")
     model.add_argument("--itm_negative_probability", type=PROBABILITY, default=0.5, help="Share of mismatched pairs.")
+    model.add_argument("--itm_twin_probability", type=PROBABILITY, default=1.0,
+                       help="Share of mismatched pairs whose image is a contrast twin of the caption's (same region "
+                            "count and tags, another colour, size, place or shape count), where the corpus has "
+                            "twins (the synthetic world); the rest are other images.")
+    model.add_argument("--itm_twins_from_epoch", type=NON_NEGATIVE_INT, default=None,
+                       help="First epoch whose negatives may be contrast twins (default: the first after the "
+                            "curriculum, --curriculum_epochs).")
     model.add_argument("--itm_negative_window", type=NON_NEGATIVE_INT, default=0,
                        help="A mismatched pair's image is one of the N images nearest its own in region count, so "
                             "length-grouped batches stay unpadded with adaptive region counts (e.g. 1000; 0: any "

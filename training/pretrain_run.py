@@ -45,7 +45,8 @@ LOSSES = ["mlm_loss", "mrm_feature_loss", "mrm_concept_loss", "itm_loss", "amc_t
 
 class Corpus(NamedTuple):
     """What pre-training reads. `true_of(text, image_row)` says whether a caption also holds of another image,
-    where the corpus knows (None otherwise); it keeps such pairs out of the held-out ITM negatives."""
+    where the corpus knows (None otherwise); it keeps such pairs out of the ITM negatives. `twins(image_row)`
+    lists an image's contrast twins, ITM's hard negatives, where the corpus has them (None otherwise)."""
 
     captions: Any  # a DatasetDict with train/validation splits, or a Dataset (training only)
     regions: Any  # the region store's Dataset
@@ -53,6 +54,7 @@ class Corpus(NamedTuple):
     lexicon: Any  # the anchor lexicon, or None (then built from the tags and vocabulary)
     vocabulary_texts: list
     true_of: Callable | None
+    twins: Callable | None = None
 
 
 def load_corpus(args) -> Corpus:
@@ -72,7 +74,8 @@ def load_corpus(args) -> Corpus:
             model, image_processor = detector_model(args.detector, args.detector_num_regions, args.detector_score_threshold)
             regions, metadata = load_region_store(extract_world(world_dir, model, image_processor))
         texts = synthetic_texts(world)
-        return Corpus(world["captions"], regions, metadata, synthetic.synthetic_lexicon(), texts, synthetic.caption_truth(world))
+        return Corpus(world["captions"], regions, metadata, synthetic.synthetic_lexicon(), texts, synthetic.caption_truth(world),
+                      synthetic.twin_rows(regions["image_id"][:]))  # fmt: skip
     from datasets import load_from_disk
 
     regions, metadata = load_region_store(os.path.join(args.dataset, "regions"), require_concept_names=True)
@@ -129,7 +132,7 @@ def build_config(args, tokenizer, metadata) -> CMALConfig:
 def build_data(args, corpus: Corpus, num_processes: int = 1, process_index: int = 0):
     """(config, processor, pairs, collator, dataloader) of a `load_corpus` result: the pipeline `main`
     trains on, and the one `benchmarks/speed.py` times."""
-    captions, regions, metadata, lexicon, vocabulary_texts, true_of = corpus
+    captions, regions, metadata, lexicon, vocabulary_texts, true_of, twins = corpus
     train_texts = corpus_subset(split(captions, "train"), args.corpus_fraction)
     tokenizer = build_tokenizer(args, vocabulary_texts)
     config = build_config(args, tokenizer, metadata)
@@ -138,6 +141,7 @@ def build_data(args, corpus: Corpus, num_processes: int = 1, process_index: int 
     collator = PretrainingCollator(
         processor, train_set, args.mlm_probability, args.mrm_probability, args.itm_negative_probability,
         max_length=args.max_text_length, seed=args.seed, true_of=true_of, negative_window=args.itm_negative_window,
+        twins=twins, twin_probability=args.itm_twin_probability, twins_from_epoch=twins_from_epoch(args),
     )  # fmt: skip
     if args.streaming:
         stream = StreamingPairs(train_set, args.per_device_train_batch_size, args.streaming_shards, process_index,
@@ -156,6 +160,10 @@ def build_data(args, corpus: Corpus, num_processes: int = 1, process_index: int 
     return config, processor, train_set, collator, train_dataloader
 
 
+def twins_from_epoch(args) -> int:
+    return args.curriculum_epochs if args.itm_twins_from_epoch is None else args.itm_twins_from_epoch
+
+
 def validation_pairs(corpus) -> ImageTextPairs | None:
     """The validation captions joined to their images; None when the corpus has no validation split."""
     captions, regions = corpus.captions, corpus.regions
@@ -163,12 +171,14 @@ def validation_pairs(corpus) -> ImageTextPairs | None:
     return ImageTextPairs(texts, regions) if texts is not None and len(texts) else None
 
 
-def validation_loader(args, pairs, processor, accelerator, negative_probability: float, true_of=None):
+def validation_loader(args, pairs, processor, accelerator, negative_probability: float, corpus=None):
     """A prepared DataLoader over `pairs`, each caption with its image or, with `negative_probability`,
-    another one (of which the caption is not true, where `true_of` knows); negatives and masks are fixed
-    (seed, epoch 0)."""
+    a negative (`MatchingPairs`): a contrast twin wherever the corpus has one, so held-out ITM measures what
+    rules on region count and tags cannot tell (training may mix in other images: `--itm_twin_probability`);
+    negatives and masks are fixed (seed, epoch 0)."""
     collator = PretrainingCollator(processor, pairs, args.mlm_probability, args.mrm_probability, negative_probability,
-                                   max_length=args.max_text_length, seed=args.seed + 1, true_of=true_of)  # fmt: skip
+                                   max_length=args.max_text_length, seed=args.seed + 1, true_of=corpus and corpus.true_of,
+                                   twins=corpus and corpus.twins, twin_probability=1.0)  # fmt: skip
     return accelerator.prepare(DataLoader(pairs, batch_size=args.per_device_train_batch_size, collate_fn=collator))
 
 
@@ -252,7 +262,7 @@ def run(args):
         results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps, LOSSES, "pre-training")
         held_out, pairs = {}, validation_pairs(corpus) if args.itm > 0 or args.itc > 0 else None
         if pairs is not None and args.itm > 0:
-            held_out |= validate_matching(model, validation_loader(args, pairs, processor, accelerator, 0.5, corpus.true_of), accelerator)
+            held_out |= validate_matching(model, validation_loader(args, pairs, processor, accelerator, 0.5, corpus), accelerator)
         if pairs is not None and args.itc > 0:
             held_out |= validate_retrieval(model, validation_loader(args, pairs, processor, accelerator, 0.0), pairs, accelerator)
         if held_out:

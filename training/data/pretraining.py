@@ -199,15 +199,56 @@ class NegativeImages:
         return int(self.by_regions[other + (other >= place)])
 
 
+class MatchingPairs:
+    """The image each ITM example is shown with: its own (label 1) or, with probability `negative_probability`,
+    a negative (label 0), drawn from the example's generator so a pair is a function of (seed, epoch, index).
+
+    A negative is, with probability `twin_probability`, one of the image's contrast twins (`twins(image_row)`:
+    images that a rule reading region count and tags cannot tell from it, as the synthetic world makes) of
+    which the text is not true; else another image (`NegativeImages`), drawn again (up to 10 times) while
+    `true_of(text, image_row)` says the text also holds of it, where the corpus knows."""
+
+    def __init__(self, num_regions: np.ndarray, negative_probability: float = 0.5, true_of=None,
+                 negative_window: int = 0, twins=None, twin_probability: float = 1.0):  # fmt: skip
+        self.num_images = len(num_regions)
+        self.negative_probability, self.true_of = negative_probability, true_of
+        self.twins, self.twin_probability = twins, twin_probability
+        self.negative_image = NegativeImages(num_regions, negative_window)
+
+    def __call__(self, item: dict, rng: np.random.Generator, twins: bool = True) -> tuple[int, int]:
+        """(image row, ITM label) of one `ImageTextPairs` item; `twins=False` draws no twin."""
+        own = item["image_row"]
+        if self.num_images < 2 or rng.random() >= self.negative_probability:
+            return own, 1
+        twins = self.twins(own) if self.twins is not None and twins else []
+        if twins and rng.random() < self.twin_probability:
+            for row in rng.permutation(twins).tolist():
+                if self.true_of is None or not self.true_of(item["text"], row):
+                    return row, 0
+        row = own
+        for _ in range(10):
+            row = self.negative_image(own, rng)
+            if self.true_of is None or not self.true_of(item["text"], row):
+                break
+        return row, int(row == own)
+
+    def pairs(self, dataset: "ImageTextPairs", seed: int, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(image rows, labels) of every item of `dataset`, as `PretrainingCollator(seed=seed)` pairs them in
+        `epoch`: what a rule is scored on next to the model (`benchmarks/floors.py`)."""
+        paired = [self(item, np.random.default_rng([seed, epoch, item["index"]]))
+                  for item in dataset.__getitems__(range(len(dataset)))]  # fmt: skip
+        return np.array([row for row, _ in paired]), np.array([label for _, label in paired])
+
+
 class PretrainingCollator:
     """Batch of `ImageTextPairs` items -> the inputs and targets of `CMALForPreTraining`.
 
-    * ITM: with probability `itm_negative_probability` an example's image is replaced by another one
-      (`itm_labels` 0), drawn again (up to 10 times) while `true_of(text, image_row)` says the text also
-      holds of it, when the corpus knows (the synthetic world does: `synthetic.caption_holds`). With
-      `negative_window` W, the other image is one of the W images nearest in region count: a batch the
-      sampler grouped by length keeps its length (a random image would pad it to the largest scenes, and
-      region count would tell the mismatch). 0 draws from all images.
+    * ITM: `MatchingPairs` pairs an example with its image or a negative (`itm_labels` 0), with
+      probability `itm_negative_probability`; contrast twins only from epoch `twins_from_epoch` on (matching
+      learns to count before it learns to bind: twins from the start kept ITM at chance, measured). With `negative_window` W, a negative that is not a twin is
+      one of the W images nearest in region count: a batch the sampler grouped by length keeps its length
+      (a random image would pad it to the largest scenes, and region count would tell the mismatch). 0
+      draws from all images.
     * One modality at a time: each matched pair is either an MLM example (whole words that are not
       anchors are masked with probability `mlm_probability`; 80% [MASK], 10% random, 10% kept) or an
       MRM example (each real region is masked with probability `mrm_probability`). Mismatched pairs
@@ -227,32 +268,27 @@ class PretrainingCollator:
         seed: int = 0,
         true_of=None,
         negative_window: int = 0,
+        twins=None,
+        twin_probability: float = 1.0,
+        twins_from_epoch: int = 0,
     ):
         self.processor = processor
-        self.true_of = true_of
         self.dataset = dataset
         self.mlm_probability = mlm_probability
         self.mrm_probability = mrm_probability
-        self.itm_negative_probability = itm_negative_probability
         self.max_length = max_length
         self.seed = seed
         self.epoch = 0
         tokenizer = processor.tokenizer
         self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
-        self.negative_image = NegativeImages(dataset.num_regions(), negative_window)
+        self.matching = MatchingPairs(dataset.num_regions(), itm_negative_probability, true_of, negative_window,
+                                      twins, twin_probability)  # fmt: skip
+        self.twins_from_epoch = twins_from_epoch
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         rngs = [np.random.default_rng([self.seed, self.epoch, item["index"]]) for item in items]
-        image_rows, itm_labels = [], []
-        for item, rng in zip(items, rngs):
-            row = item["image_row"]
-            if self.dataset.num_images > 1 and rng.random() < self.itm_negative_probability:
-                for _ in range(10):
-                    row = self.negative_image(item["image_row"], rng)
-                    if self.true_of is None or not self.true_of(item["text"], row):
-                        break
-            image_rows.append(row)
-            itm_labels.append(int(row == item["image_row"]))
+        twins = self.epoch >= self.twins_from_epoch
+        image_rows, itm_labels = map(list, zip(*(self.matching(item, rng, twins) for item, rng in zip(items, rngs))))
         batch = self.processor(
             text=[item["text"] for item in items],
             regions=self.dataset.regions_of_images(image_rows),
