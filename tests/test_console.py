@@ -10,6 +10,7 @@ import sys
 from conftest import REPO
 
 
+PROGRESS = re.compile(r"[\w -]+: +\d+%\|")  # a tqdm bar's line
 NOISE = ["were not passed to `accelerate launch`", "Removed shared tensor", "UNEXPECTED", "FutureWarning",
          "DeprecationWarning", "accelerate.checkpointing"]  # fmt: skip
 
@@ -41,4 +42,7 @@ def test_the_readme_commands_print_no_library_noise(tmp_path):
     # fine-tuning's one notice from transformers: the new answer head, which training is about to fill
     reported = [line.split("|")[0].strip() for line in tuned if "| MISSING" in line]
     assert reported and all(key.startswith("classifier.") for key in reported)
-    assert len(tuned) <= 16, "\n".join(tuned)
+    # and nothing else but its own lines; a progress bar's refreshes are left out of the count, as how many a
+    # run prints depends on the machine's speed (under load 18 lines instead of 16 failed this once)
+    own = [line for line in tuned if not PROGRESS.match(line)]
+    assert len(own) <= 11, "\n".join(own)
