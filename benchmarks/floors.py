@@ -123,13 +123,6 @@ PALETTE = np.array(list(synthetic.COLOURS.values()), np.float64)
 LARGE_SIDE = 25  # pixels: small objects are 14-22 wide, large ones 28-40, before the detector's jitter
 
 
-def _iou(a, b) -> float:
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(w, 0) * max(h, 0)
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 class TrainedReader:
     """Shape and colour of a region read from its features by two logistic regressions, learnt on the
     confident regions of the training images, each labelled with the object of its scene it overlaps most
@@ -158,15 +151,24 @@ class TrainedReader:
 
     def _labelled(self, world):
         """(store row, features, shape, colour) of every confident region that overlaps an object."""
+        import torch
+
+        from cmal.training.data.downstream import box_iou
+
         columns = ["image_width", "image_height", "features", "boxes", "scores"]
         for row, image in enumerate(world["regions"].select_columns(columns).with_format("numpy")):
+            objects = self.scenes[row].objects
+            confident = np.flatnonzero(np.asarray(image["scores"]) >= CONFIDENT)
+            if not objects or not len(confident):
+                continue
             scale = [image["image_width"], image["image_height"]] * 2
-            boxes, objects = np.asarray(image["boxes"]) * scale, self.scenes[row].objects
-            for k in np.flatnonzero(np.asarray(image["scores"]) >= CONFIDENT):
-                overlaps = [_iou(boxes[k], obj.box) for obj in objects]
-                if objects and max(overlaps) >= 0.5:
-                    obj = objects[int(np.argmax(overlaps))]
-                    yield row, np.asarray(image["features"][k], np.float64), obj.shape, obj.colour
+            regions = torch.tensor(np.asarray(image["boxes"])[confident] * scale, dtype=torch.float64)
+            boxes = torch.tensor([obj.box for obj in objects], dtype=torch.float64)
+            overlaps = box_iou(boxes.expand(len(regions), -1, -1), regions)  # [region, object]
+            best, which = overlaps.max(1)
+            for k, iou, obj in zip(confident.tolist(), best.tolist(), which.tolist()):
+                if iou >= 0.5:
+                    yield row, np.asarray(image["features"][k], np.float64), objects[obj].shape, objects[obj].colour
 
     def __call__(self, features: np.ndarray) -> tuple[list, list]:
         """(shapes, colours) of regions with these features."""
@@ -371,27 +373,35 @@ def matching_pairs(world: dict, split: str, twin_probability: float | None = Non
     if twin_probability is None:
         twin_probability = defaults.itm_twin_probability if split == "train" else 1.0
     matching = MatchingPairs(pairs.num_regions(), probability, synthetic.caption_truth(world), defaults.itm_negative_window,
-                             synthetic.twin_rows(world["regions"]["image_id"]), twin_probability)  # fmt: skip
+                             synthetic.twin_rows(world["regions"]["image_id"][:]), twin_probability)  # fmt: skip
     rows, labels = matching.pairs(pairs, seed)
     return world["captions"][split]["text"], rows, labels
 
 
-def itm_rules(world: dict, split: str = "validation", tags: RegionReader | None = None,
-              twin_probability: float | None = None) -> dict[str, float]:  # fmt: skip
-    """AUC of each rule of `ITM_RULES` on the held-out ITM pairs of `split` (the regression learns on the
-    training pairs); `twin_probability` overrides how often their negatives are contrast twins."""
+def _pair_features(world: dict, split: str, tags: RegionReader, twin_probability: float | None = None):
+    """(`rule_features` of every ITM pair of `split`, their labels)."""
+    texts, rows, labels = matching_pairs(world, split, twin_probability)
+    image_ids = world["regions"]["image_id"][:]
+    return np.stack([rule_features(t, tags.images[image_ids[r]]) for t, r in zip(texts, rows)]), labels
+
+
+def rule_regression(world: dict, tags: RegionReader, twin_probability: float | None = None):
+    """The logistic regression on `rule_features`, learnt on the training ITM pairs: the strongest rule, for ITM
+    and as retrieval's ranker."""
     from sklearn.linear_model import LogisticRegression
 
+    return LogisticRegression(max_iter=2000).fit(*_pair_features(world, "train", tags, twin_probability))
+
+
+def itm_rules(world: dict, split: str = "validation", tags: RegionReader | None = None,
+              twin_probability: float | None = None, regression=None) -> dict[str, float]:  # fmt: skip
+    """AUC of each rule of `ITM_RULES` on the held-out ITM pairs of `split` (`regression`: `rule_regression`,
+    learnt here when not given); `twin_probability` overrides how often the negatives are contrast twins."""
     from cmal.training.metrics import binary_auc
 
     tags = tags or RegionReader(world)
-    image_ids = world["regions"]["image_id"][:]
-    features = {}
-    for name in ("train", split):
-        texts, rows, labels = matching_pairs(world, name, twin_probability)
-        features[name] = (np.stack([rule_features(t, tags.images[image_ids[r]]) for t, r in zip(texts, rows)]), labels)
-    regression = LogisticRegression(max_iter=2000).fit(*features["train"])
-    x, labels = features[split]
+    regression = regression or rule_regression(world, tags, twin_probability)
+    x, labels = _pair_features(world, split, tags, twin_probability)
     return {name: binary_auc(score, labels) for name, score in _rule_scores(x, regression).items()}
 
 
@@ -410,21 +420,16 @@ def _recall_at_1(scores: np.ndarray, truth: list[int]) -> float:
 
 
 def retrieval(world: dict, split: str = "test", num_images: int = 50, reader: RegionReader | None = None,
-              tags: RegionReader | None = None) -> dict:  # fmt: skip
+              tags: RegionReader | None = None, regression=None) -> dict:  # fmt: skip
     """Text->image R@1 over the first `num_images` images of the split (as `finetune.py --task retrieval` scores
     it): chance; the rule ranker (the ITM rule regression's score over the detector's tags, count and colours);
     and the region oracle, which ranks first the images whose regions `reader` finds the caption true of
     (`synthetic.caption_holds`). A caption true of k images caps R@1 at 1/k."""
-    from sklearn.linear_model import LogisticRegression
-
     reader = reader or RegionReader(world, TrainedReader(world))
     tags = tags or RegionReader(world)
+    regression = regression or rule_regression(world, tags)
     images, captions = retrieval_items(world, split, num_images)
     truth = [images.index(item["image_id"]) for item in captions]
-    texts, rows, labels = matching_pairs(world, "train")
-    image_ids = world["regions"]["image_id"][:]
-    regression = LogisticRegression(max_iter=2000).fit(
-        np.stack([rule_features(t, tags.images[image_ids[r]]) for t, r in zip(texts, rows)]), labels)
     features = np.stack([rule_features(item["text"], tags.images[image]) for item in captions for image in images])
     rules = regression.predict_proba(features)[:, 1].reshape(len(captions), len(images))
     oracle = np.array([[float(synthetic.caption_holds(item["text"], SimpleNamespace(objects=reader.images[image])))
@@ -451,8 +456,9 @@ def floors(world: dict, split: str = "test", trained: TrainedReader | None = Non
             table[task.name] = {"chance": chance(world, task, split), **rec_rules(world, split, tags)}
         if task.name in table:
             table[task.name] |= {"tag oracle": tag_oracle[task.name], "region oracle": oracle[task.name]}
-    table["retrieval"] = retrieval(world, split, reader=reader, tags=tags)
-    table["itm"] = {"chance": 0.5, **itm_rules(world, "validation", tags)}
+    regression = rule_regression(world, tags)
+    table["retrieval"] = retrieval(world, split, reader=reader, tags=tags, regression=regression)
+    table["itm"] = {"chance": 0.5, **itm_rules(world, "validation", tags, regression=regression)}
     table["reader"] = trained.accuracy[split]
     return table
 

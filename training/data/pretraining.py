@@ -215,12 +215,12 @@ class MatchingPairs:
         self.twins, self.twin_probability = twins, twin_probability
         self.negative_image = NegativeImages(num_regions, negative_window)
 
-    def __call__(self, item: dict, rng: np.random.Generator, twins: bool = True) -> tuple[int, int]:
-        """(image row, ITM label) of one `ImageTextPairs` item; `twins=False` draws no twin."""
+    def __call__(self, item: dict, rng: np.random.Generator, use_twins: bool = True) -> tuple[int, int]:
+        """(image row, ITM label) of one `ImageTextPairs` item; `use_twins=False` draws no twin."""
         own = item["image_row"]
         if self.num_images < 2 or rng.random() >= self.negative_probability:
             return own, 1
-        twins = self.twins(own) if self.twins is not None and twins else []
+        twins = self.twins(own) if self.twins is not None and use_twins else []
         if twins and rng.random() < self.twin_probability:
             for row in rng.permutation(twins).tolist():
                 if self.true_of is None or not self.true_of(item["text"], row):
@@ -245,10 +245,10 @@ class PretrainingCollator:
 
     * ITM: `MatchingPairs` pairs an example with its image or a negative (`itm_labels` 0), with
       probability `itm_negative_probability`; contrast twins only from epoch `twins_from_epoch` on (matching
-      learns to count before it learns to bind: twins from the start kept ITM at chance, measured). With `negative_window` W, a negative that is not a twin is
-      one of the W images nearest in region count: a batch the sampler grouped by length keeps its length
-      (a random image would pad it to the largest scenes, and region count would tell the mismatch). 0
-      draws from all images.
+      learns to count before it learns to bind: twins from the start kept ITM at chance, measured). With
+      `negative_window` W, a negative that is not a twin is one of the W images nearest in region count: a
+      batch the sampler grouped by length keeps its length (a random image would pad it to the largest
+      scenes, and region count would tell the mismatch). 0 draws from all images.
     * One modality at a time: each matched pair is either an MLM example (whole words that are not
       anchors are masked with probability `mlm_probability`; 80% [MASK], 10% random, 10% kept) or an
       MRM example (each real region is masked with probability `mrm_probability`). Mismatched pairs
@@ -287,8 +287,8 @@ class PretrainingCollator:
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         rngs = [np.random.default_rng([self.seed, self.epoch, item["index"]]) for item in items]
-        twins = self.epoch >= self.twins_from_epoch
-        image_rows, itm_labels = map(list, zip(*(self.matching(item, rng, twins) for item, rng in zip(items, rngs))))
+        use_twins = self.epoch >= self.twins_from_epoch
+        image_rows, itm_labels = map(list, zip(*(self.matching(item, rng, use_twins) for item, rng in zip(items, rngs))))
         batch = self.processor(
             text=[item["text"] for item in items],
             regions=self.dataset.regions_of_images(image_rows),
