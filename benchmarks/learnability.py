@@ -1,7 +1,7 @@
 """Is every task learnable at the study's fine-tuning budget? A small model learns each task from scratch on the
 region oracle's symbolic inputs; how much of the gap between floor and ceiling does it close in the budget?
 
-    python benchmarks/learnability.py                          # all five tasks, 2,000 steps at batch 32: ~8 min, 1 thread
+    python benchmarks/learnability.py                          # all five tasks, 2,000 steps at batch 32: ~20 min, 1 thread
     python benchmarks/learnability.py --tasks rec --steps 4000 --learning_rate 3e-3
 
 The objective study (`benchmarks/objectives.py`) fine-tunes for 2,000 steps at batch 32 and reads each task as
@@ -9,12 +9,14 @@ the share of the gap between its floor and the region oracle's ceiling a model c
 A pre-trained model that closes little of a gap says something about pre-training only if the gap can be closed
 in that budget at all. Here the inputs are the oracle's own: the text as word tokens and every confident region
 as one token, the sum of embeddings of its shape and colour (read by `floors.TrainedReader`), its size and a
-Linear of its box (normalised, with its centre). [CLS] text [SEP] regions go through a 2-layer transformer
-encoder (d_model 64, 4 heads) with learned positions for the text and a type per segment (text, the image or
-the left one, the right one). Heads: VQA a classifier over the answer vocabulary, VE 3-way, NLVR2 2-way over
-both images' regions, REC a score per region token (softmax over the image's regions), retrieval a match
-classifier trained on captions with their own image or, half the time, a contrast twin the caption is not true
-of (else another training image) and scored as text->image R@1 over the split's first 50 images, as finetune.py
+Linear of its box (normalised, with its centre). A word that names a shape, a colour or a size adds the embedding
+of the attribute it names, so words start grounded, as pre-training is meant to leave them, and what is left to
+learn is the task's logic. [CLS] text [SEP] regions go through a transformer encoder the size of the study's
+`mini` model (width 128, 4 heads, 4 layers) with learned positions for the text and a type per segment (text,
+the image or the left one, the right one). Heads: VQA a classifier over the answer vocabulary, VE 3-way, NLVR2
+2-way over both images' regions, REC a score per region token (softmax over the image's regions), retrieval a
+match classifier trained on captions with their own image or, half the time, a contrast twin the caption is not
+true of (else another training image) and scored as text->image R@1 over the split's first 50 images, as finetune.py
 scores it. AdamW, 100 warmup steps then cosine to 0, evaluated on `--split` every `--eval_every` steps.
 
 A task whose gap this model closes by less than `LEARNABLE` within the budget, from inputs already read for it,
@@ -22,7 +24,6 @@ needs a longer budget (or a different recipe) before a fine-tuned CMAL's score o
 """
 
 import argparse
-import json
 import math
 import re
 import time
@@ -35,13 +36,16 @@ from torch import nn
 
 from cmal.training.data import synthetic
 from cmal.training.tasks import TASKS
+from cmal.training.utils import write_json
 
 
 TASK_NAMES = tuple(TASKS)
 LEARNABLE = 0.7  # share of the gap closed at the end of the budget that counts as learnable
 PAD, UNK, CLS, SEP = range(4)
 MAX_TEXT = 40  # word tokens, [CLS] and [SEP] included (finetune.py's --max_text_length)
-WIDTH, HEADS, LAYERS, WARMUP = 64, 4, 2, 100
+# The study's `mini` model's width, heads and feed-forward size, and its four layers (one text or region layer and
+# two unified ones on each path, over four layers' weights) in one stack.
+WIDTH, HEADS, LAYERS, WARMUP = 128, 4, 4, 100
 
 
 def words(text: str) -> list[str]:
@@ -53,6 +57,24 @@ def vocabulary(world: dict) -> dict[str, int]:
     seen = sorted({w for task in TASKS.values() for text in world[task.synthetic_table]["train"][task.text_column]
                    for w in words(text)})  # fmt: skip
     return {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *seen])}
+
+
+NUM_SYMBOLS = len(synthetic.SHAPES) + len(synthetic.COLOURS) + len(synthetic.SIZES)
+
+
+def word_symbols(vocab: dict) -> torch.Tensor:
+    """Each word's symbol (a shape, a colour or a size: the ids the regions' attributes embed with), else none."""
+    lexicon, colours, sizes = synthetic.synthetic_lexicon(), list(synthetic.COLOURS), list(synthetic.SIZES)
+    out = torch.full((len(vocab),), NUM_SYMBOLS)
+    for word, i in vocab.items():
+        shape = lexicon.concept_of(word)
+        if shape >= 0:
+            out[i] = shape
+        elif word in colours:
+            out[i] = len(synthetic.SHAPES) + colours.index(word)
+        elif word in sizes:
+            out[i] = len(synthetic.SHAPES) + len(colours) + sizes.index(word)
+    return out
 
 
 def encode_texts(texts: list[str], vocab: dict) -> torch.Tensor:
@@ -135,11 +157,11 @@ class Reader(nn.Module):
     """[CLS] text [SEP] regions through a small transformer encoder; the head reads [CLS], or each region token
     for REC."""
 
-    def __init__(self, vocab_size: int, outputs: int, dropout: float):
+    def __init__(self, vocab: dict, outputs: int, dropout: float):
         super().__init__()
-        self.word, self.position, self.segment = nn.Embedding(vocab_size, WIDTH), nn.Embedding(MAX_TEXT, WIDTH), nn.Embedding(3, WIDTH)
-        self.shape, self.colour = nn.Embedding(len(synthetic.SHAPES), WIDTH), nn.Embedding(len(synthetic.COLOURS), WIDTH)
-        self.size, self.box = nn.Embedding(2, WIDTH), nn.Linear(6, WIDTH)
+        self.word, self.position, self.segment = nn.Embedding(len(vocab), WIDTH), nn.Embedding(MAX_TEXT, WIDTH), nn.Embedding(3, WIDTH)
+        self.symbol, self.box = nn.Embedding(NUM_SYMBOLS + 1, WIDTH, padding_idx=NUM_SYMBOLS), nn.Linear(6, WIDTH)
+        self.register_buffer("word_symbol", word_symbols(vocab), persistent=False)
         layer = nn.TransformerEncoderLayer(WIDTH, HEADS, 4 * WIDTH, dropout, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
         self.norm, self.head = nn.LayerNorm(WIDTH), nn.Linear(WIDTH, outputs)
@@ -148,8 +170,10 @@ class Reader(nn.Module):
         """Logits [B, outputs], or with `per_region` [B, slots] (-inf on empty slots)."""
         r = {name: value[images].flatten(1, 2) for name, value in regions.items()}  # the images' slots side by side
         segment = torch.arange(1, images.shape[1] + 1).repeat_interleave(synthetic.MAX_OBJECTS)  # 1: the (left) image, 2: the right
-        x = torch.cat([self.word(text) + self.position(torch.arange(text.shape[1])) + self.segment(torch.zeros_like(text)),
-                       self.shape(r["shape"]) + self.colour(r["colour"]) + self.size(r["size"]) + self.box(r["box"])
+        x = torch.cat([self.word(text) + self.symbol(self.word_symbol[text]) + self.position(torch.arange(text.shape[1]))
+                       + self.segment(torch.zeros_like(text)),
+                       self.symbol(r["shape"]) + self.symbol(r["colour"] + len(synthetic.SHAPES))
+                       + self.symbol(r["size"] + len(synthetic.SHAPES) + len(synthetic.COLOURS)) + self.box(r["box"])
                        + self.segment(segment)], 1)  # fmt: skip
         hidden = self.norm(self.encoder(x, src_key_padding_mask=torch.cat([text == PAD, ~r["present"]], 1)))
         if per_region:
@@ -198,7 +222,7 @@ def learn(world: dict, task, args, vocab: dict, reader: floors.RegionReader, reg
         pairs, train_texts = Pairs(world), world["captions"]["train"]["text"]
     # one score per region token, or a logit per class (VQA: per answer of the world)
     width = 1 if per_region else len(task.class_names) or len(world["world"]["answer_vocabulary"])
-    model = Reader(len(vocab), width, args.dropout)
+    model = Reader(vocab, width, args.dropout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / WARMUP, 0.5 * (1 + math.cos(
         math.pi * max(step - WARMUP, 0) / max(args.steps - WARMUP, 1)))))  # fmt: skip
@@ -269,8 +293,7 @@ def main(argv=None):
     print(markdown(results, args.split))
     print("\n".join(verdict(task, r, args.steps) for task, r in results.items()))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.output, results)
     return results
 
 

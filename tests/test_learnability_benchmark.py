@@ -53,3 +53,15 @@ def test_rec_learns_past_the_tag_rule(world):
     results = learnability.main(["--num_images", "300", "--tasks", "rec", "--steps", "300", "--eval_every", "300"])
     tags = floors.rec_rules(synthetic.load_world(world[0]), "validation")["tags"]
     assert results["rec"]["score"] > tags + 0.1, (results["rec"], tags)
+
+
+def test_words_share_the_embedding_of_the_attribute_they_name():
+    """Grounding is given: "balls" and "orb" embed as the sphere a region's shape embeds as, "red" as its colour,
+    "large" as its size; other words as no attribute."""
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "balls", "orb", "red", "large", "hoop", "is"])}
+    shapes, colours = len(synthetic.SHAPES), len(synthetic.COLOURS)
+    symbols = learnability.word_symbols(vocab).tolist()
+    sphere, ring = synthetic.SHAPES.index("sphere"), synthetic.SHAPES.index("ring")
+    red, large = shapes + list(synthetic.COLOURS).index("red"), shapes + colours + list(synthetic.SIZES).index("large")
+    none = learnability.NUM_SYMBOLS
+    assert symbols == [none, none, none, none, sphere, sphere, red, large, ring, none]
