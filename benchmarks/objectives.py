@@ -15,8 +15,11 @@ also less compute) and several seeds; then fine-tune every checkpoint on VQA, VE
 with each budget of `--finetune_steps` (batch 32, no anchor swaps while fine-tuning; a long budget where
 from-scratch fine-tuning has converged, `--curves`, and a short one) and score the validation split.
 Each task is read against its floor (the best score without the image) and the region oracle's ceiling
-(`benchmarks/floors.py`): gap closed = (accuracy - floor) / (oracle - floor), averaged over VQA, VE,
-NLVR2 and REC; retrieval (text->image R@1 over 50 images, floor = chance) is reported beside it.
+(`benchmarks/floors.py`): gap closed = (accuracy - floor) / (oracle - floor), averaged over those of VQA, VE,
+NLVR2 and REC that are learnable at the longest budget (`benchmarks/learnability.py`, run once per study and
+kept in `<output_dir>/learnability.json`; `--mean_over` names them instead): a task nothing learns in the budget
+adds only noise to a mean. Every task's own column is reported, and retrieval (text->image R@1 over 50 images)
+beside them.
 Ablations of CMAL at 100%: no hypersphere, masking without the swap (`--anchor_fill mask`), and each AMC
 part alone. (a) does not depend on the fraction, so it runs once per seed.
 
@@ -38,13 +41,14 @@ import time
 from multiprocessing import get_context
 
 import floors  # benchmarks/floors.py, beside this script
+import learnability
 import numpy as np
 
 from cmal.training import tasks
 from cmal.training.utils import write_json, write_text
 
 
-TASKS = ("vqa", "ve", "nlvr2", "rec")  # the mean gap closed is over these (benchmarks/floors.py)
+TASKS = ("vqa", "ve", "nlvr2", "rec")  # the mean gap closed is over the learnable ones of these
 STUDY_TASKS = (*TASKS, "retrieval")
 # What the study reads of each task's validation results, and by what it divides it (recall is in percent).
 METRICS = {name: (tasks.TASKS[name].main_metric, 1) for name in TASKS} | {"retrieval": ("text_to_image_r1", 100)}
@@ -82,6 +86,9 @@ def parse_args(argv=None):
                    help="Fine-tuning budgets (steps at batch 32), each a run per task: short, and where from-scratch "
                         "fine-tuning has converged on every task (`--curves`: REC last, at about 2000).")
     p.add_argument("--finetune_learning_rate", type=float, default=3e-4)
+    p.add_argument("--mean_over", nargs="+", choices=TASKS, metavar="TASK",
+                   help="Tasks the mean gap closed is taken over (default: those benchmarks/learnability.py finds "
+                        "learnable at the longest --finetune_steps on this world).")
     p.add_argument("--no_ablations", action="store_true")
     p.add_argument("--units", nargs="+", metavar="NAME",
                    help="Run only these units of the grid, in this order (e.g. c-f0.25-s1 b-f1-s1): the cells a "
@@ -214,15 +221,38 @@ def cells(results, condition, fraction, task, steps) -> list[float]:
     return [r["scores"][str(steps)][task] for r in runs(results, condition, fraction)]
 
 
-def gap_closed(results, condition, fraction, floor_table, steps) -> list[float]:
-    """Per seed, the mean over VQA/VE/NLVR2/REC of (accuracy - floor) / (region oracle - floor)."""
-    return [float(np.mean([floors.gap_closed(r["scores"][str(steps)][task], floor_table[task]) for task in TASKS]))
+def gap_closed(results, condition, fraction, floor_table, steps, mean_over) -> list[float]:
+    """Per seed, the mean over the tasks `mean_over` of (accuracy - floor) / (region oracle - floor); none
+    without such tasks."""
+    if not mean_over:
+        return []
+    return [float(np.mean([floors.gap_closed(r["scores"][str(steps)][task], floor_table[task]) for task in mean_over]))
             for r in runs(results, condition, fraction)]  # fmt: skip
 
 
-def tables(results, args, floor_table) -> str:
-    """Per budget: accuracy (retrieval: text->image R@1) and the mean gap closed; then the ablations at the
-    longest budget."""
+def mean_tasks(args) -> tuple[list[str], str]:
+    """The tasks the mean gap closed is over, and why: `--mean_over`, else the learnable ones by
+    `benchmarks/learnability.py` at the longest budget on this world, run once and kept in the output folder
+    (`--report` runs nothing: without that file its mean is over every task, and it says so)."""
+    if args.mean_over:
+        return list(args.mean_over), "named by --mean_over"
+    steps, path = max(args.finetune_steps), os.path.join(args.output_dir, "learnability.json")
+    if not os.path.isfile(path):
+        if args.report:
+            return list(TASKS), "learnability not measured yet: every task"
+        learnability.main(["--num_images", str(args.synthetic_images), "--steps", str(steps), "--tasks", *TASKS,
+                           "--output", path])  # fmt: skip
+    with open(path) as f:
+        verdicts = json.load(f)
+    learnt = [task for task in TASKS if verdicts[task]["learnable"]]
+    left = ", ".join(f"{task} ({verdicts[task]['gap_closed']:.0%})" for task in TASKS if task not in learnt)
+    why = f"learnable at {steps} steps (benchmarks/learnability.py closes >= {learnability.LEARNABLE:.0%} of the gap)"
+    return learnt, why + (f"; left out: {left}" if left else "")
+
+
+def tables(results, args, floor_table, mean_over, why) -> str:
+    """Per budget: accuracy (retrieval: text->image R@1) and the mean gap closed over `mean_over` (chosen for
+    `why`); then the ablations at the longest budget."""
     fractions, out = args.fractions, []
     for steps in args.finetune_steps:
         lines = [
@@ -236,10 +266,10 @@ def tables(results, args, floor_table) -> str:
         for condition in CONDITIONS:
             row = [mean_std(cells(results, condition, f, task, steps)) for task in STUDY_TASKS for f in fractions]
             lines.append(f"| {condition} | " + " | ".join(row) + " |")
-        lines += ["", "| pre-training: mean gap closed over " + ", ".join(TASKS) + " | "
+        lines += ["", f"| pre-training: mean gap closed over {', '.join(mean_over) or 'no task'} ({why}) | "
                   + " | ".join(f"{100 * f:g}%" for f in fractions) + " |", "|---|" + "---|" * len(fractions)]  # fmt: skip
         for condition in CONDITIONS:
-            gaps = [mean_std(gap_closed(results, condition, f, floor_table, steps)) for f in fractions]
+            gaps = [mean_std(gap_closed(results, condition, f, floor_table, steps, mean_over)) for f in fractions]
             lines.append(f"| {condition} | " + " | ".join(gaps) + " |")
         out.append("\n".join(lines))
     if not args.no_ablations:
@@ -248,7 +278,7 @@ def tables(results, args, floor_table) -> str:
                  "|---|" + "---|" * (len(STUDY_TASKS) + 1)]  # fmt: skip
         for condition in ["c: CMAL (AMC+ITM+MLM+MRM)", *ABLATIONS]:
             per_task = [mean_std(cells(results, condition, 1.0, task, steps)) for task in STUDY_TASKS]
-            lines.append(f"| {condition} | " + " | ".join(per_task) + f" | {mean_std(gap_closed(results, condition, 1.0, floor_table, steps))} |")
+            lines.append(f"| {condition} | " + " | ".join(per_task) + f" | {mean_std(gap_closed(results, condition, 1.0, floor_table, steps, mean_over))} |")
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
 
@@ -320,9 +350,10 @@ def main(argv=None):
                 print(f"[{len(results)}/{len(todo)} {time.perf_counter() - start:.0f} s] {result['name']}: "
                       + ", ".join(f"{task} {last[task]:.3f}" for task in STUDY_TASKS), flush=True)  # fmt: skip
     wall = sum(r["seconds"] for r in results) / args.jobs if args.report else time.perf_counter() - start
-    table = tables(results, args, floor_table)
+    mean_over, why = mean_tasks(args)
+    table = tables(results, args, floor_table, mean_over, why)
     plot(results, args, floor_table, os.path.join(args.output_dir, "objectives.png"))
-    summary = {"args": vars(args), "floors": floor_table, "wall_seconds": wall, "results": sorted(results, key=lambda r: r["name"])}
+    summary = {"args": vars(args), "floors": floor_table, "mean_over": mean_over, "wall_seconds": wall, "results": sorted(results, key=lambda r: r["name"])}
     write_json(os.path.join(args.output_dir, "results.json"), summary)
     write_text(os.path.join(args.output_dir, "table.md"), table)
     print(table)

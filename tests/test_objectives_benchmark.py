@@ -51,7 +51,7 @@ def test_table_gives_mean_and_std_over_seeds_and_the_gap_closed():
     floor_table = {task: {"chance": chance, "tags": floor, "region oracle": 0.9}
                    for task, chance, floor in (("vqa", 0.05, 0.05), ("ve", 0.33, 0.33), ("nlvr2", 0.5, 0.5), ("rec", 0.15, 0.4),
                                                ("retrieval", 0.02, 0.02))}  # fmt: skip
-    table = objectives.tables(results, args, floor_table)
+    table = objectives.tables(results, args, floor_table, objectives.TASKS, "named by --mean_over")
     accuracy, gaps, ablations = ({line.split(" | ")[0].lstrip("| "): line for line in part.splitlines()}
                                  for part in table.strip().split("\n\n")[1:])  # fmt: skip
     assert table.startswith("**200 fine-tuning steps**")
@@ -65,13 +65,42 @@ def test_table_gives_mean_and_std_over_seeds_and_the_gap_closed():
     # ablation rows end with the mean gap closed: per seed of (0.4|0.4 - 0.05) / 0.85, (0.6|0.8 - 0.33) / 0.57, ...
     per_seed = [np.mean([0.35 / 0.85, (ve - 0.33) / 0.57, 0.2 / 0.4, -0.2 / 0.5]) for ve in (0.6, 0.8)]
     assert ablations["CMAL, mask only (no swap)"].endswith(f"| 0.100 ± 0.000 (n=2) | {np.mean(per_seed):.3f} ± {np.std(per_seed):.3f} (n=2) |")
+    # the mean over the learnable tasks only: per seed of (0.1|0.3 - 0.05) / 0.85 and (0.3 - 0.4) / 0.5
+    table = objectives.tables(results, args, floor_table, ["vqa", "rec"], "learnable")
+    assert "| pre-training: mean gap closed over vqa, rec (learnable) | 100% |" in table
+    per_seed = [np.mean([(vqa - 0.05) / 0.85, -0.1 / 0.5]) for vqa in (0.1, 0.3)]
+    assert f"| a: none | {np.mean(per_seed):.3f} ± {np.std(per_seed):.3f} (n=2) |" in table
+    assert "| pre-training: mean gap closed over no task (none) |" in objectives.tables(results, args, floor_table, [], "none")
     # a cell of one seed shows no spread it does not have
     assert objectives.mean_std([0.25]) == "0.250 (n=1)" and objectives.mean_std([]) == "—"
 
 
+def test_the_mean_is_over_the_tasks_learnability_finds_learnable_measured_once(tmp_path, monkeypatch):
+    calls = []
+
+    def measure(argv):
+        calls.append(argv)
+        verdicts = {task: {"learnable": task in ("vqa", "rec"), "gap_closed": 0.8 if task in ("vqa", "rec") else 0.05}
+                    for task in objectives.TASKS}  # fmt: skip
+        (tmp_path / "learnability.json").write_text(json.dumps(verdicts))
+
+    monkeypatch.setattr(objectives.learnability, "main", measure)
+    args = objectives.parse_args(["--output_dir", str(tmp_path), "--synthetic_images", "300", "--finetune_steps", "200", "900"])
+    assert objectives.mean_tasks(objectives.parse_args(["--report", "--output_dir", str(tmp_path)])) == (
+        list(objectives.TASKS), "learnability not measured yet: every task")  # --report runs nothing
+    assert calls == []
+    mean_over, why = objectives.mean_tasks(args)
+    assert mean_over == ["vqa", "rec"] and why.endswith("; left out: ve (5%), nlvr2 (5%)") and "at 900 steps" in why
+    assert calls == [["--num_images", "300", "--steps", "900", "--tasks", *objectives.TASKS, "--output", str(tmp_path / "learnability.json")]]
+    assert objectives.mean_tasks(args) == (mean_over, why) and len(calls) == 1  # kept: a resumed study measures nothing
+    named = objectives.parse_args(["--output_dir", str(tmp_path / "other"), "--mean_over", "ve"])
+    assert objectives.mean_tasks(named) == (["ve"], "named by --mean_over") and len(calls) == 1
+
+
 def test_tiny_study_runs_and_resumes(tmp_path):
     argv = ["--output_dir", str(tmp_path), "--model_config", "tiny", "--synthetic_images", "200", "--seeds", "0",
-            "--fractions", "1.0", "--pretrain_epochs", "1", "--finetune_steps", "1", "2", "--no_ablations", "--jobs", "1"]  # fmt: skip
+            "--fractions", "1.0", "--pretrain_epochs", "1", "--finetune_steps", "1", "2", "--no_ablations", "--jobs", "1",
+            "--mean_over", *objectives.TASKS]  # fmt: skip
     objectives.main(argv)
     summary = json.loads((tmp_path / "results.json").read_text())
     assert sorted(r["name"] for r in summary["results"]) == ["a-s0", "b-f1-s0", "c-f1-s0", "d-f1-s0"]
