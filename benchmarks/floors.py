@@ -32,7 +32,6 @@ import argparse
 import json
 import re
 from collections import Counter
-from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -231,16 +230,9 @@ class RegionReader:
         return found[0].shape if found and found[0].shape else "no"
 
     def ve(self, item) -> int:
-        objects, hypothesis = self.images[item["image_id"]], item["hypothesis"]
-        if m := re.fullmatch(rf"the (.+?) is ({synthetic.RELATION_PATTERN}) the (.+)\.", hypothesis):
-            first, second = self.referent(objects, "the " + m[1]), self.referent(objects, "the " + m[3])
-            if not first or not second:
-                return 2
-            relation = synthetic.RELATION_OF[m[2]]
-            holds = partial(synthetic.relation_holds, first[0], second[0])
-            return 0 if holds(relation) else 2 if holds(synthetic.OPPOSITE[relation]) else 1
-        m = re.fullmatch(r"the (.+) is (\w+)\.", hypothesis)
-        fitting = {o.colour == m[2] for o in self.referent(objects, "the " + m[1])}
+        m = re.fullmatch(r"the (.+) is (\w+)\.", item["hypothesis"])
+        stated = "size" if m[2] in synthetic.SIZES else "colour"
+        fitting = {getattr(o, stated) == m[2] for o in synthetic.described(self.images[item["image_id"]], m[1])}
         return 1 if fitting == {True, False} else 0 if fitting == {True} else 2
 
     def nlvr2(self, item) -> int:

@@ -41,9 +41,9 @@ The texts need the image (version 3). A `TextBalancer` per split keeps a questio
 only while it has had each of its possible labels equally often (within one), and each template's and
 task's or question type's labels within two of each other, so no reader of the text alone beats chance
 (`benchmarks/floors.py` measures it); balancing within each split keeps a held-out label from being the
-one its text had least often in training. VE's three labels use the same two templates (a colour, a
-relation), neutral being a description that fits several differently coloured objects or two objects
-level with each other. REC refers only to objects that share their shape with another, always naming
+one its text had least often in training. VE's three labels share its templates ("the small ball is red.",
+"the red ball is small."): entailment when every object the description fits has the stated colour or size,
+contradiction when none has, neutral when some have (version 5). REC refers only to objects that share their shape with another, always naming
 the shape, so the detector's tag narrows the choice but colour, size or a relation must decide.
 
 Images come in families (version 4): image 2k is a random scene, image 2k+1 its `contrast_twin`, which has
@@ -87,8 +87,10 @@ from .downstream import NLVR2_LABELS, VE_LABELS
 from .region_store import RegionStoreWriter, load_region_store
 
 
-VERSION = 4  # 2: task tables in the canonical layout (VQA `answers`); 3: texts that need the image;
+VERSION = 5  # 2: task tables in the canonical layout (VQA `answers`); 3: texts that need the image;
 # 4: contrast twins (ITM negatives and retrieval distractors that rules cannot reject), labels balanced per split
+# 5: VE states a colour or a size of what a description fits (no relations: a model of the study's size did not
+# learn them in its budget), all / some / none of it
 FEATURE_FUNCTION = "region_features v1"
 IMAGE_SIZE = 128
 MAX_OBJECTS = 6
@@ -743,36 +745,29 @@ def vqa_for(scene: Scene, rng) -> list[dict]:
 
 
 def ve_for(scene: Scene, rng) -> list[dict]:
-    """Candidate hypotheses, each of the two kinds in all three labels, from the same words:
+    """Candidate hypotheses stating a colour or a size of what a description fits, in all three labels: "the
+    small ball is red." is entailment when every object the description fits is red, contradiction when none
+    is, neutral when some are and some are not (which one is meant cannot be told).
 
-    * colour, "the small ball is red": entailment or contradiction when the description fits one
-      object; neutral when it fits several, some of that colour and some not (which one is meant
-      cannot be told);
-    * relation, "the red ball is left of the cube": entailment when it holds clearly, contradiction when
-      the opposite does, neutral when the two are level (within `RELATION_MARGIN`: neither holds).
+    A colour is stated of a description by shape and/or size, a size of one by shape and/or colour; half the
+    time the stated value is one a fitting object has, else any. Each label is a check of the regions a
+    description fits, which the world's question types already ask one at a time (existence, colour); relations
+    are left to VQA and REC, where a model of the study's size learns them (`benchmarks/learnability.py`).
     """
     facts = _facts(scene)
     objects = scene.objects
-    items = []
-    for i, obj in enumerate(objects):
-        for attrs in [("shape",), ("size",), ("size", "shape")]:
-            fitting = [k for k in range(len(objects)) if facts.match[attrs][k][i]]
-            colour = _pick(rng, list(COLOURS))
-            coloured = [objects[k].colour == colour for k in fitting]
-            label = (0 if coloured[0] else 2) if len(fitting) == 1 else (1 if any(coloured) and not all(coloured) else None)
-            if label is not None:
-                items.append({"hypothesis": f"the {_phrase(obj, attrs, rng)} is {colour}.", "label": label})
-    for i in range(len(objects)):
-        for j in range(len(objects)):
-            if i == j or not facts.unique[i] or not facts.unique[j]:
-                continue
-            rel = _pick(rng, list(RELATIONS))
-            label = 0 if facts.holds[rel][i][j] else 2 if facts.holds[OPPOSITE[rel]][i][j] else 1
-            first = _phrase(objects[i], _pick(rng, facts.unique[i]), rng)
-            second = _phrase(objects[j], _pick(rng, facts.unique[j]), rng)
-            items.append({"hypothesis": f"the {first} is {_pick(rng, RELATIONS[rel])} the {second}.", "label": label})
-    unique = {item["hypothesis"]: item for item in items}
-    items = list(unique.values())
+    items = {}
+    for stated, options, descriptions in (("colour", list(COLOURS), [("shape",), ("size",), ("size", "shape")]),
+                                          ("size", list(SIZES), [("shape",), ("colour",), ("colour", "shape")])):  # fmt: skip
+        for i, obj in enumerate(objects):
+            for attrs in descriptions:
+                fitting = [objects[k] for k in range(len(objects)) if facts.match[attrs][k][i]]
+                value = getattr(_pick(rng, fitting), stated) if rng.random() < 0.5 else _pick(rng, options)
+                has = [getattr(o, stated) == value for o in fitting]
+                label = 0 if all(has) else 2 if not any(has) else 1
+                hypothesis = f"the {_phrase(obj, attrs, rng)} is {value}."
+                items.setdefault(hypothesis, {"hypothesis": hypothesis, "label": label})
+    items = list(items.values())
     return [items[k] for k in rng.permutation(len(items))]
 
 
