@@ -3,6 +3,7 @@ by a trained reader score.
 
     python benchmarks/floors.py --split validation   # the default world (2000 images), the split the study scores
     python benchmarks/floors.py --num_images 8000    # a bigger one
+    python benchmarks/floors.py --split validation --learnability 2000   # and what a small model learns (~20 min)
 
 A model's score means something only above the best score that needs no learning of the image, and next to
 the best the regions allow. Per task, on `--split` (every reader learns from the train split):
@@ -22,14 +23,15 @@ the best the regions allow. Per task, on `--split` (every reader learns from the
 * the ceiling, "region oracle": `RegionReader` parses each text with the world's templates and answers it from
   the regions, reading each region's shape and colour with logistic regressions trained on the training
   images' regions (`TrainedReader`; its held-out accuracy is printed), the size and place from the box.
-  "tag oracle" is the same reader trusting the detector's noisy tags instead (the old ceiling).
+  "tag oracle" is the same reader trusting the detector's noisy tags instead (the old ceiling);
+* with `--learnability STEPS`: how much of each gap a model of the study's size, trained from scratch on the
+  oracle's inputs for STEPS steps, closes (`benchmarks/learnability.py`).
 
 `floor(row)` is the best score that needs no learning of the image; `gap_closed(accuracy, row)` =
 (accuracy - floor) / (oracle - floor).
 """
 
 import argparse
-import json
 import re
 from collections import Counter
 from types import SimpleNamespace
@@ -38,6 +40,7 @@ import numpy as np
 
 from cmal.training.data import synthetic
 from cmal.training.tasks import TASKS
+from cmal.training.utils import write_json
 
 
 CONFIDENT = 0.5  # a region scoring at least this is taken for an object (the world's distractors score < 0.5)
@@ -504,14 +507,25 @@ def main(argv=None):
     parser.add_argument("--num_images", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="test", choices=["validation", "test"], help="Where the floors are scored.")
+    parser.add_argument("--learnability", type=int, default=0, metavar="STEPS",
+                        help="Also train benchmarks/learnability.py's small model on every task for STEPS steps (the "
+                             "study's budget: 2000, about 20 min on one thread) and print how much of each gap it closes.")
     parser.add_argument("--output", default=None, help="Also write the table as JSON here.")
     args = parser.parse_args(argv)
     world = synthetic.load_world(synthetic.default_world(num_images=args.num_images, seed=args.seed))
-    table = floors(world, args.split)
-    print(markdown(table, world, args.split))
+    trained = TrainedReader(world)
+    table = floors(world, args.split, trained)
+    print(markdown(table, world, args.split), flush=True)
+    if args.learnability:
+        import learnability  # beside this script; it reads this module, so only on demand
+
+        settings = learnability.parse_args(["--num_images", str(args.num_images), "--seed", str(args.seed), "--split", args.split,
+                                            "--steps", str(args.learnability)])  # fmt: skip
+        results = learnability.measure(world, table, trained, settings)
+        print("\n" + learnability.markdown(results, args.split))
+        table["learnability"] = {"steps": args.learnability, **results}
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(table, f, indent=2)
+        write_json(args.output, table)
     return table
 
 

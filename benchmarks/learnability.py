@@ -260,7 +260,7 @@ def verdict(task: str, r: dict, steps: int) -> str:
     return f"{task}: {r['gap_closed']:.0%} of the gap closed in {steps} steps: {learnable}"
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num_images", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the world and of training.")
@@ -273,15 +273,15 @@ def main(argv=None):
     parser.add_argument("--eval_every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads: the budget is timed on one.")
     parser.add_argument("--output", default=None, help="Also write the results as JSON here.")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def measure(world: dict, table: dict, trained: floors.TrainedReader, args: argparse.Namespace) -> dict:
+    """Per task of `args.tasks`: floor, oracle (from `table`, `floors.floors` of `args.split`), the learning
+    curve, its last score, the gap it closes and whether that is learnable."""
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    world = synthetic.load_world(synthetic.default_world(num_images=args.num_images, seed=args.seed))
-    trained = floors.TrainedReader(world)
-    table = floors.floors(world, args.split, trained)
     reader = floors.RegionReader(world, trained)
     vocab, regions = vocabulary(world), region_tokens(world, reader)
-    print(f"floors, ceilings and the oracle's inputs: {time.perf_counter() - start:.0f} s", flush=True)
     results = {}
     for task in args.tasks:
         start = time.perf_counter()
@@ -290,6 +290,17 @@ def main(argv=None):
         gap = floors.gap_closed(final, row)
         results[task] = {"floor": floors.floor(row), "oracle": row["region oracle"], "curve": curve, "score": final,
                          "gap_closed": gap, "learnable": gap >= LEARNABLE, "seconds": time.perf_counter() - start}  # fmt: skip
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    world = synthetic.load_world(synthetic.default_world(num_images=args.num_images, seed=args.seed))
+    trained = floors.TrainedReader(world)
+    table = floors.floors(world, args.split, trained)
+    print(f"floors and ceilings: {time.perf_counter() - start:.0f} s", flush=True)
+    results = measure(world, table, trained, args)
     print(markdown(results, args.split))
     print("\n".join(verdict(task, r, args.steps) for task, r in results.items()))
     if args.output:

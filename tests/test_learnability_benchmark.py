@@ -65,3 +65,14 @@ def test_words_share_the_embedding_of_the_attribute_they_name():
     red, large = shapes + list(synthetic.COLOURS).index("red"), shapes + colours + list(synthetic.SIZES).index("large")
     none = learnability.NUM_SYMBOLS
     assert symbols == [none, none, none, none, sphere, sphere, red, large, ring, none]
+
+
+def test_floors_prints_what_the_small_model_learns(tmp_path, capsys):
+    table = floors.main(["--num_images", "300", "--split", "validation", "--learnability", "4", "--output", str(tmp_path / "f.json")])
+    assert "| task (validation) | floor | oracle | step 4 | gap closed | seconds |" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "f.json").read_text())
+    assert saved["learnability"] == table["learnability"] and saved["learnability"]["steps"] == 4
+    for task in learnability.TASK_NAMES:
+        r = saved["learnability"][task]
+        assert [point["step"] for point in r["curve"]] == [4]
+        assert r["gap_closed"] == pytest.approx(floors.gap_closed(r["score"], saved[task]))
