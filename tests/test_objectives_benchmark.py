@@ -32,7 +32,7 @@ def test_default_grid():
 def test_units_picks_cells_in_the_order_given_and_names_the_grid_on_a_typo():
     pick = objectives.units(objectives.parse_args(["--units", "c-f0.25-s1", "a-s2", "cmal-mask-only-no-swap-f1-s0"]))
     assert [(unit["condition"], unit["fraction"], unit["seed"]) for unit in pick] == [
-        ("c: CMAL (AMC+ITM+MLM+MRM)", 0.25, 1), ("a: none", None, 2), ("CMAL, mask only (no swap)", 1.0, 0)]
+        ("c: CMAL (AMC+MLM+MRM)", 0.25, 1), ("a: none", None, 2), ("CMAL, mask only (no swap)", 1.0, 0)]
     with pytest.raises(SystemExit, match=r"--units: c-f0.3-s1 not in the grid of --seeds/--fractions; .* c-f0.25-s1 "):
         objectives.units(objectives.parse_args(["--units", "c-f0.3-s1"]))
 
@@ -97,9 +97,35 @@ def test_the_mean_is_over_the_tasks_learnability_finds_learnable_measured_once(t
     assert objectives.mean_tasks(named) == (["ve"], "named by --mean_over") and len(calls) == 1
 
 
+def test_arms_match_steps_and_curriculum_whatever_their_fraction_and_none_has_itm(tmp_path, monkeypatch):
+    from cmal.training import pretrain
+
+    seen = {}
+
+    def fake_pretrain(argv):
+        seen[argv[argv.index("--corpus_fraction") + 1]] = argv
+        return {"steps": 10, "final_losses": {}, "validation": {}}
+
+    monkeypatch.setattr(pretrain, "main", fake_pretrain)
+    monkeypatch.setattr(objectives, "finetune_run", lambda *a, **k: {"eval": {"accuracy": 0.5, "text_to_image_r1": 50.0}})
+    monkeypatch.setattr(objectives, "METRICS", {task: ("accuracy", 1) for task in objectives.TASKS} | {"retrieval": ("text_to_image_r1", 100)})
+    args = objectives.parse_args(["--output_dir", str(tmp_path), "--pretrain_steps", "1234", "--finetune_steps", "5"])
+    for unit in objectives.units(args)[:4]:  # a, then b at 25, 50 and 100%
+        objectives.run_unit((unit, args))
+
+    def flag(argv, name):
+        return [argv[i + 1] for i, value in enumerate(argv) if value == name]
+
+    assert sorted(seen) == ["0.25", "0.5", "1.0"]
+    for fraction, curriculum in (("0.25", "24"), ("0.5", "12"), ("1.0", "6")):
+        argv = seen[fraction]
+        assert flag(argv, "--max_train_steps") == ["1234"] and "--num_train_epochs" not in argv
+        assert flag(argv, "--curriculum_epochs") == [curriculum] and flag(argv, "--itm") == ["0"]
+
+
 def test_tiny_study_runs_and_resumes(tmp_path):
     argv = ["--output_dir", str(tmp_path), "--model_config", "tiny", "--synthetic_images", "200", "--seeds", "0",
-            "--fractions", "1.0", "--pretrain_epochs", "1", "--finetune_steps", "1", "2", "--no_ablations", "--jobs", "1",
+            "--fractions", "1.0", "--pretrain_steps", "2", "--finetune_steps", "1", "2", "--no_ablations", "--jobs", "1",
             "--mean_over", *objectives.TASKS]  # fmt: skip
     objectives.main(argv)
     summary = json.loads((tmp_path / "results.json").read_text())
@@ -108,6 +134,7 @@ def test_tiny_study_runs_and_resumes(tmp_path):
         assert set(result["scores"]) == {"1", "2"}
         assert all(0 <= result["scores"]["2"][task] <= 1 for task in objectives.STUDY_TASKS), result
         assert (result["condition"] == "a: none") == ("pretrain_steps" not in result)
+    assert not any("itm_loss" in r.get("pretrain_final_losses", {}) for r in summary["results"])  # no arm has ITM
     contrastive = next(r for r in summary["results"] if r["name"] == "b-f1-s0")
     assert "itc_loss" in contrastive["pretrain_final_losses"] and "amc_token_loss" not in contrastive["pretrain_final_losses"]
     assert "mrm_feature_loss" not in contrastive["pretrain_final_losses"] and "itc_images" in contrastive["pretrain_validation"]
@@ -127,7 +154,7 @@ def test_tiny_study_runs_and_resumes(tmp_path):
     (tmp_path / "b-f1-s0" / "result.json").unlink()
     report = objectives.main([*argv, "--report"])
     assert [r["name"] for r in report["results"]] == ["a-s0", "c-f1-s0", "d-f1-s0"]
-    assert not (tmp_path / "b-f1-s0" / "result.json").exists() and "| b: contrastive (ITC+ITM+MLM) | — |" in (tmp_path / "table.md").read_text()
+    assert not (tmp_path / "b-f1-s0" / "result.json").exists() and "| b: contrastive (ITC+MLM) | — |" in (tmp_path / "table.md").read_text()
 
 
 def test_curves_score_from_scratch_fine_tuning_along_the_way(tmp_path):
