@@ -211,6 +211,13 @@ def run_curve(job) -> dict:
             "train_seconds": run["train_seconds"]}  # fmt: skip
 
 
+def time_left(results, total: int, jobs: int) -> str:
+    """The units not done yet at the mean time of those done (each unit's own seconds, resumed ones included),
+    over the workers."""
+    left = total - len(results)
+    return f"about {sum(r['seconds'] for r in results) / len(results) * left / jobs / 60:.0f} min left" if left else "done"
+
+
 def mean_std(values) -> str:
     """Mean ± std over the seeds done, and how many: a study cut short has cells of fewer seeds."""
     if not values:
@@ -353,8 +360,8 @@ def main(argv=None):
             for result in pool.imap_unordered(run_unit, [(unit, args) for unit in todo]):
                 results.append(result)
                 last = result["scores"][str(max(args.finetune_steps))]
-                print(f"[{len(results)}/{len(todo)} {time.perf_counter() - start:.0f} s] {result['name']}: "
-                      + ", ".join(f"{task} {last[task]:.3f}" for task in STUDY_TASKS), flush=True)  # fmt: skip
+                print(f"[{len(results)}/{len(todo)} {time.perf_counter() - start:.0f} s, {time_left(results, len(todo), args.jobs)}] "
+                      f"{result['name']}: " + ", ".join(f"{task} {last[task]:.3f}" for task in STUDY_TASKS), flush=True)  # fmt: skip
     wall = sum(r["seconds"] for r in results) / args.jobs if args.report else time.perf_counter() - start
     mean_over, why = mean_tasks(args)
     table = tables(results, args, floor_table, mean_over, why)

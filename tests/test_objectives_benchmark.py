@@ -71,6 +71,9 @@ def test_table_gives_mean_and_std_over_seeds_and_the_gap_closed():
     per_seed = [np.mean([(vqa - 0.05) / 0.85, -0.1 / 0.5]) for vqa in (0.1, 0.3)]
     assert f"| a: none | {np.mean(per_seed):.3f} ± {np.std(per_seed):.3f} (n=2) |" in table
     assert "| pre-training: mean gap closed over no task (none) |" in objectives.tables(results, args, floor_table, [], "none")
+    # progress: the units left at the mean time of those done, over the workers
+    assert objectives.time_left([{"seconds": 600}, {"seconds": 1200}], 6, 2) == "about 30 min left"
+    assert objectives.time_left([{"seconds": 600}], 1, 2) == "done"
     # a cell of one seed shows no spread it does not have
     assert objectives.mean_std([0.25]) == "0.250 (n=1)" and objectives.mean_std([]) == "—"
 
