@@ -519,8 +519,7 @@ def main(argv=None):
     if args.learnability:
         import learnability  # beside this script; it reads this module, so only on demand
 
-        settings = learnability.parse_args(["--num_images", str(args.num_images), "--seed", str(args.seed), "--split", args.split,
-                                            "--steps", str(args.learnability)])  # fmt: skip
+        settings = learnability.parse_args(["--seed", str(args.seed), "--split", args.split, "--steps", str(args.learnability)])
         results = learnability.measure(world, table, trained, settings)
         print("\n" + learnability.markdown(results, args.split))
         table["learnability"] = {"steps": args.learnability, **results}

@@ -59,21 +59,18 @@ def vocabulary(world: dict) -> dict[str, int]:
     return {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *seen])}
 
 
-NUM_SYMBOLS = len(synthetic.SHAPES) + len(synthetic.COLOURS) + len(synthetic.SIZES)
+# What a region's attributes and the words naming them embed as: the shapes (in concept-id order), colours, sizes.
+SYMBOLS = [*synthetic.SHAPES, *synthetic.COLOURS, *synthetic.SIZES]
+NUM_SYMBOLS = len(SYMBOLS)  # also the id of "names no attribute"
 
 
 def word_symbols(vocab: dict) -> torch.Tensor:
-    """Each word's symbol (a shape, a colour or a size: the ids the regions' attributes embed with), else none."""
-    lexicon, colours, sizes = synthetic.synthetic_lexicon(), list(synthetic.COLOURS), list(synthetic.SIZES)
+    """Each word's `SYMBOLS` id (a shape by any of its names, a colour or a size), else `NUM_SYMBOLS`."""
+    lexicon = synthetic.synthetic_lexicon()
     out = torch.full((len(vocab),), NUM_SYMBOLS)
     for word, i in vocab.items():
         shape = lexicon.concept_of(word)
-        if shape >= 0:
-            out[i] = shape
-        elif word in colours:
-            out[i] = len(synthetic.SHAPES) + colours.index(word)
-        elif word in sizes:
-            out[i] = len(synthetic.SHAPES) + len(colours) + sizes.index(word)
+        out[i] = shape if shape >= 0 else SYMBOLS.index(word) if word in SYMBOLS else NUM_SYMBOLS
     return out
 
 
@@ -88,15 +85,16 @@ def encode_texts(texts: list[str], vocab: dict) -> torch.Tensor:
 
 def region_tokens(world: dict, reader: floors.RegionReader) -> dict[str, torch.Tensor]:
     """Every image's confident regions as the oracle reads them, in region-store order, padded to MAX_OBJECTS
-    slots (`present` marks the real ones): shape, colour and size ids, and x1 y1 x2 y2 cx cy in [0, 1]."""
+    slots (`present` marks the real ones): the `SYMBOLS` ids of their shape, colour and size, and x1 y1 x2 y2 cx
+    cy in [0, 1]."""
     image_ids, k = world["regions"]["image_id"], synthetic.MAX_OBJECTS
-    shapes, colours = list(synthetic.SHAPES), list(synthetic.COLOURS)
     out = {name: torch.zeros(len(image_ids), k, dtype=torch.long) for name in ("shape", "colour", "size")}
     out["box"], out["present"] = torch.zeros(len(image_ids), k, 6), torch.zeros(len(image_ids), k, dtype=torch.bool)
     for i, image_id in enumerate(image_ids):
         for j, o in enumerate(reader.images[image_id][:k]):
-            out["shape"][i, j], out["colour"][i, j] = shapes.index(o.shape), colours.index(o.colour)
-            out["size"][i, j], out["present"][i, j] = int(o.size == "large"), True
+            for name in ("shape", "colour", "size"):
+                out[name][i, j] = SYMBOLS.index(getattr(o, name))
+            out["present"][i, j] = True
             out["box"][i, j] = torch.tensor([*o.box, *o.centre], dtype=torch.float32) / synthetic.IMAGE_SIZE
     return out
 
@@ -172,8 +170,7 @@ class Reader(nn.Module):
         segment = torch.arange(1, images.shape[1] + 1).repeat_interleave(synthetic.MAX_OBJECTS)  # 1: the (left) image, 2: the right
         x = torch.cat([self.word(text) + self.symbol(self.word_symbol[text]) + self.position(torch.arange(text.shape[1]))
                        + self.segment(torch.zeros_like(text)),
-                       self.symbol(r["shape"]) + self.symbol(r["colour"] + len(synthetic.SHAPES))
-                       + self.symbol(r["size"] + len(synthetic.SHAPES) + len(synthetic.COLOURS)) + self.box(r["box"])
+                       self.symbol(r["shape"]) + self.symbol(r["colour"]) + self.symbol(r["size"]) + self.box(r["box"])
                        + self.segment(segment)], 1)  # fmt: skip
         hidden = self.norm(self.encoder(x, src_key_padding_mask=torch.cat([text == PAD, ~r["present"]], 1)))
         if per_region:

@@ -58,10 +58,9 @@ METRICS = {name: (tasks.TASKS[name].main_metric, 1) for name in TASKS} | {"retri
 # 200 images; chance 0.5%, a reader of the true scenes 68.8%): ITC weight 1 at lr 1e-3 reached 1.6%, weight 5
 # 4.7%, weight 1 at lr 3e-4 5.3%, weight 5 at lr 3e-4 19.1%.
 CONTRASTIVE = ["--itc", "5", "--mrm", "0", "--amc", "0", "--anchor_mask_prob", "0", "--learning_rate", "3e-4"]
-# Every arm's pre-training: no ITM (see the docstring), and the small-scene curriculum over the same share of the
-# steps (pretrain.py's 6 of the full corpus's 12 epochs, so 24 epochs of a quarter of it).
+# Every arm's pre-training: no ITM (see the docstring). Each also runs pretrain.py's small-scene curriculum over
+# the same share of its steps (`run_unit`: 6 epochs of the full corpus, so 24 epochs of a quarter of it).
 COMMON = ["--itm", "0"]
-CURRICULUM_EPOCHS = 6
 # Pre-training flags of each condition on top of pretrain.py's defaults (MLM, MRM, AMC on; ITC off) and COMMON.
 CONDITIONS = {
     "a: none": None,
@@ -183,10 +182,11 @@ def run_unit(job) -> dict:
             init = ["--model_config", args.model_config]
         else:
             pretrained = os.path.join(folder, "pretrained")
+            curriculum = round(pretrain.parse_args([]).curriculum_epochs / unit["fraction"])
             run = pretrain.main(["--synthetic_images", str(args.synthetic_images), "--seed", str(unit["seed"]),
                                  "--report_to", "none", "--model_config", args.model_config, "--output_dir", pretrained, "--overwrite_output_dir",
                                  "--max_train_steps", str(args.pretrain_steps), "--corpus_fraction", str(unit["fraction"]),
-                                 "--curriculum_epochs", str(round(CURRICULUM_EPOCHS / unit["fraction"])), *COMMON, *unit["flags"]])  # fmt: skip
+                                 "--curriculum_epochs", str(curriculum), *COMMON, *unit["flags"]])  # fmt: skip
             result |= {"pretrain_steps": run["steps"], "pretrain_final_losses": run["final_losses"],
                        "pretrain_validation": run.get("validation", {})}  # fmt: skip
             init = ["--model_name_or_path", pretrained]
@@ -243,18 +243,19 @@ def gap_closed(results, condition, fraction, floor_table, steps, mean_over) -> l
             for r in runs(results, condition, fraction)]  # fmt: skip
 
 
-def mean_tasks(args) -> tuple[list[str], str]:
+def mean_tasks(args, world, floor_table, trained) -> tuple[list[str], str]:
     """The tasks the mean gap closed is over, and why: `--mean_over`, else the learnable ones by
-    `benchmarks/learnability.py` at the longest budget on this world, run once and kept in the output folder
-    (`--report` runs nothing: without that file its mean is over every task, and it says so)."""
+    `benchmarks/learnability.py` at the longest budget on the study's world (its validation `floor_table` and
+    `trained` reader), run once and kept in the output folder (`--report` runs nothing: without that file its
+    mean is over every task, and it says so)."""
     if args.mean_over:
         return list(args.mean_over), "named by --mean_over"
     steps, path = max(args.finetune_steps), os.path.join(args.output_dir, "learnability.json")
     if not os.path.isfile(path):
         if args.report:
             return list(TASKS), "learnability not measured yet: every task"
-        learnability.main(["--num_images", str(args.synthetic_images), "--steps", str(steps), "--tasks", *TASKS,
-                           "--output", path])  # fmt: skip
+        settings = learnability.parse_args(["--steps", str(steps), "--tasks", *TASKS])
+        write_json(path, learnability.measure(world, floor_table, trained, settings))
     with open(path) as f:
         verdicts = json.load(f)
     learnt = [task for task in TASKS if verdicts[task]["learnable"]]
@@ -349,7 +350,8 @@ def main(argv=None):
         write_text(os.path.join(args.output_dir, "curves.md"), table)
         print(table + f"from-scratch learning curves in {(time.perf_counter() - start) / 60:.1f} min")
         return curves
-    floor_table = floors.floors(world, "validation")  # the split fine-tuning scores
+    trained = floors.TrainedReader(world)  # the ceiling's reader, and learnability's (`mean_tasks`)
+    floor_table = floors.floors(world, "validation", trained)  # the split fine-tuning scores
     todo = units(args)
     results = []
     if args.report:
@@ -363,7 +365,7 @@ def main(argv=None):
                 print(f"[{len(results)}/{len(todo)} {time.perf_counter() - start:.0f} s, {time_left(results, len(todo), args.jobs)}] "
                       f"{result['name']}: " + ", ".join(f"{task} {last[task]:.3f}" for task in STUDY_TASKS), flush=True)  # fmt: skip
     wall = sum(r["seconds"] for r in results) / args.jobs if args.report else time.perf_counter() - start
-    mean_over, why = mean_tasks(args)
+    mean_over, why = mean_tasks(args, world, floor_table, trained)
     table = tables(results, args, floor_table, mean_over, why)
     plot(results, args, floor_table, os.path.join(args.output_dir, "objectives.png"))
     summary = {"args": vars(args), "floors": floor_table, "mean_over": mean_over, "wall_seconds": wall, "results": sorted(results, key=lambda r: r["name"])}

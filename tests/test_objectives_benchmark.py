@@ -79,25 +79,28 @@ def test_table_gives_mean_and_std_over_seeds_and_the_gap_closed():
 
 
 def test_the_mean_is_over_the_tasks_learnability_finds_learnable_measured_once(tmp_path, monkeypatch):
-    calls = []
+    calls, world, floor_table, trained = [], object(), object(), object()  # the study's own, handed on as they are
 
-    def measure(argv):
-        calls.append(argv)
-        verdicts = {task: {"learnable": task in ("vqa", "rec"), "gap_closed": 0.8 if task in ("vqa", "rec") else 0.05}
-                    for task in objectives.TASKS}  # fmt: skip
-        (tmp_path / "learnability.json").write_text(json.dumps(verdicts))
+    def measure(*args):
+        calls.append(args)
+        return {task: {"learnable": task in ("vqa", "rec"), "gap_closed": 0.8 if task in ("vqa", "rec") else 0.05}
+                for task in objectives.TASKS}  # fmt: skip
 
-    monkeypatch.setattr(objectives.learnability, "main", measure)
+    monkeypatch.setattr(objectives.learnability, "measure", measure)
     args = objectives.parse_args(["--output_dir", str(tmp_path), "--synthetic_images", "300", "--finetune_steps", "200", "900"])
-    assert objectives.mean_tasks(objectives.parse_args(["--report", "--output_dir", str(tmp_path)])) == (
+    report = objectives.parse_args(["--report", "--output_dir", str(tmp_path)])
+    assert objectives.mean_tasks(report, world, floor_table, trained) == (
         list(objectives.TASKS), "learnability not measured yet: every task")  # --report runs nothing
     assert calls == []
-    mean_over, why = objectives.mean_tasks(args)
+    mean_over, why = objectives.mean_tasks(args, world, floor_table, trained)
     assert mean_over == ["vqa", "rec"] and why.endswith("; left out: ve (5%), nlvr2 (5%)") and "at 900 steps" in why
-    assert calls == [["--num_images", "300", "--steps", "900", "--tasks", *objectives.TASKS, "--output", str(tmp_path / "learnability.json")]]
-    assert objectives.mean_tasks(args) == (mean_over, why) and len(calls) == 1  # kept: a resumed study measures nothing
+    (call,) = calls
+    assert call[:3] == (world, floor_table, trained)
+    assert call[3].steps == 900 and call[3].tasks == list(objectives.TASKS) and call[3].split == "validation"
+    assert json.loads((tmp_path / "learnability.json").read_text())["vqa"]["learnable"]
+    assert objectives.mean_tasks(args, world, floor_table, trained) == (mean_over, why) and len(calls) == 1  # kept: a resumed study measures nothing
     named = objectives.parse_args(["--output_dir", str(tmp_path / "other"), "--mean_over", "ve"])
-    assert objectives.mean_tasks(named) == (["ve"], "named by --mean_over") and len(calls) == 1
+    assert objectives.mean_tasks(named, world, floor_table, trained) == (["ve"], "named by --mean_over") and len(calls) == 1
 
 
 def test_arms_match_steps_and_curriculum_whatever_their_fraction_and_none_has_itm(tmp_path, monkeypatch):

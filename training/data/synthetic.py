@@ -43,8 +43,9 @@ task's or question type's labels within two of each other, so no reader of the t
 (`benchmarks/floors.py` measures it); balancing within each split keeps a held-out label from being the
 one its text had least often in training. VE's three labels share its templates ("the small ball is red.",
 "the red ball is small."): entailment when every object the description fits has the stated colour or size,
-contradiction when none has, neutral when some have (version 5). REC refers only to objects that share their shape with another, always naming
-the shape, so the detector's tag narrows the choice but colour, size or a relation must decide.
+contradiction when none has, neutral when some have (version 5). REC refers only to objects that share their
+shape with another, always naming the shape, so the detector's tag narrows the choice but colour, size or a
+relation must decide.
 
 Images come in families (version 4): image 2k is a random scene, image 2k+1 its `contrast_twin`, which has
 the same number of objects and the same set of shapes (and, with two objects or more, the same colours and
@@ -751,8 +752,9 @@ def ve_for(scene: Scene, rng) -> list[dict]:
 
     A colour is stated of a description by shape and/or size, a size of one by shape and/or colour; half the
     time the stated value is one a fitting object has, else any. Each label is a check of the regions a
-    description fits, which the world's question types already ask one at a time (existence, colour); relations
-    are left to VQA and REC, where a model of the study's size learns them (`benchmarks/learnability.py`).
+    description fits, which the world's question types already ask one at a time (existence, colour). Relations
+    are left to VQA and REC: as VE's hypotheses (v4) a model of the study's size did not learn them in the study's
+    budget, nor does it learn VQA's relation questions yet; REC's it does (`benchmarks/learnability.py`).
     """
     facts = _facts(scene)
     objects = scene.objects
