@@ -4,7 +4,7 @@
     accelerate launch --multi_gpu --num_processes 2 training/pretrain.py --per_device_train_batch_size 16
     accelerate launch --config_file training/configs/fsdp.yaml training/pretrain.py --model_config base ...
 
-With no arguments it pre-trains the `small` preset on the embedded synthetic scene world (generated
+With no arguments it pre-trains the `mini` preset on the embedded synthetic scene world (generated
 once and cached) and leaves a Hub-ready folder in `--output_dir`: weights, config, code, processor,
 model card. Objectives: MLM, MRM, ITM, AMC (token, region, pointer parts) and optionally ITC, each
 weighted by its flag (0 switches it off) and logged on its own.
