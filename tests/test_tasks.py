@@ -87,3 +87,20 @@ def test_chance_baselines(name, world):
     result = chance(task, world, draws=3, retrieval_images=4)
     assert set(result) == ({"random", "majority"} if name == "vqa" else {"random"})
     assert all(0 <= value <= (600 if task.main_metric == "rsum" else 1) for value in result.values())
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_item_scores_average_to_the_main_metric(name, world):
+    """Intervals resample items (benchmarks/objectives.py): each item's score must be its share of the metric."""
+    import numpy as np
+
+    task = TASKS[name]
+    table = world[task.synthetic_table]
+    id2label = dict(enumerate(task.label_names(table["train"], 1)))
+    evaluation_set, references = task.evaluation_set(TaskExamples(task, table["validation"], world["regions"]), 4)
+    main, scale = ("text_to_image_r1", 100) if name == "retrieval" else (task.main_metric, 1)  # rsum sums six recalls
+    for seed in range(3):
+        for predictions in task.chance_predictions(np.random.default_rng(seed), evaluation_set, id2label).values():
+            items = task.item_scores(predictions, references, id2label)
+            assert len(items) == len(references) and all(0 <= item <= 1 for item in items)
+            assert np.mean(items) * scale == pytest.approx(task.score(predictions, references, id2label)[main])

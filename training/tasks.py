@@ -25,7 +25,7 @@ from cmal.modeling_cmal import (
     CMALForVisualReasoning,
 )
 from cmal.training.data import downstream
-from cmal.training.metrics import load_metric
+from cmal.training.metrics import import_metric_module, load_metric
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,11 @@ class Task:
         metric = load_metric(self.metric)
         return metric.compute(predictions=predictions.tolist(), references=references, num_classes=len(id2label))
 
+    def item_scores(self, predictions: torch.Tensor, references: list, id2label: dict) -> list[float]:
+        """Each item's share of `main_metric` (their mean is it; retrieval: each text's text->image hit at
+        rank 1), for intervals by resampling items (`benchmarks/objectives.py`)."""
+        return (predictions == torch.as_tensor(references)).float().tolist()
+
     def text_labels(self, table: datasets.Dataset) -> list | None:
         """Each example's class as one value, for readers of the text alone (`benchmarks/floors.py`); None
         when the target is no class (a box, a match)."""
@@ -111,6 +116,11 @@ class VisualQuestionAnswering(Task):
     def score(self, predictions, references, id2label):
         return load_metric(self.metric).compute(predictions=[id2label[int(i)] for i in predictions], references=references)
 
+    def item_scores(self, predictions, references, id2label):
+        metric = import_metric_module(self.metric)
+        return [metric.vqa_soft_score(metric.normalize_answer(id2label[int(i)]), [metric.normalize_answer(a) for a in answers])
+                for i, answers in zip(predictions, references)]  # fmt: skip
+
     def text_labels(self, table):
         """The answer most annotators gave."""
         return [Counter(answers).most_common(1)[0][0] for answers in table[self.target_column]]
@@ -140,6 +150,10 @@ class ReferringExpression(Task):
     def score(self, predictions, references, id2label):
         return load_metric(self.metric).compute(predictions=predictions.tolist(), references=references)
 
+    def item_scores(self, predictions, references, id2label):
+        metric = import_metric_module(self.metric)
+        return [float(metric.box_iou(box, target) >= metric.IOU_THRESHOLD) for box, target in zip(predictions.tolist(), references)]
+
     def chance_predictions(self, rng, evaluation_set, id2label):
         """The box of a random region of each image."""
         images = evaluation_set.regions_of_images([rows[0] for rows in evaluation_set.image_rows])
@@ -164,6 +178,11 @@ class ImageTextRetrieval(Task):
     def score(self, predictions, references, id2label):
         scores = predictions.reshape(len(references), -1).tolist()
         return load_metric(self.metric).compute(predictions=scores, references=references)
+
+    def item_scores(self, predictions, references, id2label):
+        scores = predictions.reshape(len(references), -1).double().numpy()
+        ranks = import_metric_module(self.metric)._ranks_desc(scores)[np.arange(len(references)), references]
+        return (ranks == 0).astype(float).tolist()
 
     def chance_predictions(self, rng, evaluation_set, id2label):
         return {"random": torch.from_numpy(rng.random(len(evaluation_set)))}

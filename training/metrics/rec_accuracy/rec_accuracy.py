@@ -34,6 +34,9 @@ Examples:
 """
 
 
+IOU_THRESHOLD = 0.5  # a prediction is correct at this IoU or more
+
+
 def box_iou(a, b):
     """IoU of two [x1, y1, x2, y2] boxes; 0.0 when the union is empty."""
     ax1, ay1, ax2, ay2 = (float(v) for v in a)
@@ -64,7 +67,7 @@ class RecAccuracy(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references, iou_threshold=0.5):
+    def _compute(self, predictions, references, iou_threshold=IOU_THRESHOLD):
         ious = [box_iou(p, r) for p, r in zip(predictions, references)]
         n = len(ious)
         if n == 0:
