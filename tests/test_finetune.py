@@ -117,12 +117,23 @@ def test_each_task_on_its_real_format(task, corpus, tmp_path):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_each_task_on_the_synthetic_world(task, tmp_path):
-    finetune.main(common(tmp_path / task) + ["--task", task, "--synthetic_images", "70", "--max_eval_samples", "12",
-                                             "--retrieval_eval_images", "3"])  # fmt: skip
+    results = finetune.main(common(tmp_path / task) + ["--task", task, "--synthetic_images", "70", "--max_eval_samples", "12",
+                                                       "--retrieval_eval_images", "3", "--synthetic_test"])  # fmt: skip
     config = CMALConfig.from_pretrained(tmp_path / task)
     assert config.architectures == [TASKS[task].head.__name__]
     if task == "vqa":  # the answer vocabulary comes from the training split
         assert set(config.label2id) <= set(synthetic.ANSWER_VOCABULARY) and {"yes", "no"} <= set(config.label2id)
+    # --synthetic_test: the test split scored once more, each item's share of the main metric kept
+    test, saved = results["test"], json.loads((tmp_path / task / "test_results.json").read_text())
+    assert saved == {"task": task, **test} and "item_scores" not in results["eval"]
+    table = synthetic.load_world(synthetic.default_world(num_images=70))[TASKS[task].synthetic_table]["test"]
+    items, main = test["item_scores"], "text_to_image_r1" if task == "retrieval" else TASKS[task].main_metric
+    if task == "retrieval":  # the texts of the 3 images scored
+        scored = list(dict.fromkeys(table["image_id"]))[:3]
+        assert len(items) == sum(image in scored for image in table["image_id"])
+    else:
+        assert len(items) == len(table)
+    assert np.mean(items) * (100 if task == "retrieval" else 1) == pytest.approx(test[main])
 
 
 def test_an_empty_split_is_a_clear_error(tmp_path):
@@ -215,6 +226,7 @@ def test_argument_errors(tmp_path, corpus, capsys):
         (regions, "--validation_file, --train_annotations and --regions need --train_file"),
         (["--train_file", files["vqa_train"][0], *regions, "--validation_file", files["vqa_val"][0]],
          "VQA --validation_file needs --validation_annotations"),
+        (["--train_file", files["vqa_train"][0], *regions, "--synthetic_test"], "--synthetic_test scores the synthetic world's test split"),
     ]:  # fmt: skip
         with pytest.raises(SystemExit):
             finetune.parse_args(["--task", "vqa", *argv])

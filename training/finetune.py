@@ -77,11 +77,16 @@ def parse_args(argv=None):
     p.add_argument("--per_device_eval_batch_size", type=POSITIVE_INT, default=64)
     p.add_argument("--eval_steps", type=NON_NEGATIVE_INT, default=0,
                    help="Also score the validation split every N steps: `learning_curve` in train_results.json.")
+    p.add_argument("--synthetic_test", action="store_true",
+                   help="Synthetic world only: after training, also score its test split once (`test_results.json`, "
+                        "each item's score too, for intervals by resampling items).")
     args = p.parse_args(argv)
     args.output_dir = args.output_dir or f"outputs/cmal-{args.task}"
     args.command = command_line("training/finetune.py", argv)
     if args.train_file is None and any([args.validation_file, args.train_annotations, args.regions]):
         p.error("--validation_file, --train_annotations and --regions need --train_file (real data)")
+    if args.train_file is not None and args.synthetic_test:
+        p.error("--synthetic_test scores the synthetic world's test split: it cannot go with --train_file (real data)")
     if args.train_file is not None and args.regions is None:
         p.error("real data (--train_file) needs --regions, the region store of its images")
     from cmal.training.tasks import TASKS

@@ -67,6 +67,13 @@ def load_data(args, task):
     return _non_empty(task, train, validation) + (regions, metadata, train[task.text_column], None)
 
 
+def synthetic_table(args, task, split: str):
+    """One split of the task's table in the synthetic world (`--synthetic_test`: the test split)."""
+    from cmal.training.data import synthetic
+
+    return synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed))[task.synthetic_table][split]
+
+
 def _non_empty(task, train, validation) -> tuple:
     """(train, validation), or a clear error when a split has no example (a tiny world, a wrong split name)."""
     for name, table in (("training", train), ("validation", validation)):
@@ -109,8 +116,9 @@ def build_model_and_processor(args, task, labels, metadata, vocabulary_texts, le
     return model, processor
 
 
-def evaluate(model, dataloader, accelerator, task, references, id2label) -> dict:
-    """Run the model over the evaluation set (every process a shard), gather, and compute the task metric."""
+def evaluate(model, dataloader, accelerator, task, references, id2label, items=False) -> dict:
+    """Run the model over the evaluation set (every process a shard), gather, and compute the task metric
+    (with `items`, each item's score too: `item_scores`)."""
     model.eval()
     predictions, losses = [], []
     for batch in tqdm(dataloader, disable=not accelerator.is_local_main_process, desc="evaluating", leave=False):
@@ -121,8 +129,11 @@ def evaluate(model, dataloader, accelerator, task, references, id2label) -> dict
         losses.append(accelerator.gather_for_metrics(outputs.loss.detach().float().repeat(len(prediction))))
     model.train()
     predictions = torch.cat(predictions).cpu()
-    result = task.score(predictions, references, id2label)
-    return {"eval_loss": torch.cat(losses).mean().item(), **result, "eval_samples": len(predictions)}
+    result = {"eval_loss": torch.cat(losses).mean().item(), **task.score(predictions, references, id2label),
+              "eval_samples": len(predictions)}  # fmt: skip
+    if items:
+        result["item_scores"] = task.item_scores(predictions, references, id2label)
+    return result
 
 
 def write_model_card(folder, args, config, results, metrics):
@@ -164,23 +175,24 @@ def run(args):
                                 negative_probability=args.negative_probability if task.negatives else 0.0, seed=args.seed)  # fmt: skip
         train_dataloader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collator,
                                       generator=torch.Generator().manual_seed(args.seed), **loader_options(args))  # fmt: skip
-        eval_dataloader = references = None
-        if eval_table is not None:
-            eval_set, references = task.evaluation_set(TaskExamples(task, eval_table, regions), args.retrieval_eval_images)
-            eval_collator = TaskCollator(processor, task, eval_set, labels.get("label2id"), args.max_text_length)
-            eval_dataloader = DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=eval_collator,
-                                         **loader_options(args))  # fmt: skip
-
         model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(
             accelerator, args, model, train_dataloader, f"cmal_{task.name}"
         )
-        if eval_dataloader is not None:
-            eval_dataloader = accelerator.prepare(eval_dataloader)
-        scored = None if eval_dataloader is None else lambda: evaluate(model, eval_dataloader, accelerator, task, references, id2label)
+
+        def scorer(table, items=False):
+            """Scores the model on `table` when called: its loader is built once, here."""
+            eval_set, references = task.evaluation_set(TaskExamples(task, table, regions), args.retrieval_eval_images)
+            eval_collator = TaskCollator(processor, task, eval_set, labels.get("label2id"), args.max_text_length)
+            loader = accelerator.prepare(DataLoader(eval_set, batch_size=args.per_device_eval_batch_size,
+                                                    collate_fn=eval_collator, **loader_options(args)))  # fmt: skip
+            return lambda: evaluate(model, loader, accelerator, task, references, id2label, items)
+
+        scored = None if eval_table is None else scorer(eval_table)
         results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps,
                         description=f"fine-tuning {task.name}", evaluate=scored, eval_steps=args.eval_steps)  # fmt: skip
 
         metrics = {k: v for k, v in results["learning_curve"][-1].items() if k != "step"} if scored is not None else {}
+        test = scorer(synthetic_table(args, task, "test"), items=True)() if args.synthetic_test else None
         accelerator.wait_for_everyone()
         state_dict = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
@@ -191,10 +203,13 @@ def run(args):
                 write_model_card(folder, args, config, results, metrics)
                 if task.endpoint_handler and config.detector_config is not None:
                     ship_endpoint_handler(folder)
-            if metrics:
-                print(f"{task.name} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+                if test:
+                    write_json(os.path.join(folder, "test_results.json"), {"task": task.name, **test})
+            for split, scores in (("validation", metrics), ("test", test)):
+                if scores:
+                    print(f"{task.name} {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
             print(f"model saved to {os.path.abspath(args.output_dir)} ({results['train_seconds']:.0f} s of training)")
             if args.push_to_hub:
                 push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private_repo or None)
     finish(accelerator)
-    return {**results, "eval": metrics}
+    return {**results, "eval": metrics} | ({"test": test} if test else {})
