@@ -125,6 +125,29 @@ PALETTE = np.array(list(synthetic.COLOURS.values()), np.float64)
 LARGE_SIDE = 25  # pixels: small objects are 14-22 wide, large ones 28-40, before the detector's jitter
 
 
+def labelled_regions(world: dict, scenes: list):
+    """(store row, region index, features, object) of every confident region that overlaps an object of its
+    scene (`synthetic.world_scenes`) with IoU >= 0.5: the regions whose true shape, colour and size are known."""
+    import torch
+
+    from cmal.training.data.downstream import box_iou
+
+    columns = ["image_width", "image_height", "features", "boxes", "scores"]
+    for row, image in enumerate(world["regions"].select_columns(columns).with_format("numpy")):
+        objects = scenes[row].objects
+        confident = np.flatnonzero(np.asarray(image["scores"]) >= CONFIDENT)
+        if not objects or not len(confident):
+            continue
+        scale = [image["image_width"], image["image_height"]] * 2
+        regions = torch.tensor(np.asarray(image["boxes"])[confident] * scale, dtype=torch.float64)
+        boxes = torch.tensor([obj.box for obj in objects], dtype=torch.float64)
+        overlaps = box_iou(boxes.expand(len(regions), -1, -1), regions)  # [region, object]
+        best, which = overlaps.max(1)
+        for k, iou, obj in zip(confident.tolist(), best.tolist(), which.tolist()):
+            if iou >= 0.5:
+                yield row, k, np.asarray(image["features"][k], np.float64), objects[obj]
+
+
 class TrainedReader:
     """Shape and colour of a region read from its features by two logistic regressions, learnt on the
     confident regions of the training images, each labelled with the object of its scene it overlaps most
@@ -138,9 +161,9 @@ class TrainedReader:
                     for image_id in world["captions"][split]["image_id"]}  # fmt: skip
         data = {split: ([], [], []) for split in synthetic.SPLIT_NAMES}
         image_ids = world["regions"]["image_id"][:]
-        for row, features, shape, colour in self._labelled(world):
+        for row, _, features, obj in labelled_regions(world, self.scenes):
             x, shapes, colours = data[split_of.get(image_ids[row], "train")]
-            x.append(features), shapes.append(shape), colours.append(colour)
+            x.append(features), shapes.append(obj.shape), colours.append(obj.colour)
         x, shapes, colours = (np.asarray(v) for v in data["train"])
         self.shape = LogisticRegression(max_iter=3000, C=10).fit(x, shapes)
         self.colour = LogisticRegression(max_iter=3000, C=10).fit(x, colours)
@@ -150,27 +173,6 @@ class TrainedReader:
             if len(x):
                 self.accuracy[split] = {"shape": float((self.shape.predict(x) == shapes).mean()),
                                         "colour": float((self.colour.predict(x) == colours).mean())}  # fmt: skip
-
-    def _labelled(self, world):
-        """(store row, features, shape, colour) of every confident region that overlaps an object."""
-        import torch
-
-        from cmal.training.data.downstream import box_iou
-
-        columns = ["image_width", "image_height", "features", "boxes", "scores"]
-        for row, image in enumerate(world["regions"].select_columns(columns).with_format("numpy")):
-            objects = self.scenes[row].objects
-            confident = np.flatnonzero(np.asarray(image["scores"]) >= CONFIDENT)
-            if not objects or not len(confident):
-                continue
-            scale = [image["image_width"], image["image_height"]] * 2
-            regions = torch.tensor(np.asarray(image["boxes"])[confident] * scale, dtype=torch.float64)
-            boxes = torch.tensor([obj.box for obj in objects], dtype=torch.float64)
-            overlaps = box_iou(boxes.expand(len(regions), -1, -1), regions)  # [region, object]
-            best, which = overlaps.max(1)
-            for k, iou, obj in zip(confident.tolist(), best.tolist(), which.tolist()):
-                if iou >= 0.5:
-                    yield row, np.asarray(image["features"][k], np.float64), objects[obj].shape, objects[obj].colour
 
     def __call__(self, features: np.ndarray) -> tuple[list, list]:
         """(shapes, colours) of regions with these features."""
