@@ -4,8 +4,9 @@ region oracle's symbolic inputs; how much of the gap between floor and ceiling d
     python benchmarks/learnability.py                          # all five tasks, 2,000 steps at batch 32: ~20 min, 1 thread
     python benchmarks/learnability.py --tasks rec --steps 4000 --learning_rate 3e-3
 
-The objective study (`benchmarks/objectives.py`) fine-tunes for 2,000 steps at batch 32 and reads each task as
-the share of the gap between its floor and the region oracle's ceiling a model closes (`benchmarks/floors.py`).
+The objective study (`benchmarks/objectives.py`) fine-tunes for its `--finetune_steps` at batch 32 (and measures
+learnability at that budget) and reads each task as the share of the gap between its floor and the region
+oracle's ceiling a model closes (`benchmarks/floors.py`).
 A pre-trained model that closes little of a gap says something about pre-training only if the gap can be closed
 in that budget at all. Here the inputs are the oracle's own: the text as word tokens and every confident region
 as one token, the sum of embeddings of its shape and colour (read by `floors.TrainedReader`), its size and a
@@ -263,7 +264,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the world and of training.")
     parser.add_argument("--split", default="validation", choices=["validation", "test"], help="Where the curve is scored.")
     parser.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES)
-    parser.add_argument("--steps", type=int, default=2000, help="The budget (the study fine-tunes 2,000 steps).")
+    parser.add_argument("--steps", type=int, default=2000, help="The budget (objectives.py passes its --finetune_steps).")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--dropout", type=float, default=0.1)

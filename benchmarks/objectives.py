@@ -1,36 +1,39 @@
-"""The objective study: does associative mapping (CMAL) pre-train better than a contrastive baseline?
+"""The objective study: with a quarter of the corpus, does associative pre-training (CMAL) reach what contrastive
+pre-training reaches with all of it, on tasks that need the image?
 
-    python benchmarks/objectives.py --curves              # first: from-scratch learning curves -> the budgets
-    python benchmarks/objectives.py                       # the default grid: 2 CPU workers, many hours
-    python benchmarks/objectives.py --seeds 0 --fractions 0.25 1.0 --no_ablations   # a quick look
+    python benchmarks/objectives.py                  # the whole study: 2 CPU workers, about 2.5 hours, resumable
+    python benchmarks/objectives.py --report         # the tables of what is done, running nothing
+    python benchmarks/objectives.py --curves         # from-scratch learning curves (how the budget was chosen)
 
-On the synthetic world, pre-train with
-  (a) nothing (fine-tune from random weights),
-  (b) contrastive: ITC + MLM, no anchor swaps (the ALBEF-style baseline),
-  (c) CMAL: AMC + MLM + MRM,
-  (d) CMAL + ITC,
-each on 25 / 50 / 100% of the pre-training images (`--corpus_fraction`) for the same `--pretrain_steps`, so a
-smaller fraction is a data cut (more epochs over fewer pairs), not a compute cut, and several seeds. No arm has
-ITM: against the world's contrast twins no arm's ITM learns at this budget (held-out AUC 0.49-0.55, rules 0.67;
-docs/BENCHMARKS.md §2.2), and an objective one arm learns and another does not would be a difference of arms
-that is not the one studied; then fine-tune every checkpoint on VQA, VE, NLVR2, REC and retrieval
-with each budget of `--finetune_steps` (batch 32, no anchor swaps while fine-tuning; a long budget where
-from-scratch fine-tuning has converged, `--curves`, and a short one) and score the validation split.
+Every pre-training runs `--pretrain_steps` at batch 32 whatever its corpus fraction (`--corpus_fraction`: a
+smaller share is the same steps over fewer pairs, more epochs; the small-scene curriculum covers the same share of
+the steps), no arm has ITM (against the world's contrast twins none learns it: docs/BENCHMARKS.md §2.2), and every
+checkpoint is fine-tuned on each of `--tasks` for `--finetune_steps` (batch 32, lr 3e-4, no anchor swaps) and
+scored on the validation split and, once, on the test split. Three stages, each chosen on validation:
+
+1. **Tuning.** Each pre-training arm gets the same grid, seed 0: learning rate (`LEARNING_RATES`) x the weight of
+   its own loss (`WEIGHTS`: ITC for contrastive, ITC + MLM; AMC for CMAL, AMC + MLM + MRM). Each keeps the
+   setting with the highest validation score.
+2. **The AMC recipe.** CMAL at its setting with each recipe of `RECIPES` (the three AMC parts together, as the
+   paper, each alone, and all three with masking instead of the swap), every seed; the default recipe is the
+   best on validation. Every pre-trained checkpoint is also probed (`benchmarks/region_probe.py`): do its regions
+   still carry shape, colour and size?
+3. **The verdict**, on the test split: none (fine-tuned from random weights), contrastive on 100%, CMAL on 25%,
+   50% and 100% (its chosen recipe, and the paper's when that differs), CMAL + ITC on 100%; every seed. Each task
+   with a 95% interval (bootstrap over seeds and items) and the paired difference CMAL@25% - contrastive@100%.
+
 Each task is read against its floor (the best score without the image) and the region oracle's ceiling
-(`benchmarks/floors.py`): gap closed = (accuracy - floor) / (oracle - floor), averaged over those of VQA, VE,
-NLVR2 and REC that are learnable at the longest budget (`benchmarks/learnability.py`, run once per study and
-kept in `<output_dir>/learnability.json`; `--mean_over` names them instead): a task nothing learns in the budget
-adds only noise to a mean. Every task's own column is reported, and retrieval (text->image R@1 over 50 images)
-beside them.
-Ablations of CMAL at 100%: no hypersphere, masking without the swap (`--anchor_fill mask`), and each AMC
-part alone. (a) does not depend on the fraction, so it runs once per seed.
+(`benchmarks/floors.py`): gap closed = (score - floor) / (oracle - floor). "Validation score" and the headline
+mean gap closed are over the tasks that `benchmarks/learnability.py` finds learnable at `--finetune_steps` on
+this world (run once, kept in `<output_dir>/learnability.json`): a task no model of this size learns in the
+budget adds only noise. VE, NLVR2 and retrieval are left out of the default `--tasks` for that reason, and to fit
+the budget (learnability closes 21% of VE's gap at 1,000 steps, 6% of NLVR2's and -99% of retrieval's at 2,000).
 
-Every run is `training/pretrain.py` / `training/finetune.py` called in-process (`main(argv)`) by one of
-`--jobs` worker processes, one CPU thread each. Each pre-training unit (with its fine-tunes) writes
-`<output_dir>/<unit>/result.json` atomically, so a killed study resumes where it stopped; units run seed by
-seed, ablations last, so a cut-short study has whole seeds. At the end the tables (accuracy and mean gap
-closed, mean +- std over seeds, per budget) go to `table.md`, the plot to `objectives.png`, every number
-(the floors too) to `results.json`.
+Each unit (a pre-training, its probe and its fine-tunes) is `training/pretrain.py` / `training/finetune.py` run
+in-process by one of `--jobs` workers, one CPU thread each, and writes `<output_dir>/<unit>/result.json`
+atomically, so a killed study resumes where it stopped; a stage starts when the one it depends on is done (units
+that depend on nothing later run beside it). The tables go to `table.md`, the plot to `objectives.png`, every
+number to `results.json`.
 """
 
 import argparse
@@ -40,41 +43,69 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 
 import floors  # benchmarks/floors.py, beside this script
 import learnability
 import numpy as np
+import region_probe
 
 from cmal.training import tasks
 from cmal.training.utils import write_json, write_text
 
 
-TASKS = ("vqa", "ve", "nlvr2", "rec")  # the mean gap closed is over the learnable ones of these
-STUDY_TASKS = (*TASKS, "retrieval")
-# What the study reads of each task's validation results, and by what it divides it (recall is in percent).
-METRICS = {name: (tasks.TASKS[name].main_metric, 1) for name in TASKS} | {"retrieval": ("text_to_image_r1", 100)}
-# The contrastive baseline as tuned on the default world (held-out text->image R@1 of its own pre-training over
-# 200 images; chance 0.5%, a reader of the true scenes 68.8%): ITC weight 1 at lr 1e-3 reached 1.6%, weight 5
-# 4.7%, weight 1 at lr 3e-4 5.3%, weight 5 at lr 3e-4 19.1%.
-CONTRASTIVE = ["--itc", "5", "--mrm", "0", "--amc", "0", "--anchor_mask_prob", "0", "--learning_rate", "3e-4"]
-# Every arm's pre-training: no ITM (see the docstring). Each also runs pretrain.py's small-scene curriculum over
-# the same share of its steps (`run_unit`: 6 epochs of the full corpus, so 24 epochs of a quarter of it).
+TASK_NAMES = ("vqa", "ve", "nlvr2", "rec", "retrieval")
+# What the study reads of each task's results, and by what it divides it (recall is in percent).
+METRICS = {name: (tasks.TASKS[name].main_metric, 1) for name in TASK_NAMES} | {"retrieval": ("text_to_image_r1", 100)}
+LEARNING_RATES = (3e-4, 1e-3)
+WEIGHTS = (1.0, 5.0)
+# Pre-training flags of each arm on top of pretrain.py's defaults (MLM, MRM, ITM, AMC on; ITC off) and `COMMON`;
+# `--learning_rate` and the arm's own weight come from the unit.
+ARMS = {
+    "contrastive": ["--mrm", "0", "--amc", "0", "--anchor_mask_prob", "0"],
+    "cmal": [],
+    "cmal+itc": [],
+}
+OWN_WEIGHT = {"contrastive": "--itc", "cmal": "--amc", "cmal+itc": "--amc"}
 COMMON = ["--itm", "0"]
-# Pre-training flags of each condition on top of pretrain.py's defaults (MLM, MRM, AMC on; ITC off) and COMMON.
-CONDITIONS = {
-    "a: none": None,
-    "b: contrastive (ITC+MLM)": CONTRASTIVE,
-    "c: CMAL (AMC+MLM+MRM)": [],
-    "d: CMAL + ITC": ["--itc", "5"],
+RECIPES = {
+    "all parts": [],
+    "token part": ["--amc_parts", "token"],
+    "region part": ["--amc_parts", "region"],
+    "pointer part": ["--amc_parts", "pointer"],
+    "all parts, mask (no swap)": ["--anchor_fill", "mask"],
 }
-ABLATIONS = {
-    "CMAL, no hypersphere": ["--no_hypersphere"],
-    "CMAL, mask only (no swap)": ["--anchor_fill", "mask"],
-    "CMAL, AMC token part only": ["--amc_parts", "token"],
-    "CMAL, AMC region part only": ["--amc_parts", "region"],
-    "CMAL, AMC pointer part only": ["--amc_parts", "pointer"],
-}
+PAPER = "all parts"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One pre-training (none for arm "none"), its probe and its fine-tunes."""
+
+    arm: str  # "none" or a key of ARMS
+    seed: int
+    learning_rate: float = 0.0
+    weight: float = 0.0  # the arm's own loss weight (OWN_WEIGHT)
+    recipe: str = PAPER  # CMAL's AMC recipe (RECIPES)
+    itc: float = 0.0  # cmal+itc: the ITC weight
+    fraction: float = 1.0
+
+    @property
+    def name(self) -> str:
+        if self.arm == "none":
+            return f"none-s{self.seed}"
+        recipe = "" if self.arm == "contrastive" or self.recipe == PAPER else "-" + "-".join(
+            "".join(c if c.isalnum() else " " for c in self.recipe).split())
+        itc = f"-itc{self.itc:g}" if self.arm == "cmal+itc" else ""
+        return f"{self.arm}-lr{self.learning_rate:g}-w{self.weight:g}{recipe}{itc}-f{self.fraction:g}-s{self.seed}"
+
+    def flags(self) -> list[str]:
+        """pretrain.py's flags of this unit beyond the world, the seed, the steps and the fraction."""
+        flags = [*COMMON, *ARMS[self.arm], "--learning_rate", f"{self.learning_rate:g}", OWN_WEIGHT[self.arm], f"{self.weight:g}"]
+        if self.arm != "contrastive":
+            flags += RECIPES[self.recipe]
+        return flags + (["--itc", f"{self.itc:g}"] if self.arm == "cmal+itc" else [])
 
 
 def parse_args(argv=None):
@@ -82,22 +113,20 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default="outputs/objectives")
     p.add_argument("--model_config", default="mini", help="A preset or config JSON (pre-training and from scratch).")
     p.add_argument("--synthetic_images", type=int, default=2000)
+    p.add_argument("--tasks", nargs="+", choices=TASK_NAMES, default=["vqa", "rec"],
+                   help="Tasks every checkpoint is fine-tuned on (default: the two benchmarks/learnability.py finds "
+                        "most learnable at this budget; VE closes 21%% of its gap at 1,000 steps, NLVR2 6%% and "
+                        "retrieval -99%% at 2,000).")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--pretrain_steps", type=int, default=1500,
-                   help="Steps of every pre-training arm, whatever its corpus fraction (1500: 12 epochs of the default "
-                        "world's corpus, pretrain.py's default run).")
-    p.add_argument("--finetune_steps", type=int, nargs="+", default=[200, 2000],
-                   help="Fine-tuning budgets (steps at batch 32), each a run per task: short, and where from-scratch "
-                        "fine-tuning has converged on every task (`--curves`: REC last, at about 2000).")
+    p.add_argument("--pretrain_steps", type=int, default=1000,
+                   help="Steps of every pre-training, whatever its corpus fraction (1000: 8 epochs of the default world's corpus).")
+    p.add_argument("--finetune_steps", type=int, default=600, help="Fine-tuning steps per task (batch 32).")
     p.add_argument("--finetune_learning_rate", type=float, default=3e-4)
-    p.add_argument("--mean_over", nargs="+", choices=TASKS, metavar="TASK",
-                   help="Tasks the mean gap closed is taken over (default: those benchmarks/learnability.py finds "
-                        "learnable at the longest --finetune_steps on this world).")
-    p.add_argument("--no_ablations", action="store_true")
-    p.add_argument("--units", nargs="+", metavar="NAME",
-                   help="Run only these units of the grid, in this order (e.g. c-f0.25-s1 b-f1-s1): the cells a "
-                        "comparison needs first, when the whole grid does not fit the time at hand.")
+    p.add_argument("--mean_over", nargs="+", choices=TASK_NAMES, metavar="TASK",
+                   help="Tasks the mean gap closed is taken over (default: those of --tasks benchmarks/learnability.py "
+                        "finds learnable at --finetune_steps on this world).")
+    p.add_argument("--bootstrap", type=int, default=2000, help="Bootstrap resamples of the test-split intervals.")
     p.add_argument("--curves", action="store_true",
                    help="Instead of the study: fine-tune from scratch for --curve_steps, scoring every --curve_every.")
     p.add_argument("--curve_steps", type=int, default=2400)
@@ -106,32 +135,6 @@ def parse_args(argv=None):
                    help="Run nothing: tabulate the units already done (a study still running or cut short).")
     p.add_argument("--jobs", type=int, default=2, help="Worker processes (one CPU thread each).")
     return p.parse_args(argv)
-
-
-def units(args) -> list[dict]:
-    """Every pre-training unit: a condition, a corpus fraction and a seed (a: no pre-training); seed by seed,
-    then the ablations."""
-    out = []
-    for seed in args.seeds:
-        for name, flags in CONDITIONS.items():
-            for fraction in [None] if flags is None else args.fractions:
-                out.append(dict(condition=name, flags=flags, fraction=fraction, seed=seed))
-    if not args.no_ablations:
-        for seed in args.seeds:
-            for name, flags in ABLATIONS.items():
-                out.append(dict(condition=name, flags=flags, fraction=1.0, seed=seed))
-    for unit in out:
-        slug = unit["condition"].split(":")[0] if ":" in unit["condition"] else unit["condition"]
-        slug = "-".join("".join(c if c.isalnum() else " " for c in slug.lower()).split())
-        unit["name"] = f"{slug}-s{unit['seed']}" if unit["fraction"] is None else f"{slug}-f{unit['fraction']:g}-s{unit['seed']}"
-    if args.units:
-        by_name = {unit["name"]: unit for unit in out}
-        unknown = [name for name in args.units if name not in by_name]
-        if unknown:
-            raise SystemExit(f"--units: {', '.join(unknown)} not in the grid of --seeds/--fractions; its units are: "
-                             + " ".join(by_name))  # fmt: skip
-        out = [by_name[name] for name in args.units]
-    return out
 
 
 def init_worker():
@@ -165,36 +168,43 @@ def score(task, metrics) -> float:
 
 
 def run_unit(job) -> dict:
-    """Pre-train (unless condition a), fine-tune on each task with each budget, keep only the metrics."""
+    """Pre-train (unless arm "none"), probe the regions, fine-tune on each task; keep only the numbers."""
     unit, args = job
-    from cmal.training import pretrain
-
-    folder = os.path.join(args.output_dir, unit["name"])
+    folder = os.path.join(args.output_dir, unit.name)
     result_file = os.path.join(folder, "result.json")
     if os.path.isfile(result_file):
         with open(result_file) as f:
             return json.load(f)
     os.makedirs(folder, exist_ok=True)
     start = time.perf_counter()
-    result = {key: unit[key] for key in ("name", "condition", "fraction", "seed")} | {"scores": {}}
+    result = {"name": unit.name, **asdict(unit), "validation": {}, "test": {}, "test_items": {}}
     with open(os.path.join(folder, "log.txt"), "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        if unit["flags"] is None:
+        from cmal.training import pretrain
+        from cmal.training.data import synthetic
+
+        world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images))
+        if unit.arm == "none":
             init = ["--model_config", args.model_config]
+            model, processor = region_probe.random_model(world, args.model_config, unit.seed)
         else:
+            from cmal.modeling_cmal import CMALModel
+            from cmal.processors import CMALProcessor
+
             pretrained = os.path.join(folder, "pretrained")
-            curriculum = round(pretrain.parse_args([]).curriculum_epochs / unit["fraction"])
-            run = pretrain.main(["--synthetic_images", str(args.synthetic_images), "--seed", str(unit["seed"]),
+            curriculum = round(pretrain.parse_args([]).curriculum_epochs / unit.fraction)
+            run = pretrain.main(["--synthetic_images", str(args.synthetic_images), "--seed", str(unit.seed),
                                  "--report_to", "none", "--model_config", args.model_config, "--output_dir", pretrained, "--overwrite_output_dir",
-                                 "--max_train_steps", str(args.pretrain_steps), "--corpus_fraction", str(unit["fraction"]),
-                                 "--curriculum_epochs", str(curriculum), *COMMON, *unit["flags"]])  # fmt: skip
+                                 "--max_train_steps", str(args.pretrain_steps), "--corpus_fraction", str(unit.fraction),
+                                 "--curriculum_epochs", str(curriculum), *unit.flags()])  # fmt: skip
             result |= {"pretrain_steps": run["steps"], "pretrain_final_losses": run["final_losses"],
                        "pretrain_validation": run.get("validation", {})}  # fmt: skip
             init = ["--model_name_or_path", pretrained]
-        for steps in args.finetune_steps:
-            result["scores"][str(steps)] = {
-                task: score(task, finetune_run(args, task, init, unit["seed"], os.path.join(folder, task), steps)["eval"])
-                for task in STUDY_TASKS
-            }
+            model, processor = CMALModel.from_pretrained(pretrained, anchor_mask_prob=0.0), CMALProcessor.from_pretrained(pretrained)
+        result["probe"] = region_probe.probe(world, model, processor)
+        for task in args.tasks:
+            run = finetune_run(args, task, init, unit.seed, os.path.join(folder, task), args.finetune_steps, ["--synthetic_test"])
+            result["validation"][task], result["test"][task] = score(task, run["eval"]), score(task, run["test"])
+            result["test_items"][task] = run["test"]["item_scores"]
     result["seconds"] = time.perf_counter() - start
     write_json(result_file, result)
     return result
@@ -211,11 +221,110 @@ def run_curve(job) -> dict:
             "train_seconds": run["train_seconds"]}  # fmt: skip
 
 
+def mean_tasks(args, world, floor_table, trained) -> tuple[list[str], str]:
+    """The tasks the mean gap closed is over, and why: `--mean_over`, else those of `--tasks` that
+    `benchmarks/learnability.py` finds learnable at `--finetune_steps` on the study's world (its validation
+    `floor_table` and `trained` reader), measured once and kept in the output folder (`--report` runs nothing:
+    without that file its mean is over every task, and it says so)."""
+    if args.mean_over:
+        return list(args.mean_over), "named by --mean_over"
+    path = os.path.join(args.output_dir, "learnability.json")
+    if not os.path.isfile(path):
+        if args.report:
+            return list(args.tasks), "learnability not measured yet: every task"
+        settings = learnability.parse_args(["--steps", str(args.finetune_steps), "--tasks", *args.tasks])
+        write_json(path, learnability.measure(world, floor_table, trained, settings))
+    with open(path) as f:
+        verdicts = json.load(f)
+    learnt = [task for task in args.tasks if verdicts[task]["learnable"]]
+    left = ", ".join(f"{task} ({verdicts[task]['gap_closed']:.0%})" for task in args.tasks if task not in learnt)
+    why = f"learnable at {args.finetune_steps} steps (benchmarks/learnability.py closes >= {learnability.LEARNABLE:.0%} of the gap)"
+    return learnt, why + (f"; left out: {left}" if left else "")
+
+
+def gap(scores: dict, floor_table: dict, over: list[str]) -> float:
+    """Mean gap closed over the tasks `over` of one unit's {task: score}."""
+    return float(np.mean([floors.gap_closed(scores[task], floor_table[task]) for task in over])) if over else float("nan")
+
+
+class Study:
+    """The units of each stage, given what is done: the choices of a stage are read from the results of the
+    one before it (on validation), so a resumed or reported study makes the same ones."""
+
+    def __init__(self, args, floor_table, mean_over):
+        self.args, self.floor_table, self.mean_over = args, floor_table, mean_over
+        self.results = {}
+
+    def seeds(self, unit) -> list[Unit]:
+        return [replace(unit, seed=seed) for seed in self.args.seeds]
+
+    def tuning(self) -> list[Unit]:
+        seed = self.args.seeds[0]
+        return [Unit(arm, seed, lr, weight) for arm in ("contrastive", "cmal") for lr in LEARNING_RATES for weight in WEIGHTS]
+
+    def validation_score(self, units) -> float:
+        """Mean over seeds of the mean gap closed over the learnable tasks (ties: over every task)."""
+        done = [self.results[u.name]["validation"] for u in units if u.name in self.results]
+        if not done:
+            return float("-inf")
+        return float(np.mean([gap(s, self.floor_table, self.mean_over) if self.mean_over else gap(s, self.floor_table, self.args.tasks)
+                              for s in done]))  # fmt: skip
+
+    def chosen(self, arm) -> Unit | None:
+        """The arm's tuned setting (seed 0 unit), once every grid point has run."""
+        grid = [u for u in self.tuning() if u.arm == arm]
+        if any(u.name not in self.results for u in grid):
+            return None
+        return max(grid, key=lambda u: (self.validation_score([u]), gap(self.results[u.name]["validation"], self.floor_table, self.args.tasks)))
+
+    def recipes(self) -> list[Unit]:
+        cmal = self.chosen("cmal")
+        return [] if cmal is None else [u for recipe in RECIPES for u in self.seeds(replace(cmal, recipe=recipe))]
+
+    def independent(self) -> list[Unit]:
+        """Final cells that need only the tuning: none, and the contrastive arm on 100%."""
+        contrastive = self.chosen("contrastive")
+        return self.seeds(Unit("none", 0)) + ([] if contrastive is None else self.seeds(contrastive))
+
+    def recipe(self) -> str | None:
+        """CMAL's default recipe: the best on validation once every recipe has every seed."""
+        units = self.recipes()
+        if not units or any(u.name not in self.results for u in units):
+            return None
+        return max(RECIPES, key=lambda r: self.validation_score([u for u in units if u.recipe == r]))
+
+    def final_cells(self) -> dict[str, list[Unit]]:
+        """The verdict's cells, each its units over the seeds (empty until their stage can be planned)."""
+        cmal, contrastive, recipe = self.chosen("cmal"), self.chosen("contrastive"), self.recipe()
+        cells = {"none": self.seeds(Unit("none", 0))}
+        if contrastive is not None:
+            cells["contrastive 100%"] = self.seeds(contrastive)
+        if cmal is not None and recipe is not None:
+            for fraction in sorted(self.args.fractions):
+                cells[f"CMAL {100 * fraction:g}%"] = self.seeds(replace(cmal, recipe=recipe, fraction=fraction))
+            if recipe != PAPER:
+                cells["CMAL 100%, paper recipe"] = self.seeds(cmal)
+            if contrastive is not None:
+                cells["CMAL + ITC 100%"] = self.seeds(replace(cmal, arm="cmal+itc", recipe=recipe, itc=contrastive.weight))
+        return cells
+
+    def planned(self) -> list[Unit]:
+        """Every unit that can be planned now, stage by stage, without repeats."""
+        units = self.tuning() + self.independent() + self.recipes() + [u for cell in self.final_cells().values() for u in cell]
+        return list({u.name: u for u in units}.values())
+
+    def total(self) -> int:
+        """Units of the whole study: the grid, every recipe's seeds (CMAL's tuned seed-0 unit is the paper recipe's),
+        none's, the tuned contrastive's other seeds, CMAL's at the fractions below 100% and CMAL + ITC's."""
+        seeds, fractions = len(self.args.seeds), len([f for f in self.args.fractions if f != 1.0])
+        return len(self.tuning()) + seeds * len(RECIPES) - 1 + seeds + seeds - 1 + seeds * fractions + seeds
+
+
 def time_left(results, total: int, jobs: int) -> str:
     """The units not done yet at the mean time of those done (each unit's own seconds, resumed ones included),
     over the workers."""
     left = total - len(results)
-    return f"about {sum(r['seconds'] for r in results) / len(results) * left / jobs / 60:.0f} min left" if left else "done"
+    return f"about {sum(r['seconds'] for r in results) / len(results) * left / jobs / 60:.0f} min left" if left > 0 else "done"
 
 
 def mean_std(values) -> str:
@@ -225,75 +334,111 @@ def mean_std(values) -> str:
     return f"{values[0]:.3f} (n=1)" if len(values) == 1 else f"{np.mean(values):.3f} ± {np.std(values):.3f} (n={len(values)})"
 
 
-def runs(results, condition, fraction) -> list[dict]:
-    """The results of a condition at a corpus fraction, one per seed (condition a's, whatever the fraction)."""
-    return [r for r in results if r["condition"] == condition and r["fraction"] in (fraction, None)]
+def replicates(items: np.ndarray, rng, n: int, item_draws: np.ndarray) -> np.ndarray:
+    """`n` bootstrap means of a [seeds, items] score matrix: seeds resampled, items as `item_draws` [n, items]
+    (shared between the cells a paired difference compares)."""
+    seeds = rng.integers(len(items), size=(n, len(items)))
+    return items[seeds[:, :, None], item_draws[:, None, :]].mean(axis=(1, 2))
 
 
-def cells(results, condition, fraction, task, steps) -> list[float]:
-    return [r["scores"][str(steps)][task] for r in runs(results, condition, fraction)]
+def intervals(study, cells, floor_table, n: int, seed: int = 0) -> dict:
+    """Per cell and task (and the mean gap closed over the learnable tasks): the test score over seeds and items,
+    its 95% interval, and the paired difference CMAL 25% - contrastive 100% with its interval."""
+    rng = np.random.default_rng(seed)
+    tasks_ = study.args.tasks
+    draws = {task: None for task in tasks_}
+    items = {}
+    for name, units in cells.items():
+        done = [study.results[u.name] for u in units if u.name in study.results]
+        if done:
+            items[name] = {task: np.asarray([r["test_items"][task] for r in done]) for task in tasks_}
+    for task in tasks_:
+        size = next((m[task].shape[1] for m in items.values()), 0)
+        draws[task] = rng.integers(size, size=(n, size)) if size else None
+    boot = {name: {task: replicates(m[task], rng, n, draws[task]) for task in tasks_} for name, m in items.items()}
+
+    def gap_of(values: dict) -> np.ndarray:
+        over = study.mean_over
+        if not over:
+            return np.full(n, np.nan)
+        return np.mean([(values[t] - floors.floor(floor_table[t])) / (floor_table[t]["region oracle"] - floors.floor(floor_table[t]))
+                        for t in over], axis=0)  # fmt: skip
+
+    out = {}
+    for name, m in items.items():
+        point = {task: float(m[task].mean()) for task in tasks_}
+        out[name] = {task: (point[task], *np.percentile(boot[name][task], [2.5, 97.5])) for task in tasks_}
+        out[name]["mean gap closed"] = (gap(point, floor_table, study.mean_over), *np.percentile(gap_of(boot[name]), [2.5, 97.5]))
+        out[name]["seeds"] = len(m[tasks_[0]])
+    a, b = "CMAL 25%", "contrastive 100%"
+    if a in boot and b in boot:
+        diff = {task: boot[a][task] - boot[b][task] for task in tasks_}
+        out["difference"] = {task: (out[a][task][0] - out[b][task][0], *np.percentile(diff[task], [2.5, 97.5])) for task in tasks_}
+        out["difference"]["mean gap closed"] = (out[a]["mean gap closed"][0] - out[b]["mean gap closed"][0],
+                                                *np.percentile(gap_of(boot[a]) - gap_of(boot[b]), [2.5, 97.5]))  # fmt: skip
+    return out
 
 
-def gap_closed(results, condition, fraction, floor_table, steps, mean_over) -> list[float]:
-    """Per seed, the mean over the tasks `mean_over` of (accuracy - floor) / (region oracle - floor); none
-    without such tasks."""
-    if not mean_over:
-        return []
-    return [float(np.mean([floors.gap_closed(r["scores"][str(steps)][task], floor_table[task]) for task in mean_over]))
-            for r in runs(results, condition, fraction)]  # fmt: skip
+def interval(value) -> str:
+    return f"{value[0]:.3f} [{value[1]:.3f}, {value[2]:.3f}]"
 
 
-def mean_tasks(args, world, floor_table, trained) -> tuple[list[str], str]:
-    """The tasks the mean gap closed is over, and why: `--mean_over`, else the learnable ones by
-    `benchmarks/learnability.py` at the longest budget on the study's world (its validation `floor_table` and
-    `trained` reader), run once and kept in the output folder (`--report` runs nothing: without that file its
-    mean is over every task, and it says so)."""
-    if args.mean_over:
-        return list(args.mean_over), "named by --mean_over"
-    steps, path = max(args.finetune_steps), os.path.join(args.output_dir, "learnability.json")
-    if not os.path.isfile(path):
-        if args.report:
-            return list(TASKS), "learnability not measured yet: every task"
-        settings = learnability.parse_args(["--steps", str(steps), "--tasks", *TASKS])
-        write_json(path, learnability.measure(world, floor_table, trained, settings))
-    with open(path) as f:
-        verdicts = json.load(f)
-    learnt = [task for task in TASKS if verdicts[task]["learnable"]]
-    left = ", ".join(f"{task} ({verdicts[task]['gap_closed']:.0%})" for task in TASKS if task not in learnt)
-    why = f"learnable at {steps} steps (benchmarks/learnability.py closes >= {learnability.LEARNABLE:.0%} of the gap)"
-    return learnt, why + (f"; left out: {left}" if left else "")
+def falls(difference) -> str:
+    low, high = difference[1], difference[2]
+    return "CMAL 25% ahead" if low > 0 else "contrastive 100% ahead" if high < 0 else "no difference shown"
 
 
-def tables(results, args, floor_table, mean_over, why) -> str:
-    """Per budget: accuracy (retrieval: text->image R@1) and the mean gap closed over `mean_over` (chosen for
-    `why`); then the ablations at the longest budget."""
-    fractions, out = args.fractions, []
-    for steps in args.finetune_steps:
-        lines = [
-            f"**{steps} fine-tuning steps**", "",
-            "| pre-training | " + " | ".join(f"{task} @ {100 * f:g}%" for task in STUDY_TASKS for f in fractions) + " |",
-            "|---|" + "---|" * (len(STUDY_TASKS) * len(fractions)),
-        ]  # fmt: skip
-        for name, value in (("chance", lambda row: row["chance"]), ("floor (no image)", floors.floor),
-                            ("region oracle", lambda row: row["region oracle"])):  # fmt: skip
-            lines.append(f"| {name} | " + " | ".join(f"{value(floor_table[task]):.3f}" for task in STUDY_TASKS for f in fractions) + " |")
-        for condition in CONDITIONS:
-            row = [mean_std(cells(results, condition, f, task, steps)) for task in STUDY_TASKS for f in fractions]
-            lines.append(f"| {condition} | " + " | ".join(row) + " |")
-        lines += ["", f"| pre-training: mean gap closed over {', '.join(mean_over) or 'no task'} ({why}) | "
-                  + " | ".join(f"{100 * f:g}%" for f in fractions) + " |", "|---|" + "---|" * len(fractions)]  # fmt: skip
-        for condition in CONDITIONS:
-            gaps = [mean_std(gap_closed(results, condition, f, floor_table, steps, mean_over)) for f in fractions]
-            lines.append(f"| {condition} | " + " | ".join(gaps) + " |")
-        out.append("\n".join(lines))
-    if not args.no_ablations:
-        steps = max(args.finetune_steps)
-        lines = [f"| ablation (100% corpus, {steps} steps) | " + " | ".join(STUDY_TASKS) + " | mean gap closed |",
-                 "|---|" + "---|" * (len(STUDY_TASKS) + 1)]  # fmt: skip
-        for condition in ["c: CMAL (AMC+MLM+MRM)", *ABLATIONS]:
-            per_task = [mean_std(cells(results, condition, 1.0, task, steps)) for task in STUDY_TASKS]
-            lines.append(f"| {condition} | " + " | ".join(per_task) + f" | {mean_std(gap_closed(results, condition, 1.0, floor_table, steps, mean_over))} |")
-        out.append("\n".join(lines))
+def tables(study, floor_tables, intervals_) -> str:
+    """Tuning, recipes (with the probe), and the verdict on the test split."""
+    args, out, tasks_ = study.args, [], study.args.tasks
+    over = ", ".join(study.mean_over) or "no task"
+    lines = [f"**1. Tuning** (validation, seed {args.seeds[0]}; chosen: the highest mean gap closed over {over})", "",
+             "| arm | learning rate | own weight | " + " | ".join(tasks_) + f" | mean gap closed ({over}) |",
+             "|---|---|---|" + "---|" * (len(tasks_) + 1)]  # fmt: skip
+    for unit in study.tuning():
+        r = study.results.get(unit.name)
+        chosen = " **(chosen)**" if study.chosen(unit.arm) == unit else ""
+        cells = [f"{r['validation'][t]:.3f}" for t in tasks_] + [f"{gap(r['validation'], floor_tables['validation'], study.mean_over):.3f}"] if r else ["—"] * (len(tasks_) + 1)
+        lines.append(f"| {unit.arm}{chosen} | {unit.learning_rate:g} | {OWN_WEIGHT[unit.arm]} {unit.weight:g} | " + " | ".join(cells) + " |")
+    out.append("\n".join(lines))
+
+    recipe = study.recipe()
+    lines = ["**2. The AMC recipe** (CMAL at its tuned setting, 100% of the corpus, validation, mean ± std over seeds; "
+             "probe: the unified encoder's region slots, validation regions)", "",
+             "| recipe | " + " | ".join(tasks_) + f" | mean gap closed ({over}) | probe: shape | colour | size |",
+             "|---|" + "---|" * (len(tasks_) + 4)]  # fmt: skip
+    by_recipe = {name: [u for u in study.recipes() if u.recipe == name] for name in RECIPES}
+    rows = [("none (random weights)", study.seeds(Unit("none", 0)))] + list(by_recipe.items())
+    if study.chosen("contrastive") is not None:
+        rows.insert(1, ("contrastive (ITC + MLM), tuned", study.seeds(study.chosen("contrastive"))))
+    for name, units in rows:
+        done = [study.results[u.name] for u in units if u.name in study.results]
+        per_task = [mean_std([r["validation"][t] for r in done]) for t in tasks_]
+        gaps = mean_std([gap(r["validation"], floor_tables["validation"], study.mean_over) for r in done])
+        probe = [mean_std([r["probe"]["unified"][a] for r in done]) for a in region_probe.ATTRIBUTES]
+        label = f"{name} **(default)**" if name == recipe else name
+        lines.append(f"| {label} | " + " | ".join([*per_task, gaps, *probe]) + " |")
+    out.append("\n".join(lines))
+
+    cells = study.final_cells()
+    floor_test = floor_tables["test"]
+    lines = ["**3. The verdict** (test split, once; score [95% interval], bootstrap over seeds and items)", "",
+             "| pre-training | seeds | " + " | ".join(tasks_) + f" | mean gap closed ({over}) |",
+             "|---|---|" + "---|" * (len(tasks_) + 1)]  # fmt: skip
+    for name, value in (("chance", lambda t: floor_test[t]["chance"]), ("floor (no image)", lambda t: floors.floor(floor_test[t])),
+                        ("region oracle", lambda t: floor_test[t]["region oracle"])):  # fmt: skip
+        lines.append(f"| {name} | | " + " | ".join(f"{value(t):.3f}" for t in tasks_) + " | |")
+    for name in cells:
+        if name in intervals_:
+            row = intervals_[name]
+            lines.append(f"| {name} | {row['seeds']} | " + " | ".join(interval(row[t]) for t in [*tasks_, "mean gap closed"]) + " |")
+        else:
+            lines.append(f"| {name} | 0 | " + " | ".join(["—"] * (len(tasks_) + 1)) + " |")
+    if "difference" in intervals_:
+        diff = intervals_["difference"]
+        lines.append("| **CMAL 25% − contrastive 100%** (paired) | | " + " | ".join(interval(diff[t]) for t in [*tasks_, "mean gap closed"]) + " |")
+        lines += ["", "Which way each falls: " + "; ".join(f"{t}: {falls(diff[t])}" for t in [*tasks_, "mean gap closed"]) + "."]
+    out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
 
 
@@ -305,34 +450,56 @@ def curve_table(curves) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results, args, floor_table, path):
-    """Accuracy against the share of pre-training images, per task, at the longest fine-tuning budget."""
+def plot(study, floor_table, intervals_, path):
+    """Test score against the share of pre-training images, per task and for the mean gap closed, with 95% intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = max(args.finetune_steps)
-    fig, axes = plt.subplots(1, len(STUDY_TASKS), figsize=(12, 3.2), dpi=80)
-    x = [100 * f for f in args.fractions]
-    for ax, task in zip(axes, STUDY_TASKS):
-        for condition, flags in CONDITIONS.items():
-            done = [(x_, v) for x_, f in zip(x, args.fractions) if (v := cells(results, condition, f, task, steps))]
-            at = [x_ for x_, _ in done]
-            means, stds = np.array([np.mean(v) for _, v in done]), np.array([np.std(v) for _, v in done])
-            if flags is None:  # no pre-training: one level for every fraction
-                ax.plot(at, means, "--", color="gray", label=condition)
-                ax.fill_between(at, means - stds, means + stds, color="gray", alpha=0.2)
-            else:
-                ax.errorbar(at, means, yerr=stds, marker="o", capsize=3, label=condition)
-        ax.axhline(floors.floor(floor_table[task]), color="black", linewidth=0.8, linestyle=":", label="floor (no image)")
-        ax.set_title(f"{task}: {METRICS[task][0]}")
+    panels = [*study.args.tasks, "mean gap closed"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), dpi=80)
+    fractions = sorted(study.args.fractions)
+    x = [100 * f for f in fractions]
+    for ax, panel in zip(axes, panels):
+        cmal = [(x_, intervals_[f"CMAL {x_:g}%"][panel]) for x_ in x if f"CMAL {x_:g}%" in intervals_]
+        if cmal:
+            at, values = [p for p, _ in cmal], np.array([v for _, v in cmal])
+            ax.errorbar(at, values[:, 0], yerr=[values[:, 0] - values[:, 1], values[:, 2] - values[:, 0]], marker="o",
+                        capsize=3, label="CMAL")  # fmt: skip
+        for name, style in (("contrastive 100%", "s"), ("CMAL + ITC 100%", "^"), ("CMAL 100%, paper recipe", "D")):
+            if name in intervals_:
+                v = intervals_[name][panel]
+                ax.errorbar([100], [v[0]], yerr=[[v[0] - v[1]], [v[2] - v[0]]], marker=style, capsize=3, linestyle="none", label=name)
+        if "none" in intervals_:
+            v = intervals_["none"][panel]
+            ax.axhspan(v[1], v[2], color="gray", alpha=0.2)
+            ax.axhline(v[0], color="gray", linestyle="--", label="none (from scratch)")
+        if panel != "mean gap closed":
+            ax.axhline(floors.floor(floor_table[panel]), color="black", linewidth=0.8, linestyle=":", label="floor (no image)")
+        ax.set_title(panel if panel == "mean gap closed" else f"{panel}: {METRICS[panel][0]}")
         ax.set_xlabel("% of pre-training images")
         ax.set_xticks(x)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path)
+
+
+def run_stage(pool, study, units, start, total):
+    """Run the units not done yet (`--report`: only read those done; one job: in this process), printing progress
+    and the time left."""
+    todo = [u for u in units if u.name not in study.results]
+    if study.args.report:
+        for unit in todo:
+            if os.path.isfile(os.path.join(study.args.output_dir, unit.name, "result.json")):
+                study.results[unit.name] = run_unit((unit, study.args))
+        return
+    for result in (pool.imap_unordered if pool else map)(run_unit, [(unit, study.args) for unit in todo]):
+        study.results[result["name"]] = result
+        print(f"[{len(study.results)}/{total} {time.perf_counter() - start:.0f} s, "
+              f"{time_left(list(study.results.values()), total, study.args.jobs)}] {result['name']}: "
+              + ", ".join(f"{t} {result['validation'][t]:.3f}" for t in study.args.tasks), flush=True)  # fmt: skip
 
 
 def main(argv=None):
@@ -344,36 +511,34 @@ def main(argv=None):
     start = time.perf_counter()
     if args.curves:
         with get_context("spawn").Pool(args.jobs, initializer=init_worker) as pool:
-            curves = pool.map(run_curve, [(task, args) for task in STUDY_TASKS])
+            curves = pool.map(run_curve, [(task, args) for task in args.tasks])
         table = curve_table(curves)
         write_json(os.path.join(args.output_dir, "curves.json"), {"args": vars(args), "curves": curves})
         write_text(os.path.join(args.output_dir, "curves.md"), table)
         print(table + f"from-scratch learning curves in {(time.perf_counter() - start) / 60:.1f} min")
         return curves
     trained = floors.TrainedReader(world)  # the ceiling's reader, and learnability's (`mean_tasks`)
-    floor_table = floors.floors(world, "validation", trained)  # the split fine-tuning scores
-    todo = units(args)
-    results = []
-    if args.report:
-        todo = [unit for unit in todo if os.path.isfile(os.path.join(args.output_dir, unit["name"], "result.json"))]
-        results = [run_unit((unit, args)) for unit in todo]  # each reads its result.json
-    else:
-        with get_context("spawn").Pool(args.jobs, initializer=init_worker) as pool:
-            for result in pool.imap_unordered(run_unit, [(unit, args) for unit in todo]):
-                results.append(result)
-                last = result["scores"][str(max(args.finetune_steps))]
-                print(f"[{len(results)}/{len(todo)} {time.perf_counter() - start:.0f} s, {time_left(results, len(todo), args.jobs)}] "
-                      f"{result['name']}: " + ", ".join(f"{task} {last[task]:.3f}" for task in STUDY_TASKS), flush=True)  # fmt: skip
-    wall = sum(r["seconds"] for r in results) / args.jobs if args.report else time.perf_counter() - start
-    mean_over, why = mean_tasks(args, world, floor_table, trained)
-    table = tables(results, args, floor_table, mean_over, why)
-    plot(results, args, floor_table, os.path.join(args.output_dir, "objectives.png"))
-    summary = {"args": vars(args), "floors": floor_table, "mean_over": mean_over, "wall_seconds": wall, "results": sorted(results, key=lambda r: r["name"])}
+    floor_tables = {split: floors.floors(world, split, trained) for split in ("validation", "test")}
+    mean_over, why = mean_tasks(args, world, floor_tables["validation"], trained)
+    study = Study(args, floor_tables["validation"], mean_over)
+    print(f"mean gap closed over {', '.join(mean_over) or 'no task'} ({why}); {study.total()} units", flush=True)
+    pool = None if args.report or args.jobs == 1 else get_context("spawn").Pool(args.jobs, initializer=init_worker)
+    with pool or contextlib.nullcontext():
+        for stage in (study.tuning, lambda: study.independent() + study.recipes(), study.planned):
+            run_stage(pool, study, stage(), start, study.total())
+    found = intervals(study, study.final_cells(), floor_tables["test"], args.bootstrap)
+    table = tables(study, floor_tables, found)
+    plot(study, floor_tables["test"], found, os.path.join(args.output_dir, "objectives.png"))
+    wall = sum(r["seconds"] for r in study.results.values()) / args.jobs if args.report else time.perf_counter() - start
+    summary = {"args": vars(args), "floors": floor_tables, "mean_over": mean_over, "why": why,
+               "chosen": {arm: study.chosen(arm) and study.chosen(arm).name for arm in ("contrastive", "cmal")},
+               "recipe": study.recipe(), "intervals": found, "wall_seconds": wall,
+               "results": sorted(study.results.values(), key=lambda r: r["name"])}  # fmt: skip
     write_json(os.path.join(args.output_dir, "results.json"), summary)
     write_text(os.path.join(args.output_dir, "table.md"), table)
     print(table)
     how = "(their own times over the workers)" if args.report else "with"
-    print(f"{len(results)} units in {wall / 60:.1f} min {how} {args.jobs} workers; plot: {args.output_dir}/objectives.png")
+    print(f"{len(study.results)} units in {wall / 60:.1f} min {how} {args.jobs} workers; plot: {args.output_dir}/objectives.png")
     return summary
 
 

@@ -1,4 +1,5 @@
-"""benchmarks/objectives.py: the study's grid, its table, and a tiny end-to-end run that resumes."""
+"""benchmarks/objectives.py: matched arms, stages chosen on validation, intervals on the test split, and a tiny
+end-to-end study that resumes."""
 
 import json
 import os
@@ -13,69 +14,90 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import objectives  # noqa: E402
+from objectives import Unit  # noqa: E402
 
 
-def test_default_grid():
-    units = objectives.units(objectives.parse_args([]))
-    # (a) once per seed; (b)-(d) per fraction and seed; then 5 ablations at 100% per seed.
-    assert len(units) == 3 * (1 + 3 * 3) + 3 * 5
-    assert len({unit["name"] for unit in units}) == len(units)
-    scratch = [unit for unit in units if unit["flags"] is None]
-    assert [unit["name"] for unit in scratch] == ["a-s0", "a-s1", "a-s2"]
-    assert sorted({unit["fraction"] for unit in units if unit["flags"] is not None}) == [0.25, 0.5, 1.0]
-    # whole seeds first, so a study cut short has comparable conditions
-    assert [unit["seed"] for unit in units[:30]] == [0] * 10 + [1] * 10 + [2] * 10
-    assert all(unit["condition"] in objectives.ABLATIONS for unit in units[30:])
-    assert units[30]["name"] == "cmal-no-hypersphere-f1-s0"
+def flag(argv, name):
+    return [argv[i + 1] for i, value in enumerate(argv) if value == name]
 
 
-def test_units_picks_cells_in_the_order_given_and_names_the_grid_on_a_typo():
-    pick = objectives.units(objectives.parse_args(["--units", "c-f0.25-s1", "a-s2", "cmal-mask-only-no-swap-f1-s0"]))
-    assert [(unit["condition"], unit["fraction"], unit["seed"]) for unit in pick] == [
-        ("c: CMAL (AMC+MLM+MRM)", 0.25, 1), ("a: none", None, 2), ("CMAL, mask only (no swap)", 1.0, 0)]
-    with pytest.raises(SystemExit, match=r"--units: c-f0.3-s1 not in the grid of --seeds/--fractions; .* c-f0.25-s1 "):
-        objectives.units(objectives.parse_args(["--units", "c-f0.3-s1"]))
+def test_arms_differ_only_in_their_objective():
+    contrastive, cmal = Unit("contrastive", 0, 3e-4, 5.0), Unit("cmal", 0, 1e-3, 1.0)
+    both = Unit("cmal+itc", 0, 1e-3, 1.0, itc=5.0)
+    for unit in (contrastive, cmal, both):
+        assert flag(unit.flags(), "--itm") == ["0"]  # no arm has ITM
+    assert flag(contrastive.flags(), "--itc") == ["5"] and flag(contrastive.flags(), "--amc") == ["0"]
+    assert flag(contrastive.flags(), "--mrm") == ["0"] and flag(contrastive.flags(), "--learning_rate") == ["0.0003"]
+    assert flag(cmal.flags(), "--amc") == ["1"] and "--itc" not in cmal.flags() and "--mrm" not in cmal.flags()
+    assert flag(both.flags(), "--amc") == ["1"] and flag(both.flags(), "--itc") == ["5"]
+    token = Unit("cmal", 0, 1e-3, 1.0, recipe="token part")
+    assert flag(token.flags(), "--amc_parts") == ["token"]
+    assert flag(Unit("cmal", 0, 1e-3, 1.0, recipe="all parts, mask (no swap)").flags(), "--anchor_fill") == ["mask"]
+    # names tell every unit of the study apart and read as what they are
+    assert cmal.name == "cmal-lr0.001-w1-f1-s0" and token.name == "cmal-lr0.001-w1-token-part-f1-s0"
+    assert both.name == "cmal+itc-lr0.001-w1-itc5-f1-s0" and Unit("none", 2).name == "none-s2"
+    assert Unit("contrastive", 1, 3e-4, 5.0, recipe="token part").name == "contrastive-lr0.0003-w5-f1-s1"  # no recipe
 
 
-def scores(vqa, ve, nlvr2, rec, retrieval=0.1):
-    return {"200": {"vqa": vqa, "ve": ve, "nlvr2": nlvr2, "rec": rec, "retrieval": retrieval}}
+FLOORS = {"vqa": {"chance": 0.1, "tags": 0.2, "region oracle": 0.9}, "rec": {"chance": 0.2, "tags": 0.4, "region oracle": 0.9}}
 
 
-def test_table_gives_mean_and_std_over_seeds_and_the_gap_closed():
-    args = objectives.parse_args(["--fractions", "1.0", "--seeds", "0", "1", "--finetune_steps", "200"])
-    results = []
-    for seed, offset in ((0, 0.0), (1, 0.2)):
-        results.append({"condition": "a: none", "fraction": None, "seed": seed, "scores": scores(0.1 + offset, 0.5, 0.5, 0.3)})
-        for condition in [*list(objectives.CONDITIONS)[1:], *objectives.ABLATIONS]:
-            results.append({"condition": condition, "fraction": 1.0, "seed": seed, "scores": scores(0.4, 0.6 + offset, 0.7, 0.2)})
-    floor_table = {task: {"chance": chance, "tags": floor, "region oracle": 0.9}
-                   for task, chance, floor in (("vqa", 0.05, 0.05), ("ve", 0.33, 0.33), ("nlvr2", 0.5, 0.5), ("rec", 0.15, 0.4),
-                                               ("retrieval", 0.02, 0.02))}  # fmt: skip
-    table = objectives.tables(results, args, floor_table, objectives.TASKS, "named by --mean_over")
-    accuracy, gaps, ablations = ({line.split(" | ")[0].lstrip("| "): line for line in part.splitlines()}
-                                 for part in table.strip().split("\n\n")[1:])  # fmt: skip
-    assert table.startswith("**200 fine-tuning steps**")
-    assert accuracy["a: none"] == ("| a: none | 0.200 ± 0.100 (n=2) | 0.500 ± 0.000 (n=2) | 0.500 ± 0.000 (n=2) "
-                                   "| 0.300 ± 0.000 (n=2) | 0.100 ± 0.000 (n=2) |")
-    assert accuracy["chance"] == "| chance | 0.050 | 0.330 | 0.500 | 0.150 | 0.020 |"
-    assert accuracy["floor (no image)"] == "| floor (no image) | 0.050 | 0.330 | 0.500 | 0.400 | 0.020 |"
-    # gap closed of a, per seed: mean of (0.1|0.3 - 0.05) / 0.85, (0.5 - 0.33) / 0.57, 0 / 0.4, (0.3 - 0.4) / 0.5
-    per_seed = [np.mean([(vqa - 0.05) / 0.85, 0.17 / 0.57, 0.0, -0.1 / 0.5]) for vqa in (0.1, 0.3)]
-    assert gaps["a: none"] == f"| a: none | {np.mean(per_seed):.3f} ± {np.std(per_seed):.3f} (n=2) |"
-    # ablation rows end with the mean gap closed: per seed of (0.4|0.4 - 0.05) / 0.85, (0.6|0.8 - 0.33) / 0.57, ...
-    per_seed = [np.mean([0.35 / 0.85, (ve - 0.33) / 0.57, 0.2 / 0.4, -0.2 / 0.5]) for ve in (0.6, 0.8)]
-    assert ablations["CMAL, mask only (no swap)"].endswith(f"| 0.100 ± 0.000 (n=2) | {np.mean(per_seed):.3f} ± {np.std(per_seed):.3f} (n=2) |")
-    # the mean over the learnable tasks only: per seed of (0.1|0.3 - 0.05) / 0.85 and (0.3 - 0.4) / 0.5
-    table = objectives.tables(results, args, floor_table, ["vqa", "rec"], "learnable")
-    assert "| pre-training: mean gap closed over vqa, rec (learnable) | 100% |" in table
-    per_seed = [np.mean([(vqa - 0.05) / 0.85, -0.1 / 0.5]) for vqa in (0.1, 0.3)]
-    assert f"| a: none | {np.mean(per_seed):.3f} ± {np.std(per_seed):.3f} (n=2) |" in table
-    assert "| pre-training: mean gap closed over no task (none) |" in objectives.tables(results, args, floor_table, [], "none")
-    # progress: the units left at the mean time of those done, over the workers
-    assert objectives.time_left([{"seconds": 600}, {"seconds": 1200}], 6, 2) == "about 30 min left"
-    assert objectives.time_left([{"seconds": 600}], 1, 2) == "done"
-    # a cell of one seed shows no spread it does not have
-    assert objectives.mean_std([0.25]) == "0.250 (n=1)" and objectives.mean_std([]) == "—"
+def result(unit, vqa, rec, items=None):
+    """A unit's result as run_unit writes it; test items of one task all score `items` (default: its score)."""
+    scores = {"vqa": vqa, "rec": rec}
+    return {"name": unit.name, "validation": scores, "test": scores, "probe": {"unified": {"shape": 1.0, "colour": 0.9, "size": 0.8}},
+            "test_items": {task: [scores[task] if items is None else items] * 10 for task in scores}, "seconds": 60.0}  # fmt: skip
+
+
+def run_plan(study, score):
+    """Fill in every unit the study plans, stage by stage, as `score(unit)` = (vqa, rec) says."""
+    while todo := [u for u in study.planned() if u.name not in study.results]:
+        study.results |= {u.name: result(u, *score(u)) for u in todo}
+
+
+def test_each_stage_chooses_on_validation_and_the_plan_is_the_whole_study():
+    args = objectives.parse_args(["--tasks", "vqa", "rec"])
+    study = objectives.Study(args, FLOORS, ["rec"])
+    assert len(study.tuning()) == 8 and study.recipes() == [] and study.final_cells().keys() == {"none"}
+    assert study.chosen("cmal") is None  # not before the whole grid has run
+
+    def score(unit):
+        rec = {"contrastive": 0.5 + (unit.learning_rate == 1e-3) * 0.1, "none": 0.6}.get(unit.arm, 0.6 + (unit.weight == 5.0) * 0.1)
+        if unit.recipe == "token part":
+            rec += 0.1
+        return 0.9 - rec, rec  # VQA runs against REC: the choice is REC's, the mean's only task
+
+    run_plan(study, score)
+    assert study.chosen("contrastive") == Unit("contrastive", 0, 1e-3, 1.0)  # ties on weight: the first
+    assert study.chosen("cmal") == Unit("cmal", 0, 3e-4, 5.0)
+    assert study.recipe() == "token part"
+    cells = study.final_cells()
+    assert list(cells) == ["none", "contrastive 100%", "CMAL 25%", "CMAL 50%", "CMAL 100%", "CMAL 100%, paper recipe", "CMAL + ITC 100%"]
+    assert all([u.seed for u in units] == [0, 1, 2] for units in cells.values())
+    assert {u.fraction for u in cells["CMAL 25%"]} == {0.25} and {u.recipe for u in cells["CMAL 25%"]} == {"token part"}
+    assert cells["CMAL + ITC 100%"][0] == Unit("cmal+itc", 0, 3e-4, 5.0, "token part", itc=1.0)  # ITC at contrastive's weight
+    assert len(study.planned()) == len(study.results) == study.total() == 36
+
+
+def test_intervals_pair_the_items_and_say_which_way_each_task_falls():
+    args = objectives.parse_args(["--tasks", "vqa", "rec", "--seeds", "0", "1"])
+    study = objectives.Study(args, FLOORS, ["vqa", "rec"])
+    run_plan(study, lambda unit: (0.5, 0.7))
+    same = objectives.intervals(study, study.final_cells(), FLOORS, 200)
+    assert same["difference"]["vqa"] == (0.0, 0.0, 0.0) and same["CMAL 25%"]["seeds"] == 2
+    assert objectives.falls(same["difference"]["rec"]) == "no difference shown"
+    # items that differ a lot, CMAL 25% 0.1 above contrastive on each: paired, every resample differs by 0.1
+    for cell, shift in (("CMAL 25%", 0.1), ("contrastive 100%", 0.0)):
+        for unit in study.final_cells()[cell]:
+            study.results[unit.name]["test_items"]["rec"] = [k / 10 + shift for k in range(10)]
+    found = objectives.intervals(study, study.final_cells(), FLOORS, 200)
+    assert found["CMAL 25%"]["rec"][0] == pytest.approx(0.55) and found["difference"]["rec"] == pytest.approx((0.1, 0.1, 0.1))
+    assert found["difference"]["mean gap closed"][0] == pytest.approx(0.1 / 0.5 / 2)  # REC's gap is 0.5 wide; 2 tasks
+    assert objectives.falls(found["difference"]["rec"]) == "CMAL 25% ahead"
+    assert objectives.falls((-0.1, -0.2, -0.01)) == "contrastive 100% ahead"
+    table = objectives.tables(study, {"validation": FLOORS, "test": FLOORS}, found)
+    assert "| **CMAL 25% − contrastive 100%** (paired) | | 0.000 [0.000, 0.000] | 0.100 [0.100, 0.100] |" in table
+    assert "rec: CMAL 25% ahead" in table and "| floor (no image) | | 0.200 | 0.400 | |" in table
 
 
 def test_the_mean_is_over_the_tasks_learnability_finds_learnable_measured_once(tmp_path, monkeypatch):
@@ -83,91 +105,90 @@ def test_the_mean_is_over_the_tasks_learnability_finds_learnable_measured_once(t
 
     def measure(*args):
         calls.append(args)
-        return {task: {"learnable": task in ("vqa", "rec"), "gap_closed": 0.8 if task in ("vqa", "rec") else 0.05}
-                for task in objectives.TASKS}  # fmt: skip
+        return {"vqa": {"learnable": False, "gap_closed": 0.28}, "rec": {"learnable": True, "gap_closed": 0.83}}
 
     monkeypatch.setattr(objectives.learnability, "measure", measure)
-    args = objectives.parse_args(["--output_dir", str(tmp_path), "--synthetic_images", "300", "--finetune_steps", "200", "900"])
+    args = objectives.parse_args(["--output_dir", str(tmp_path), "--finetune_steps", "900"])
     report = objectives.parse_args(["--report", "--output_dir", str(tmp_path)])
-    assert objectives.mean_tasks(report, world, floor_table, trained) == (
-        list(objectives.TASKS), "learnability not measured yet: every task")  # --report runs nothing
-    assert calls == []
+    assert objectives.mean_tasks(report, world, floor_table, trained) == (["vqa", "rec"], "learnability not measured yet: every task")
+    assert calls == []  # --report runs nothing
     mean_over, why = objectives.mean_tasks(args, world, floor_table, trained)
-    assert mean_over == ["vqa", "rec"] and why.endswith("; left out: ve (5%), nlvr2 (5%)") and "at 900 steps" in why
+    assert mean_over == ["rec"] and why.endswith("; left out: vqa (28%)") and "at 900 steps" in why
     (call,) = calls
-    assert call[:3] == (world, floor_table, trained)
-    assert call[3].steps == 900 and call[3].tasks == list(objectives.TASKS) and call[3].split == "validation"
-    assert json.loads((tmp_path / "learnability.json").read_text())["vqa"]["learnable"]
+    assert call[:3] == (world, floor_table, trained) and (call[3].steps, call[3].tasks, call[3].split) == (900, ["vqa", "rec"], "validation")
     assert objectives.mean_tasks(args, world, floor_table, trained) == (mean_over, why) and len(calls) == 1  # kept: a resumed study measures nothing
-    named = objectives.parse_args(["--output_dir", str(tmp_path / "other"), "--mean_over", "ve"])
-    assert objectives.mean_tasks(named, world, floor_table, trained) == (["ve"], "named by --mean_over") and len(calls) == 1
+    named = objectives.parse_args(["--output_dir", str(tmp_path / "other"), "--mean_over", "vqa"])
+    assert objectives.mean_tasks(named, world, floor_table, trained) == (["vqa"], "named by --mean_over") and len(calls) == 1
 
 
-def test_arms_match_steps_and_curriculum_whatever_their_fraction_and_none_has_itm(tmp_path, monkeypatch):
+def test_every_fraction_runs_the_same_steps_and_the_curriculum_covers_the_same_share(tmp_path, monkeypatch):
     from cmal.training import pretrain
 
     seen = {}
 
     def fake_pretrain(argv):
         seen[argv[argv.index("--corpus_fraction") + 1]] = argv
-        return {"steps": 10, "final_losses": {}, "validation": {}}
+        return {"steps": 1234, "final_losses": {}}
 
     monkeypatch.setattr(pretrain, "main", fake_pretrain)
-    monkeypatch.setattr(objectives, "finetune_run", lambda *a, **k: {"eval": {"accuracy": 0.5, "text_to_image_r1": 50.0}})
-    monkeypatch.setattr(objectives, "METRICS", {task: ("accuracy", 1) for task in objectives.TASKS} | {"retrieval": ("text_to_image_r1", 100)})
-    args = objectives.parse_args(["--output_dir", str(tmp_path), "--pretrain_steps", "1234", "--finetune_steps", "5"])
-    for unit in objectives.units(args)[:4]:  # a, then b at 25, 50 and 100%
-        objectives.run_unit((unit, args))
-
-    def flag(argv, name):
-        return [argv[i + 1] for i, value in enumerate(argv) if value == name]
-
-    assert sorted(seen) == ["0.25", "0.5", "1.0"]
-    for fraction, curriculum in (("0.25", "24"), ("0.5", "12"), ("1.0", "6")):
-        argv = seen[fraction]
+    monkeypatch.setattr(objectives, "finetune_run", lambda *a, **k: {"eval": {"vqa_accuracy": 0.5}, "test": {"vqa_accuracy": 0.4, "item_scores": [0.4]}})
+    monkeypatch.setattr(objectives.region_probe, "probe", lambda *a: {"unified": {}})
+    monkeypatch.setattr("cmal.modeling_cmal.CMALModel.from_pretrained", lambda *a, **k: None)
+    monkeypatch.setattr("cmal.processors.CMALProcessor.from_pretrained", lambda *a, **k: None)
+    monkeypatch.setattr(objectives, "write_json", lambda *a: None)
+    args = objectives.parse_args(["--output_dir", str(tmp_path), "--pretrain_steps", "1234", "--tasks", "vqa", "--synthetic_images", "120"])
+    for fraction in (0.25, 0.5, 1.0):
+        done = objectives.run_unit((Unit("cmal", 0, 1e-3, 1.0, fraction=fraction), args))
+        assert done["validation"] == {"vqa": 0.5} and done["test_items"] == {"vqa": [0.4]} and done["pretrain_steps"] == 1234
+    curriculum = pretrain.parse_args([]).curriculum_epochs
+    for fraction, argv in seen.items():
         assert flag(argv, "--max_train_steps") == ["1234"] and "--num_train_epochs" not in argv
-        assert flag(argv, "--curriculum_epochs") == [curriculum] and flag(argv, "--itm") == ["0"]
+        assert flag(argv, "--curriculum_epochs") == [str(round(curriculum / float(fraction)))]
 
 
-def test_tiny_study_runs_and_resumes(tmp_path):
-    argv = ["--output_dir", str(tmp_path), "--model_config", "tiny", "--synthetic_images", "200", "--seeds", "0",
-            "--fractions", "1.0", "--pretrain_steps", "2", "--finetune_steps", "1", "2", "--no_ablations", "--jobs", "1",
-            "--mean_over", *objectives.TASKS]  # fmt: skip
-    objectives.main(argv)
-    summary = json.loads((tmp_path / "results.json").read_text())
-    assert sorted(r["name"] for r in summary["results"]) == ["a-s0", "b-f1-s0", "c-f1-s0", "d-f1-s0"]
-    for result in summary["results"]:
-        assert set(result["scores"]) == {"1", "2"}
-        assert all(0 <= result["scores"]["2"][task] <= 1 for task in objectives.STUDY_TASKS), result
-        assert (result["condition"] == "a: none") == ("pretrain_steps" not in result)
-    assert not any("itm_loss" in r.get("pretrain_final_losses", {}) for r in summary["results"])  # no arm has ITM
-    contrastive = next(r for r in summary["results"] if r["name"] == "b-f1-s0")
-    assert "itc_loss" in contrastive["pretrain_final_losses"] and "amc_token_loss" not in contrastive["pretrain_final_losses"]
-    assert "mrm_feature_loss" not in contrastive["pretrain_final_losses"] and "itc_images" in contrastive["pretrain_validation"]
-    cmal = next(r for r in summary["results"] if r["name"] == "c-f1-s0")["pretrain_final_losses"]
-    assert "amc_token_loss" in cmal and "mrm_feature_loss" in cmal and "itc_loss" not in cmal
-    assert not (tmp_path / "c-f1-s0" / "vqa").exists()  # fine-tuned weights are dropped, the metric kept
+def test_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setattr(objectives, "LEARNING_RATES", (1e-3,))
+    monkeypatch.setattr(objectives, "WEIGHTS", (1.0,))
+    monkeypatch.setattr(objectives, "RECIPES", {name: objectives.RECIPES[name] for name in ("all parts", "token part")})
+    argv = ["--output_dir", str(tmp_path), "--model_config", "tiny", "--synthetic_images", "120", "--seeds", "0", "1",
+            "--fractions", "0.5", "1.0", "--pretrain_steps", "2", "--finetune_steps", "2", "--jobs", "1", "--bootstrap", "50",
+            "--mean_over", "vqa", "rec"]  # fmt: skip
+    summary = objectives.main(argv)
+    names = sorted(r["name"] for r in summary["results"])
+    study = objectives.Study(objectives.parse_args(argv), summary["floors"]["validation"], ["vqa", "rec"])
+    assert len(names) == study.total() == 2 + 4 - 1 + 2 + 1 + 2 + 2  # tuning, recipes, none, contrastive, CMAL 50%, + ITC
+    for r in summary["results"]:
+        assert set(r["validation"]) == set(r["test"]) == {"vqa", "rec"} and all(0 <= v <= 1 for v in r["test"].values())
+        assert np.mean(r["test_items"]["rec"]) == pytest.approx(r["test"]["rec"]) and set(r["probe"]) == {"chance", "input", "regions", "unified"}
+        assert (r["arm"] == "none") == ("pretrain_steps" not in r)
+        losses = r.get("pretrain_final_losses", {})
+        assert "itm_loss" not in losses and ("itc_loss" in losses) == (r["arm"] in ("contrastive", "cmal+itc"))
+        assert ("amc_token_loss" in losses) == (r["arm"] in ("cmal", "cmal+itc") and r["recipe"] in ("all parts", "token part"))
+    assert set(summary["intervals"]) >= {"none", "contrastive 100%", "CMAL 50%", "CMAL 100%", "CMAL + ITC 100%"}
+    assert not (tmp_path / names[0] / "vqa").exists()  # fine-tuned weights are dropped, the metric kept
     with Image.open(tmp_path / "objectives.png") as image:
         assert image.size[0] > 400
-    assert (tmp_path / "table.md").read_text().count("\n| ") >= 10
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("**(chosen)**") == 2 and table.count("**(default)**") == 1 and "**3. The verdict**" in table
 
     # A second run finds every unit done and redoes none of them.
     logs = {path: os.path.getmtime(path) for path in tmp_path.glob("*/log.txt")}
     objectives.main(argv)
     assert {path: os.path.getmtime(path) for path in tmp_path.glob("*/log.txt")} == logs
     assert json.loads((tmp_path / "results.json").read_text())["results"] == summary["results"]
-    # --report tabulates what is done, running nothing: here unit b has not finished
-    (tmp_path / "b-f1-s0" / "result.json").unlink()
+    # --report tabulates what is done, running nothing: here one seed of the contrastive cell has not finished
+    undone = study.seeds(Unit("contrastive", 0, 1e-3, 1.0))[1].name
+    (tmp_path / undone / "result.json").unlink()
     report = objectives.main([*argv, "--report"])
-    assert [r["name"] for r in report["results"]] == ["a-s0", "c-f1-s0", "d-f1-s0"]
-    assert not (tmp_path / "b-f1-s0" / "result.json").exists() and "| b: contrastive (ITC+MLM) | — |" in (tmp_path / "table.md").read_text()
+    assert undone not in {r["name"] for r in report["results"]} and len(report["results"]) == len(names) - 1
+    assert not (tmp_path / undone / "result.json").exists() and report["intervals"]["contrastive 100%"]["seeds"] == 1
 
 
 def test_curves_score_from_scratch_fine_tuning_along_the_way(tmp_path):
-    argv = ["--output_dir", str(tmp_path), "--model_config", "tiny", "--synthetic_images", "200", "--curves",
+    argv = ["--output_dir", str(tmp_path), "--model_config", "tiny", "--synthetic_images", "120", "--curves", "--tasks", "vqa", "rec",
             "--curve_steps", "4", "--curve_every", "2", "--jobs", "1"]  # fmt: skip
     curves = objectives.main(argv)
-    assert [c["task"] for c in curves] == list(objectives.STUDY_TASKS)
+    assert [c["task"] for c in curves] == ["vqa", "rec"]
     assert all([point["step"] for point in c["curve"]] == [2, 4] for c in curves)
     assert all(0 <= point["score"] <= 1 for c in curves for point in c["curve"])
     assert (tmp_path / "curves.md").read_text().splitlines()[2].startswith("| 2 | ")
