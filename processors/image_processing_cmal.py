@@ -174,8 +174,9 @@ class CMALImageProcessor(BaseImageProcessor):
     # -- raw images ---------------------------------------------------------------------------
 
     def open_image(self, image, name: str = "`image`", timeout: float | None = None):
-        """A path, URL, `data:` URL, bytes or PIL image -> a PIL image whose size is checked against
-        `max_image_pixels` before its pixels are decoded; arrays and tensors pass through unchanged."""
+        """A path, URL, `data:` URL, bytes or PIL image -> a decoded PIL image whose size was checked against
+        `max_image_pixels` before its pixels were; arrays and tensors pass through unchanged. Every file that is
+        not a whole image of a safe size is a `ValueError` naming `name`."""
         if isinstance(image, (str, os.PathLike)):
             path = os.fspath(image)
             if path.startswith(("http://", "https://")):
@@ -192,7 +193,13 @@ class CMALImageProcessor(BaseImageProcessor):
             else:
                 image = path
         if isinstance(image, (bytes, str)):
-            source = image if isinstance(image, str) else io.BytesIO(image)
+            if isinstance(image, str):
+                with open(image, "rb") as file:
+                    head, source = file.read(16), image
+            else:
+                head, source = image[:16], io.BytesIO(image)
+            if not head:
+                raise ValueError(f"{name} is an empty file (0 bytes), not an image")
             try:
                 with warnings.catch_warnings():  # above Pillow's warning size: `max_image_pixels` decides below
                     warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
@@ -200,7 +207,9 @@ class CMALImageProcessor(BaseImageProcessor):
             except PIL.Image.DecompressionBombError as error:
                 raise ValueError(f"{name} is too large to decode safely ({error}); the limit is `max_image_pixels` = "
                                  f"{self.max_image_pixels}") from None  # fmt: skip
-            except (PIL.UnidentifiedImageError, OSError) as error:
+            except PIL.UnidentifiedImageError:
+                raise ValueError(f"{name} is not an image Pillow can read: no image format starts with {head!r}") from None
+            except (OSError, SyntaxError, EOFError) as error:
                 raise ValueError(f"{name} is not an image Pillow can read ({error})") from None
         if isinstance(image, PIL.Image.Image) and min(image.size) < 1:
             raise ValueError(f"{name} is empty ({image.width}x{image.height} pixels)")
@@ -210,6 +219,11 @@ class CMALImageProcessor(BaseImageProcessor):
                 f"image processor's `max_image_pixels` ({self.max_image_pixels / 1e6:g} MP): refused before decoding. "
                 "Downscale it, or raise `max_image_pixels` if you trust the file"
             )
+        if isinstance(image, PIL.Image.Image):
+            try:  # Pillow decodes lazily: a truncated or corrupt file fails here, named, not deep in a transform
+                image.load()
+            except (OSError, SyntaxError, EOFError) as error:
+                raise ValueError(f"{name} is truncated or corrupt: Pillow read its header but not its pixels ({error})") from None
         return image
 
     def _to_rgb_pil(self, image, index: int) -> PIL.Image.Image:

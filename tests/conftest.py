@@ -197,3 +197,45 @@ def die_after_saving(monkeypatch, step: int):
 
     monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     return lambda: monkeypatch.setattr(loop, "save_checkpoint", save)
+
+
+def png_header(width: int, height: int, color_type: int) -> bytes:
+    """A PNG of `width` x `height` pixels by its header (8-bit, PNG colour type `color_type`) with no pixel data:
+    Pillow opens it, so only a size check made before decoding refuses it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def broken_images(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Files a user may upload as a photo that are not one a model should read, each with the end of the message
+    (a regex) that must name it: {name: (path, message after the input's name)}."""
+    import io
+
+    import numpy as np
+    import PIL.Image
+
+    pixels = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    encoded = {}
+    for kind in ("JPEG", "PNG"):
+        buffer = io.BytesIO()
+        pixels.save(buffer, kind)
+        encoded[kind] = buffer.getvalue()
+    idat = encoded["PNG"].index(b"IDAT") + 20
+    files = {
+        "empty.jpg": (b"", r"is an empty file \(0 bytes\), not an image"),
+        "text.jpg": (b"not a photo\n", r"is not an image Pillow can read: no image format starts with b'not a photo\\n'"),
+        "truncated.jpg": (encoded["JPEG"][: len(encoded["JPEG"]) // 2], r"is truncated or corrupt: Pillow read its header but not its pixels \(image file is truncated"),
+        "truncated.png": (encoded["PNG"][: len(encoded["PNG"]) // 2], r"is truncated or corrupt: Pillow read its header but not its pixels \(image file is truncated"),
+        "corrupt.png": (encoded["PNG"][:idat] + bytes(200) + encoded["PNG"][idat + 200 :], r"is truncated or corrupt: .*broken data stream"),
+        "400mp.png": (png_header(20000, 20000, 2), r"is too large to decode safely \(Image size \(400000000 pixels\) exceeds limit"),
+        "81mp-grey.png": (png_header(9000, 9000, 0), r"is 9000x9000 = 81.0 megapixels, above the image processor's `max_image_pixels` \(64 MP\): refused before decoding"),
+    }  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (data, _) in files.items():
+        (folder / name).write_bytes(data)
+    return {name: (folder / name, message) for name, (_, message) in files.items()}

@@ -9,7 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import test_pipelines
-from conftest import REPO
+from conftest import REPO, broken_images
 from test_pipelines import QUESTIONS
 from transformers import pipeline
 
@@ -188,6 +188,31 @@ def test_endpoint_handler_rejects_bad_requests(handler, photos, inputs, paramete
         inputs.setdefault("question", "is there a cup?")
     with pytest.raises(ValueError, match=message):
         handler({"inputs": inputs, "parameters": parameters})
+
+
+def test_endpoint_handler_names_a_body_that_is_not_an_object(handler):
+    for body, got in (([{"inputs": {}}], "list"), ("question", "str"), (None, "NoneType")):
+        with pytest.raises(ValueError, match=r'^the request body must be a JSON object \{"inputs": .*, got ' + got):
+            handler(body)
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory) -> dict:
+    return broken_images(tmp_path_factory.mktemp("broken"))
+
+
+def test_broken_files_are_named_by_the_pipeline_and_the_handler(handler, vqa, broken):
+    for path, message in broken.values():
+        with pytest.raises(ValueError, match=r"^`image` " + message):
+            vqa(image=str(path), question=QUESTIONS[0])
+        raw = path.read_bytes()
+        request = {"inputs": {"image": base64.b64encode(raw).decode(), "question": QUESTIONS[0]}}
+        if raw:
+            with pytest.raises(ValueError, match=rf"^`inputs.image` \({len(raw)} bytes of base64\) " + message):
+                handler(request)
+        else:  # an empty string is no image at all
+            with pytest.raises(ValueError, match=r"^`inputs.image` is an empty string: an empty file, or no image attached"):
+                handler(request)
 
 
 def test_space_app_answers_and_draws(detector_folder, photos, vqa):

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import tiny_config
+from conftest import broken_images, tiny_config
 
 from cmal.modeling_cmal import CMALConfig, CMALModel
 from cmal.modeling_cmal.configuration_cmal import _BOOL_FIELDS, _NUMBER_FIELDS
@@ -239,6 +239,21 @@ def test_image_processor_pixel_limit(value, message):
 def test_open_image(image, message):
     with pytest.raises(ValueError, match=message):
         CMALImageProcessor().open_image(image)
+
+
+def test_every_broken_file_is_named_as_a_path_as_bytes_and_as_a_lazily_opened_image(tmp_path):
+    """The class of uploads that are not a whole image of a safe size: each one a ValueError with its reason,
+    however it is handed over (a PIL image opened by the caller is still decoded lazily: a truncated file
+    fails in `open_image`, not in a transform)."""
+    processor = CMALImageProcessor()
+    for name, (path, message) in broken_images(tmp_path).items():
+        with pytest.raises(ValueError, match=r"^`image` " + message):
+            processor.open_image(str(path))
+        with pytest.raises(ValueError, match=r"^`photo` " + message):
+            processor.open_image(path.read_bytes(), "`photo`")
+        if name.startswith(("truncated", "corrupt")):
+            with pytest.raises(ValueError, match=r"^`images\[0\]` " + message):
+                processor(PIL.Image.open(path))
 
 
 def npz_folder(folder, **arrays) -> str:

@@ -24,8 +24,8 @@ except ImportError:  # the `chromium` fixture says so
 
 
 gr = pytest.importorskip("gradio")
-detector_folder, photos, vqa, huge_pngs = (test_examples.detector_folder, test_examples.photos, test_examples.vqa,
-                                           test_examples.huge_pngs)  # fmt: skip
+detector_folder, photos, vqa, huge_pngs, broken = (test_examples.detector_folder, test_examples.photos, test_examples.vqa,
+                                                   test_examples.huge_pngs, test_examples.broken)  # fmt: skip
 # Chromium as root in a closed network: no sandbox, and none of its background connections.
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]  # fmt: skip
@@ -113,13 +113,25 @@ def test_the_space_shows_errors_on_the_page(page, photos, fill, message, tmp_pat
     assert page.get_by_test_id("label-output-value").count() == 0  # no answer shown
 
 
+@pytest.mark.parametrize("name", ["empty.jpg", "text.jpg", "truncated.jpg", "400mp.png"])
+def test_the_space_names_a_broken_upload_on_the_page(page, broken, name, tmp_path):
+    """Files gradio itself used to open, failing as a bare "Error" badge: each is now the processor's message."""
+    path, message = broken[name]
+    page.locator("input[type=file]").first.set_input_files(str(path))
+    page.get_by_label("Question").fill(QUESTIONS[0])
+    page.get_by_role("button", name="Ask").click()
+    expect(page.get_by_test_id("toast-text")).to_have_text(re.compile("^The image " + message), timeout=ANSWER_TIMEOUT_MS)
+    page.screenshot(path=str(screenshot_path(tmp_path, f"space-error-{name}.png")))
+    assert page.get_by_test_id("label-output-value").count() == 0
+
+
 def test_the_space_example_row_fills_the_inputs(page, photos):
     page.get_by_test_id("dataset-cell-0-1").click()
     expect(page.get_by_label("Question")).to_have_value(QUESTIONS[1])
     expect(page.get_by_test_id("image").locator("img")).to_have_attribute("src", re.compile(r"coffee\.jpg$"))
 
 
-def test_the_space_api_answers_through_gradio_client(space, vqa, photos, huge_pngs):
+def test_the_space_api_answers_through_gradio_client(space, vqa, photos, huge_pngs, broken):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
@@ -137,3 +149,6 @@ def test_the_space_api_answers_through_gradio_client(space, vqa, photos, huge_pn
         client.predict(None, QUESTIONS[1], 3, api_name="/predict")
     with pytest.raises(AppError, match=r"The image is 12500x12000 = 150.0 megapixels"):
         client.predict(handle_file(str(huge_pngs[150])), QUESTIONS[1], 3, api_name="/predict")
+    for path, message in broken.values():  # the whole class, gradio opening none of them first
+        with pytest.raises(AppError, match="^The image " + message):
+            client.predict(handle_file(str(path)), QUESTIONS[1], 3, api_name="/predict")

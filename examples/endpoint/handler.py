@@ -22,7 +22,12 @@ class EndpointHandler:
         self.pipeline = pipeline("visual-question-answering", model=path, trust_remote_code=True)
 
     def __call__(self, data: dict) -> list[dict]:
-        inputs = data.get("inputs") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            raise ValueError(
+                'the request body must be a JSON object {"inputs": {"image": <base64 image>, "question": <string>}}, '
+                f"got {type(data).__name__}"
+            )
+        inputs = data.get("inputs")
         if not isinstance(inputs, dict):
             raise ValueError(
                 '`inputs` must be an object {"image": <base64 image>, "question": <string>}, '
@@ -48,8 +53,10 @@ def decode_image(value, image_processor) -> Image.Image:
     Decoded here and handed to the pipeline as an image, never as a string: the pipeline would read
     a string as a URL to fetch or a file path on the server.
     """
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str):
         raise ValueError(f"`inputs.image` must be a base64-encoded image string, got {type(value).__name__}")
+    if not value:
+        raise ValueError("`inputs.image` is an empty string: an empty file, or no image attached")
     encoded = value.split(",", 1)[1] if value.startswith("data:") else value
     try:
         raw = base64.b64decode(encoded, validate=True)

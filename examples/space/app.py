@@ -33,6 +33,14 @@ MODEL = os.environ.get("CMAL_MODEL", DEFAULT_MODEL)
 REVISION = os.environ.get("CMAL_REVISION")  # the commit whose remote code you reviewed: it runs in the Space
 
 
+def uploaded_path(payload) -> str | None:
+    """The uploaded file's path, unopened: `gr.Image`'s own `preprocess` opens every upload with Pillow (and
+    converts it when its mode is not RGB), so a file that is empty, not an image, too large or truncated failed
+    inside gradio as a bare "Error". The checkpoint's processor reads it instead, refusing oversized images
+    before decoding, and each failure is its own message."""
+    return None if payload is None else payload.path or payload.url
+
+
 def build_demo(model_path: str, revision: str | None = None, examples: list | None = None) -> gr.Blocks:
     """The interface around one loaded pipeline; `launch()` is left to the caller (tests build it only).
     `examples`: `[image path, question]` rows offered under the inputs."""
@@ -66,7 +74,8 @@ def build_demo(model_path: str, revision: str | None = None, examples: list | No
         )
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="filepath", label="Image")  # opened by the processor, size-checked first
+                image = gr.Image(type="filepath", label="Image")
+                image.preprocess = uploaded_path
                 question = gr.Textbox(label="Question", placeholder="what is on the table?")
                 top_k = gr.Slider(1, 10, value=5, step=1, label="Answers")
                 ask = gr.Button("Ask", variant="primary")
@@ -94,4 +103,4 @@ def local_default() -> list:
 
 
 if __name__ == "__main__":
-    build_demo(MODEL, REVISION, examples=local_default() if MODEL == DEFAULT_MODEL else None).launch()
+    build_demo(MODEL, REVISION, examples=local_default() if MODEL == DEFAULT_MODEL else None).launch(show_error=True)
