@@ -1,7 +1,7 @@
 """The objective study: with a quarter of the corpus, does associative pre-training (CMAL) reach what contrastive
 pre-training reaches with all of it, on tasks that need the image?
 
-    python benchmarks/objectives.py                  # the whole study: 2 CPU workers, about 2.5 hours, resumable
+    python benchmarks/objectives.py                  # the whole study: 2 CPU workers, about 2 hours, resumable
     python benchmarks/objectives.py --report         # the tables of what is done, running nothing
     python benchmarks/objectives.py --curves         # from-scratch learning curves (how the budget was chosen)
 
