@@ -15,7 +15,7 @@ scored on the validation split and, once, on the test split. Three stages, each 
    its own loss (`WEIGHTS`: ITC for contrastive, ITC + MLM; AMC for CMAL, AMC + MLM + MRM). Each keeps the
    setting with the highest validation score.
 2. **The AMC recipe.** CMAL at its setting with each recipe of `RECIPES` (the three AMC parts together, as the
-   paper, each alone, and all three with masking instead of the swap), every seed; the default recipe is the
+   paper, each alone, and all three with masking instead of the swap), every seed; the verdict's CMAL runs the
    best on validation. Every pre-trained checkpoint is also probed (`benchmarks/region_probe.py`): do its regions
    still carry shape, colour and size?
 3. **The verdict**, on the test split: none (fine-tuned from random weights), contrastive on 100%, CMAL on 25%,
@@ -287,7 +287,7 @@ class Study:
         return self.seeds(Unit("none", 0)) + ([] if contrastive is None else self.seeds(contrastive))
 
     def recipe(self) -> str | None:
-        """CMAL's default recipe: the best on validation once every recipe has every seed."""
+        """CMAL's recipe in the verdict: the best on validation once every recipe has every seed."""
         units = self.recipes()
         if not units or any(u.name not in self.results for u in units):
             return None
@@ -416,7 +416,7 @@ def tables(study, floor_tables, intervals_) -> str:
         per_task = [mean_std([r["validation"][t] for r in done]) for t in tasks_]
         gaps = mean_std([gap(r["validation"], floor_tables["validation"], study.mean_over) for r in done])
         probe = [mean_std([r["probe"]["unified"][a] for r in done]) for a in region_probe.ATTRIBUTES]
-        label = f"{name} **(default)**" if name == recipe else name
+        label = f"{name} **(chosen)**" if name == recipe else name
         lines.append(f"| {label} | " + " | ".join([*per_task, gaps, *probe]) + " |")
     out.append("\n".join(lines))
 

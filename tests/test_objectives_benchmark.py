@@ -169,7 +169,7 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     with Image.open(tmp_path / "objectives.png") as image:
         assert image.size[0] > 400
     table = (tmp_path / "table.md").read_text()
-    assert table.count("**(chosen)**") == 2 and table.count("**(default)**") == 1 and "**3. The verdict**" in table
+    assert table.count("**(chosen)**") == 3 and "**3. The verdict**" in table
 
     # A second run finds every unit done and redoes none of them.
     logs = {path: os.path.getmtime(path) for path in tmp_path.glob("*/log.txt")}
