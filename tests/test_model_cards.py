@@ -159,7 +159,8 @@ def test_epochs_come_from_the_steps_run(tmp_path):
     assert "| optimizer steps | 300 (epochs not recorded)" in render_kind("vqa", tmp_path, train_results=results).text
 
 
-def test_base_model_only_for_hub_ids(tmp_path):
+def test_base_model_only_for_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # "outputs/pre" is read where the user runs finetune.py, not in the clone's own outputs/
     (tmp_path / "outputs" / "pre").mkdir(parents=True)
     assert hub_repo_id("google-bert/bert-base-uncased", str(tmp_path)) == "google-bert/bert-base-uncased"
     assert hub_repo_id("outputs/pre", str(tmp_path)) is None  # reads like owner/name, but is a folder there
