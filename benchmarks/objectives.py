@@ -263,12 +263,11 @@ class Study:
         return [Unit(arm, seed, lr, weight) for arm in ("contrastive", "cmal") for lr in LEARNING_RATES for weight in WEIGHTS]
 
     def validation_score(self, units) -> float:
-        """Mean over seeds of the mean gap closed over the learnable tasks (ties: over every task)."""
+        """Mean over seeds of the mean gap closed over the learnable tasks (none learnable: over every task)."""
         done = [self.results[u.name]["validation"] for u in units if u.name in self.results]
         if not done:
             return float("-inf")
-        return float(np.mean([gap(s, self.floor_table, self.mean_over) if self.mean_over else gap(s, self.floor_table, self.args.tasks)
-                              for s in done]))  # fmt: skip
+        return float(np.mean([gap(s, self.floor_table, self.mean_over or self.args.tasks) for s in done]))
 
     def chosen(self, arm) -> Unit | None:
         """The arm's tuned setting (seed 0 unit), once every grid point has run."""
@@ -346,15 +345,13 @@ def intervals(study, cells, floor_table, n: int, seed: int = 0) -> dict:
     its 95% interval, and the paired difference CMAL 25% - contrastive 100% with its interval."""
     rng = np.random.default_rng(seed)
     tasks_ = study.args.tasks
-    draws = {task: None for task in tasks_}
     items = {}
     for name, units in cells.items():
         done = [study.results[u.name] for u in units if u.name in study.results]
         if done:
             items[name] = {task: np.asarray([r["test_items"][task] for r in done]) for task in tasks_}
-    for task in tasks_:
-        size = next((m[task].shape[1] for m in items.values()), 0)
-        draws[task] = rng.integers(size, size=(n, size)) if size else None
+    sizes = {task: next((m[task].shape[1] for m in items.values()), 0) for task in tasks_}
+    draws = {task: rng.integers(size, size=(n, size)) if size else None for task, size in sizes.items()}  # every cell's: paired
     boot = {name: {task: replicates(m[task], rng, n, draws[task]) for task in tasks_} for name, m in items.items()}
 
     def gap_of(values: dict) -> np.ndarray:

@@ -40,7 +40,8 @@ logger = logging.getLogger("cmal.training.finetune")
 
 
 def load_data(args, task):
-    """(train table, validation table or None, regions, region metadata, vocabulary texts, lexicon or None)."""
+    """(train table, validation table or None, test table or None (`--synthetic_test`: the world's test split),
+    regions, region metadata, vocabulary texts, lexicon or None)."""
     if args.train_file is None:
         from cmal.training.data import synthetic
 
@@ -53,8 +54,9 @@ def load_data(args, task):
             model = CMALModel.from_pretrained(args.model_name_or_path)
             image_processor = CMALImageProcessor.from_pretrained(args.model_name_or_path)
             regions, metadata = load_region_store(extract_world(world_dir, model, image_processor))
+        test = table["test"] if args.synthetic_test else None
         return _non_empty(task, table["train"], table["validation"]) + (
-            regions, metadata, synthetic_texts(world), synthetic.synthetic_lexicon())  # fmt: skip
+            test, regions, metadata, synthetic_texts(world), synthetic.synthetic_lexicon())  # fmt: skip
     train = task.read(args.train_file, args.train_annotations, args.train_split, args.image_id_template)
     validation = None
     if args.validation_file or task.split_by_name:
@@ -64,14 +66,7 @@ def load_data(args, task):
             args.validation_split, args.validation_image_id_template or args.image_id_template,
         )  # fmt: skip
     regions, metadata = load_region_store(args.regions, require_concept_names=True)
-    return _non_empty(task, train, validation) + (regions, metadata, train[task.text_column], None)
-
-
-def synthetic_table(args, task, split: str):
-    """One split of the task's table in the synthetic world (`--synthetic_test`: the test split)."""
-    from cmal.training.data import synthetic
-
-    return synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed))[task.synthetic_table][split]
+    return _non_empty(task, train, validation) + (None, regions, metadata, train[task.text_column], None)
 
 
 def _non_empty(task, train, validation) -> tuple:
@@ -160,7 +155,7 @@ def run(args):
 
     with resume_hint_on_interrupt(args, accelerator):
         with accelerator.main_process_first():
-            train_table, eval_table, regions, metadata, vocabulary_texts, lexicon = load_data(args, task)
+            train_table, eval_table, test_table, regions, metadata, vocabulary_texts, lexicon = load_data(args, task)
         if args.max_train_samples:
             train_table = train_table.select(range(min(args.max_train_samples, len(train_table))))
         if eval_table is not None and args.max_eval_samples:
@@ -192,7 +187,7 @@ def run(args):
                         description=f"fine-tuning {task.name}", evaluate=scored, eval_steps=args.eval_steps)  # fmt: skip
 
         metrics = {k: v for k, v in results["learning_curve"][-1].items() if k != "step"} if scored is not None else {}
-        test = scorer(synthetic_table(args, task, "test"), items=True)() if args.synthetic_test else None
+        test = None if test_table is None else scorer(test_table, items=True)()
         accelerator.wait_for_everyone()
         state_dict = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
