@@ -151,9 +151,30 @@ def _eval_results(kind: str, eval_results: dict, dataset: str) -> list[EvalResul
     return entries
 
 
-def _regions(config: dict, training_args: dict, root: str) -> dict:
-    """Where the checkpoint's regions come from: its own detector, else the region store it was trained on
-    (with the store's provenance when the store is at hand) or the synthetic world."""
+# The texts of the snippets: a checkpoint of the synthetic world knows only its words (a word-level vocabulary),
+# so its card asks what its training asked; a checkpoint of real data, what a photo's user would.
+SYNTHETIC_EXAMPLES = {"question": "what colour is the large ring?", "caption": "a blue ring is to the left of a large red cube.",
+                      "hypothesis": "the small ring is purple.", "expression": "the large blue ring left of the large green orb",
+                      "sentence": "both images contain a ball.", "texts": ["a blue ring is to the left of a large red cube.", "a block above a blue ring."]}
+PHOTO_EXAMPLES = {"question": "what is on the table?", "caption": "two dogs play with a frisbee",
+                  "hypothesis": "two dogs are playing outside", "expression": "the dog on the left",
+                  "sentence": "the left image has more dogs than the right one", "texts": ["a dog catching a frisbee", "a plate of food"]}  # fmt: skip
+
+
+def _text_limit(folder: str, config: dict) -> str:
+    """How much text the checkpoint reads, as its pipeline counts it: the tokenizer's `model_max_length` (fine-tuning's
+    `--max_text_length`) capped by the position embeddings; "words" for a word-level vocabulary (no `##` pieces)."""
+    tokenizer = _read_json(os.path.join(folder, "tokenizer_config.json")) or {}
+    length = min(tokenizer.get("model_max_length") or math.inf, config["max_position_embeddings"])
+    vocab = ((_read_json(os.path.join(folder, "tokenizer.json")) or {}).get("model") or {}).get("vocab") or {"##": 0}
+    pieces = any(token.startswith("##") for token in vocab)
+    return f"{length} {'word pieces' if pieces else 'whole words'} ([CLS] and [SEP] included)"
+
+
+def _regions(folder: str, config: dict, training_args: dict, root: str) -> dict:
+    """Where the checkpoint's regions come from: its own detector (with the metrics it measured in training when
+    the folder ships them, `detector_results.json`), else the region store it was trained on (with the store's
+    provenance when the store is at hand) or the synthetic world."""
     store = training_args.get("regions")
     if store is None and training_args.get("dataset") not in (None, "synthetic"):
         store = os.path.join(training_args["dataset"], "regions")
@@ -164,7 +185,7 @@ def _regions(config: dict, training_args: dict, root: str) -> dict:
     detector = config.get("detector_config")
     if detector:
         weights = detector.get("_name_or_path") or None
-        measured = (_read_json(os.path.join(root, weights, "eval_results.json")) or {}) if weights else {}
+        measured = _read_json(os.path.join(folder, "detector_results.json")) or {}
         detector = {"type": detector["model_type"], "weights": weights and _source(weights, hub_repo_id(weights, root)),
                     "validation": measured.get("validation") if "map_50" in (measured.get("validation") or {}) else None}  # fmt: skip
     return {
@@ -227,7 +248,7 @@ def render_model_card(
         model_name=model_name if index else None,  # only the `model-index` uses it
         eval_results=index,
     )  # no `widget`: the Hub's widgets do not run custom code (the card points to the Space and Endpoint)
-    regions = _regions(config, training_args, root)
+    regions = _regions(folder, config, training_args, root)
     card = ModelCard.from_template(
         data,
         template_path=os.path.join(TEMPLATES, f"{kind}.md"),
@@ -247,6 +268,10 @@ def render_model_card(
         dataset_name=dataset_name,
         synthetic=dataset_name == SYNTHETIC_DATASET,
         regions=regions,
+        # the main metric per group of held-out items (VQA's question types): `<metric>/<group>` in eval_results
+        text_limit=_text_limit(folder, config),
+        by_group={key.split("/", 1)[1]: value for key, value in (eval_results or {}).items() if "/" in key},
+        example=SYNTHETIC_EXAMPLES if dataset_name == SYNTHETIC_DATASET else PHOTO_EXAMPLES,
         # the visual argument of the snippets: raw images through the checkpoint's detector, else region dicts
         visual_one="image" if regions["detector"] else "regions",
         visual_key="images" if regions["detector"] else "regions",

@@ -84,7 +84,7 @@ _NUMBER_FIELDS = {
     "amc_pointer_weight": (float, 0, None, False), "itc_weight": (float, 0, None, False),
     "itc_projection_dim": (int, 1, None, False), "itc_temperature": (float, 0.001, 0.5, False),
     "classifier_dropout": (float, 0, 1, False), "detector_num_regions": (int, 1, None, False),
-    "detector_score_threshold": (float, 0, 1, False),
+    "detector_score_threshold": (float, 0, 1, False), "region_confidence_floor": (float, 0, 1, False),
 }  # fmt: skip
 _BOOL_FIELDS = ("hypersphere", "unimodal_final_layer_norm", "prompt_at_inference", "itm_hard_negatives", "train_detector",
                 "tie_word_embeddings", "padding_free")  # fmt: skip
@@ -178,6 +178,9 @@ class CMALConfig(PreTrainedConfig):
         detector_score_threshold (`float`, defaults to 0.0): kept regions scoring below it are masked.
         train_detector (`bool`, defaults to `False`): fine-tune the detector too; by default it is
             frozen (no gradients, always in eval mode).
+        region_confidence_floor (`float`, *optional*): an image whose best region scores below it is unlike
+            the images the checkpoint was trained on (the VQA pipeline's `weak_detections`). Fine-tuning sets
+            it to the 5th percentile of its training images' best region scores; `None`: 0.5.
         tie_word_embeddings (`bool`, defaults to `True`): tie the vocabulary head to the word
             embeddings.
         padding_free (`bool`, defaults to `False`): run every encoder layer on the real tokens and
@@ -244,6 +247,7 @@ class CMALConfig(PreTrainedConfig):
         detector_num_regions: int = 36,
         detector_score_threshold: float = 0.0,
         train_detector: bool = False,
+        region_confidence_floor: float | None = None,
         tie_word_embeddings: bool = True,
         padding_free: bool = False,
         **kwargs,
@@ -267,7 +271,7 @@ class CMALConfig(PreTrainedConfig):
             raise ValueError("`concept_names` must not repeat a name")
         for name, (kind, low, high, low_excluded) in _NUMBER_FIELDS.items():
             value = locals()[name]
-            if value is not None or name not in ("hypersphere_init_scale", "classifier_dropout"):
+            if value is not None or name not in ("hypersphere_init_scale", "classifier_dropout", "region_confidence_floor"):
                 _check_number(name, value, kind, low, high, low_excluded)
         for name in _BOOL_FIELDS:
             if not isinstance(locals()[name], bool):
@@ -336,6 +340,7 @@ class CMALConfig(PreTrainedConfig):
         self.detector_num_regions = detector_num_regions
         self.detector_score_threshold = detector_score_threshold
         self.train_detector = train_detector
+        self.region_confidence_floor = region_confidence_floor
         self.tie_word_embeddings = tie_word_embeddings
         self.padding_free = padding_free
         if kwargs.get("id2label") is not None and kwargs.get("label2id") is None:

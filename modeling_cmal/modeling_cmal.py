@@ -1659,7 +1659,8 @@ class CMALForPreTraining(CMALPreTrainedModel):
         words, no masked region, no swap), since on masked inputs ITC learns which modality was masked and ITM
         does not learn (both measured). The clean pass runs only when ITM or ITC is on and something was masked
         or swapped, at the cost of one more forward pass; the outputs' scores and masks are the masked pass's,
-        `itm_logits`/`itc_logits` the clean one's.
+        `itm_logits`/`itc_logits` the clean one's. `itm_logits` come whenever the ITM head was trained
+        (`itm_weight > 0`), with or without `itm_labels`.
         """
         config = self.config
         regions = dict(
@@ -1702,7 +1703,7 @@ class CMALForPreTraining(CMALPreTrainedModel):
         )  # fmt: skip
 
         itm_logits = itc_logits = text_embeds = image_embeds = None
-        if (itm_labels is not None and config.itm_weight > 0) or config.itc_weight > 0:
+        if config.itm_weight > 0 or config.itc_weight > 0:  # scored without labels too: a user asks for the match score
             masked_words = labels is not None and bool((labels != -100).any())
             masked_any = masked_regions is not None and bool(masked_regions.any())
             swapped = bool(outputs.token_swapped.any() or outputs.region_swapped.any())

@@ -19,7 +19,7 @@ A fine-tuned checkpoint names its pipeline in `config.custom_pipelines`, so
     vqa(image="photo.jpg", question="what is the cat sitting on?")        # checkpoints with a detector
     vqa(regions=regions, question="what colour is the ball?")            # precomputed regions
 
-returns `[{"score", "answer"}]`. transformers 5 dropped its own VQA pipeline for generative models;
+returns `[{"score", "answer", "unknown_words", "weak_detections"}]`. transformers 5 dropped its own VQA pipeline for generative models;
 a custom pipeline is how region classifiers answer through `pipeline()`. `regions` is one image's
 region dict as `CMALImageProcessor` takes it (features, boxes, tags or concept_ids, scores);
 `image` is a path, URL or PIL image and needs a checkpoint whose config has a `detector_config`.
@@ -100,12 +100,60 @@ class CMALPipeline(Pipeline):
 
 
 class CMALVisualQuestionAnsweringPipeline(CMALPipeline):
-    """`[{"score", "answer"}]`, best first: each answer's sigmoid score (the head is trained with BCE)."""
+    """`[{"score", "answer", "unknown_words", "weak_detections"}]`, best first: each answer's sigmoid score (the
+    head is trained with BCE), and two facts about the question and image that say how far to trust it, the same
+    in every answer's dict:
+
+    - `unknown_words`: the question's words the checkpoint's tokenizer reads as its unknown token, so the model
+      never saw them (a word-level vocabulary of a closed world reads "what is on the table?" as "what is on the
+      [UNK]?");
+    - `weak_detections`: True when no region of the image scores at least `confident_score`, by default the
+      checkpoint's `config.region_confidence_floor` (set by fine-tuning: the 5th percentile of its training
+      images' best region score; 0.5 when unset). A detector finds the concepts it was trained on
+      (`config.concept_names`) confidently in images like its training images; an image whose best region
+      scores below what 19 in 20 of those reach is unlike them, and the answer, however high its own score,
+      is a guess. Regions given without scores count as confident (the processor scores them 1).
+    """
 
     text_argument = "question"
 
+    def _sanitize_parameters(self, top_k=None, timeout=None, max_length=None, confident_score=None, **kwargs):
+        preprocess, forward, postprocess = super()._sanitize_parameters(top_k, timeout, max_length, **kwargs)
+        if confident_score is not None:
+            if isinstance(confident_score, bool) or not isinstance(confident_score, (int, float)) or not 0 <= confident_score <= 1:
+                raise ValueError(f"`confident_score` must be a number in [0, 1], got {confident_score!r}")
+            forward["confident_score"] = float(confident_score)
+        return preprocess, forward, postprocess
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of `text` the tokenizer maps to its unknown token, in order, each once."""
+        tokenizer = self.processor.tokenizer
+        if tokenizer.unk_token_id is None:
+            return []
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = zip(encoded["input_ids"], encoded["offset_mapping"])
+        return list(dict.fromkeys(text[start:end] for token, (start, end) in spans if token == tokenizer.unk_token_id))
+
+    def preprocess(self, inputs, timeout=None, max_length=None):
+        model_inputs = super().preprocess(inputs, timeout, max_length)
+        return {"model_inputs": model_inputs, "unknown_words": self.unknown_words(inputs["question"])}
+
+    def _forward(self, inputs, confident_score=None):
+        """Detects first (when given pixels), so the region scores behind `weak_detections` are at hand."""
+        if confident_score is None:
+            floor = self.model.config.region_confidence_floor
+            confident_score = 0.5 if floor is None else floor
+        model_inputs = dict(inputs["model_inputs"])
+        if "pixel_values" in model_inputs:
+            model_inputs.update(self.model.base_model.detect_regions(model_inputs.pop("pixel_values")))
+        confident = model_inputs["visual_attention_mask"].bool() & (model_inputs["region_scores"] >= confident_score)
+        return {"logits": self.model(**model_inputs).logits, "unknown_words": inputs["unknown_words"],
+                "weak_detections": not bool(confident.any())}  # fmt: skip
+
     def postprocess(self, model_outputs, top_k=5):
-        return self._labelled_probabilities(model_outputs.logits[0].sigmoid(), top_k, "answer")
+        answers = self._labelled_probabilities(model_outputs["logits"][0].sigmoid(), top_k, "answer")
+        facts = {"unknown_words": model_outputs["unknown_words"], "weak_detections": model_outputs["weak_detections"]}
+        return [{**answer, **facts} for answer in answers]
 
 
 class CMALVisualEntailmentPipeline(CMALPipeline):

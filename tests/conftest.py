@@ -10,6 +10,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # the Space tests: no calls home
 
 import json  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -121,13 +122,16 @@ def pretrain_args(corpus: Path, output_dir, *extra) -> list[str]:
 
 @pytest.fixture(scope="session")
 def synthetic_detector(tmp_path_factory):
-    """An untrained RT-DETR of training/train_detector.py's shape and its image processor (128 x 128, /255)."""
+    """An untrained RT-DETR of training/train_detector.py's shape, its image processor (128 x 128, /255) and an
+    `eval_results.json` as that script writes (with the untrained detector's figures)."""
     from cmal.training import train_detector_run as train_detector
 
     folder = tmp_path_factory.mktemp("detector")
     torch.manual_seed(0)
     train_detector.RTDetrForObjectDetection(train_detector.detector_config()).save_pretrained(folder)
     train_detector.image_processor().save_pretrained(folder)
+    measured = {"validation": {"map_50": 0.0, "map_50_95": 0.0, "images": 6, "objects": 20, "colour_accuracy": 0.1}}
+    (folder / "eval_results.json").write_text(json.dumps(measured))  # what train_detector.py writes beside it
     return folder
 
 
@@ -181,6 +185,29 @@ def run_without_project(script: str, folder: Path, tmp_path: Path) -> dict:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_card_snippet(folder: Path, workdir: Path, **inputs) -> dict:
+    """Run the Python snippet of `folder`'s model card (README.md) verbatim; returns its variables.
+
+    The snippet loads the model by its repo id (`<your-namespace>/<name>` until pushed): in `workdir`, where it
+    runs, that id is made a link to `folder`, so `from_pretrained(repo_id, revision=...)` reads the folder as a
+    local path. `inputs` are the values the snippet leaves to its user (one image's region arrays, `left` and
+    `right`, `candidates`); a snippet of a checkpoint with a detector reads `photo.jpg` from `workdir`.
+    """
+    card = (folder / "README.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", card, re.S)
+    assert len(snippets) == 1, f"{folder}/README.md has {len(snippets)} Python snippets"
+    repo_id = re.search(r'repo_id, revision = "([^"]+)"', snippets[0])[1]
+    (workdir / repo_id).parent.mkdir(parents=True, exist_ok=True)
+    (workdir / repo_id).symlink_to(folder.resolve(), target_is_directory=True)
+    here, namespace = os.getcwd(), dict(inputs)
+    os.chdir(workdir)
+    try:
+        exec(compile(snippets[0], str(folder / "README.md"), "exec"), namespace)
+    finally:
+        os.chdir(here)
+    return namespace
 
 
 def die_after_saving(monkeypatch, step: int):

@@ -222,9 +222,16 @@ def test_space_app_answers_and_draws(detector_folder, photos, vqa):
     functions = demo.fns.values() if isinstance(demo.fns, dict) else demo.fns  # a dict from gradio 5 on
     predict = next(f.fn for f in functions if f.name == "predict")
     photo = PIL.Image.open(photos / "astronaut.jpg")
-    answers, picture = predict(photo, QUESTIONS[0], 3)
+    answers, picture, notes = predict(photo, QUESTIONS[0], 3)
     assert answers == {a["answer"]: a["score"] for a in vqa(image=photo, question=QUESTIONS[0], top_k=3)}
     assert isinstance(picture, PIL.Image.Image) and picture.width == 512 + visualize.PANEL_WIDTH
+    # what the checkpoint knows is on the page, and a photo its (untrained) detector is sure of nothing in says so
+    concepts = ", ".join(vqa.model.config.concept_names)
+    texts = [block.value for block in demo.blocks.values() if isinstance(block, gr.Markdown)]
+    assert any(f"its detector finds {concepts}, and it answers with one of 5 answers" in text for text in texts)
+    assert notes.startswith("**The detector is sure of nothing in this image**") and concepts in notes
+    _, _, notes = predict(photo, "what is on the table?", 3)
+    assert notes.startswith("**Unknown words: table**")
     with pytest.raises(gr.Error):
         predict(None, QUESTIONS[0], 3)
 

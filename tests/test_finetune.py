@@ -7,7 +7,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
-from conftest import die_after_saving
+from conftest import die_after_saving, run_card_snippet
 from test_downstream import write_json, write_lines
 
 from cmal.modeling_cmal import CMALConfig, CMALForImageTextClassification
@@ -90,6 +90,14 @@ def common(output_dir, steps=3, *extra):
             "--num_warmup_steps", "0", "--logging_steps", "1", *extra]  # fmt: skip
 
 
+# What each card's snippet ends with, as the card's comments describe it.
+SNIPPET_RESULTS = {
+    "vqa": lambda made, config: made["answer"] in config.label2id,
+    "ve": lambda made, config: made["label"] in config.label2id,
+    "nlvr2": lambda made, config: made["label"] in config.label2id,
+    "rec": lambda made, config: made["box"].shape == (4,) and bool(((made["box"] >= 0) & (made["box"] <= 1)).all()),
+    "retrieval": lambda made, config: made["score"].dim() == 0 and bool(torch.isfinite(made["score"])),
+}
 EXPECTED_METRICS = {"vqa": {"vqa_accuracy"}, "ve": {"accuracy", "per_class_accuracy"}, "nlvr2": {"accuracy", "per_class_accuracy"},
                     "rec": {"accuracy", "mean_iou"}, "retrieval": {"text_to_image_r1", "image_to_text_r10", "rsum"}}  # fmt: skip
 
@@ -134,6 +142,27 @@ def test_each_task_on_the_synthetic_world(task, tmp_path):
     else:
         assert len(items) == len(table)
     assert np.mean(items) * (100 if task == "retrieval" else 1) == pytest.approx(test[main])
+    if task == "vqa":  # the main metric per question type, the mean of its items
+        world = synthetic.load_world(synthetic.default_world(num_images=70))
+        trained = set(world["vqa"]["train"]["image_id"])
+        best = [max(row["scores"]) for row in world["regions"] if row["image_id"] in trained]
+        assert config.region_confidence_floor == pytest.approx(np.percentile(best, 5))  # the pipeline's weak_detections
+        types = table["question_type"]
+        for kind in set(types):
+            assert test[f"vqa_accuracy/{kind}"] == pytest.approx(np.mean([s for s, k in zip(items, types) if k == kind]))
+        validation = {key.split("/")[1]: value for key, value in results["eval"].items() if "/" in key}
+        card = " ".join((tmp_path / task / "README.md").read_text().split())
+        assert validation and all(f"| {kind} | {value:.3f} |" in card for kind, value in validation.items())
+    # the card's snippet, verbatim, against this folder (the regions: a world image's stored ones)
+    row = synthetic.load_world(synthetic.default_world(num_images=70))["regions"].with_format("numpy")[0]
+    width, height = int(row["image_width"]), int(row["image_height"])
+    placeholders = dict(features=row["features"], boxes=row["boxes"] * [width, height, width, height], width=width,
+                        height=height, tags=[synthetic.CONCEPT_NAMES[i] for i in row["concept_ids"]], scores=row["scores"])  # fmt: skip
+    one = {"features": placeholders["features"], "boxes": placeholders["boxes"], "image_size": (width, height),
+           "tags": placeholders["tags"], "scores": placeholders["scores"]}  # fmt: skip
+    made = run_card_snippet(tmp_path / task, tmp_path / "snippet", **placeholders, left=one, right=one, candidates=[one, one])
+    assert "up to 40 whole words ([CLS] and [SEP] included)" in (tmp_path / task / "README.md").read_text()
+    assert SNIPPET_RESULTS[task](made, config), {key: made.get(key) for key in ("answer", "label", "box", "score")}
 
 
 def test_an_empty_split_is_a_clear_error(tmp_path):

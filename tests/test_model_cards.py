@@ -226,11 +226,17 @@ def test_detector_and_region_store_provenance(tmp_path, monkeypatch):
     assert "Gradio Space of the CMAL project (`examples/space/app.py`" in card.text
     assert "Space" not in render_kind("vqa", tmp_path).text  # no detector: nothing a Space could read a photo with
 
-    # a local detector folder (what training/train_detector.py writes): its name only, and the mAP it measured
+    # a local detector folder (what training/train_detector.py writes): its name only; the mAP it measured only when
+    # the checkpoint ships it (detector_results.json, which save_final carries), never read from the training machine
     detector = tmp_path / "runs" / "detector-synthetic"
     detector.mkdir(parents=True)
-    (detector / "eval_results.json").write_text(json.dumps({"validation": {"map_50": 0.9574, "map_50_95": 0.8039, "images": 200}}))
+    measured = {"validation": {"map_50": 0.9574, "map_50_95": 0.8039, "images": 200}}
+    (detector / "eval_results.json").write_text(json.dumps(measured))
     config["detector_config"]["_name_or_path"] = str(detector)
+    card = render_kind("vqa", tmp_path, config=config)
+    assert "weights from the local folder `detector-synthetic` (not on the Hub)), saved in the same `model.safetensors`. " in " ".join(card.text.split())
+    assert "mAP" not in card.text
+    (tmp_path / "detector_results.json").write_text(json.dumps(measured))
     card = render_kind("vqa", tmp_path, config=config)
     assert ("weights from the local folder `detector-synthetic` (not on the Hub)), saved in the same `model.safetensors` "
             "(COCO mAP@0.5 0.957, mAP@[.5:.95] 0.804 on 200 held-out images") in " ".join(card.text.split())

@@ -242,6 +242,41 @@ def test_retrieval_pipeline_ranks_images_and_texts(region_inputs, tmp_path):
     assert [r["index"] for r in top] == scores.argsort(descending=True)[:2].tolist()
 
 
+@pytest.mark.parametrize("question, outside", [
+    ("what is on the table?", "table"), ("what is in the picture?", "picture"), ("is there a person?", "person"),
+    ("is the woman holding a cup?", "woman"), ("what color is the ball?", "color"), ("what colour is the ball?", None),
+])  # fmt: skip
+def test_vqa_pipeline_names_the_words_its_checkpoint_cannot_read(tmp_path, question, outside):
+    """Words outside a word-level vocabulary reach the model as [UNK]: the answers carry them, in order, each once."""
+    world = synthetic.load_world(synthetic.build_world(tmp_path / "world", num_images=3))
+    _, processor = save_synthetic_vqa(world, tmp_path / "model")
+    vqa = pipeline("visual-question-answering", model=str(tmp_path / "model"), trust_remote_code=True)
+    answers = vqa(regions=row_to_regions(world["regions"].with_format("numpy")[0]), question=question, top_k=2)
+    vocabulary = processor.tokenizer.get_vocab()
+    words = question.rstrip("?").split()
+    assert answers[0]["unknown_words"] == answers[1]["unknown_words"] == [w for w in words if w not in vocabulary]
+    assert (outside in answers[0]["unknown_words"]) if outside else answers[0]["unknown_words"] == []
+
+
+def test_vqa_pipeline_flags_an_image_its_detector_is_sure_of_nothing_in(tmp_path, detector_folder, photos):
+    """`weak_detections`: no region scoring `confident_score` (0.5) or more. A world image's stored regions hold its
+    objects (scores near 1); its distractor regions alone (scores below 0.5) and a photo read by a detector that
+    was never trained are flagged."""
+    world = synthetic.load_world(synthetic.build_world(tmp_path / "world", num_images=3))
+    save_synthetic_vqa(world, tmp_path / "model")
+    vqa = pipeline("visual-question-answering", model=str(tmp_path / "model"), trust_remote_code=True)
+    regions = row_to_regions(world["regions"].with_format("numpy")[0])
+    assert regions["scores"].max() >= 0.5 and regions["scores"].min() < 0.5
+    assert not vqa(regions=regions, question="is there a ball?")[0]["weak_detections"]
+    unsure = {key: value[regions["scores"] < 0.5] if isinstance(value, np.ndarray) else value for key, value in regions.items()}
+    assert vqa(regions=unsure, question="is there a ball?")[0]["weak_detections"]
+    assert not vqa(regions=unsure, question="is there a ball?", confident_score=0.0)[0]["weak_detections"]
+    with pytest.raises(ValueError, match=r"`confident_score` must be a number in \[0, 1\], got 2"):
+        vqa(regions=regions, question="is there a ball?", confident_score=2)
+    raw = pipeline("visual-question-answering", model=str(detector_folder), trust_remote_code=True)
+    assert all(answer["weak_detections"] for answer in raw(image=str(photos / "astronaut.jpg"), question=QUESTIONS[1]))
+
+
 def test_the_synthetic_world_answered_from_pixels_end_to_end(synthetic_detector, tmp_path):
     """pretrain.py --detector, then fine-tuning VQA from it: the checkpoint carries the detector, fine-tuning read
     the world as that detector sees it, and the pipeline answers a rendered world image as it answers the
@@ -257,6 +292,11 @@ def test_the_synthetic_world_answered_from_pixels_end_to_end(synthetic_detector,
                    "--per_device_eval_batch_size", "4", "--max_eval_samples", "8", "--report_to", "none"])  # fmt: skip
     tuned = CMALForQuestionAnswering.from_pretrained(tmp_path / "vqa")
     assert tuned.config.detector_config["model_type"] == "rt_detr" and tuned.config.visual_feat_dim == 64
+    # what the detector measured travels with it (pre-training, then fine-tuning), and the card quotes it from there
+    measured = json.loads((synthetic_detector / "eval_results.json").read_text())
+    for folder in ("pre", "vqa"):
+        assert json.loads((tmp_path / folder / "detector_results.json").read_text()) == measured
+    assert "(COCO mAP@0.5 0.000, mAP@[.5:.95] 0.000 on 6 held-out images" in " ".join((tmp_path / "vqa" / "README.md").read_text().split())
 
     world_dir = synthetic.default_world(num_images=60, seed=0)
     corpus = pretrain_run.load_corpus(pretrain.parse_args([*world, "--detector", str(synthetic_detector)]))
@@ -278,7 +318,7 @@ def test_the_synthetic_world_answered_from_pixels_end_to_end(synthetic_detector,
                                  "parameters": {"top_k": 3}}), expected)  # fmt: skip
     demo = load_example("space/app.py").build_demo(str(tmp_path / "vqa"))
     predict = next(f.fn for f in demo.fns.values() if f.name == "predict")
-    answers, _ = predict(image, "what colour is the ball?", 3)
+    answers, _, _ = predict(image, "what colour is the ball?", 3)
     assert answers == {a["answer"]: a["score"] for a in expected}
     # benchmarks/photo_vqa.py on that checkpoint: the same questions from pixels and from the stored detections
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -287,5 +327,9 @@ def test_the_synthetic_world_answered_from_pixels_end_to_end(synthetic_detector,
     result = photo_vqa.evaluate(str(tmp_path / "vqa"), synthetic_images=60, max_questions=12)
     assert result["questions"] == 12 and 0 <= result["accuracy_from_pixels"] <= 1
     assert result["agreement"] >= 0.75  # float16 rounding in the store may flip a near tie of an untrained head
+    assert sum(row["questions"] for row in result["per_type"].values()) == 12 and result["oracle"] >= 0.5  # the ruler's reader, learnt on this 60-image world's few regions
+    # an untrained detector finds no object, so no reading of its regions can be learnt: no oracle on them
+    assert result["oracle_on_detections"] is None and all(row["chance"] < 1 for row in result["per_type"].values())
+    assert "| all | 12 |" in photo_vqa.markdown(result)
     smaller = photo_vqa.evaluate(str(tmp_path / "vqa"), synthetic_images=60, max_questions=12, image_side=64)
     assert smaller["image_side"] == 64 and smaller["accuracy_from_regions"] == result["accuracy_from_regions"]  # same store

@@ -91,6 +91,11 @@ def test_the_space_answers_an_uploaded_photo_in_a_browser(page, vqa, photos, tmp
     assert rows == [[a["answer"], f"{round(100 * a['score'])}%"] for a in expected]
     width = anchor_picture.evaluate("img => img.naturalWidth")
     assert width == 512 + test_examples.visualize.PANEL_WIDTH  # the picture visualize_anchors draws
+    # the detector (untrained here) is sure of nothing in the photo: the page says so and names what it knows
+    concepts = ", ".join(vqa.model.config.concept_names)
+    expect(page.locator("#caveats")).to_contain_text(f"The detector is sure of nothing in this image: this checkpoint "
+                                                     f"knows these concepts: {concepts}.")  # fmt: skip
+    expect(page.get_by_text(f"its detector finds {concepts}")).to_be_visible()
 
     path = screenshot_path(tmp_path, "space-answer.png")
     page.screenshot(path=str(path), full_page=True)
@@ -137,7 +142,8 @@ def test_the_space_api_answers_through_gradio_client(space, vqa, photos, huge_pn
 
     client = Client(space, verbose=False)
     photo = photos / "coffee.jpg"
-    answers, picture = client.predict(handle_file(str(photo)), QUESTIONS[1], 3, api_name="/predict")
+    answers, picture, notes = client.predict(handle_file(str(photo)), QUESTIONS[1], 3, api_name="/predict")
+    assert "The detector is sure of nothing in this image" in notes
     expected = vqa(image=str(photo), question=QUESTIONS[1], top_k=3)
     assert answers["label"] == expected[0]["answer"]
     assert [c["label"] for c in answers["confidences"]] == [a["answer"] for a in expected]

@@ -7,6 +7,7 @@ import importlib.resources
 import logging
 import os
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -111,9 +112,19 @@ def build_model_and_processor(args, task, labels, metadata, vocabulary_texts, le
     return model, processor
 
 
-def evaluate(model, dataloader, accelerator, task, references, id2label, items=False) -> dict:
+def confidence_floor(regions, train_table) -> float | None:
+    """`config.region_confidence_floor`: the 5th percentile of the best region score of the training images, so
+    that 1 in 20 images like them falls below it; an image whose best region scores lower is unlike them."""
+    ids = set(train_table["image_id"]) if "image_id" in train_table.column_names else None
+    rows = regions.select_columns(["image_id", "scores"])
+    best = [max(scores) for image_id, scores in zip(rows["image_id"], rows["scores"]) if len(scores) and (ids is None or image_id in ids)]
+    return float(np.percentile(best, 5)) if best else None
+
+
+def evaluate(model, dataloader, accelerator, task, references, id2label, items=False, groups=None) -> dict:
     """Run the model over the evaluation set (every process a shard), gather, and compute the task metric
-    (with `items`, each item's score too: `item_scores`)."""
+    (with `items`, each item's score too: `item_scores`; with `groups`, each item's group such as a VQA
+    question type, the main metric per group as `<main metric>/<group>`)."""
     model.eval()
     predictions, losses = [], []
     for batch in tqdm(dataloader, disable=not accelerator.is_local_main_process, desc="evaluating", leave=False):
@@ -126,8 +137,14 @@ def evaluate(model, dataloader, accelerator, task, references, id2label, items=F
     predictions = torch.cat(predictions).cpu()
     result = {"eval_loss": torch.cat(losses).mean().item(), **task.score(predictions, references, id2label),
               "eval_samples": len(predictions)}  # fmt: skip
+    if items or groups is not None:
+        scores = task.item_scores(predictions, references, id2label)
     if items:
-        result["item_scores"] = task.item_scores(predictions, references, id2label)
+        result["item_scores"] = scores
+    if groups is not None:
+        for group in sorted(set(groups)):
+            picked = [score for score, g in zip(scores, groups) if g == group]
+            result[f"{task.main_metric}/{group}"] = sum(picked) / len(picked)
     return result
 
 
@@ -162,6 +179,7 @@ def run(args):
             eval_table = eval_table.select(range(min(args.max_eval_samples, len(eval_table))))
         labels = label_maps(args, task, train_table)
         model, processor = build_model_and_processor(args, task, labels, metadata, vocabulary_texts, lexicon)
+        model.config.region_confidence_floor = confidence_floor(regions, train_table)
         id2label = model.config.id2label
         logger.info(f"{task.name} from {args.model_name_or_path or 'scratch'}")
 
@@ -180,7 +198,8 @@ def run(args):
             eval_collator = TaskCollator(processor, task, eval_set, labels.get("label2id"), args.max_text_length)
             loader = accelerator.prepare(DataLoader(eval_set, batch_size=args.per_device_eval_batch_size,
                                                     collate_fn=eval_collator, **loader_options(args)))  # fmt: skip
-            return lambda: evaluate(model, loader, accelerator, task, references, id2label, items)
+            groups = table["question_type"] if "question_type" in table.column_names and len(references) == len(table) else None
+            return lambda: evaluate(model, loader, accelerator, task, references, id2label, items, groups)
 
         scored = None if eval_table is None else scorer(eval_table)
         results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps,

@@ -183,7 +183,25 @@ def save_final(accelerator, model, state_dict: dict, processor, args, results: d
         accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict, save_function=accelerator.save)
         processor.save_pretrained(folder)
         write_json(os.path.join(folder, "train_results.json"), {**results, "args": vars(args)})
+        measured = carried_detector_results(args) if accelerator.unwrap_model(model).config.detector_config else None
+        if measured:
+            write_json(os.path.join(folder, DETECTOR_RESULTS), measured)
         yield folder
+
+
+DETECTOR_RESULTS = "detector_results.json"  # the carried detector's own eval_results.json, which the card quotes
+
+
+def carried_detector_results(args) -> dict | None:
+    """What the detector the model carries measured when it was trained: its folder's `eval_results.json`
+    (`--detector`), or the `detector_results.json` of the local checkpoint fine-tuning started from. None when
+    neither exists (a Hub detector, or one trained elsewhere): the card then quotes no detector metric."""
+    sources = [(getattr(args, "detector", None), "eval_results.json"), (getattr(args, "model_name_or_path", None), DETECTOR_RESULTS)]
+    for folder, name in sources:
+        if folder and os.path.isfile(os.path.join(folder, name)):
+            with open(os.path.join(folder, name)) as f:
+                return json.load(f)
+    return None
 
 
 def finish(accelerator) -> None:
@@ -309,7 +327,7 @@ def write_json(path: str, data: dict) -> None:
 HUB_FILES = {
     "config.json", "generation_config.json", "processor_config.json", "preprocessor_config.json", "tokenizer.json",
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "README.md",
-    "train_results.json", "eval_results.json", "handler.py", "requirements.txt",
+    "train_results.json", "eval_results.json", "detector_results.json", "handler.py", "requirements.txt",
 }  # fmt: skip
 
 

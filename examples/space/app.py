@@ -41,10 +41,28 @@ def uploaded_path(payload) -> str | None:
     return None if payload is None else payload.path or payload.url
 
 
+def answer_list(id2label: dict, shown: int = 30) -> str:
+    names = [id2label[i] for i in sorted(id2label)]
+    return ", ".join(names) if len(names) <= shown else ", ".join(names[:shown]) + ", ..."
+
+
+def caveats(answer: dict, concepts: str) -> str:
+    """What the pipeline says about the question and the image (`unknown_words`, `weak_detections`), in words."""
+    lines = []
+    if answer["unknown_words"]:
+        lines.append(f"**Unknown words: {', '.join(answer['unknown_words'])}**: this checkpoint never read them "
+                     "(they reach it as an unknown token), so the answer ignores them.")  # fmt: skip
+    if answer["weak_detections"]:
+        lines.append(f"**The detector is sure of nothing in this image**: this checkpoint knows these concepts: "
+                     f"{concepts}. The answers above are guesses.")  # fmt: skip
+    return "\n\n".join(lines)
+
+
 def build_demo(model_path: str, revision: str | None = None, examples: list | None = None) -> gr.Blocks:
     """The interface around one loaded pipeline; `launch()` is left to the caller (tests build it only).
     `examples`: `[image path, question]` rows offered under the inputs."""
     vqa = pipeline("visual-question-answering", model=model_path, revision=revision, trust_remote_code=True)
+    concepts = ", ".join(vqa.model.config.concept_names)
 
     def predict(image, question, top_k):
         """Every error reaches the user as its message (a `gr.Error`), every warning (a long question
@@ -64,27 +82,31 @@ def build_demo(model_path: str, revision: str | None = None, examples: list | No
             raise gr.Error(str(error)) from None
         for warning in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
             gr.Warning(warning)
-        return {a["answer"]: a["score"] for a in answers}, picture
+        return {a["answer"]: a["score"] for a in answers}, picture, caveats(answers[0], concepts)
 
     with gr.Blocks(title="CMAL visual question answering") as demo:
         gr.Markdown(
-            f"# CMAL: ask about a photo\nModel: `{model_path}`. Regions come from the checkpoint's detector; "
-            "**anchor points** are words of your question that name a detected region's tag. The bars show "
-            "where the `[CLS]` token of the last layer looks."
+            f"# CMAL: ask about an image\nModel: `{model_path}`. **It knows only what it was trained on**: its "
+            f"detector finds {concepts}, and it answers with one of {len(vqa.model.config.id2label)} answers "
+            f"({answer_list(vqa.model.config.id2label)}). Other photos get a guess, and the page says so. Regions "
+            "come from the checkpoint's detector; **anchor points** are words of your question that name a detected "
+            "region's tag. The bars show where the `[CLS]` token of the last layer looks."
         )
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="filepath", label="Image")
                 image.preprocess = uploaded_path
-                question = gr.Textbox(label="Question", placeholder="what is on the table?")
+                question = gr.Textbox(label="Question", placeholder=examples[0][1] if examples else
+                                      f"is there a {vqa.model.config.concept_names[0]}?")
                 top_k = gr.Slider(1, 10, value=5, step=1, label="Answers")
                 ask = gr.Button("Ask", variant="primary")
                 if examples:
                     gr.Examples(examples, [image, question])
             with gr.Column():
                 answers = gr.Label(label="Answers")
+                notes = gr.Markdown(elem_id="caveats")
                 anchors = gr.Image(type="pil", label="Regions, anchor points and [CLS] attention", elem_id="anchor-picture")
-        gr.on([ask.click, question.submit], predict, [image, question, top_k], [answers, anchors])  # one API endpoint
+        gr.on([ask.click, question.submit], predict, [image, question, top_k], [answers, anchors, notes])  # one API endpoint
     return demo
 
 
