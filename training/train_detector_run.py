@@ -21,7 +21,7 @@ from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher
 
 from cmal.training.data import synthetic
 from cmal.training.train_detector import parse_args
-from cmal.training.utils import configure_logging, final_folder, recover_final_folder, write_json
+from cmal.training.utils import configure_logging, final_folder, recover_final_folder, use_idle_cores, write_json
 
 
 logger = logging.getLogger("cmal.training.train_detector")
@@ -161,6 +161,8 @@ def run(args) -> dict:
     scenes = validation_scenes(world)
     set_seed(args.seed)
     accelerator = Accelerator()
+    if accelerator.device.type == "cpu":
+        use_idle_cores()
     config = detector_config()
     model, attribute_head = RTDetrForObjectDetection(config), AttributeHead(config)
     parameters = [*model.parameters(), *attribute_head.parameters()]

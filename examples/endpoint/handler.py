@@ -4,9 +4,9 @@ Hub widgets cannot run custom-code models, so an Endpoint serves CMAL through th
 `handler.py` and `requirements.txt` to the root of a CMAL VQA checkpoint repository (one with a
 detector, `config.detector_config`) and deploy it with the "Custom" task. A request:
 
-    {"inputs": {"image": "<base64 JPEG/PNG>", "question": "what is on the table?"}, "parameters": {"top_k": 3}}
+    {"inputs": {"image": "<base64 JPEG/PNG>", "question": "what colour is the large ring?"}, "parameters": {"top_k": 3}}
 
-answers `[{"score": 0.93, "answer": "cake"}, ...]`, best first, exactly as
+answers `[{"score", "answer", "unknown_words", "weak_detections"}, ...]`, best first, exactly as
 `pipeline("visual-question-answering", model=path, trust_remote_code=True)` does.
 """
 
