@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 import skimage.data
 import torch
-from conftest import REPO, run_without_project
+from conftest import REPO, run_card_snippet, run_without_project
 from test_detector import LABELS, cmal_config
 from transformers import pipeline
 
@@ -299,6 +299,12 @@ def test_the_synthetic_world_answered_from_pixels_end_to_end(synthetic_detector,
     assert "(COCO mAP@0.5 0.000, mAP@[.5:.95] 0.000 on 6 held-out images" in " ".join((tmp_path / "vqa" / "README.md").read_text().split())
 
     world_dir = synthetic.default_world(num_images=60, seed=0)
+    # both cards' snippets, verbatim, on a rendered world image as their `photo.jpg`
+    (tmp_path / "snippets").mkdir()
+    PIL.Image.open(f"{world_dir}/images/synthetic-000007.png").convert("RGB").save(tmp_path / "snippets" / "photo.jpg")
+    made = run_card_snippet(tmp_path / "pre", tmp_path / "snippets")
+    assert 0 <= made["itm_score"] <= 1 and type(made["encoder"]).__name__ == "CMALModel"
+    assert run_card_snippet(tmp_path / "vqa", tmp_path / "snippets")["answer"] in tuned.config.label2id
     corpus = pretrain_run.load_corpus(pretrain.parse_args([*world, "--detector", str(synthetic_detector)]))
     rows = corpus.regions.with_format("numpy")
     vqa = pipeline("visual-question-answering", model=str(tmp_path / "vqa"), trust_remote_code=True)
