@@ -126,7 +126,8 @@ def test_the_space_names_a_broken_upload_on_the_page(page, broken, name, tmp_pat
     page.get_by_label("Question").fill(QUESTIONS[0])
     page.get_by_role("button", name="Ask").click()
     expect(page.get_by_test_id("toast-text")).to_have_text(re.compile("^The image " + message), timeout=ANSWER_TIMEOUT_MS)
-    page.screenshot(path=str(screenshot_path(tmp_path, f"space-error-{name}.png")))
+    page.wait_for_timeout(1000)  # the toast fades in
+    page.screenshot(path=str(screenshot_path(tmp_path, f"space-error-{Path(name).stem}.png")))
     assert page.get_by_test_id("label-output-value").count() == 0
 
 
