@@ -18,7 +18,7 @@ detector_folder, photos = test_pipelines.detector_folder, test_pipelines.photos 
 
 
 def test_lighter_detector_options_cost_less(capsys, detector_folder):
-    report = photo_latency.main(["--preset", "tiny", "--sides", "640", "320", "--rounds", "2", "--warmup", "0",
+    report = photo_latency.main(["--preset", "tiny", "--sides", "640", "320", "--rounds", "1", "--warmup", "0",
                                  "--checkpoint", str(detector_folder)])  # fmt: skip
     rows = {row["model"]: row for row in report["results"]}
     saved = rows[f"{detector_folder.name} (saved checkpoint @64)"]  # as users load it, at its processor's size

@@ -115,7 +115,8 @@ def use_idle_cores() -> int:
 
     A team of OpenMP threads larger than the idle cores waits on its slowest thread at every op: beside a test
     suite on 2 cores, the world detector's training step took 1.0-3.6 s with 2 threads and 0.3-0.4 s with 1.
-    `OMP_NUM_THREADS` (which `accelerate launch` sets for several CPU processes) decides instead when set."""
+    `OMP_NUM_THREADS` decides instead when set; `accelerate launch` always sets it (its `--num_cpu_threads_per_process`,
+    1 unless given), so this chooses for scripts run with `python`."""
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     idle = idle_cores()
