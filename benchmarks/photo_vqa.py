@@ -18,8 +18,6 @@ features do not carry caps it), then one JSON line with every figure and how oft
 
 import argparse
 import json
-import os
-import sys
 
 import numpy as np
 import PIL.Image
@@ -31,9 +29,7 @@ from cmal.training.data import synthetic
 from cmal.training.data.region_store import load_region_store, row_to_regions
 from cmal.training.region_extraction import extract_world
 
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import floors  # noqa: E402  (benchmarks/ is not a package)
+import floors  # benchmarks/floors.py, beside this script
 
 
 @torch.no_grad()
