@@ -35,6 +35,8 @@ import warnings
 import torch
 from transformers import Pipeline
 
+from .configuration_cmal import _check_number
+
 
 class CMALPipeline(Pipeline):
     """Shared by the CMAL pipelines: a text plus an image (raw, through the checkpoint's detector) or
@@ -120,8 +122,7 @@ class CMALVisualQuestionAnsweringPipeline(CMALPipeline):
     def _sanitize_parameters(self, top_k=None, timeout=None, max_length=None, confident_score=None, **kwargs):
         preprocess, forward, postprocess = super()._sanitize_parameters(top_k, timeout, max_length, **kwargs)
         if confident_score is not None:
-            if isinstance(confident_score, bool) or not isinstance(confident_score, (int, float)) or not 0 <= confident_score <= 1:
-                raise ValueError(f"`confident_score` must be a number in [0, 1], got {confident_score!r}")
+            _check_number("confident_score", confident_score, float, 0, 1, False)
             forward["confident_score"] = float(confident_score)
         return preprocess, forward, postprocess
 

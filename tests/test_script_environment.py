@@ -23,13 +23,19 @@ def threads():
 def test_threads_follow_the_idle_cores(threads, monkeypatch, idle, expected):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(utils, "idle_cores", lambda: idle)
-    assert utils.use_idle_cores() == expected == torch.get_num_threads()  # never more than torch's own count
+    assert utils.use_idle_cores(torch.device("cpu")) == expected == torch.get_num_threads()  # never more than torch's own count
 
 
 def test_omp_num_threads_decides_when_set(threads, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     monkeypatch.setattr(utils, "idle_cores", lambda: 0.0)
-    assert utils.use_idle_cores() == 2
+    assert utils.use_idle_cores(torch.device("cpu")) == 2
+
+
+def test_an_accelerator_run_keeps_torchs_threads(threads, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(utils, "idle_cores", lambda: 0.0)
+    assert utils.use_idle_cores(torch.device("cuda")) == 2 == torch.get_num_threads()
 
 
 def test_idle_cores_are_read_from_the_machine():

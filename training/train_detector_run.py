@@ -161,8 +161,7 @@ def run(args) -> dict:
     scenes = validation_scenes(world)
     set_seed(args.seed)
     accelerator = Accelerator()
-    if accelerator.device.type == "cpu":
-        use_idle_cores()
+    use_idle_cores(accelerator.device)
     config = detector_config()
     model, attribute_head = RTDetrForObjectDetection(config), AttributeHead(config)
     parameters = [*model.parameters(), *attribute_head.parameters()]

@@ -85,8 +85,7 @@ def setup_accelerator(args, find_unused_parameters: bool = False) -> Accelerator
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
     configure_logging(accelerator.is_main_process)
-    if accelerator.device.type == "cpu":
-        use_idle_cores()
+    use_idle_cores(accelerator.device)
     # checkpoints hold each tied weight once, as `save_pretrained` does, without accelerate's "Removed shared tensor"
     accelerator.register_save_state_pre_hook(drop_tied_copies)
     prepare_output_dir(accelerator, args)
@@ -110,14 +109,15 @@ def idle_cores(window: float = 0.5) -> float | None:
     return min(len(os.sched_getaffinity(0)), machine_cores * (idle_after - idle) / max(total_after - total, 1e-9))
 
 
-def use_idle_cores() -> int:
-    """A CPU run's torch threads: as many as the cores other work leaves idle at the start, at least one.
+def use_idle_cores(device: torch.device) -> int:
+    """A CPU run's torch threads (another `device` keeps torch's): as many as the cores other work leaves idle at the
+    start, at least one.
 
     A team of OpenMP threads larger than the idle cores waits on its slowest thread at every op: beside a test
     suite on 2 cores, the world detector's training step took 1.0-3.6 s with 2 threads and 0.3-0.4 s with 1.
     `OMP_NUM_THREADS` decides instead when set; `accelerate launch` always sets it (its `--num_cpu_threads_per_process`,
     1 unless given), so this chooses for scripts run with `python`."""
-    if os.environ.get("OMP_NUM_THREADS"):
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     idle = idle_cores()
     if idle is not None:
@@ -375,7 +375,7 @@ def write_json(path: str, data: dict) -> None:
 HUB_FILES = {
     "config.json", "generation_config.json", "processor_config.json", "preprocessor_config.json", "tokenizer.json",
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "README.md",
-    "train_results.json", "eval_results.json", "detector_results.json", "handler.py", "requirements.txt",
+    "train_results.json", "eval_results.json", DETECTOR_RESULTS, "handler.py", "requirements.txt",
 }  # fmt: skip
 
 
