@@ -119,6 +119,35 @@ def test_a_kill_between_the_renames_is_recovered(tmp_path, new_folder_in_place):
     assert (folder / "checkpoints").is_dir() and not old.exists()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # what Python prints when it drops it
+def test_an_interrupt_dropped_by_a_finalizer_still_stops_the_run(corpus, tmp_path, monkeypatch, capsys):
+    """Python drops a KeyboardInterrupt raised while it runs a finalizer (here a generator closed by the
+    collector, as one is at every epoch's end); the run stops at the next step all the same."""
+    from cmal.training import loop
+
+    save = loop.save_checkpoint
+
+    def save_then_interrupt_in_a_finalizer(accelerator, args, step):
+        save(accelerator, args, step)
+        if step == 2:
+            def epoch():
+                try:
+                    yield
+                finally:
+                    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+
+            batches = epoch()
+            next(batches)
+            del batches  # "Exception ignored in: <generator ...>": the interrupt is gone
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_interrupt_in_a_finalizer)
+    with pytest.raises(SystemExit) as stopped:
+        run(corpus, tmp_path / "run", "--max_train_steps", "8", "--checkpointing_steps", "2")
+    assert stopped.value.code == 130 and "interrupted; step 2 is saved in" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_2"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored for the rest of the process
+
+
 def test_ctrl_c_prints_one_line_with_a_resume_command_that_works(corpus, tmp_path):
     folder = tmp_path / "run"
     argv = pretrain_args(corpus, folder, "--max_train_steps", "400", "--checkpointing_steps", "2")
@@ -130,7 +159,7 @@ def test_ctrl_c_prints_one_line_with_a_resume_command_that_works(corpus, tmp_pat
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130
+    assert process.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("interrupted; step ") and " is saved in " in last, last

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
 
 import torch
@@ -18,6 +19,10 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 CHECKPOINT = re.compile(r"step_(\d+)")
+# Set by `utils.resume_hint_on_interrupt`'s handler: a KeyboardInterrupt raised while Python runs a finalizer
+# (a generator closed at an epoch's end, a `__del__`) is printed and dropped, so the loop raises it again at
+# the next step instead of training on to the end.
+interrupted = threading.Event()
 
 
 def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, max_steps: int,
@@ -74,6 +79,8 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
                     for name, value in zip(names, values):
                         window[name] = (window[name] + [value])[-args.logging_steps :]
                     completed += 1
+                    if interrupted.is_set():
+                        raise KeyboardInterrupt
                     progress.update(1)
                     means = {name: sum(v) / len(v) for name, v in window.items() if v}
                     if completed == args.logging_steps:

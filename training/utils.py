@@ -23,6 +23,7 @@ from transformers import get_scheduler
 
 from cmal.modeling_cmal import CMAL_PRESETS, CMALConfig
 from cmal.processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
+from cmal.training import loop
 from cmal.training.loop import checkpoint_step, checkpoints
 
 
@@ -279,7 +280,13 @@ def recover_final_folder(folder: str) -> None:
 def resume_hint_on_interrupt(args, accelerator):
     """Ctrl-C (or a scheduler's SIGTERM) ends the run with one line saying how to resume, not ~90 lines of
     tracebacks; the exit status is 130 as for any interrupted program."""
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    def stop(signum, frame):
+        loop.interrupted.set()  # in case this KeyboardInterrupt lands in a finalizer, which drops it
+        raise KeyboardInterrupt
+
+    loop.interrupted.clear()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     except KeyboardInterrupt:
@@ -295,7 +302,8 @@ def resume_hint_on_interrupt(args, accelerator):
                       f"start over with `{args.command} --overwrite_output_dir`", file=sys.stderr)  # fmt: skip
         raise SystemExit(130) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def accelerator_available() -> bool:
