@@ -13,10 +13,13 @@ from cmal.training import utils
 
 @pytest.fixture
 def threads():
+    """Torch at 2 threads, and a process that has not chosen yet."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
+    utils._choose_threads.cache_clear()
     yield
     torch.set_num_threads(before)
+    utils._choose_threads.cache_clear()
 
 
 @pytest.mark.parametrize("idle, expected", [(0.0, 1), (0.4, 1), (0.6, 1), (1.6, 2), (5.0, 2), (None, 2)])
@@ -24,6 +27,13 @@ def test_threads_follow_the_idle_cores(threads, monkeypatch, idle, expected):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(utils, "idle_cores", lambda: idle)
     assert utils.use_idle_cores(torch.device("cpu")) == expected == torch.get_num_threads()  # never more than torch's own count
+
+
+def test_a_process_chooses_once(threads, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    measured = []
+    monkeypatch.setattr(utils, "idle_cores", lambda: measured.append(1) or 0.6)
+    assert [utils.use_idle_cores(torch.device("cpu")) for _ in range(3)] == [1, 1, 1] and measured == [1]
 
 
 def test_omp_num_threads_decides_when_set(threads, monkeypatch):

@@ -4,6 +4,7 @@ small on purpose: each script stays readable top to bottom.
 """
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -117,15 +118,20 @@ def use_idle_cores(device: torch.device) -> int:
     A team of OpenMP threads larger than the idle cores waits on its slowest thread at every op: beside a test
     suite on 2 cores, the world detector's training step took 1.0-3.6 s with 2 threads and 0.3-0.4 s with 1.
     `OMP_NUM_THREADS` decides instead when set; `accelerate launch` always sets it (its `--num_cpu_threads_per_process`,
-    1 unless given), so this chooses for scripts run with `python`."""
-    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
+    1 unless given), so this chooses for scripts run with `python`. A process chooses once: the runs after its first
+    (a study's units, a test suite's) keep that choice rather than spend half a second measuring again."""
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        _choose_threads()
+    return torch.get_num_threads()
+
+
+@functools.cache
+def _choose_threads() -> None:
     idle = idle_cores()
     if idle is not None:
         torch.set_num_threads(max(1, min(torch.get_num_threads(), round(idle))))
     logger.info(f"{torch.get_num_threads()} CPU threads ({'unknown' if idle is None else f'{idle:.1f}'} cores idle at "
                 "the start; OMP_NUM_THREADS=<n> chooses instead)")  # fmt: skip
-    return torch.get_num_threads()
 
 
 def configure_logging(main_process: bool = True) -> None:
