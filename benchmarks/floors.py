@@ -59,7 +59,7 @@ def chance(world: dict, task, split: str = "test") -> float:
     image for a task that points at a region."""
     test = world[task.synthetic_table][split]
     if task.text_labels(test) is None:
-        regions = {row["image_id"]: len(row["scores"]) for row in world["regions"].select_columns(["image_id", "scores"])}
+        regions = {row["image_id"]: len(row["scores"]) for row in store_rows(world, ["image_id", "scores"])}
         return float(np.mean([1 / regions[image_id] for image_id in test["image_id"]]))
     options = world["world"]["question_options"]
     labels = len(task.class_names) or len(set(task.text_labels(world[task.synthetic_table]["train"])))
@@ -125,6 +125,13 @@ PALETTE = np.array(list(synthetic.COLOURS.values()), np.float64)
 LARGE_SIDE = 25  # pixels: small objects are 14-22 wide, large ones 28-40, before the detector's jitter
 
 
+def store_rows(world: dict, columns: list[str]) -> list[dict]:
+    """The region store's rows as numpy arrays, read a column at a time: row by row, datasets' formatter took
+    most of a floor table's time."""
+    table = world["regions"].select_columns(columns).with_format("numpy")[:]
+    return [dict(zip(columns, values)) for values in zip(*(table[column] for column in columns))]
+
+
 def labelled_regions(world: dict, scenes: list):
     """(store row, region index, features, object) of every confident region that overlaps an object of its
     scene (`synthetic.world_scenes`) with IoU >= 0.5: the regions whose true shape, colour and size are known."""
@@ -133,7 +140,7 @@ def labelled_regions(world: dict, scenes: list):
     from cmal.training.data.downstream import box_iou
 
     columns = ["image_width", "image_height", "features", "boxes", "scores"]
-    for row, image in enumerate(world["regions"].select_columns(columns).with_format("numpy")):
+    for row, image in enumerate(store_rows(world, columns)):
         objects = scenes[row].objects
         confident = np.flatnonzero(np.asarray(image["scores"]) >= CONFIDENT)
         if not objects or not len(confident):
@@ -188,7 +195,7 @@ class RegionReader:
     def __init__(self, world: dict, reader: TrainedReader | None = None):
         self.images = {}
         columns = ["image_id", "image_width", "features", "boxes", "concept_ids", "scores"]
-        rows = list(world["regions"].select_columns(columns).with_format("numpy"))
+        rows = store_rows(world, columns)
         if reader is not None:  # one call for every region: per image, the regressions' overhead dominates
             read = reader(np.concatenate([np.asarray(row["features"], np.float64) for row in rows]))
             ends = np.cumsum([len(row["scores"]) for row in rows])

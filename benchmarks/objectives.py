@@ -38,6 +38,7 @@ number to `results.json`.
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -221,11 +222,26 @@ def run_curve(job) -> dict:
             "train_seconds": run["train_seconds"]}  # fmt: skip
 
 
-def mean_tasks(args, world, floor_table, trained) -> tuple[list[str], str]:
+def study_floors(args, world, world_key: str, reader) -> dict:
+    """The floor tables of the study's world per split (`floors.floors`), measured once and kept in the output
+    folder with the world's key (its folder name, a hash of how it was built): a resumed or reported study reads
+    them, a study on another world measures its own. `reader()` gives the ceiling's `floors.TrainedReader`."""
+    path = os.path.join(args.output_dir, "floors.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            kept = json.load(f)
+        if kept["world"] == world_key:
+            return kept["tables"]
+    tables = {split: floors.floors(world, split, reader()) for split in ("validation", "test")}
+    write_json(path, {"world": world_key, "tables": tables})
+    return tables
+
+
+def mean_tasks(args, world, floor_table, reader) -> tuple[list[str], str]:
     """The tasks the mean gap closed is over, and why: `--mean_over`, else those of `--tasks` that
     `benchmarks/learnability.py` finds learnable at `--finetune_steps` on the study's world (its validation
-    `floor_table` and `trained` reader), measured once and kept in the output folder (`--report` runs nothing:
-    without that file its mean is over every task, and it says so)."""
+    `floor_table` and the `floors.TrainedReader` that `reader()` gives), measured once and kept in the output
+    folder (`--report` runs nothing: without that file its mean is over every task, and it says so)."""
     if args.mean_over:
         return list(args.mean_over), "named by --mean_over"
     path = os.path.join(args.output_dir, "learnability.json")
@@ -233,7 +249,7 @@ def mean_tasks(args, world, floor_table, trained) -> tuple[list[str], str]:
         if args.report:
             return list(args.tasks), "learnability not measured yet: every task"
         settings = learnability.parse_args(["--steps", str(args.finetune_steps), "--tasks", *args.tasks])
-        write_json(path, learnability.measure(world, floor_table, trained, settings))
+        write_json(path, learnability.measure(world, floor_table, reader(), settings))
     with open(path) as f:
         verdicts = json.load(f)
     learnt = [task for task in args.tasks if verdicts[task]["learnable"]]
@@ -504,7 +520,8 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     from cmal.training.data import synthetic
 
-    world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images))  # built once, before the workers
+    world_path = synthetic.default_world(num_images=args.synthetic_images)  # built once, before the workers
+    world = synthetic.load_world(world_path)
     start = time.perf_counter()
     if args.curves:
         with get_context("spawn").Pool(args.jobs, initializer=init_worker) as pool:
@@ -514,9 +531,9 @@ def main(argv=None):
         write_text(os.path.join(args.output_dir, "curves.md"), table)
         print(table + f"from-scratch learning curves in {(time.perf_counter() - start) / 60:.1f} min")
         return curves
-    trained = floors.TrainedReader(world)  # the ceiling's reader, and learnability's (`mean_tasks`)
-    floor_tables = {split: floors.floors(world, split, trained) for split in ("validation", "test")}
-    mean_over, why = mean_tasks(args, world, floor_tables["validation"], trained)
+    reader = functools.cache(lambda: floors.TrainedReader(world))  # trained only if a table below is not kept yet
+    floor_tables = study_floors(args, world, os.path.basename(world_path), reader)
+    mean_over, why = mean_tasks(args, world, floor_tables["validation"], reader)
     study = Study(args, floor_tables["validation"], mean_over)
     print(f"mean gap closed over {', '.join(mean_over) or 'no task'} ({why}); {study.total()} units", flush=True)
     pool = None if args.report or args.jobs == 1 else get_context("spawn").Pool(args.jobs, initializer=init_worker)

@@ -102,6 +102,11 @@ def test_intervals_pair_the_items_and_say_which_way_each_task_falls():
 
 def test_the_mean_is_over_the_tasks_learnability_finds_learnable_measured_once(tmp_path, monkeypatch):
     calls, world, floor_table, trained = [], object(), object(), object()  # the study's own, handed on as they are
+    readers = []
+
+    def reader():
+        readers.append(1)
+        return trained
 
     def measure(*args):
         calls.append(args)
@@ -110,15 +115,25 @@ def test_the_mean_is_over_the_tasks_learnability_finds_learnable_measured_once(t
     monkeypatch.setattr(objectives.learnability, "measure", measure)
     args = objectives.parse_args(["--output_dir", str(tmp_path), "--finetune_steps", "900"])
     report = objectives.parse_args(["--report", "--output_dir", str(tmp_path)])
-    assert objectives.mean_tasks(report, world, floor_table, trained) == (["vqa", "rec"], "learnability not measured yet: every task")
-    assert calls == []  # --report runs nothing
-    mean_over, why = objectives.mean_tasks(args, world, floor_table, trained)
+    assert objectives.mean_tasks(report, world, floor_table, reader) == (["vqa", "rec"], "learnability not measured yet: every task")
+    assert calls == [] and readers == []  # --report runs nothing, trains no reader
+    mean_over, why = objectives.mean_tasks(args, world, floor_table, reader)
     assert mean_over == ["rec"] and why.endswith("; left out: vqa (28%)") and "at 900 steps" in why
     (call,) = calls
     assert call[:3] == (world, floor_table, trained) and (call[3].steps, call[3].tasks, call[3].split) == (900, ["vqa", "rec"], "validation")
-    assert objectives.mean_tasks(args, world, floor_table, trained) == (mean_over, why) and len(calls) == 1  # kept: a resumed study measures nothing
+    assert objectives.mean_tasks(args, world, floor_table, reader) == (mean_over, why) and len(calls) == len(readers) == 1  # kept: a resumed study measures nothing
     named = objectives.parse_args(["--output_dir", str(tmp_path / "other"), "--mean_over", "vqa"])
-    assert objectives.mean_tasks(named, world, floor_table, trained) == (["vqa"], "named by --mean_over") and len(calls) == 1
+    assert objectives.mean_tasks(named, world, floor_table, reader) == (["vqa"], "named by --mean_over") and len(calls) == 1
+
+
+def test_the_floors_are_measured_once_per_world(tmp_path, monkeypatch):
+    measured = []
+    monkeypatch.setattr(objectives.floors, "floors", lambda world, split, trained: measured.append(split) or {"vqa": {world: split}})
+    args = objectives.parse_args(["--output_dir", str(tmp_path)])
+    first = objectives.study_floors(args, "one", "key-one", lambda: "reader")
+    assert first == {"validation": {"vqa": {"one": "validation"}}, "test": {"vqa": {"one": "test"}}} and len(measured) == 2
+    assert objectives.study_floors(args, "one", "key-one", lambda: "reader") == first and len(measured) == 2  # kept
+    assert objectives.study_floors(args, "two", "key-two", lambda: "reader")["test"] == {"vqa": {"two": "test"}}  # another world
 
 
 def test_every_fraction_runs_the_same_steps_and_the_curriculum_covers_the_same_share(tmp_path, monkeypatch):
@@ -171,8 +186,9 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     table = (tmp_path / "table.md").read_text()
     assert table.count("**(chosen)**") == 3 and "**3. The verdict**" in table
 
-    # A second run finds every unit done and redoes none of them.
+    # A second run finds every unit done and redoes none of them, nor the floors.
     logs = {path: os.path.getmtime(path) for path in tmp_path.glob("*/log.txt")}
+    monkeypatch.setattr(objectives.floors, "TrainedReader", None)  # a floor measured again would fail
     objectives.main(argv)
     assert {path: os.path.getmtime(path) for path in tmp_path.glob("*/log.txt")} == logs
     assert json.loads((tmp_path / "results.json").read_text())["results"] == summary["results"]
