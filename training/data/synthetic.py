@@ -650,12 +650,21 @@ def described(objects, phrase: str) -> list:
     `phrase` ("small red ball"); other words ("the", "objects") are ignored."""
     found = list(objects)
     for word in re.findall(r"[a-z]+", phrase):
-        concept = _lexicon().concept_of(word)
-        if word in SIZES or word in COLOURS:
-            found = [o for o in found if word in (o.size, o.colour)]
-        elif concept >= 0:
-            found = [o for o in found if o.shape == SHAPES[concept]]
+        if named := _names(word):
+            attribute, value = named
+            found = [o for o in found if getattr(o, attribute) == value]
     return found
+
+
+@functools.cache
+def _names(word: str) -> tuple[str, str] | None:
+    """The attribute a word names and its value: ("size", "small"), ("colour", "red"), ("shape", "sphere") for
+    any of the sphere's names in the lexicon; None for other words. Kept per word: building a world asks about a
+    few dozen words millions of times."""
+    if word in SIZES or word in COLOURS:
+        return ("size" if word in SIZES else "colour"), word
+    concept = _lexicon().concept_of(word)
+    return ("shape", SHAPES[concept]) if concept >= 0 else None
 
 
 def caption_holds(caption: str, scene: Scene) -> bool:
@@ -838,8 +847,8 @@ def text_template(text: str) -> str:
     """A text with its shape, colour and size words replaced by their kind: "the <size> <shape> is <colour>."."""
     words = []
     for word in re.findall(r"[a-z0-9]+|[^a-z0-9 ]", text):
-        kind = "shape" if _lexicon().concept_of(word) >= 0 else "colour" if word in COLOURS else "size" if word in SIZES else None
-        words.append(f"<{kind}>" if kind else word)
+        named = _names(word)
+        words.append(f"<{named[0]}>" if named else word)
     return " ".join(words)
 
 
