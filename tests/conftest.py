@@ -8,7 +8,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # the Space tests: no calls home
+# `pytest -n N` (pytest-xdist): the workers share the cores, each with its part of them, in torch and in the scripts
+# the tests start (set before torch is imported). Each choosing from the cores idle at its start would give every
+# worker all of them, and a team of threads larger than its cores waits on its slowest at every op.
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(workers))))
 
+import ast  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -187,8 +193,35 @@ def run_without_project(script: str, folder: Path, tmp_path: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def run_snippet(code: str, source: str, workdir: Path, links: dict | None = None, **inputs) -> dict:
+    """Run a documentation snippet verbatim in `workdir`, where each path of `links` is made a link to its folder
+    (a checkpoint the docs' commands would have made there); returns its variables, with the value of its last line
+    as `_` when that is an expression (what a reader sees printed). `inputs` are the values the snippet leaves to
+    its reader."""
+    tree = ast.parse(code)
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = tree.body[-1]
+        tree.body[-1] = ast.fix_missing_locations(ast.copy_location(ast.Assign([ast.Name("_", ast.Store())], last.value), last))
+    for name, folder in (links or {}).items():
+        (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / name).symlink_to(Path(folder).resolve(), target_is_directory=True)
+    here, namespace = os.getcwd(), dict(inputs)
+    os.chdir(workdir)
+    try:
+        exec(compile(tree, source, "exec"), namespace)
+    finally:
+        os.chdir(here)
+    return namespace
+
+
+def readme_snippet(after: str) -> str:
+    """The first Python block of the project's README.md below the line `after`."""
+    text = (REPO / "README.md").read_text()
+    return re.search(r"```python\n(.*?)```", text[text.index(after):], re.S)[1]
+
+
 def run_card_snippet(folder: Path, workdir: Path, **inputs) -> dict:
-    """Run the Python snippet of `folder`'s model card (README.md) verbatim; returns its variables.
+    """Run the Python snippet of `folder`'s model card (README.md) verbatim (`run_snippet`); returns its variables.
 
     The snippet loads the model by its repo id (`<your-namespace>/<name>` until pushed): in `workdir`, where it
     runs, that id is made a link to `folder`, so `from_pretrained(repo_id, revision=...)` reads the folder as a
@@ -199,15 +232,7 @@ def run_card_snippet(folder: Path, workdir: Path, **inputs) -> dict:
     snippets = re.findall(r"```python\n(.*?)```", card, re.S)
     assert len(snippets) == 1, f"{folder}/README.md has {len(snippets)} Python snippets"
     repo_id = re.search(r'repo_id, revision = "([^"]+)"', snippets[0])[1]
-    (workdir / repo_id).parent.mkdir(parents=True, exist_ok=True)
-    (workdir / repo_id).symlink_to(folder.resolve(), target_is_directory=True)
-    here, namespace = os.getcwd(), dict(inputs)
-    os.chdir(workdir)
-    try:
-        exec(compile(snippets[0], str(folder / "README.md"), "exec"), namespace)
-    finally:
-        os.chdir(here)
-    return namespace
+    return run_snippet(snippets[0], str(folder / "README.md"), workdir, {repo_id: folder}, **inputs)
 
 
 def die_after_saving(monkeypatch, step: int):

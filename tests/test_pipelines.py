@@ -4,6 +4,7 @@ and the extraction/in-model parity of a model fine-tuned on an extracted region 
 
 import base64
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import PIL.Image
 import pytest
 import skimage.data
 import torch
-from conftest import REPO, run_card_snippet, run_without_project
+from conftest import REPO, readme_snippet, run_card_snippet, run_snippet, run_without_project
 from test_detector import LABELS, cmal_config
 from transformers import pipeline
 
@@ -313,6 +314,15 @@ def test_the_synthetic_world_answered_from_pixels_end_to_end(synthetic_detector,
         raw = vqa(image=image, question="what colour is the ball?", top_k=3)
         stored = vqa(regions=row_to_regions(rows[index]), question="what colour is the ball?", top_k=3)
         assert_same_answers(raw, stored, atol=2e-3)  # the store keeps features in float16
+    # the README's two pipeline snippets, verbatim, with this checkpoint as the folders their commands make
+    top, inference = tmp_path / "readme-top", tmp_path / "readme-inference"
+    top.mkdir(), inference.mkdir()
+    shutil.copy(f"{world_dir}/images/synthetic-000001.png", top / "scene.png")
+    answered = run_snippet(readme_snippet("Answer a question about an image"), "README.md", top, {"outputs/vqa-synthetic-detector": tmp_path / "vqa"})
+    assert_same_answers(answered["_"], vqa(image=f"{world_dir}/images/synthetic-000001.png", question="what colour is the large ring?"))
+    answered = run_snippet(readme_snippet("## Fine-tuning, evaluation and inference"), "README.md", inference,
+                           {"outputs/cmal-vqa": tmp_path / "vqa"}, regions=row_to_regions(rows[7]))  # fmt: skip
+    assert_same_answers(answered["_"], vqa(regions=row_to_regions(rows[7]), question="what colour is the ball?"))
     # the Endpoint handler and the Space answer the rendered image as the pipeline does
     from test_examples import load_example
 

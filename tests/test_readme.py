@@ -1,15 +1,7 @@
 """The README's "Using the model" snippet runs as written and gives what it says."""
 
-import re
-
 import torch
-from conftest import REPO
-
-
-def readme_snippet(after: str) -> str:
-    """The first Python block of README.md below the line `after`."""
-    text = (REPO / "README.md").read_text()
-    return re.search(r"```python\n(.*?)```", text[text.index(after):], re.S)[1]
+from conftest import readme_snippet
 
 
 def test_using_the_model_runs_as_written():
