@@ -37,7 +37,7 @@ from typing import Unpack
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -1341,18 +1341,23 @@ class CMALPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, key_mapping: dict[str, str] | None = None, **kwargs):
         """As `PreTrainedModel.from_pretrained`; checkpoints with the parameter names and scalar radii of older
         CMAL releases load too (`LEGACY_KEY_MAPPING`, `CMALScalarToVector`), and are re-saved in today's
-        layout. A cut-short weights file is named as such (safetensors alone says "incomplete metadata")."""
+        layout. What a local folder lacks is said in one sentence; a cut-short weights file is named as such
+        (safetensors alone says "incomplete metadata"); weights that are not finite, or a float weight stored as
+        integers (cast silently otherwise), are refused with the tensors named."""
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if isinstance(source, (str, os.PathLike)) and kwargs.get("config") is None:
+            _check_model_folder(source, kwargs.get("subfolder") or "")
         try:
             loaded = super().from_pretrained(*args, key_mapping={**LEGACY_KEY_MAPPING, **(key_mapping or {})}, **kwargs)
         except SafetensorError as error:
             raise OSError(
-                f"The weights of {str(args[0] if args else kwargs.get('pretrained_model_name_or_path'))!r} are not a "
-                f"complete safetensors file ({error}): an interrupted save or download cut them short; save or "
-                "download them again"
+                f"The weights of {str(source)!r} are not a complete safetensors file ({error}): an interrupted save "
+                "or download cut them short; save or download them again"
             ) from None
         # transformers saves by reverting the renamings it loaded with: ours would write old names back
         # (transformers 5.0 even writes their regex escapes, `cmal.text_hypersphere\.scale`)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
+        _check_loaded_weights(model, source)
         model._weight_conversions = [
             transform for transform in getattr(model, "_weight_conversions", None) or []
             if not set(transform.source_patterns) <= LEGACY_KEY_MAPPING.keys()
@@ -1393,6 +1398,40 @@ class CMALPreTrainedModel(PreTrainedModel):
         if task is not None and os.path.isfile(pipeline_file):
             shutil.copy(pipeline_file, os.path.join(save_directory, "pipeline_cmal.py"))
         return output
+
+
+def _check_model_folder(source, subfolder: str) -> None:
+    """A local path that cannot hold a saved model, said in one sentence (transformers would build a default config
+    for a folder without one and fail later in its load report, or unpickle a file given as the folder)."""
+    folder = os.path.join(source, subfolder) if subfolder else source
+    if os.path.isfile(folder):
+        raise OSError(f"{str(folder)!r} is a file; a model path must be a folder holding config.json and model.safetensors "
+                      "(what save_pretrained writes), or a Hub repo id")  # fmt: skip
+    if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
+        raise OSError(f"{str(folder)!r} holds no config.json, so it is not a saved model (save_pretrained writes config.json "
+                      f"beside the weights); it holds {sorted(os.listdir(folder))[:8]}")  # fmt: skip
+
+
+def _check_loaded_weights(model: PreTrainedModel, source) -> None:
+    """Refuse weights a run could not have trained: NaN or infinite values (a diverged save), and float weights
+    that a local folder stores as integers or booleans (loading casts them without a word)."""
+    state = {name: tensor for name, tensor in model.state_dict().items() if tensor.device.type != "meta"}
+    not_finite = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if not_finite:
+        raise ValueError(f"The weights of {str(source)!r} hold NaN or infinite values in {len(not_finite)} tensors "
+                         f"({', '.join(not_finite[:4])}{', ...' if len(not_finite) > 4 else ''}): a diverged run saved "
+                         "them; load an earlier checkpoint")  # fmt: skip
+    folder = str(source) if isinstance(source, (str, os.PathLike)) and os.path.isdir(source) else None
+    for name in sorted(os.listdir(folder)) if folder else []:
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="pt") as stored:
+                dtypes = {key: stored.get_slice(key).get_dtype() for key in stored.keys()}
+            floats = {key for key, tensor in state.items() if tensor.is_floating_point()}
+            wrong = [(key, dtype) for key, dtype in dtypes.items() if not dtype.startswith(("F", "BF"))
+                     and {key, key.removeprefix(f"{model.base_model_prefix}.")} & floats]  # fmt: skip
+            if wrong:
+                raise ValueError(f"{os.path.join(folder, name)} stores float weights as {wrong[0][1]} ({', '.join(k for k, _ in wrong[:4])}): "
+                                 "not weights a run saved; save them again in a float dtype")  # fmt: skip
 
 
 @auto_docstring(custom_intro="The bare CMAL encoder: uni-modal encoders -> associative prompt layer -> unified encoder.")

@@ -10,7 +10,9 @@ import os
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from conftest import broken_images, tiny_config
+from safetensors.torch import load_file, save_file
 
 from cmal.modeling_cmal import CMALConfig, CMALModel
 from cmal.modeling_cmal.configuration_cmal import _BOOL_FIELDS, _NUMBER_FIELDS
@@ -119,6 +121,10 @@ FINETUNE_ARGS = TRAINING_ARGS + [
     (["--model_name_or_path", "./outputs/cmal-smal"], "--model_name_or_path: no such folder: './outputs/cmal-smal'"),
     (["--model_name_or_path", "a/b/c"], "--model_name_or_path: no such folder: 'a/b/c' (a local path, so not a Hub repo id)"),
     (["--model_name_or_path", "tests/cmal-smal"], "--model_name_or_path: no such folder: 'tests/cmal-smal'"),
+    (["--model_name_or_path", "outputs/does-not-exist"], "--model_name_or_path: no such folder: 'outputs/does-not-exist' (a local path"),
+    (["--model_name_or_path", "runs/cmal"], "--model_name_or_path: no such folder: 'runs/cmal' (a local path"),
+    (["--model_name_or_path", "checkpoints/step_100"], "--model_name_or_path: no such folder: 'checkpoints/step_100' (a local path"),
+    (["--model_name_or_path", "README.md"], "--model_name_or_path: no such folder: 'README.md' is a file; expected a folder holding config.json"),
     (["--model_config", "base.json"], "--model_config: expected a preset (tiny, mini, small, base) or a config JSON file"),
     (["--tokenizer", "~/no-such"], "--tokenizer: no such folder: '~/no-such'"),
     (["--anchor_mask_prob", "-1"], "--anchor_mask_prob: expected a value in [0, 1], got '-1'"),
@@ -216,6 +222,72 @@ def test_loading_names_broken_files(tmp_path):
     (tmp_path / "config.json").write_text('{"hidden_size": ')
     with pytest.raises(OSError, match=r"config.json.* is not a valid JSON file"):
         CMALConfig.from_pretrained(tmp_path)
+
+
+def saved_then(change):
+    """A tiny model saved to a folder, then `change(folder)` done to it; returns the path to load."""
+    def make(folder):
+        CMALModel(tiny_config()).save_pretrained(folder / "m")
+        return change(folder / "m") or folder / "m"
+    return make
+
+
+def edit_weights(edit):
+    def change(folder):
+        weights = load_file(folder / "model.safetensors")
+        edit(weights)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return change
+
+
+def set_one(weights, name, value):
+    weights[name][..., 0] = value
+
+
+@pytest.mark.parametrize("make, message", [
+    (saved_then(lambda f: None), None),  # an intact folder loads (the battery's control)
+    (saved_then(edit_weights(lambda w: set_one(w, "pooler.dense.weight", float("nan")))),
+     r"The weights of .*m' hold NaN or infinite values in 1 tensors \(pooler.dense.weight\): a diverged run saved them"),
+    (saved_then(edit_weights(lambda w: set_one(w, "pooler.dense.bias", float("inf")))),
+     r"hold NaN or infinite values in 1 tensors \(pooler.dense.bias\)"),
+    (saved_then(edit_weights(lambda w: w.update({"pooler.dense.weight": w["pooler.dense.weight"].long()}))),
+     r"model.safetensors stores float weights as I64 \(pooler.dense.weight\): not weights a run saved"),
+    (saved_then(edit_weights(lambda w: w.update({"pooler.dense.bias": w["pooler.dense.bias"] > 0}))),
+     r"model.safetensors stores float weights as BOOL \(pooler.dense.bias\)"),
+    (saved_then(lambda f: (f / "config.json").unlink()),
+     r"m' holds no config.json, so it is not a saved model \(save_pretrained writes config.json beside the weights\); "
+     r"it holds \[.*'model.safetensors'.*\]"),
+    (saved_then(lambda f: f / "model.safetensors"),
+     r"model.safetensors' is a file; a model path must be a folder holding config.json and model.safetensors"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", r"empty' holds no config.json, so it is not a saved model .*; it holds \[\]"),
+])  # fmt: skip
+def test_loading_refuses_what_a_run_could_not_have_saved(tmp_path, make, message):
+    path = make(tmp_path)
+    if message is None:
+        assert torch.isfinite(CMALModel.from_pretrained(path).pooler.dense.weight).all()
+        return
+    with pytest.raises((OSError, ValueError), match=message):
+        CMALModel.from_pretrained(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    (json.dumps({"hiden_size": 64}), r"m.json: unknown config fields 'hiden_size' \(did you mean 'hidden_size'\?\); CMALConfig's fields: .*hidden_size"),
+    (json.dumps({"hidden_size": 64, "num_layers": 2, "zzz": 1}), r"unknown config fields 'num_layers' \(did you mean 'num_text_layers'\?\), 'zzz';"),
+    (json.dumps([64]), r"m.json: expected a JSON object of config fields, got list"),
+    ('{"hidden_size": 64', r"m.json: not a JSON file \(Expecting"),
+    ("\udcff", r"m.json: not a JSON file"),
+    (None, None),  # what save_pretrained writes (auto_map and all) is a --model_config that loads
+])  # fmt: skip
+def test_model_config_file(tmp_path, text, message):
+    from cmal.training.utils import config_from_file
+
+    if text is None:
+        tiny_config().save_pretrained(tmp_path)
+        assert config_from_file(str(tmp_path / "config.json")).hidden_size == tiny_config().hidden_size
+        return
+    (tmp_path / "m.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match=r"^--model_config .*" + message):
+        config_from_file(str(tmp_path / "m.json"))
 
 
 @pytest.mark.parametrize("value, message", [

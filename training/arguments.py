@@ -47,20 +47,29 @@ def existing_folder(text: str) -> str:
     return text
 
 
+# First parts of a path that name this package's (or any training script's) local output, never a Hub user:
+# `outputs/cmal-vqa` in a fresh clone, before the run that makes it, is a typo or a missing run, not a repo id.
+LOCAL_ROOTS = ("outputs", "output", "runs", "checkpoints", "models", "data", "logs", "tmp")
+
+
 def model_source(text: str) -> str:
     """A local folder or a Hub repo id. What can only be a path (it starts with `.`, `/` or `~`, has more than
-    one `/`, or its first part is a local folder, as in `outputs/cmal-smal`) fails at once with "no such
-    folder" rather than after minutes of Hub retries and a message about some config file."""
+    one `/`, its first part is a local folder, as in `outputs/cmal-smal`, or one of `LOCAL_ROOTS`) fails at once
+    with "no such folder" rather than after minutes of Hub retries and a message about some config file."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if os.path.isdir(text):
         return text
+    if os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such folder: {text!r} is a file; expected a folder holding config.json "
+                                         "and the weights (what save_pretrained writes), or a Hub repo id")  # fmt: skip
+    first = text.split("/")[0]
     try:
         validate_repo_id(text)
-        is_repo_id = not text.startswith((".", "~")) and not os.path.isdir(text.split("/")[0] or "/")
+        is_repo_id = not text.startswith((".", "~")) and not os.path.isdir(first or "/") and ("/" not in text or first not in LOCAL_ROOTS)
     except HFValidationError:
         is_repo_id = False
-    if not is_repo_id or os.path.isfile(text):
+    if not is_repo_id:
         raise argparse.ArgumentTypeError(f"no such folder: {text!r} (a local path, so not a Hub repo id)")
     return text
 

@@ -4,7 +4,9 @@ small on purpose: each script stays readable top to bottom.
 """
 
 import contextlib
+import difflib
 import functools
+import inspect
 import json
 import logging
 import math
@@ -31,9 +33,29 @@ from cmal.training.loop import checkpoint_step, checkpoints
 logger = logging.getLogger(__name__)
 
 
+def config_from_file(path: str) -> CMALConfig:
+    """A `--model_config` JSON file; a field CMALConfig does not know is refused (transformers would keep it as
+    an attribute nobody reads, and train the defaults), with the nearest known names."""
+    try:
+        with open(path) as f:
+            fields = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--model_config {path}: not a JSON file ({error})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"--model_config {path}: expected a JSON object of config fields, got {type(fields).__name__}")
+    known = set(CMALConfig().to_dict()) | {"auto_map", "custom_pipelines"}  # the last two: what save_pretrained adds
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        near = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+        hints = ", ".join(f"{name!r}" + (f" (did you mean {near[name][0]!r}?)" if near[name] else "") for name in unknown)
+        raise ValueError(f"--model_config {path}: unknown config fields {hints}; CMALConfig's fields: "
+                         f"{', '.join(sorted(inspect.signature(CMALConfig.__init__).parameters.keys() - {'self', 'kwargs'}))}")  # fmt: skip
+    return CMALConfig.from_dict(fields)
+
+
 def new_model_config(model_config: str, tokenizer, metadata: dict, **overrides) -> CMALConfig:
     """A preset name or config JSON, fitted to the tokenizer and the region store: a model trained from scratch."""
-    base = CMALConfig.from_preset(model_config) if model_config in CMAL_PRESETS else CMALConfig.from_json_file(model_config)
+    base = CMALConfig.from_preset(model_config) if model_config in CMAL_PRESETS else config_from_file(model_config)
     return CMALConfig.from_dict({
         **base.to_dict(), "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
         "visual_feat_dim": metadata["feature_dim"], "concept_names": list(metadata["concept_names"]), "num_concepts": None,
