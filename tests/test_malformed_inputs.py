@@ -188,7 +188,7 @@ def reader_cases():
         (lambda d: downstream.read_refcoco(write(d / "refs.json", json.dumps([ref])), write(d / "i.json", '{"images": []}'), "train"),
          r"i.json: expected a JSON object with 'annotations'"),
         (lambda d: downstream.read_refcoco(write(d / "refs.json", json.dumps([{**ref, "ann_id": 8}])), write(d / "i.json", instances), "train"),
-         r"1 refs of .*refs.json name an image or annotation that .*i.json lacks, e.g. ref_id \[0\]"),
+         r"1 refs of .*refs.json name an image or annotation that .*i.json lacks, e.g. ref_id 0's ann_id 8: are they the same dataset\?"),
         (lambda d: downstream.read_refcoco(write(d / "refs.json", json.dumps([ref])), None, "train"),
          r"RefCOCO needs the COCO `instances.json` as its annotations file"),
         (lambda d: downstream.read_karpathy(write(d / "k.json", '{"annotations": []}'), "train"),
@@ -201,6 +201,56 @@ def reader_cases():
          r"--image_id_template 'COCO_\{:012d' cannot format the image id 5"),
         (lambda d: downstream.read_karpathy(write(d / "k.json", '{"images": [{"filename": "a.jpg", "split": "val", "sentences": []}]}'), "train"),
          r"k.json' holds no examples for the requested split"),
+        *integrity_cases(vqa_questions, instances, ref),
+    ]  # fmt: skip
+
+
+def integrity_cases(vqa_questions: str, instances: str, ref: dict):
+    """Files that contradict themselves or carry values no dataset has: repeated ids (a lookup keeps one),
+    impossible boxes and image sizes, empty texts, answers in another format."""
+    question = {"question_id": 1, "image_id": 5, "question": "what?"}
+    annotation = {"question_id": 1, "answers": [{"answer": "yes"}]}
+
+    def instances_with(image=None, annotation=None):
+        base = json.loads(instances)
+        return json.dumps({"images": [{**base["images"][0], **(image or {})}], "annotations": [{**base["annotations"][0], **(annotation or {})}]})
+
+    def refcoco(d, image=None, annotation=None, refs=(ref,)):
+        return downstream.read_refcoco(write(d / "refs.json", json.dumps(list(refs))), write(d / "i.json", instances_with(image, annotation)), "train")
+
+    return [
+        (lambda d: downstream.read_vqa_v2(write(d / "q.json", json.dumps({"questions": [question, {**question, "question": "who?"}]}))),
+         r"q.json, questions\[0\] and \[1\] have the same question_id 1: each must be unique"),
+        (lambda d: downstream.read_vqa_v2(write(d / "q.json", vqa_questions), write(d / "a.json", json.dumps({"annotations": [annotation, annotation]}))),
+         r"a.json, annotations\[0\] and \[1\] have the same question_id 1"),
+        (lambda d: downstream.read_vqa_v2(write(d / "q.json", vqa_questions), write(d / "a.json", json.dumps({"annotations": [{"question_id": 1, "answers": ["yes", "no"]}]}))),
+         r"a.json, annotations\[0\]: `answers` must be a list of objects with 'answer' \(VQA v2's format\), got \['yes', 'no'\]"),
+        (lambda d: downstream.read_vqa_v2(write(d / "q.json", json.dumps({"questions": [{**question, "question": "   "}]}))),
+         r"q.json, questions\[0\]: `question` must be a non-empty text, got '   '"),
+        (lambda d: downstream.read_vqa_v2(write(d / "q.json", json.dumps({"questions": [{**question, "question": None}]}))),
+         r"q.json, questions\[0\]: `question` must be a non-empty text, got None"),
+        (lambda d: downstream.read_snli_ve(write(d / "ve.jsonl", '{"Flickr30K_ID": 1, "sentence2": "", "gold_label": "neutral"}')),
+         r"ve.jsonl:1: `sentence2` must be a non-empty text, got ''"),
+        (lambda d: downstream.read_nlvr2(write(d / "dev.json", '{"identifier": "dev-1-0-0", "sentence": " ", "label": "True"}')),
+         r"dev.json:1: `sentence` must be a non-empty text, got ' '"),
+        (lambda d: refcoco(d, annotation={"bbox": [0, 0, -2, 2]}),
+         r"i.json, annotations\[0\] \(id 7\): `bbox` must be COCO's \[x, y, width, height\] with a positive width and height, got \[0, 0, -2, 2\]"),
+        (lambda d: refcoco(d, annotation={"bbox": [0, 0, 2]}), r"i.json, annotations\[0\] \(id 7\): `bbox` must be COCO's"),
+        (lambda d: refcoco(d, annotation={"bbox": [0, 0, 2, "2"]}), r"i.json, annotations\[0\] \(id 7\): `bbox` must be COCO's"),
+        (lambda d: refcoco(d, image={"width": 0}), r"i.json, images\[0\] \(id 5\): `width` must be a positive number of pixels, got 0"),
+        (lambda d: refcoco(d, image={"height": "10"}), r"i.json, images\[0\] \(id 5\): `height` must be a positive number of pixels, got '10'"),
+        (lambda d: refcoco(d, image={"width": None}), r"i.json, images\[0\] \(id 5\): `width` must be a positive number of pixels, got None"),
+        (lambda d: downstream.read_refcoco(write(d / "refs.json", json.dumps([ref])), write(d / "i.json", json.dumps(
+            {"images": [{"id": 5, "width": 10, "height": 10}] * 2, "annotations": [{"id": 7, "bbox": [0, 0, 2, 2]}]})), "train"),
+         r"i.json, images\[0\] and \[1\] have the same id 5"),
+        (lambda d: downstream.read_refcoco(write(d / "refs.json", json.dumps([ref])), write(d / "i.json", json.dumps(
+            {"images": [{"id": 5, "width": 10, "height": 10}], "annotations": [{"id": 7, "bbox": [0, 0, 2, 2]}] * 2})), "train"),
+         r"i.json, annotations\[0\] and \[1\] have the same id 7"),
+        (lambda d: refcoco(d, refs=[{**ref, "image_id": 6}]), r"e.g. ref_id 0's image_id 6: are they the same dataset\?"),
+        (lambda d: refcoco(d, refs=[{**ref, "sentences": [{"sent": ""}]}]), r"refs.json, ref_id 0: `sent` must be a non-empty text, got ''"),
+        (lambda d: downstream.read_refcoco(write(d / "refs.json", json.dumps([ref])), write(d / "i.json", json.dumps(
+            {"images": [{"id": 5, "width": 10}], "annotations": [{"id": 7, "bbox": [0, 0, 2, 2]}]})), "train"),
+         r"i.json, images\[0\]: the record lacks \['height'\]"),
     ]  # fmt: skip
 
 

@@ -93,6 +93,23 @@ def _checked(item, fields: tuple[str, ...], where: str):
     return item
 
 
+def _unique(records: list[dict], field: str, where: str) -> None:
+    """Refuse a `field` value two records share (a lookup by it would silently keep one), naming both."""
+    first = {}
+    for i, record in enumerate(records):
+        if record[field] in first:
+            raise ValueError(f"{where}[{first[record[field]]}] and [{i}] have the same {field} {record[field]!r}: "
+                             "each must be unique (a merged or repeated file?)")  # fmt: skip
+        first[record[field]] = i
+
+
+def _text(value, where: str, field: str) -> str:
+    """A non-blank string (an empty question or sentence would be read as `[CLS] [SEP]`)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: `{field}` must be a non-empty text, got {value!r}")
+    return value
+
+
 def _from_rows(rows: list[dict], columns: list[str], path: str) -> datasets.Dataset:
     if not rows:
         raise ValueError(f"{path!r} holds no examples for the requested split")
@@ -111,10 +128,18 @@ def read_vqa_v2(questions_path: str, annotations_path: str | None = None, image_
     """
     questions = [_checked(q, ("question_id", "image_id", "question"), f"{questions_path}, questions[{i}]")
                  for i, q in enumerate(_load_json(questions_path, "questions"))]  # fmt: skip
+    _unique(questions, "question_id", f"{questions_path}, questions")
+    for i, q in enumerate(questions):
+        _text(q["question"], f"{questions_path}, questions[{i}]", "question")
     answers = {}
     if annotations_path:
         annotations = [_checked(a, ("question_id", "answers"), f"{annotations_path}, annotations[{i}]")
                        for i, a in enumerate(_load_json(annotations_path, "annotations"))]  # fmt: skip
+        _unique(annotations, "question_id", f"{annotations_path}, annotations")
+        for i, a in enumerate(annotations):
+            if not isinstance(a["answers"], list) or not all(isinstance(x, dict) and "answer" in x for x in a["answers"]):
+                raise ValueError(f"{annotations_path}, annotations[{i}]: `answers` must be a list of objects with "
+                                 f"'answer' (VQA v2's format), got {str(a['answers'])[:80]}")  # fmt: skip
         answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in annotations}
         missing = [q["question_id"] for q in questions if q["question_id"] not in answers]
         if missing:
@@ -144,7 +169,7 @@ def read_snli_ve(path: str, image_id_template: str = "{}") -> datasets.Dataset:
     for line_number, item in _json_lines(path, ("Flickr30K_ID", "sentence2", "gold_label")):
         if item["gold_label"] not in VE_LABELS:
             raise ValueError(f"{path}:{line_number}: gold_label must be one of {VE_LABELS}, got {item['gold_label']!r}")
-        rows.append({"image_id": _image_id(image_id_template, item["Flickr30K_ID"]), "hypothesis": item["sentence2"],
+        rows.append({"image_id": _image_id(image_id_template, item["Flickr30K_ID"]), "hypothesis": _text(item["sentence2"], f"{path}:{line_number}", "sentence2"),
                      "label": VE_LABELS.index(item["gold_label"])})  # fmt: skip
     return _from_rows(rows, ["image_id", "hypothesis", "label"], path)
 
@@ -162,7 +187,7 @@ def read_nlvr2(path: str, image_id_template: str = "{}") -> datasets.Dataset:
         pair = item["identifier"].rsplit("-", 1)[0]
         rows.append({"left_image_id": _image_id(image_id_template, f"{pair}-img0"),
                      "right_image_id": _image_id(image_id_template, f"{pair}-img1"),
-                     "sentence": item["sentence"], "label": NLVR2_LABELS.index(label)})  # fmt: skip
+                     "sentence": _text(item["sentence"], f"{path}:{line_number}", "sentence"), "label": NLVR2_LABELS.index(label)})  # fmt: skip
     return _from_rows(rows, ["left_image_id", "right_image_id", "sentence", "label"], path)
 
 
@@ -182,12 +207,31 @@ def read_refcoco(refs_path: str, instances_path: str, split: str, image_id_templ
         raise ValueError(f"{refs_path}: expected a list of refs, got a {type(refs).__name__}")
     refs = [_checked(ref, ("ref_id", "image_id", "ann_id", "split", "sentences"), f"{refs_path}, ref {i}")
             for i, ref in enumerate(refs)]  # fmt: skip
-    images = {image["id"]: image for image in _load_json(instances_path, "images")}
-    boxes = {a["id"]: a["bbox"] for a in _load_json(instances_path, "annotations")}
-    unknown = [ref["ref_id"] for ref in refs if ref["image_id"] not in images or ref["ann_id"] not in boxes]
+    images = [_checked(image, ("id", "width", "height"), f"{instances_path}, images[{i}]")
+              for i, image in enumerate(_load_json(instances_path, "images"))]  # fmt: skip
+    annotations = [_checked(a, ("id", "bbox"), f"{instances_path}, annotations[{i}]")
+                   for i, a in enumerate(_load_json(instances_path, "annotations"))]  # fmt: skip
+    _unique(images, "id", f"{instances_path}, images")
+    _unique(annotations, "id", f"{instances_path}, annotations")
+    for i, image in enumerate(images):
+        for field in ("width", "height"):
+            if isinstance(image[field], bool) or not isinstance(image[field], (int, float)) or not image[field] > 0:
+                raise ValueError(f"{instances_path}, images[{i}] (id {image['id']!r}): `{field}` must be a positive "
+                                 f"number of pixels, got {image[field]!r}")  # fmt: skip
+    for i, a in enumerate(annotations):
+        box = a["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+                and box[2] > 0 and box[3] > 0):  # fmt: skip
+            raise ValueError(f"{instances_path}, annotations[{i}] (id {a['id']!r}): `bbox` must be COCO's [x, y, width, "
+                             f"height] with a positive width and height, got {box!r}")  # fmt: skip
+    images = {image["id"]: image for image in images}
+    boxes = {a["id"]: a["bbox"] for a in annotations}
+    unknown = [(ref["ref_id"], "image_id" if ref["image_id"] not in images else "ann_id", ref["image_id"] if ref["image_id"] not in images else ref["ann_id"])
+               for ref in refs if ref["image_id"] not in images or ref["ann_id"] not in boxes]  # fmt: skip
     if unknown:
+        named = ", ".join(f"ref_id {ref_id}'s {field} {value!r}" for ref_id, field, value in unknown[:3])
         raise ValueError(f"{len(unknown)} refs of {refs_path} name an image or annotation that {instances_path} lacks, "
-                         f"e.g. ref_id {unknown[:3]}: are they the same dataset?")  # fmt: skip
+                         f"e.g. {named}: are they the same dataset?")  # fmt: skip
     rows = []
     for ref in refs:
         if ref["split"] != split:
@@ -196,7 +240,7 @@ def read_refcoco(refs_path: str, instances_path: str, split: str, image_id_templ
         x, y, w, h = boxes[ref["ann_id"]]
         box = [x / image["width"], y / image["height"], (x + w) / image["width"], (y + h) / image["height"]]
         for sentence in ref["sentences"]:
-            rows.append({"image_id": _image_id(image_id_template, ref["image_id"]), "expression": sentence["sent"],
+            rows.append({"image_id": _image_id(image_id_template, ref["image_id"]), "expression": _text(sentence.get("sent") if isinstance(sentence, dict) else sentence, f"{refs_path}, ref_id {ref['ref_id']}", "sent"),
                          "target_box": box, "ref_id": ref["ref_id"]})  # fmt: skip
     splits = sorted({ref["split"] for ref in refs})
     if not rows:
