@@ -440,3 +440,29 @@ def test_an_image_id_repeated_across_tsv_files_is_refused_not_dropped(tmp_path):
     second.write_bytes(Path(first).read_bytes().splitlines(keepends=True)[0])  # image "a" again
     with pytest.raises(ValueError, match=r"b.tsv, line 1: image id 'a' came already at .*a.tsv, line 1: ids must be unique"):
         convert_tsv([first, str(second)], tmp_path / "store")
+
+
+def copy_shard_in_twice(store):
+    shutil.copytree(store / "shard-00000", store / "shard-00009")
+
+
+def edit_sidecar(store, **fields):
+    metadata = json.loads((store / "cmal_region_store.json").read_text())
+    (store / "cmal_region_store.json").write_text(json.dumps({**metadata, **fields}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (copy_shard_in_twice, r"holds image id 'a' twice \(shard-00000, row 0 and shard-00009, row 0\): ids must be unique"),
+    (lambda store: edit_sidecar(store, feature_dim=D + 4),
+     rf"shard shard-00000 holds {D}-d features but its cmal_region_store.json says feature_dim {D + 4}"),
+    (lambda store: None, None),  # the intact store: the checks pass it
+])  # fmt: skip
+def test_a_store_that_contradicts_itself_is_refused_on_open(tmp_path, damage, message):
+    store = tmp_path / "store"
+    convert_tsv([write_butd_tsv(tmp_path / "f.tsv")], store, shard_size=2)
+    damage(store)
+    if message is None:
+        assert len(load_region_store(store)[0]) == 3
+        return
+    with pytest.raises(ValueError, match=rf"^the region store '{store}':? " + message):
+        load_region_store(store)

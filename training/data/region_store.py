@@ -260,11 +260,31 @@ def load_region_store(path: str, require_concept_names: bool = False) -> tuple[d
     if require_concept_names and metadata["concept_names"] is None:
         raise ValueError(f"the region store {path!r} has no concept names (converted without --concept_names): CMAL's "
                          "anchors need the detector's class names; convert it again with --concept_names FILE")  # fmt: skip
-    shards = [datasets.load_from_disk(os.path.join(path, name)) for name in _shard_dirs(path)]
+    names = _shard_dirs(path)
+    shards = [datasets.load_from_disk(os.path.join(path, name)) for name in names]
+    _check_shards(path, metadata, names, shards)
     if not shards:
         features = region_store_features(metadata["feature_dim"], metadata["num_soft_labels"])
         return datasets.Dataset.from_dict({name: [] for name in features}, features=features), metadata
     return datasets.concatenate_datasets(shards), metadata
+
+
+def _check_shards(path: str, metadata: dict, names: list[str], shards: list) -> None:
+    """The shards agree with the sidecar and with each other: their feature width is the metadata's
+    `feature_dim`, and no image id is in two places (a lookup by id would silently keep one)."""
+    seen = {}
+    for name, shard in zip(names, shards):
+        width = getattr(shard.features.get("features"), "shape", (None, None))[1]
+        if width is not None and width != metadata["feature_dim"]:
+            raise ValueError(f"the region store {path!r}: shard {name} holds {width}-d features but its "
+                             f"{METADATA_FILE} says feature_dim {metadata['feature_dim']}: the two were written by "
+                             "different conversions; convert the store again")  # fmt: skip
+        for row, image_id in enumerate(shard.data.table.column("image_id").to_pylist()):
+            if image_id in seen:
+                raise ValueError(f"the region store {path!r} holds image id {image_id!r} twice ({seen[image_id][0]}, "
+                                 f"row {seen[image_id][1]} and {name}, row {row}): ids must be unique; was a shard "
+                                 "copied in twice?")  # fmt: skip
+            seen[image_id] = (name, row)
 
 
 def row_to_regions(row: dict) -> dict:
