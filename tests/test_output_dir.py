@@ -169,3 +169,23 @@ def test_ctrl_c_prints_one_line_with_a_resume_command_that_works(corpus, tmp_pat
     resumed = subprocess.run([sys.executable, *command[1:]], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and steps_of(folder) == 6
+
+
+@pytest.mark.parametrize("script", [pretrain, finetune])
+@pytest.mark.parametrize("flags, message", [
+    (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"],
+     "--overwrite_output_dir starts the run over (deleting its checkpoints) and --resume_from_checkpoint latest "
+     "continues it from them: pass one of the two"),
+    (["LINK"], "argument --output_dir: '{link}' is a link to '{run}'; a run writes, replaces and deletes inside its folder"),
+])  # fmt: skip
+def test_contradictory_flags_are_refused_at_parsing(tmp_path, capsys, script, flags, message):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.safetensors").write_text("another run's")
+    (tmp_path / "link").symlink_to(tmp_path / "run", target_is_directory=True)
+    folder = tmp_path / ("link" if flags == ["LINK"] else "run")
+    argv = ["--output_dir", str(folder), *[f for f in flags if f != "LINK"], *(["--task", "vqa"] if script is finetune else [])]
+    with pytest.raises(SystemExit) as stopped:
+        script.parse_args(argv)
+    assert stopped.value.code == 2
+    assert message.format(link=tmp_path / "link", run=tmp_path / "run") in capsys.readouterr().err
+    assert (tmp_path / "run" / "model.safetensors").read_text() == "another run's"

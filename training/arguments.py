@@ -129,6 +129,16 @@ def add_training_args(parser, output_dir: str, batch_size: int, learning_rate: f
     return train
 
 
+def check_training_args(p: argparse.ArgumentParser, args) -> None:
+    """Shared training flags that contradict each other or the folder given, refused at parsing with the reason."""
+    if args.resume_from_checkpoint == "latest" and args.overwrite_output_dir:
+        p.error("--overwrite_output_dir starts the run over (deleting its checkpoints) and --resume_from_checkpoint "
+                "latest continues it from them: pass one of the two")  # fmt: skip
+    if os.path.islink(os.path.normpath(args.output_dir)):
+        p.error(f"argument --output_dir: {args.output_dir!r} is a link to {os.path.realpath(args.output_dir)!r}; a run "
+                "writes, replaces and deletes inside its folder, so it must be the folder itself: pass that path")  # fmt: skip
+
+
 def command_line(script: str, argv: list | None) -> str:
     """The command that ran `script` with `argv` (default: this process's), as a user would retype it to resume."""
     launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"

@@ -27,6 +27,7 @@ from cmal.training.arguments import (
     PROBABILITY,
     add_training_args,
     bounded,
+    check_training_args,
     command_line,
     existing_file,
     existing_folder,
@@ -83,6 +84,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.output_dir = args.output_dir or f"outputs/cmal-{args.task}"
     args.command = command_line("training/finetune.py", argv)
+    check_training_args(p, args)
     if args.train_file is None and any([args.validation_file, args.train_annotations, args.regions]):
         p.error("--validation_file, --train_annotations and --regions need --train_file (real data)")
     if args.train_file is not None and args.synthetic_test:

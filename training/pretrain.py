@@ -25,6 +25,7 @@ from cmal.training.arguments import (
     PROBABILITY,
     add_training_args,
     bounded,
+    check_training_args,
     command_line,
     existing_folder,
     model_config_source,
@@ -105,6 +106,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.streaming and args.curriculum_epochs:
         p.error("argument --streaming: reads shards in order and draws no curriculum: pass --curriculum_epochs 0")
+    check_training_args(p, args)
     args.command = command_line("training/pretrain.py", argv)
     return args
 
