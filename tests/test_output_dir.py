@@ -10,11 +10,11 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, pretrain_args
+from conftest import REPO, die_after_saving, pretrain_args
 from safetensors.torch import load_file
 
 from cmal.training import finetune, pretrain
-from cmal.training.utils import final_folder, recover_final_folder
+from cmal.training.utils import RUN_FILES, final_folder, recover_final_folder
 
 
 @pytest.fixture
@@ -189,3 +189,42 @@ def test_contradictory_flags_are_refused_at_parsing(tmp_path, capsys, script, fl
     assert stopped.value.code == 2
     assert message.format(link=tmp_path / "link", run=tmp_path / "run") in capsys.readouterr().err
     assert (tmp_path / "run" / "model.safetensors").read_text() == "another run's"
+
+
+@pytest.mark.parametrize("flag", [["--overwrite_output_dir"], ["--resume_from_checkpoint", "latest"]])
+def test_a_run_never_replaces_files_it_did_not_write(corpus, tmp_path, flag):
+    """The final save lists what it wrote (`RUN_FILES`), in one file mode; a later run that would replace the
+    folder's files (starting over, or resuming and saving at the end) refuses while the folder holds others."""
+    folder = tmp_path / "run"
+    run(corpus, folder, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    written = json.loads((folder / RUN_FILES).read_text())
+    assert {"config.json", "model.safetensors", "train_results.json", "README.md"} <= set(written)
+    modes = {os.stat(folder / name).st_mode & 0o777 for name in written if (folder / name).is_file()}
+    assert len(modes) == 1, modes  # model.safetensors too (a temporary file's 0600 before)
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"--output_dir .*run' holds notes.txt, which no run of this package wrote: "
+                                         r"the run's final save replaces the folder's files, so move them elsewhere first"):  # fmt: skip
+        run(corpus, folder, "--max_train_steps", "2", "--checkpointing_steps", "2", *flag)
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "checkpoints" / "step_2").is_dir()
+    (folder / "notes.txt").unlink()
+    run(corpus, folder, "--max_train_steps", "4", "--checkpointing_steps", "2", *flag)  # the run's own files: replaced
+    assert steps_of(folder) == 4
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda step: (step / "model.safetensors").unlink(), r"step_4 is incomplete: it lacks its weights; resume from another checkpoint"),
+    (lambda step: (step / "optimizer.bin").unlink(), r"step_4 is incomplete: it lacks its optimizer state;"),
+    (lambda step: [(step / n).unlink() for n in ("scheduler.bin", "random_states_0.pkl")],
+     r"step_4 is incomplete: it lacks its scheduler state, random state \(random_states_0.pkl\);"),
+    (lambda step: (step / "random_states_0.pkl").write_bytes(b"not a pickle"),
+     r"step_4: its random state random_states_0.pkl cannot be read \(.*\), so the resumed run would draw other batches"),
+])  # fmt: skip
+def test_a_checkpoint_that_cannot_resume_exactly_is_refused(corpus, tmp_path, monkeypatch, damage, message):
+    folder = tmp_path / "run"
+    restore = die_after_saving(monkeypatch, 4)
+    with pytest.raises(SystemExit):  # interrupted after step 4's checkpoint
+        run(corpus, folder, "--max_train_steps", "6", "--checkpointing_steps", "2")
+    restore()
+    damage(folder / "checkpoints" / "step_4")
+    with pytest.raises(ValueError, match=message):
+        run(corpus, folder, "--max_train_steps", "6", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest")

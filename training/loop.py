@@ -178,6 +178,7 @@ def resume(accelerator, args, optimizer, scheduler, steps_per_epoch: int) -> tup
             logger.info("no checkpoint to resume from: starting fresh")
             return 0, 0, 0
         path = found[-1][1]
+    check_checkpoint(path, accelerator.process_index)
     accelerator.load_state(path)
     rescale_learning_rate(optimizer, scheduler, args.learning_rate)
     completed = checkpoint_step(path)
@@ -185,6 +186,32 @@ def resume(accelerator, args, optimizer, scheduler, steps_per_epoch: int) -> tup
     skip_batches = done_in_epoch * args.gradient_accumulation_steps
     logger.info(f"resumed from {path}: step {completed}, epoch {start_epoch}, skipping {skip_batches} batches")
     return completed, start_epoch, skip_batches
+
+
+# What `accelerator.save_state` writes for this loop (one model, optimizer and scheduler; FSDP writes folders)
+CHECKPOINT_PARTS = {"weights": ("model.safetensors", "pytorch_model.bin", "pytorch_model_fsdp_0"),
+                    "optimizer state": ("optimizer.bin", "optimizer_0"), "scheduler state": ("scheduler.bin",)}  # fmt: skip
+
+
+def check_checkpoint(path: str, process_index: int) -> None:
+    """A checkpoint resumes exactly or not at all: each part `save_state` writes is there, and this process's
+    random state reads (accelerate would log the failure at INFO and go on with another data order)."""
+    from accelerate.utils import load
+
+    present = set(os.listdir(path))
+    missing = [part for part, names in CHECKPOINT_PARTS.items() if not present & set(names)]
+    rng = f"random_states_{process_index}.pkl"
+    if rng not in present:
+        missing.append(f"random state ({rng})")
+    if missing:
+        raise ValueError(f"the checkpoint {path} is incomplete: it lacks its {', '.join(missing)}; resume from another "
+                         "checkpoint (--resume_from_checkpoint .../checkpoints/step_N) or start over")  # fmt: skip
+    try:
+        load(os.path.join(path, rng))["torch_manual_seed"]
+    except Exception as error:
+        raise ValueError(f"the checkpoint {path}: its random state {rng} cannot be read ({type(error).__name__}: "
+                         f"{str(error)[:100]}), so the resumed run would draw other batches and masks than the "
+                         "uninterrupted one; resume from another checkpoint or start over") from None
 
 
 def rescale_learning_rate(optimizer, scheduler, peak: float) -> None:

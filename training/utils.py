@@ -200,6 +200,11 @@ def prepare_output_dir(accelerator, args) -> None:
     accelerator.wait_for_everyone()
     found = checkpoints(folder)
     stale = []
+    foreign = foreign_files(folder) if os.path.isdir(folder) else []
+    if foreign and (args.overwrite_output_dir or args.resume_from_checkpoint):
+        raise ValueError(f"--output_dir {folder!r} holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, which no run "
+                         "of this package wrote: the run's final save replaces the folder's files, so move them elsewhere "
+                         "first (or choose another --output_dir)")  # fmt: skip
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         step = checkpoint_step(args.resume_from_checkpoint)
         if step is None or not os.path.isdir(args.resume_from_checkpoint):
@@ -229,6 +234,24 @@ def prepare_output_dir(accelerator, args) -> None:
     accelerator.wait_for_everyone()
 
 
+RUN_FILES = "cmal_run_files.json"  # the files a run's final save wrote: what a later run may replace
+
+
+def foreign_files(folder: str) -> list[str]:
+    """The files of a run folder that no run of this package wrote (a user's notes, a copied config): the files
+    the last final save listed in `RUN_FILES` are the run's; sub-folders (checkpoints, tracker logs) are kept by
+    every swap. A folder saved before `RUN_FILES` existed counts as the run's when it holds train_results.json."""
+    listed = os.path.join(folder, RUN_FILES)
+    if os.path.isfile(listed):
+        with open(listed) as f:
+            owned = set(json.load(f)) | {RUN_FILES}
+    elif os.path.isfile(os.path.join(folder, "train_results.json")):
+        return []
+    else:
+        owned = set()
+    return sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name)) and name not in owned)
+
+
 @contextlib.contextmanager
 def final_folder(folder: str):
     """Yield a temporary sibling of `folder` to write the final model into; on success it takes `folder`'s
@@ -242,6 +265,13 @@ def final_folder(folder: str):
     shutil.rmtree(folder + ".tmp", ignore_errors=True)
     os.makedirs(staging)
     yield staging
+    umask = os.umask(0)
+    os.umask(umask)
+    written = sorted(os.listdir(staging))
+    for name in written:  # one mode for every file: atomic writes through a temporary file leave 0600
+        if os.path.isfile(os.path.join(staging, name)):
+            os.chmod(os.path.join(staging, name), 0o666 & ~umask)
+    write_json(os.path.join(staging, RUN_FILES), written)
     if os.path.isdir(folder):
         os.replace(folder, folder + ".old")
     os.replace(staging, folder)
