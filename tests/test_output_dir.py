@@ -228,3 +228,28 @@ def test_a_checkpoint_that_cannot_resume_exactly_is_refused(corpus, tmp_path, mo
     damage(folder / "checkpoints" / "step_4")
     with pytest.raises(ValueError, match=message):
         run(corpus, folder, "--max_train_steps", "6", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest")
+
+
+def test_a_user_error_on_the_command_line_ends_in_its_one_line(tmp_path):
+    (tmp_path / "model").write_text("")
+    done = subprocess.run([sys.executable, "training/pretrain.py", "--output_dir", str(tmp_path / "model"), "--report_to", "none"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == f"error: --output_dir {str(tmp_path / 'model')!r} is a file; expected a folder (absent or empty, or a run to resume)"
+
+
+@pytest.mark.parametrize("error", [ValueError("--x: bad"), OSError("no such file: 'y'")])
+def test_script_entry_turns_a_user_error_into_its_line_and_cmal_traceback_shows_it(error, capsys, monkeypatch):
+    from cmal.training.arguments import script_entry
+
+    def main():
+        raise error
+
+    with pytest.raises(SystemExit) as stopped:
+        script_entry(main)
+    assert stopped.value.code == 1 and capsys.readouterr().err == f"error: {error}\n"
+    monkeypatch.setenv("CMAL_TRACEBACK", "1")
+    with pytest.raises(type(error)):
+        script_entry(main)
+    with pytest.raises(KeyError):  # a bug is not a user error: its traceback stays
+        script_entry(lambda: {}["missing"])

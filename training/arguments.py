@@ -139,6 +139,18 @@ def check_training_args(p: argparse.ArgumentParser, args) -> None:
                 "writes, replaces and deletes inside its folder, so it must be the folder itself: pass that path")  # fmt: skip
 
 
+def script_entry(main) -> None:
+    """A script's `__main__`: a user error (a value, file or folder the checks refused: ValueError, OSError) ends in its
+    one line and exit status 1, not a traceback around it; `CMAL_TRACEBACK=1` shows the traceback."""
+    try:
+        main()
+    except (ValueError, OSError) as error:
+        if os.environ.get("CMAL_TRACEBACK"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def command_line(script: str, argv: list | None) -> str:
     """The command that ran `script` with `argv` (default: this process's), as a user would retype it to resume."""
     launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"

@@ -33,6 +33,7 @@ from cmal.training.arguments import (
     existing_folder,
     model_config_source,
     model_source,
+    script_entry,
 )
 
 
@@ -109,4 +110,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    script_entry(main)

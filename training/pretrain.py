@@ -30,6 +30,7 @@ from cmal.training.arguments import (
     existing_folder,
     model_config_source,
     model_source,
+    script_entry,
 )
 
 
@@ -120,4 +121,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    script_entry(main)

@@ -18,7 +18,7 @@ A run that ends below the targets (mAP@0.5 0.9, colour 0.9) says so.
 
 import argparse
 
-from cmal.training.arguments import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT
+from cmal.training.arguments import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, script_entry
 
 
 def parse_args(argv=None):
@@ -48,4 +48,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    script_entry(main)
