@@ -352,6 +352,25 @@ def test_non_finite_step_stops_before_the_update_and_resumes_with_a_new_learning
     assert results["last_learning_rate"] == pytest.approx(2.5e-4)  # the checkpoint's 1e-3 is not silently kept
 
 
+@pytest.mark.parametrize("checkpointing, why", [([], "was not set"), (["--checkpointing_steps", "5"], "5 comes after step 2")])
+def test_a_divergence_before_any_checkpoint_says_none_exists_and_how_to_have_one(corpus, tmp_path, monkeypatch, checkpointing, why):
+    from cmal.modeling_cmal import CMALForPreTraining
+
+    forward, calls = CMALForPreTraining.forward, {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        out.loss = out.loss * float("nan") if calls["n"] == 3 else out.loss
+        return out
+
+    monkeypatch.setattr(CMALForPreTraining, "forward", poisoned)
+    with pytest.raises(RuntimeError, match=rf"The loss became nan at step 2; stopping before the update. No checkpoint exists to "
+                                           rf"resume from \(--checkpointing_steps {why}\): start over with a lower --learning_rate, "
+                                           r".* and --checkpointing_steps N"):  # fmt: skip
+        pretrain.main(args_for(corpus, tmp_path, "--max_train_steps", "6", *checkpointing))
+
+
 def test_killed_run_resumes_to_the_same_weights(corpus, tmp_path):
     """SIGKILL mid-run (possibly mid-save), resume from `latest`: the same weights as an uninterrupted run."""
     common = args_for(corpus, "OUT", "--max_train_steps", "30", "--checkpointing_steps", "2", "--checkpoints_total_limit", "100")

@@ -236,8 +236,12 @@ def check_finite(accelerator, value: torch.Tensor, args, step: int, what: str) -
     if bool(accelerator.gather(torch.isfinite(value.detach()).reshape(1)).all()):
         return
     last = checkpoints(args.output_dir)
-    raise RuntimeError(
-        f"The {what} became {value.item()} at step {step}; stopping before the update. The last good checkpoint is "
-        f"{last[-1][1] if last else 'none (no checkpoint was written yet)'}: resume from it with a lower "
-        "--learning_rate (the schedule is rescaled), or use bf16 rather than fp16."
-    )
+    if last:
+        advice = (f"The last good checkpoint is {last[-1][1]}: resume from it with a lower --learning_rate (the schedule "
+                  "is rescaled), or use bf16 rather than fp16.")  # fmt: skip
+    else:
+        advice = ("No checkpoint exists to resume from (--checkpointing_steps "
+                  f"{'was not set' if not args.checkpointing_steps else f'{args.checkpointing_steps} comes after step {step}'}): "
+                  "start over with a lower --learning_rate, or bf16 rather than fp16, and --checkpointing_steps N to "
+                  "be able to resume from before a divergence.")  # fmt: skip
+    raise RuntimeError(f"The {what} became {value.item()} at step {step}; stopping before the update. {advice}")
