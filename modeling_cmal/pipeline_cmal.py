@@ -53,9 +53,15 @@ class CMALPipeline(Pipeline):
         if inputs is None:
             keys = ("image", "regions", "images", "texts", self.text_argument)
             inputs = {key: kwargs.pop(key) for key in keys if key in kwargs}
+        if isinstance(inputs, list) and not all(isinstance(item, dict) for item in inputs):
+            wrong = next(i for i, item in enumerate(inputs) if not isinstance(item, dict))
+            raise ValueError(f"`inputs[{wrong}]` must be a dict of this pipeline's keys (image or regions, and "
+                             f"{self.text_argument}), got {type(inputs[wrong]).__name__}")  # fmt: skip
         return super().__call__(inputs, **kwargs)
 
     def _sanitize_parameters(self, top_k=None, timeout=None, max_length=None, **kwargs):
+        if top_k is not None:
+            _check_number("top_k", top_k, int, 1, None, False)
         preprocess = {key: value for key, value in (("timeout", timeout), ("max_length", max_length)) if value is not None}
         return preprocess, {}, {} if top_k is None else {"top_k": top_k}
 

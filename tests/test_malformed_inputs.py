@@ -218,7 +218,15 @@ def integrity_cases(vqa_questions: str, instances: str, ref: dict):
     def refcoco(d, image=None, annotation=None, refs=(ref,)):
         return downstream.read_refcoco(write(d / "refs.json", json.dumps(list(refs))), write(d / "i.json", instances_with(image, annotation)), "train")
 
+    def write_bytes(path, data: bytes) -> str:
+        path.write_bytes(data)
+        return str(path)
+
     return [
+        (lambda d: downstream.read_vqa_v2(write_bytes(d / "q.json", vqa_questions.encode("utf-16"))),
+         r"q.json: not UTF-8 text \(it starts with a UTF-16 byte-order mark\): byte 0 cannot be decoded; JSON files are UTF-8"),
+        (lambda d: downstream.read_snli_ve(write_bytes(d / "ve.jsonl", b'{"Flickr30K_ID": 1, "sentence2": "caf\xe9", "gold_label": "neutral"}')),
+         r"ve.jsonl: not UTF-8 text: byte 37 cannot be decoded"),
         (lambda d: downstream.read_vqa_v2(write(d / "q.json", json.dumps({"questions": [question, {**question, "question": "who?"}]}))),
          r"q.json, questions\[0\] and \[1\] have the same question_id 1: each must be unique"),
         (lambda d: downstream.read_vqa_v2(write(d / "q.json", vqa_questions), write(d / "a.json", json.dumps({"annotations": [annotation, annotation]}))),
@@ -378,6 +386,12 @@ def test_every_broken_file_is_named_as_a_path_as_bytes_and_as_a_lazily_opened_im
                 processor(PIL.Image.open(path))
 
 
+def bytes_folder(folder, data: bytes) -> str:
+    folder.mkdir()
+    (folder / "a.npz").write_bytes(data)
+    return str(folder)
+
+
 def npz_folder(folder, **arrays) -> str:
     folder.mkdir()
     np.savez(folder / "a.npz", **arrays)
@@ -392,10 +406,14 @@ def npz_folder(folder, **arrays) -> str:
     (lambda d: convert_npz(npz_folder(d / "n", x=np.zeros((2, 3), np.float32), bbox=np.zeros((2, 4)), image_w=0, image_h=9), str(d / "s")),
      r"a.npz: cannot normalise boxes by an image size of 0x9"),
     (lambda d: convert_npz(npz_folder(d / "n", feats=np.zeros((2, 3))), str(d / "s")), r"a.npz: unknown .npz layout with keys \['feats'\]"),
+    (lambda d: convert_npz(bytes_folder(d / "n", b"garbage bytes, not a zip"), str(d / "s")), r"a.npz: not an .npz archive of arrays \("),
+    (lambda d: convert_npz(bytes_folder(d / "n", b"PK\x03\x04truncated"), str(d / "s")), r"a.npz: not an .npz archive of arrays \("),
     (lambda d: convert_tsv([write(d / "f.tsv", "a\t10\t10\t1\tAAAA\tAAA=x\n")], str(d / "s")),
      r"f.tsv, line 1: `features` is not valid base64 \(.*\)"),
     (lambda d: convert_tsv([write(d / "f.tsv", "a\t10\t10\tone\tAAAA\tAAAA\n")], str(d / "s")),
-     r"f.tsv, line 1: invalid literal for int\(\) with base 10: b'one'"),
+     r"f.tsv, line 1: `num_boxes` must be a whole number, got 'one'"),
+    (lambda d: convert_tsv([write(d / "f.tsv", "a\t10\t10\t-1\tAAAA\tAAAA\n")], str(d / "s")),
+     r"f.tsv, line 1: `num_boxes` must not be negative, got -1"),
     (lambda d: convert_tsv([write(d / "f.tsv", "a\t10\t10\n")], str(d / "s")),
      r"f.tsv, line 1: 3 tab-separated fields, expected 6 \(bottom-up-attention"),
 ])  # fmt: skip

@@ -157,6 +157,27 @@ def test_vqa_pipeline_on_precomputed_regions(region_inputs, tmp_path):
         vqa(regions=region_inputs[0])
 
 
+@pytest.fixture(scope="module")
+def vqa_pipeline(region_inputs, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vqa-head")
+    save_head(CMALForQuestionAnswering, folder, id2label=ANSWERS)
+    return pipeline("visual-question-answering", model=str(folder), trust_remote_code=True)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda vqa, r: vqa(regions=r, question=QUESTIONS[1], top_k=-1), r"`top_k` must be an integer in \[1, inf\), got -1"),
+    (lambda vqa, r: vqa(regions=r, question=QUESTIONS[1], top_k=0), r"`top_k` must be an integer in \[1, inf\), got 0"),
+    (lambda vqa, r: vqa(regions=r, question=QUESTIONS[1], top_k=1.5), r"`top_k` must be an integer, got 1.5 \(float\)"),
+    (lambda vqa, r: vqa(regions=r, question=QUESTIONS[1], top_k="3"), r"`top_k` must be an integer, got '3' \(str\)"),
+    (lambda vqa, r: vqa([{"regions": r, "question": QUESTIONS[1]}, None]), r"`inputs\[1\]` must be a dict of this pipeline's keys .*, got NoneType"),
+    (lambda vqa, r: vqa(["what?"]), r"`inputs\[0\]` must be a dict of this pipeline's keys \(image or regions, and question\), got str"),
+    (lambda vqa, r: vqa(regions=r, question="   "), r"`question` must be a non-empty string"),
+])  # fmt: skip
+def test_a_malformed_pipeline_call_names_the_argument(vqa_pipeline, region_inputs, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(vqa_pipeline, region_inputs[0])
+
+
 def save_synthetic_vqa(world, folder):
     """A random tiny VQA model and processor for a synthetic world (its words, concepts, answers), saved."""
     processor = CMALProcessor(CMALImageProcessor(concept_names=synthetic.CONCEPT_NAMES),

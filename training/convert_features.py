@@ -11,6 +11,7 @@ import argparse
 import base64
 import binascii
 import os
+import zipfile
 
 import datasets
 import numpy as np
@@ -74,9 +75,20 @@ def split_tsv_line(line: bytes) -> dict:
     )
 
 
+def _count(fields: dict, name: str) -> int:
+    """A TSV field that holds a whole number (`num_boxes`, `image_w`, `image_h`), named when it does not."""
+    try:
+        value = int(fields[name])
+    except ValueError:
+        raise ValueError(f"`{name}` must be a whole number, got {fields[name].decode(errors='replace')[:40]!r}") from None
+    if value < 0:
+        raise ValueError(f"`{name}` must not be negative, got {value}")
+    return value
+
+
 def tsv_row(fields: dict, feature_dim: int) -> dict:
     """Decoded fields -> a store row. LXMERT's objects become concepts and scores; attributes are dropped."""
-    n, width, height = int(fields["num_boxes"]), int(fields["image_w"]), int(fields["image_h"])
+    n, width, height = (_count(fields, name) for name in ("num_boxes", "image_w", "image_h"))
     row = {
         "image_id": fields["image_id"].decode(),
         "image_width": width,
@@ -99,7 +111,7 @@ def tsv_feature_dim(tsv_files: list[str]) -> int:
                     continue
                 try:
                     fields = split_tsv_line(line)
-                    n, size = int(fields["num_boxes"]), len(_b64(fields["features"], "features")) // 4
+                    n, size = _count(fields, "num_boxes"), len(_b64(fields["features"], "features")) // 4
                     if n and size % n:
                         raise ValueError(f"{size} feature values do not split into {n} boxes")
                 except ValueError as error:
@@ -174,7 +186,13 @@ def npz_row(path: str) -> dict:
 def _npz_layout(path: str) -> dict:
     """One per-image .npz (image id = file stem) -> a store row; the layout is told by its keys."""
     image_id = os.path.splitext(os.path.basename(path))[0]
-    with np.load(path) as npz:
+    try:
+        archive = np.load(path)  # never with allow_pickle: a downloaded file is not unpickled
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path}: not an .npz archive of arrays ({str(error).splitlines()[0][:120]})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: a single .npy array, not an .npz archive of named arrays")
+    with archive as npz:
         keys = set(npz.files)
         if {"features", "norm_bb", "conf"} <= keys:
             # UNITER: boxes already normalised (x1, y1, x2, y2[, w, h]); the image size is not kept, so 0.

@@ -47,11 +47,22 @@ def _json_lines(path: str, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
     """(line number, object) of a file of one JSON object per line with `fields` (SNLI-VE `.jsonl`, NLVR2
     `.json`); a broken line or a missing field is named by file and line."""
     items = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                items.append((number, _checked(_parse_json(line, f"{path}:{number}"), fields, f"{path}:{number}")))
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        if line.strip():
+            items.append((number, _checked(_parse_json(line, f"{path}:{number}"), fields, f"{path}:{number}")))
     return items
+
+
+def _read_text(path: str) -> str:
+    """A JSON file's text; one in another encoding than UTF-8 (a UTF-16 export) is named, not a bare decode error."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        found = " (it starts with a UTF-16 byte-order mark)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ValueError(f"{path}: not UTF-8 text{found}: byte {error.start} cannot be decoded; JSON files are UTF-8, "
+                         "re-save it as UTF-8") from None
 
 
 def _parse_json(text: str, where: str):
@@ -64,8 +75,7 @@ def _parse_json(text: str, where: str):
 def _load_json(path: str, key: str | None = None):
     """A JSON file (its `key` entry when given), errors naming the file: a wrong file fails here, not as a
     bare `KeyError` later."""
-    with open(path) as f:
-        data = _parse_json(f.read(), path)
+    data = _parse_json(_read_text(path), path)
     if key is None:
         return data
     if not isinstance(data, dict) or key not in data:
