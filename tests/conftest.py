@@ -242,8 +242,8 @@ def die_after_saving(monkeypatch, step: int):
 
     save = loop.save_checkpoint
 
-    def save_then_die(accelerator, run_args, completed):
-        save(accelerator, run_args, completed)
+    def save_then_die(accelerator, run_args, completed, *loss):
+        save(accelerator, run_args, completed, *loss)
         if completed == step:
             raise KeyboardInterrupt
 

@@ -127,8 +127,8 @@ def test_an_interrupt_dropped_by_a_finalizer_still_stops_the_run(corpus, tmp_pat
 
     save = loop.save_checkpoint
 
-    def save_then_interrupt_in_a_finalizer(accelerator, args, step):
-        save(accelerator, args, step)
+    def save_then_interrupt_in_a_finalizer(accelerator, args, step, *loss):
+        save(accelerator, args, step, *loss)
         if step == 2:
             def epoch():
                 try:

@@ -352,6 +352,36 @@ def test_non_finite_step_stops_before_the_update_and_resumes_with_a_new_learning
     assert results["last_learning_rate"] == pytest.approx(2.5e-4)  # the checkpoint's 1e-3 is not silently kept
 
 
+def test_the_nan_guard_names_the_checkpoint_saved_before_the_loss_rose_and_it_trains(corpus, tmp_path, monkeypatch):
+    """The loss rises a hundredfold from step 5 (as a diverging run's does) and is NaN at step 9: step_8 and step_6
+    hold finite weights saved at a risen loss, so the guard names step_4, which resumed at a lower rate trains on."""
+    from cmal.modeling_cmal import CMALForPreTraining
+    from cmal.training import pretrain_run
+
+    forward, calls = CMALForPreTraining.forward, {"n": 0}
+
+    def diverging(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        out.loss = out.loss * (float("nan") if calls["n"] == 9 else 100.0 if calls["n"] >= 5 else 1.0)
+        for name in pretrain_run.LOSSES:  # the logged losses rise with it
+            if out.get(name) is not None and 5 <= calls["n"] < 9:
+                out[name] = out[name] * 100.0
+        return out
+
+    monkeypatch.setattr(CMALForPreTraining, "forward", diverging)
+    argv = args_for(corpus, tmp_path, "--max_train_steps", "10", "--checkpointing_steps", "2", "--lr_scheduler_type", "constant")
+    with pytest.raises(RuntimeError, match=r"The loss became nan at step 8; .* The last good checkpoint is .*step_4 \(the newest, "
+                                           r".*step_8, was saved when the loss had already risen\)"):  # fmt: skip
+        pretrain.main(argv)
+    risen = json.loads((tmp_path / "checkpoints" / "step_8" / "training_loss.json").read_text())["loss"]
+    monkeypatch.undo()
+    results = pretrain.main([*argv, "--resume_from_checkpoint", str(tmp_path / "checkpoints" / "step_4"), "--overwrite_output_dir",
+                             "--learning_rate", "2.5e-4"])  # fmt: skip
+    assert results["steps"] == 10 and all(np.isfinite(v) for v in results["final_losses"].values())
+    assert sum(results["final_losses"].values()) < risen / 10
+
+
 @pytest.mark.parametrize("checkpointing, why", [([], "was not set"), (["--checkpointing_steps", "5"], "5 comes after step 2")])
 def test_a_divergence_before_any_checkpoint_says_none_exists_and_how_to_have_one(corpus, tmp_path, monkeypatch, checkpointing, why):
     from cmal.modeling_cmal import CMALForPreTraining

@@ -5,6 +5,7 @@ Checkpoints are `output_dir/checkpoints/step_N` folders of `accelerator.save_sta
 killed run ends with the weights an uninterrupted run would have had.
 """
 
+import json
 import logging
 import math
 import os
@@ -94,7 +95,7 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
                         evaluate_at(completed)
                         start += time.perf_counter() - paused
                     if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
-                        save_checkpoint(accelerator, args, completed)
+                        save_checkpoint(accelerator, args, completed, sum(means.values()) if means else None)
                     if completed >= max_steps:
                         break
                 tick = time.perf_counter()
@@ -146,10 +147,14 @@ def checkpoint_step(path: str) -> int | None:
     return int(name.group(1)) if name else None
 
 
-def save_checkpoint(accelerator, args, step: int):
+TRAINING_LOSS = "training_loss.json"  # in a checkpoint: the loss it was saved at, which the NaN guard reads
+
+
+def save_checkpoint(accelerator, args, step: int, loss: float | None = None):
     """`save_state` into `step_N.tmp`, then rename: a checkpoint either exists whole or not at all. Only
-    then are all but the newest `--checkpoints_total_limit` removed (why not Accelerate's `total_limit`:
-    `utils.setup_accelerator`)."""
+    then are all but the newest `--checkpoints_total_limit` removed, the last one saved before the loss rose kept
+    (`still_training`; why not Accelerate's `total_limit`: `utils.setup_accelerator`). `loss`, the sum of the logged losses' means over the last logging window, is kept
+    in it."""
     final = os.path.join(args.output_dir, "checkpoints", f"step_{step}")
     tmp = final + ".tmp"
     if accelerator.is_main_process:
@@ -158,10 +163,15 @@ def save_checkpoint(accelerator, args, step: int):
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if loss is not None:
+            with open(os.path.join(tmp, TRAINING_LOSS), "w") as f:
+                json.dump({"step": step, "loss": loss}, f)
         shutil.rmtree(final, ignore_errors=True)  # a step retrained after resuming from an earlier checkpoint
         os.replace(tmp, final)
-        for _, old in checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-            shutil.rmtree(old)
+        found = checkpoints(args.output_dir)
+        for _, old in found[: -args.checkpoints_total_limit]:
+            if old != still_training(found):  # a diverging run's last good checkpoint outlives the limit
+                shutil.rmtree(old)
         logger.info(f"step {step}: checkpoint saved to {final}")
     accelerator.wait_for_everyone()
 
@@ -230,6 +240,21 @@ def rescale_learning_rate(optimizer, scheduler, peak: float) -> None:
     logger.info(f"--learning_rate {peak:g} differs from the checkpoint's {saved:g}: the resumed schedule is scaled by {ratio:g}")
 
 
+def still_training(found: list[tuple[int, str]], rise: float = 1.5) -> str:
+    """The newest of the checkpoints `found` saved before the loss rose: its recorded loss within `rise` times the
+    lowest any of them recorded. A run diverges over many steps before its loss is NaN, so the newest checkpoint
+    can hold finite weights that no longer train (the newest when none recorded a loss)."""
+    losses = {}
+    for step, path in found:
+        if os.path.isfile(os.path.join(path, TRAINING_LOSS)):
+            with open(os.path.join(path, TRAINING_LOSS)) as f:
+                losses[path] = json.load(f)["loss"]
+    if not losses:
+        return found[-1][1]
+    lowest = min(losses.values())
+    return next(path for _, path in reversed(found) if path in losses and losses[path] <= rise * lowest)
+
+
 def check_finite(accelerator, value: torch.Tensor, args, step: int, what: str) -> None:
     """Stop every process on a NaN/inf loss or gradient norm, before it reaches the weights, so every
     checkpoint holds finite weights; name the newest one."""
@@ -237,8 +262,10 @@ def check_finite(accelerator, value: torch.Tensor, args, step: int, what: str) -
         return
     last = checkpoints(args.output_dir)
     if last:
-        advice = (f"The last good checkpoint is {last[-1][1]}: resume from it with a lower --learning_rate (the schedule "
-                  "is rescaled), or use bf16 rather than fp16.")  # fmt: skip
+        good = still_training(last)
+        rising = "" if good == last[-1][1] else f" (the newest, {last[-1][1]}, was saved when the loss had already risen)"
+        advice = (f"The last good checkpoint is {good}{rising}: resume from it with a lower --learning_rate (the "
+                  "schedule is rescaled), or use bf16 rather than fp16.")  # fmt: skip
     else:
         advice = ("No checkpoint exists to resume from (--checkpointing_steps "
                   f"{'was not set' if not args.checkpointing_steps else f'{args.checkpointing_steps} comes after step {step}'}): "
