@@ -81,6 +81,9 @@ class CMALProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"`text` must be a string or a non-empty list of strings, got {type(text).__name__}")
+        blank = [i for i, t in enumerate(texts) if not t.strip()]
+        if blank:  # it would be read as `[CLS] [SEP]`: an answer to no question
+            raise ValueError(f"`text[{blank[0]}]` is blank ({texts[blank[0]]!r}): every text must hold at least one word")
         if (images is None) == (regions is None):
             raise ValueError("Pass exactly one of `images` (raw images) or `regions` (precomputed detections)")
 

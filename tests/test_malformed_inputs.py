@@ -256,6 +256,8 @@ def integrity_cases(vqa_questions: str, instances: str, ref: dict):
          r"i.json, annotations\[0\] and \[1\] have the same id 7"),
         (lambda d: refcoco(d, refs=[{**ref, "image_id": 6}]), r"e.g. ref_id 0's image_id 6: are they the same dataset\?"),
         (lambda d: refcoco(d, refs=[{**ref, "sentences": [{"sent": ""}]}]), r"refs.json, ref_id 0: `sent` must be a non-empty text, got ''"),
+        (lambda d: downstream.read_karpathy(write(d / "k.json", json.dumps({"images": [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": "\t"}]}]})), "train"),
+         r"k.json, images\[0\]: `raw` must be a non-empty text, got '\\t'"),
         (lambda d: downstream.read_refcoco(write(d / "refs.json", json.dumps([ref])), write(d / "i.json", json.dumps(
             {"images": [{"id": 5, "width": 10}], "annotations": [{"id": 7, "bbox": [0, 0, 2, 2]}]})), "train"),
          r"i.json, images\[0\]: the record lacks \['height'\]"),
@@ -346,6 +348,21 @@ def test_model_config_file(tmp_path, text, message):
     (tmp_path / "m.json").write_bytes(text.encode("utf-8", "surrogateescape"))
     with pytest.raises(ValueError, match=r"^--model_config .*" + message):
         config_from_file(str(tmp_path / "m.json"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", r"`text\[0\]` is blank \(''\): every text must hold at least one word"),
+    ("  \n", r"`text\[0\]` is blank \('  \\n'\)"),
+    (["a red ball", " "], r"`text\[1\]` is blank \(' '\)"),
+])  # fmt: skip
+def test_processor_refuses_a_blank_text(text, message):
+    from cmal.processors import CMALProcessor
+    from cmal.training.data.tokenizer import build_word_tokenizer
+
+    processor = CMALProcessor(CMALImageProcessor(concept_names=["ball"]), build_word_tokenizer(["a red ball"]))
+    regions = {"features": np.zeros((1, 4), np.float32), "boxes": np.array([[0, 0, 1, 1]], np.float32), "boxes_normalized": True, "concept_ids": [0]}
+    with pytest.raises(ValueError, match=message):
+        processor(text=text, regions=[regions] * (len(text) if isinstance(text, list) else 1))
 
 
 @pytest.mark.parametrize("value, message", [

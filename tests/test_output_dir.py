@@ -199,8 +199,9 @@ def test_a_run_never_replaces_files_it_did_not_write(corpus, tmp_path, flag):
     run(corpus, folder, "--max_train_steps", "2", "--checkpointing_steps", "2")
     written = json.loads((folder / RUN_FILES).read_text())
     assert {"config.json", "model.safetensors", "train_results.json", "README.md"} <= set(written)
-    modes = {os.stat(folder / name).st_mode & 0o777 for name in written if (folder / name).is_file()}
-    assert len(modes) == 1, modes  # model.safetensors too (a temporary file's 0600 before)
+    checkpoint = folder / "checkpoints" / "step_2"
+    modes = {os.stat(path).st_mode & 0o777 for path in [*(folder / name for name in written), *checkpoint.iterdir()] if path.is_file()}
+    assert len(modes) == 1, modes  # model.safetensors too, in the folder and in its checkpoints (a temporary file's 0600 before)
     (folder / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"--output_dir .*run' holds notes.txt, which no run of this package wrote: "
                                          r"the run's final save replaces the folder's files, so move them elsewhere first"):  # fmt: skip

@@ -147,6 +147,16 @@ def checkpoint_step(path: str) -> int | None:
     return int(name.group(1)) if name else None
 
 
+def one_file_mode(folder: str) -> None:
+    """Give the files of `folder` the mode a plain write gets (0666 less the umask): saves that go through a
+    temporary file (safetensors' model.safetensors) leave 0600, unreadable to a group that reads the rest."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(folder):
+        if os.path.isfile(os.path.join(folder, name)):
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
 TRAINING_LOSS = "training_loss.json"  # in a checkpoint: the loss it was saved at, which the NaN guard reads
 
 
@@ -166,6 +176,7 @@ def save_checkpoint(accelerator, args, step: int, loss: float | None = None):
         if loss is not None:
             with open(os.path.join(tmp, TRAINING_LOSS), "w") as f:
                 json.dump({"step": step, "loss": loss}, f)
+        one_file_mode(tmp)
         shutil.rmtree(final, ignore_errors=True)  # a step retrained after resuming from an earlier checkpoint
         os.replace(tmp, final)
         found = checkpoints(args.output_dir)

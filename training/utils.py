@@ -27,7 +27,7 @@ from transformers import get_scheduler
 from cmal.modeling_cmal import CMAL_PRESETS, CMALConfig
 from cmal.processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
 from cmal.training import loop
-from cmal.training.loop import checkpoint_step, checkpoints
+from cmal.training.loop import checkpoint_step, checkpoints, one_file_mode
 
 
 logger = logging.getLogger(__name__)
@@ -265,12 +265,8 @@ def final_folder(folder: str):
     shutil.rmtree(folder + ".tmp", ignore_errors=True)
     os.makedirs(staging)
     yield staging
-    umask = os.umask(0)
-    os.umask(umask)
     written = sorted(os.listdir(staging))
-    for name in written:  # one mode for every file: atomic writes through a temporary file leave 0600
-        if os.path.isfile(os.path.join(staging, name)):
-            os.chmod(os.path.join(staging, name), 0o666 & ~umask)
+    one_file_mode(staging)
     write_json(os.path.join(staging, RUN_FILES), written)
     if os.path.isdir(folder):
         os.replace(folder, folder + ".old")

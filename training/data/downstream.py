@@ -269,7 +269,8 @@ def read_karpathy(path: str, split: str, image_id_template: str = "{}") -> datas
               for i, image in enumerate(_load_json(path, "images"))]  # fmt: skip
     wanted = {"train", "restval"} if split == "train" else {split}
     rows = [{"image_id": _image_id(image_id_template, os.path.splitext(image["filename"])[0], filepath=image.get("filepath", "")),
-             "text": sentence["raw"]} for image in images if image["split"] in wanted for sentence in image["sentences"]]  # fmt: skip
+             "text": _text(sentence.get("raw") if isinstance(sentence, dict) else sentence, f"{path}, images[{i}]", "raw")}
+            for i, image in enumerate(images) if image["split"] in wanted for sentence in image["sentences"]]  # fmt: skip
     return _from_rows(rows, ["image_id", "text"], path)
 
 
