@@ -6,6 +6,7 @@ names the argument, field, file or record, says what was expected and what came.
 
 import json
 import os
+import re
 
 import numpy as np
 import PIL.Image
@@ -125,6 +126,7 @@ FINETUNE_ARGS = TRAINING_ARGS + [
     (["--model_name_or_path", "runs/cmal"], "--model_name_or_path: no such folder: 'runs/cmal' (a local path"),
     (["--model_name_or_path", "checkpoints/step_100"], "--model_name_or_path: no such folder: 'checkpoints/step_100' (a local path"),
     (["--model_name_or_path", "README.md"], "--model_name_or_path: no such folder: 'README.md' is a file; expected a folder holding config.json"),
+    (["--model_name_or_path", "someone/cmal-vqa"], "--model_name_or_path: no such folder: 'someone/cmal-vqa', and as a Hub repo id it is not in the local cache while the Hub is offline"),
     (["--model_config", "base.json"], "--model_config: expected a preset (tiny, mini, small, base) or a config JSON file"),
     (["--tokenizer", "~/no-such"], "--tokenizer: no such folder: '~/no-such'"),
     (["--anchor_mask_prob", "-1"], "--anchor_mask_prob: expected a value in [0, 1], got '-1'"),
@@ -132,6 +134,38 @@ FINETUNE_ARGS = TRAINING_ARGS + [
     (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size: expected a value in [1, inf), got '0'"),
     (["--eval_steps", "-1"], "--eval_steps: expected a value in [0, inf), got '-1'"),
 ]  # fmt: skip
+
+
+@pytest.mark.parametrize("exists, message", [
+    (True, None),
+    (False, "no such folder: 'someone/cmal-vqa', and no Hub repo has that id"),
+    (ConnectionError("no route"), "no such folder: 'someone/cmal-vqa', and the Hub could not be asked whether it is a repo (ConnectionError)"),
+])  # fmt: skip
+def test_online_one_hub_request_decides_a_repo_id(monkeypatch, exists, message):
+    """Online, a repo id is asked about once (`HfApi.repo_exists`, patched at that boundary: no network here)."""
+    import argparse
+
+    from huggingface_hub import HfApi, constants
+
+    from cmal.training.arguments import hub_model
+
+    asked = []
+
+    def repo_exists(self, repo_id, **kwargs):
+        asked.append(repo_id)
+        if isinstance(exists, Exception):
+            raise exists
+        return exists
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(HfApi, "repo_exists", repo_exists)
+    if message is None:
+        assert hub_model("someone/cmal-vqa") == "someone/cmal-vqa"
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+            hub_model("someone/cmal-vqa")
+    assert asked == ["someone/cmal-vqa"]
 
 
 @pytest.mark.parametrize("script, argv, message", [("pretrain", argv, message) for argv, message in PRETRAIN_ARGS]

@@ -71,7 +71,29 @@ def model_source(text: str) -> str:
         is_repo_id = False
     if not is_repo_id:
         raise argparse.ArgumentTypeError(f"no such folder: {text!r} (a local path, so not a Hub repo id)")
-    return text
+    return hub_model(text)
+
+
+def hub_model(repo_id: str) -> str:
+    """A Hub repo id that can be loaded: offline (`HF_HUB_OFFLINE`, `TRANSFORMERS_OFFLINE`), one in the local cache;
+    online, one that one Hub request finds. Either way a typo is "no such folder" now, not the retries and a message
+    about some config file that loading would give."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        if not any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in ("config.json", "tokenizer_config.json")):
+            raise argparse.ArgumentTypeError(f"no such folder: {repo_id!r}, and as a Hub repo id it is not in the local cache "
+                                             "while the Hub is offline (HF_HUB_OFFLINE)")  # fmt: skip
+        return repo_id
+    try:
+        found = HfApi().repo_exists(repo_id)
+    except Exception as error:  # no network, a proxy, a timeout: one try, then say so
+        raise argparse.ArgumentTypeError(f"no such folder: {repo_id!r}, and the Hub could not be asked whether it is a repo "
+                                         f"({type(error).__name__}); check the path or the connection") from None  # fmt: skip
+    if not found:
+        raise argparse.ArgumentTypeError(f"no such folder: {repo_id!r}, and no Hub repo has that id (a private one needs "
+                                         "`hf auth login`)")  # fmt: skip
+    return repo_id
 
 
 def model_config_source(text: str) -> str:
