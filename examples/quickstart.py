@@ -15,7 +15,7 @@ With no arguments it asks the checkpoint these commands make (offline, about 10 
 about a rendered image of the synthetic world's validation split:
 
     python training/train_detector.py
-    accelerate launch --config_file training/configs/one_process.yaml training/pretrain.py --detector outputs/detector-synthetic --output_dir outputs/cmal-mini-detector
+    accelerate launch -q --config_file training/configs/one_process.yaml training/pretrain.py --detector outputs/detector-synthetic --output_dir outputs/cmal-mini-detector
     python training/finetune.py --task vqa --model_name_or_path outputs/cmal-mini-detector --output_dir outputs/vqa-synthetic-detector
 
     python examples/quickstart.py                                    # that checkpoint, that image

@@ -26,7 +26,7 @@ def console(command: list[str], cwd) -> list[str]:
 
 def test_the_readme_commands_print_no_library_noise(tmp_path):
     world = ["--synthetic_images", "60", "--model_config", "tiny", "--max_train_steps", "2", "--per_device_train_batch_size", "8"]
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "training/configs/one_process.yaml")]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file", str(REPO / "training/configs/one_process.yaml")]
     pre = console([*accelerate, str(REPO / "training/pretrain.py"), *world, "--checkpointing_steps", "1",
                    "--output_dir", str(tmp_path / "pre")], tmp_path)  # fmt: skip
     tuned = console([sys.executable, str(REPO / "training/finetune.py"), "--task", "vqa", "--model_name_or_path",

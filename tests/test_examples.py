@@ -64,7 +64,7 @@ def test_quickstart_defaults_to_what_the_readme_commands_make(tmp_path, monkeypa
         quickstart.main([])
     error = capsys.readouterr().err
     assert "outputs/vqa-synthetic-detector does not exist yet" in error
-    assert "    python training/train_detector.py\n    accelerate launch --config_file training/configs/one_process.yaml training/pretrain.py --detector" in error
+    assert "    python training/train_detector.py\n    accelerate launch -q --config_file training/configs/one_process.yaml training/pretrain.py --detector" in error
     image = PIL.Image.open(quickstart.default_image(synthetic_images=60))
     assert image.size == (synthetic.IMAGE_SIZE, synthetic.IMAGE_SIZE)
     with pytest.raises(SystemExit, match="outputs/vqa-synthetic-detector does not exist yet; make it .*\n    python training/train_detector.py\n"):

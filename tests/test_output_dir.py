@@ -254,3 +254,13 @@ def test_script_entry_turns_a_user_error_into_its_line_and_cmal_traceback_shows_
         script_entry(main)
     with pytest.raises(KeyError):  # a bug is not a user error: its traceback stays
         script_entry(lambda: {}["missing"])
+
+
+def test_a_user_error_under_accelerate_launch_q_ends_in_its_one_line(tmp_path):
+    """The README's launch (`accelerate launch -q`, one process): the script's line, exit 1, no launcher traceback."""
+    (tmp_path / "model").write_text("")
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", "--config_file", "training/configs/one_process.yaml",
+                           "training/pretrain.py", "--output_dir", str(tmp_path / "model")], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "CalledProcessError" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == f"error: --output_dir {str(tmp_path / 'model')!r} is a file; expected a folder (absent or empty, or a run to resume)"
