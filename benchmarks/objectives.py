@@ -53,7 +53,7 @@ import numpy as np
 import region_probe
 
 from cmal.training import tasks
-from cmal.training.utils import write_json, write_text
+from cmal.training.files import write_json, write_text
 
 
 TASK_NAMES = ("vqa", "ve", "nlvr2", "rec", "retrieval")

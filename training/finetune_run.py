@@ -19,6 +19,7 @@ from cmal.processors import CMALImageProcessor, CMALProcessor
 from cmal.training.data.downstream import TaskCollator, TaskExamples
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
+from cmal.training.files import write_json
 from cmal.training.loop import train
 from cmal.training.region_extraction import extract_world
 from cmal.training.tasks import TASKS, synthetic_texts
@@ -33,7 +34,6 @@ from cmal.training.utils import (
     resume_hint_on_interrupt,
     save_final,
     setup_accelerator,
-    write_json,
 )
 
 

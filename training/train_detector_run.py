@@ -20,8 +20,9 @@ from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetCon
 from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher
 
 from cmal.training.data import synthetic
+from cmal.training.files import write_json
 from cmal.training.train_detector import parse_args
-from cmal.training.utils import configure_logging, final_folder, recover_final_folder, use_idle_cores, write_json
+from cmal.training.utils import configure_logging, final_folder, recover_final_folder, use_idle_cores
 
 
 logger = logging.getLogger("cmal.training.train_detector")

@@ -27,6 +27,7 @@ from transformers import get_scheduler
 from cmal.modeling_cmal import CMAL_PRESETS, CMALConfig
 from cmal.processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
 from cmal.training import loop
+from cmal.training.files import write_json
 from cmal.training.loop import checkpoint_step, checkpoints, one_file_mode
 
 
@@ -418,18 +419,6 @@ def optimizer_groups(model, weight_decay: float) -> list[dict]:
         {"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": weight_decay},
         {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
     ]
-
-
-def write_text(path: str, text: str) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: str, data: dict) -> None:
-    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 # What a model repo may hold besides the weights and code: configs, processor and tokenizer files, the card,
