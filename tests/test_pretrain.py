@@ -324,20 +324,25 @@ class NanGradient(torch.autograd.Function):
         return grad * float("nan")
 
 
-@pytest.mark.parametrize("what, poison", [("loss", lambda loss: loss * float("nan")), ("gradient norm", NanGradient.apply)])
-def test_non_finite_step_stops_before_the_update_and_resumes_with_a_new_learning_rate(corpus, tmp_path, monkeypatch, what, poison):
+def edit_forward(monkeypatch, edit):
+    """Pass the output of `CMALForPreTraining`'s n-th forward (n from 1) through `edit(output, n)`: a loss made NaN
+    or driven up on cue, as a diverging run's is."""
     from cmal.modeling_cmal import CMALForPreTraining
 
-    forward, calls = CMALForPreTraining.forward, {"n": 0}
+    forward, calls = CMALForPreTraining.forward, [0]
 
-    def poisoned(self, *args, **kwargs):
+    def edited(self, *args, **kwargs):
         out = forward(self, *args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 5:
-            out.loss = poison(out.loss)
+        calls[0] += 1
+        edit(out, calls[0])
         return out
 
-    monkeypatch.setattr(CMALForPreTraining, "forward", poisoned)
+    monkeypatch.setattr(CMALForPreTraining, "forward", edited)
+
+
+@pytest.mark.parametrize("what, poison", [("loss", lambda loss: loss * float("nan")), ("gradient norm", NanGradient.apply)])
+def test_non_finite_step_stops_before_the_update_and_resumes_with_a_new_learning_rate(corpus, tmp_path, monkeypatch, what, poison):
+    edit_forward(monkeypatch, lambda out, n: setattr(out, "loss", poison(out.loss)) if n == 5 else None)
     argv = args_for(corpus, tmp_path, "--max_train_steps", "6", "--checkpointing_steps", "2", "--lr_scheduler_type", "constant")
     with pytest.raises(RuntimeError, match=rf"The {what} became nan at step 4; stopping before the update. The last good "
                                            r"checkpoint is .*step_4: resume from it with a lower --learning_rate"):  # fmt: skip
@@ -355,21 +360,15 @@ def test_non_finite_step_stops_before_the_update_and_resumes_with_a_new_learning
 def test_the_nan_guard_names_the_checkpoint_saved_before_the_loss_rose_and_it_trains(corpus, tmp_path, monkeypatch):
     """The loss rises a hundredfold from step 5 (as a diverging run's does) and is NaN at step 9: step_8 and step_6
     hold finite weights saved at a risen loss, so the guard names step_4, which resumed at a lower rate trains on."""
-    from cmal.modeling_cmal import CMALForPreTraining
     from cmal.training import pretrain_run
 
-    forward, calls = CMALForPreTraining.forward, {"n": 0}
-
-    def diverging(self, *args, **kwargs):
-        out = forward(self, *args, **kwargs)
-        calls["n"] += 1
-        out.loss = out.loss * (float("nan") if calls["n"] == 9 else 100.0 if calls["n"] >= 5 else 1.0)
+    def diverging(out, n):
+        out.loss = out.loss * (float("nan") if n == 9 else 100.0 if n >= 5 else 1.0)
         for name in pretrain_run.LOSSES:  # the logged losses rise with it
-            if out.get(name) is not None and 5 <= calls["n"] < 9:
+            if out.get(name) is not None and 5 <= n < 9:
                 out[name] = out[name] * 100.0
-        return out
 
-    monkeypatch.setattr(CMALForPreTraining, "forward", diverging)
+    edit_forward(monkeypatch, diverging)
     argv = args_for(corpus, tmp_path, "--max_train_steps", "10", "--checkpointing_steps", "2", "--lr_scheduler_type", "constant")
     with pytest.raises(RuntimeError, match=r"The loss became nan at step 8; .* The last good checkpoint is .*step_4 \(the newest, "
                                            r".*step_8, was saved when the loss had already risen\)"):  # fmt: skip
@@ -384,17 +383,7 @@ def test_the_nan_guard_names_the_checkpoint_saved_before_the_loss_rose_and_it_tr
 
 @pytest.mark.parametrize("checkpointing, why", [([], "was not set"), (["--checkpointing_steps", "5"], "5 comes after step 2")])
 def test_a_divergence_before_any_checkpoint_says_none_exists_and_how_to_have_one(corpus, tmp_path, monkeypatch, checkpointing, why):
-    from cmal.modeling_cmal import CMALForPreTraining
-
-    forward, calls = CMALForPreTraining.forward, {"n": 0}
-
-    def poisoned(self, *args, **kwargs):
-        out = forward(self, *args, **kwargs)
-        calls["n"] += 1
-        out.loss = out.loss * float("nan") if calls["n"] == 3 else out.loss
-        return out
-
-    monkeypatch.setattr(CMALForPreTraining, "forward", poisoned)
+    edit_forward(monkeypatch, lambda out, n: setattr(out, "loss", out.loss * float("nan")) if n == 3 else None)
     with pytest.raises(RuntimeError, match=rf"The loss became nan at step 2; stopping before the update. No checkpoint exists to "
                                            rf"resume from \(--checkpointing_steps {why}\): start over with a lower --learning_rate, "
                                            r".* and --checkpointing_steps N"):  # fmt: skip

@@ -17,6 +17,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from cmal.training.files import write_json
+
 
 logger = logging.getLogger(__name__)
 CHECKPOINT = re.compile(r"step_(\d+)")
@@ -163,8 +165,8 @@ TRAINING_LOSS = "training_loss.json"  # in a checkpoint: the loss it was saved a
 def save_checkpoint(accelerator, args, step: int, loss: float | None = None):
     """`save_state` into `step_N.tmp`, then rename: a checkpoint either exists whole or not at all. Only
     then are all but the newest `--checkpoints_total_limit` removed, the last one saved before the loss rose kept
-    (`still_training`; why not Accelerate's `total_limit`: `utils.setup_accelerator`). `loss`, the sum of the logged losses' means over the last logging window, is kept
-    in it."""
+    (`still_training`; why not Accelerate's `total_limit`: `utils.setup_accelerator`). `loss`, the sum of the logged
+    losses' means over the last logging window, is kept in it."""
     final = os.path.join(args.output_dir, "checkpoints", f"step_{step}")
     tmp = final + ".tmp"
     if accelerator.is_main_process:
@@ -174,14 +176,14 @@ def save_checkpoint(accelerator, args, step: int, loss: float | None = None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if loss is not None:
-            with open(os.path.join(tmp, TRAINING_LOSS), "w") as f:
-                json.dump({"step": step, "loss": loss}, f)
+            write_json(os.path.join(tmp, TRAINING_LOSS), {"step": step, "loss": loss})
         one_file_mode(tmp)
         shutil.rmtree(final, ignore_errors=True)  # a step retrained after resuming from an earlier checkpoint
         os.replace(tmp, final)
         found = checkpoints(args.output_dir)
+        good = still_training(found)  # a diverging run's last good checkpoint outlives the limit
         for _, old in found[: -args.checkpoints_total_limit]:
-            if old != still_training(found):  # a diverging run's last good checkpoint outlives the limit
+            if old != good:
                 shutil.rmtree(old)
         logger.info(f"step {step}: checkpoint saved to {final}")
     accelerator.wait_for_everyone()
@@ -256,7 +258,7 @@ def still_training(found: list[tuple[int, str]], rise: float = 1.5) -> str:
     lowest any of them recorded. A run diverges over many steps before its loss is NaN, so the newest checkpoint
     can hold finite weights that no longer train (the newest when none recorded a loss)."""
     losses = {}
-    for step, path in found:
+    for _, path in found:
         if os.path.isfile(os.path.join(path, TRAINING_LOSS)):
             with open(os.path.join(path, TRAINING_LOSS)) as f:
                 losses[path] = json.load(f)["loss"]
