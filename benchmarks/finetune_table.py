@@ -38,7 +38,7 @@ def chance(task, world: dict, draws: int = 20, retrieval_images: int = 50) -> di
     """The main metric of the task's chance baselines on the validation split (`task.chance_predictions`:
     uniformly random predictions, mean of `draws`; for VQA also the majority answer)."""
     rng = np.random.default_rng(0)
-    table = world[task.synthetic_table]
+    table = task.synthetic_data(world)
     id2label = dict(enumerate(task.label_names(table["train"], 1)))
     evaluation_set, references = task.evaluation_set(TaskExamples(task, table["validation"], world["regions"]), retrieval_images)
     values = {}

@@ -57,12 +57,12 @@ def _groups(table) -> list:
 def chance(world: dict, task, split: str = "test") -> float:
     """Accuracy of a uniform guess among the labels an example's text can have, or among the regions of its
     image for a task that points at a region."""
-    test = world[task.synthetic_table][split]
+    test = task.synthetic_data(world)[split]
     if task.text_labels(test) is None:
         regions = {row["image_id"]: len(row["scores"]) for row in store_rows(world, ["image_id", "scores"])}
         return float(np.mean([1 / regions[image_id] for image_id in test["image_id"]]))
     options = world["world"]["question_options"]
-    labels = len(task.class_names) or len(set(task.text_labels(world[task.synthetic_table]["train"])))
+    labels = len(task.class_names) or len(set(task.text_labels(task.synthetic_data(world)["train"])))
     return float(np.mean([1 / (len(options[group]) if group else labels) for group in _groups(test)]))
 
 
@@ -84,7 +84,7 @@ def text_floors(world: dict, task, split: str = "test") -> dict[str, float]:
     from sklearn.feature_extraction.text import CountVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    train, test = world[task.synthetic_table]["train"], world[task.synthetic_table][split]
+    train, test = task.synthetic_data(world)["train"], task.synthetic_data(world)[split]
     train_texts, train_labels = train[task.text_column], task.text_labels(train)
     test_texts, test_labels = test[task.text_column], np.asarray(task.text_labels(test))
     options = {}  # the labels each group's texts can have, in the order the training split first gives them
@@ -274,7 +274,7 @@ def region_oracle(world: dict, split: str = "test", reader: RegionReader | None 
     scores = {}
     for name, read, truth in (("vqa", reader.vqa, lambda item: item["answers"][0]), ("ve", reader.ve, lambda item: item["label"]),
                               ("nlvr2", reader.nlvr2, lambda item: item["label"]), ("rec", reader.rec, lambda item: item["target_index"])):  # fmt: skip
-        test = world[TASKS[name].synthetic_table][split]
+        test = TASKS[name].synthetic_data(world)[split]
         scores[name] = float(np.mean([read(item) == truth(item) for item in test]))
     return scores
 
@@ -411,7 +411,7 @@ def itm_rules(world: dict, split: str = "validation", tags: RegionReader | None 
 
 def retrieval_items(world: dict, split: str, num_images: int = 50) -> tuple[list, list]:
     """(the first `num_images` image ids of the split, the captions of those images): what retrieval scores."""
-    table = world[TASKS["retrieval"].synthetic_table][split]
+    table = TASKS["retrieval"].synthetic_data(world)[split]
     images = list(dict.fromkeys(table["image_id"]))[:num_images]
     kept = set(images)
     return images, [item for item in table if item["image_id"] in kept]
@@ -453,7 +453,7 @@ def floors(world: dict, split: str = "test", trained: TrainedReader | None = Non
     reader, tags = RegionReader(world, trained), RegionReader(world)
     table, oracle, tag_oracle = {}, region_oracle(world, split, reader), region_oracle(world, split, tags)
     for task in TASKS.values():
-        test = world[task.synthetic_table][split]
+        test = task.synthetic_data(world)[split]
         if task.text_labels(test) is not None:
             table[task.name] = {"chance": chance(world, task, split), **text_floors(world, task, split)}
         elif task.target_column is not None:
@@ -489,9 +489,8 @@ def gap_closed(accuracy: float, row: dict) -> float:
 
 def markdown(table: dict, world: dict, split: str = "test") -> str:
     """One table per kind of floor: text readers, rules, and the ITM rules' AUC."""
-    counts = world["world"]["counts"]
     images, captions = retrieval_items(world, split)  # retrieval scores the first images only, as finetune.py does
-    items = {name: counts[TASKS[name].synthetic_table][split] for name in table if name in TASKS}
+    items = {name: len(TASKS[name].synthetic_data(world)[split]) for name in table if name in TASKS}
     items["retrieval"] = f"{len(captions)} captions of {len(images)} images"
     sections = []
     for tasks, columns in ((("vqa", "ve", "nlvr2"), ("chance", *TEXT_READERS)),

@@ -55,7 +55,7 @@ def words(text: str) -> list[str]:
 
 def vocabulary(world: dict) -> dict[str, int]:
     """Word -> id over the train split's texts of every task, after the four special tokens."""
-    seen = sorted({w for task in TASKS.values() for text in world[task.synthetic_table]["train"][task.text_column]
+    seen = sorted({w for task in TASKS.values() for text in task.synthetic_data(world)["train"][task.text_column]
                    for w in words(text)})  # fmt: skip
     return {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *seen])}
 
@@ -102,7 +102,7 @@ def region_tokens(world: dict, reader: floors.RegionReader) -> dict[str, torch.T
 
 def points_at_a_region(world: dict, task) -> bool:
     """The task's target is one of the image's regions (no class, no match): the head scores each region."""
-    return not task.negatives and task.text_labels(world[task.synthetic_table]["train"]) is None
+    return not task.negatives and task.text_labels(task.synthetic_data(world)["train"]) is None
 
 
 def examples(world: dict, task, split: str, vocab: dict, reader: floors.RegionReader, per_region: bool) -> dict:
@@ -110,7 +110,7 @@ def examples(world: dict, task, split: str, vocab: dict, reader: floors.RegionRe
     is the target's slot among its image's confident regions (-100, never right, where it is not one of them);
     a matching task's rows are all positives (`Pairs` draws the negatives); a class is its index (VQA: in the
     world's answer vocabulary)."""
-    items = world[task.synthetic_table][split]
+    items = task.synthetic_data(world)[split]
     row_of = {image_id: row for row, image_id in enumerate(world["regions"]["image_id"])}
     if task.negatives:
         labels = [1] * len(items)

@@ -56,9 +56,9 @@ from cmal.training import tasks
 from cmal.training.files import write_json, write_text
 
 
-TASK_NAMES = ("vqa", "ve", "nlvr2", "rec", "retrieval")
+TASK_NAMES = tuple(tasks.TASKS)
 # What the study reads of each task's results, and by what it divides it (recall is in percent).
-METRICS = {name: (tasks.TASKS[name].main_metric, 1) for name in TASK_NAMES} | {"retrieval": ("text_to_image_r1", 100)}
+METRICS = {name: task.item_main_metric for name, task in tasks.TASKS.items()}
 LEARNING_RATES = (3e-4, 1e-3)
 WEIGHTS = (1.0, 5.0)
 # Pre-training flags of each arm on top of pretrain.py's defaults (MLM, MRM, ITM, AMC on; ITC off) and `COMMON`;

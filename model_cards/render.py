@@ -3,8 +3,9 @@
     python -m cmal.model_cards.render outputs/cmal-vqa                           # kind from eval_results.json
     python -m cmal.model_cards.render outputs/cmal-mini-synthetic --kind pretraining
 
-`templates/<kind>.md` (pretraining, vqa, ve, nlvr2, rec, retrieval) extends `templates/base.md`, which
-holds the sections every card shares, and fills in only what its task changes. The YAML metadata is
+`templates/<kind>.md` (pretraining, and each task's: vqa, ve, nlvr2, rec, retrieval, or the template a registered
+task names) extends `templates/base.md`, which holds the sections every card shares, and fills in only what its task
+changes; the title, metrics and Hub tag of a task's card are its record's (`training/tasks.py`). The YAML metadata is
 built here: the `model-index` comes from the measured eval results, never from typed numbers, and each
 card is parsed back and checked offline (`validate_card`) before it is written.
 """
@@ -16,7 +17,6 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import NamedTuple
 
 import jinja2
 import yaml
@@ -25,18 +25,10 @@ from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from cmal.modeling_cmal.modeling_cmal import (
-    CMAL_HEAD_AUTO_CLASSES,
-    CMAL_PIPELINE_TASKS,
-    CMALForImageTextClassification,
-    CMALForImageTextRetrieval,
-    CMALForPreTraining,
-    CMALForQuestionAnswering,
-    CMALForReferringExpression,
-    CMALForVisualReasoning,
-)
+from cmal.modeling_cmal.modeling_cmal import CMAL_HEAD_AUTO_CLASSES, CMAL_PIPELINE_TASKS, CMALForPreTraining
 from cmal.training.data import synthetic
 from cmal.training.data.region_store import METADATA_FILE
+from cmal.training.tasks import TASKS
 
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
@@ -48,22 +40,14 @@ SYNTHETIC_REGIONS = {name: inspect.signature(synthetic.build_world).parameters[n
                      for name in ("box_jitter", "num_distractors", "tag_noise")}  # fmt: skip
 
 
-class Metric(NamedTuple):
-    """A reported metric: its key in `eval_results.json`, its Hub metric id and the name the card shows."""
-
-    key: str
-    type: str
-    name: str
-
-
 class CardKind:
-    """What a card of one checkpoint kind states beyond the shared sections.
+    """What a card of one checkpoint kind states beyond the shared sections: a task's record (`training/tasks.py`)
+    or pre-training's. Metrics are listed main metric first: the first `model-index` entry is the one a
+    leaderboard shows."""
 
-    Metrics are listed main metric first: the first `model-index` entry is the one a leaderboard shows.
-    """
-
-    def __init__(self, head: type, task_name: str, metrics: tuple = (), pipeline_tag: str | None = None):
-        self.head, self.task_name, self.metrics, self.pipeline_tag = head, task_name, metrics, pipeline_tag
+    def __init__(self, head: type, task_name: str, template: str, metrics: tuple = (), pipeline_tag: str | None = None):
+        self.head, self.task_name, self.template, self.metrics = head, task_name, template, metrics
+        self.pipeline_tag = pipeline_tag
         self.auto_class = CMAL_HEAD_AUTO_CLASSES[head]
         # the task of the checkpoint's own pipeline (`config.custom_pipelines`); pre-training has none
         self.pipeline_task = CMAL_PIPELINE_TASKS[head][0] if head in CMAL_PIPELINE_TASKS else None
@@ -71,25 +55,20 @@ class CardKind:
         self.task_type = pipeline_tag or self.pipeline_task
 
 
-RECALLS = tuple(Metric(f"{direction}_r{k}", "recall", f"{label} R@{k} (%)")
-                for direction, label in (("text_to_image", "Text-to-image"), ("image_to_text", "Image-to-text"))
-                for k in (1, 5, 10))  # fmt: skip
-KINDS = {
-    "pretraining": CardKind(CMALForPreTraining, "Vision-language pre-training"),
-    "vqa": CardKind(CMALForQuestionAnswering, "Visual Question Answering", (Metric("vqa_accuracy", "accuracy", "VQA accuracy"),),
-                    pipeline_tag="visual-question-answering"),
-    "ve": CardKind(CMALForImageTextClassification, "Visual Entailment", (Metric("accuracy", "accuracy", "Accuracy"),)),
-    "nlvr2": CardKind(CMALForVisualReasoning, "Visual Reasoning (NLVR2)", (Metric("accuracy", "accuracy", "Accuracy"),)),
-    "rec": CardKind(CMALForReferringExpression, "Referring Expression Comprehension",
-                    (Metric("accuracy", "accuracy", "Accuracy (IoU >= 0.5)"), Metric("mean_iou", "mean_iou", "Mean IoU"))),
-    "retrieval": CardKind(CMALForImageTextRetrieval, "Image-Text Retrieval", (Metric("rsum", "recall", "R-sum (%)"), *RECALLS)),
-}  # fmt: skip
+def card_kinds() -> dict[str, CardKind]:
+    """Pre-training's card, then one per registered task (read at each call: a task registered later counts)."""
+    return {
+        "pretraining": CardKind(CMALForPreTraining, "Vision-language pre-training", os.path.join(TEMPLATES, "pretraining.md")),
+        **{name: CardKind(task.head, task.card_title, task.template_path, task.card_metrics, task.hub_pipeline_tag)
+           for name, task in TASKS.items()},
+    }  # fmt: skip
 
 
 def _kind(kind: str) -> CardKind:
-    if kind not in KINDS:
-        raise ValueError(f"`kind` must be one of {', '.join(KINDS)}, got {kind!r}")
-    return KINDS[kind]
+    kinds = card_kinds()
+    if kind not in kinds:
+        raise ValueError(f"`kind` must be one of {', '.join(kinds)}, got {kind!r}")
+    return kinds[kind]
 
 
 def dataset_name(training_args: dict) -> str:
@@ -214,7 +193,7 @@ def render_model_card(
 
     Args:
         folder: the checkpoint folder; its name is the model's name unless `training_args["hub_model_id"]`.
-        kind: one of `KINDS`.
+        kind: one of `card_kinds()`: "pretraining" or a task's name.
         config: the model's `CMALConfig` or its `config.json` as a dict.
         training_args: the run's arguments (`train_results.json["args"]`).
         train_results: steps, global batch, seconds (and, for pre-training, the losses) of the run.
@@ -251,7 +230,7 @@ def render_model_card(
     regions = _regions(folder, config, training_args, root)
     card = ModelCard.from_template(
         data,
-        template_path=os.path.join(TEMPLATES, f"{kind}.md"),
+        template_path=spec.template,
         base=jinja2.Template(Path(TEMPLATES, "base.md").read_text(encoding="utf-8")),
         kind=kind,
         spec=spec,
@@ -367,10 +346,10 @@ def render_folder(folder: str, kind: str | None = None, repo_id: str | None = No
     if kind is None:
         kind = (eval_results or {}).get("task") or training_args.get("task")
     if kind is None:
-        heads = {spec.head.__name__: name for name, spec in KINDS.items()}
+        heads = {spec.head.__name__: name for name, spec in reversed(card_kinds().items())}  # a head's first kind
         kind = heads.get((config.get("architectures") or [None])[0])
     if kind is None:
-        raise ValueError(f"cannot tell the kind of {folder!r} from its files: pass --kind ({', '.join(KINDS)})")
+        raise ValueError(f"cannot tell the kind of {folder!r} from its files: pass --kind ({', '.join(card_kinds())})")
     root = _training_root(folder, training_args.get("output_dir"))
     # Once the folder has moved, `owner/name` may as well be a local path: no `base_model` then.
     start = training_args.get("model_name_or_path") or training_args.get("init_text_from")
@@ -382,7 +361,7 @@ def render_folder(folder: str, kind: str | None = None, repo_id: str | None = No
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="A checkpoint folder written by training/pretrain.py or training/finetune.py.")
-    parser.add_argument("--kind", choices=list(KINDS), default=None,
+    parser.add_argument("--kind", choices=list(card_kinds()), default=None,
                         help="Default: eval_results.json's task, else the head in config.json's `architectures`.")  # fmt: skip
     args = parser.parse_args(argv)
     print(f"model card written to {render_folder(args.folder, args.kind)}")

@@ -134,14 +134,14 @@ def test_each_task_on_the_synthetic_world(task, tmp_path):
     # --synthetic_test: the test split scored once more, each item's share of the main metric kept
     test, saved = results["test"], json.loads((tmp_path / task / "test_results.json").read_text())
     assert saved == {"task": task, **test} and "item_scores" not in results["eval"]
-    table = synthetic.load_world(synthetic.default_world(num_images=70))[TASKS[task].synthetic_table]["test"]
-    items, main = test["item_scores"], "text_to_image_r1" if task == "retrieval" else TASKS[task].main_metric
+    table = TASKS[task].synthetic_data(synthetic.load_world(synthetic.default_world(num_images=70)))["test"]
+    items, (main, scale) = test["item_scores"], TASKS[task].item_main_metric
     if task == "retrieval":  # the texts of the 3 images scored
         scored = list(dict.fromkeys(table["image_id"]))[:3]
         assert len(items) == sum(image in scored for image in table["image_id"])
     else:
         assert len(items) == len(table)
-    assert np.mean(items) * (100 if task == "retrieval" else 1) == pytest.approx(test[main])
+    assert np.mean(items) * scale == pytest.approx(test[main])
     if task == "vqa":  # the main metric per question type, the mean of its items
         world = synthetic.load_world(synthetic.default_world(num_images=70))
         trained = set(world["vqa"]["train"]["image_id"])

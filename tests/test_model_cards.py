@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from test_detector import cmal_config
 
 from cmal.model_cards import render
-from cmal.model_cards.render import KINDS, hub_repo_id, render_model_card, validate_card, write_model_card
+from cmal.model_cards.render import card_kinds, hub_repo_id, render_model_card, validate_card, write_model_card
 from cmal.training import finetune, pretrain
 from cmal.training.data import synthetic
 from cmal.training.tasks import TASKS
@@ -73,7 +73,7 @@ def expected_facts(train_results: dict, eval_results: dict | None, kind: str) ->
     facts = {"steps": str(train_results["steps"]), "epochs": f"{train_results['steps'] / per_epoch:.2f}" if per_epoch else None,
              "steps_per_epoch": str(per_epoch) if per_epoch else None, "global_batch_size": str(train_results["global_batch_size"]),
              "train_seconds": f"{train_results['train_seconds']:.0f}",
-             "metrics": {m.name: f"{eval_results[m.key]:.4f}" for m in KINDS[kind].metrics} if eval_results else {},
+             "metrics": {m.name: f"{eval_results[m.key]:.4f}" for m in card_kinds()[kind].metrics} if eval_results else {},
              "losses": {name: (f"{train_results['first_losses'][name]:.4f}" if train_results.get("first_losses") else "—", f"{value:.4f}")
                         for name, value in (train_results.get("final_losses") or {}).items()} if kind == "pretraining" else {}}  # fmt: skip
     if (validation := train_results.get("validation")) and validation.get("itm_pairs"):
@@ -88,7 +88,7 @@ def render_kind(kind, folder, base_model=None, **overrides):
     return render_model_card(str(folder), kind, **values)
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", list(card_kinds()))
 def test_card_metadata_and_body(kind, tmp_path):
     folder = tmp_path / f"cmal-{kind}"
     folder.mkdir()
@@ -101,7 +101,7 @@ def test_card_metadata_and_body(kind, tmp_path):
     assert {"custom_code", "cmal", "vision-language", kind} <= set(data.tags)
     assert data.pipeline_tag == ("visual-question-answering" if kind == "vqa" else None)
     assert data.base_model == "google-bert/bert-base-uncased" and data.datasets == ["synthetic-scene-world"]
-    spec = KINDS[kind]
+    spec = card_kinds()[kind]
     assert f"{spec.auto_class}.from_pretrained(repo_id, revision=revision, trust_remote_code=True)" in card.text
     if spec.pipeline_task:
         assert f'pipeline("{spec.pipeline_task}", model=repo_id, revision=revision, trust_remote_code=True)' in card.text
@@ -258,7 +258,7 @@ def save_run(folder, kind, output_dir, **arg_overrides):
     """A checkpoint folder as the training scripts leave it (minus the weights)."""
     folder.mkdir(parents=True)
     config = config_for(kind)
-    config.architectures = [KINDS[kind].head.__name__]
+    config.architectures = [card_kinds()[kind].head.__name__]
     config.save_pretrained(folder)
     args = {**args_for(kind), "output_dir": output_dir, **arg_overrides}
     (folder / "train_results.json").write_text(json.dumps({**train_results_for(kind), "args": args}))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from cmal.model_cards.render import KINDS
+from cmal.model_cards.render import card_kinds
 from cmal.modeling_cmal.modeling_cmal import CMAL_PIPELINE_TASKS
 from cmal.training.data import synthetic
 from cmal.training.data.downstream import TaskExamples
@@ -49,7 +49,8 @@ def test_records_agree_with_the_model_metrics_and_cards(name):
     assert task.name == name
     assert CMAL_PIPELINE_TASKS[task.head][0] == task.pipeline_task
     assert task.metric in METRIC_NAMES
-    assert KINDS[name].head is task.head and KINDS[name].metrics[0].key == task.main_metric  # the card leads with it
+    kind = card_kinds()[name]
+    assert kind.head is task.head and kind.metrics[0].key == task.main_metric  # the card leads with it
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_the_synthetic_world_writes_the_canonical_tables(name, world):
     """The world's tables have the columns the readers of the real formats give, so they are read alike."""
     task = TASKS[name]
     for split in ("train", "validation"):
-        table = world[task.synthetic_table][split]
+        table = task.synthetic_data(world)[split]
         assert {*task.image_columns, task.text_column} | ({task.target_column} - {None}) <= set(table.column_names)
         examples = TaskExamples(task, table, world["regions"])
         assert len(examples) == len(table) > 0
@@ -75,7 +76,7 @@ def test_the_synthetic_world_writes_the_canonical_tables(name, world):
 def test_synthetic_texts_cover_every_task(world):
     texts = set(synthetic_texts(world))
     for task in TASKS.values():
-        assert set(world[task.synthetic_table]["train"][task.text_column]) <= texts
+        assert set(task.synthetic_data(world)["train"][task.text_column]) <= texts
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -95,10 +96,10 @@ def test_item_scores_average_to_the_main_metric(name, world):
     import numpy as np
 
     task = TASKS[name]
-    table = world[task.synthetic_table]
+    table = task.synthetic_data(world)
     id2label = dict(enumerate(task.label_names(table["train"], 1)))
     evaluation_set, references = task.evaluation_set(TaskExamples(task, table["validation"], world["regions"]), 4)
-    main, scale = ("text_to_image_r1", 100) if name == "retrieval" else (task.main_metric, 1)  # rsum sums six recalls
+    main, scale = task.item_main_metric
     for seed in range(3):
         for predictions in task.chance_predictions(np.random.default_rng(seed), evaluation_set, id2label).values():
             items = task.item_scores(predictions, references, id2label)

@@ -35,15 +35,13 @@ from cmal.training.arguments import (
     model_source,
     script_entry,
 )
-
-
-# `TASKS`' names (tests/test_packaging.py keeps the two equal): the task records load torch and the heads.
-TASK_NAMES = ("vqa", "ve", "nlvr2", "rec", "retrieval")
+from cmal.training.tasks import TASKS
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=TASK_NAMES)
+    p.add_argument("--task", required=True, choices=list(TASKS), help="A task of the registry (training/tasks.py), "
+                   "which `register_task` extends before `main` is called.")
     data = p.add_argument_group("data")
     data.add_argument("--train_file", default=None, type=existing_file, help="The task's training file in its original format; "
                       "without it, the synthetic world. VQA: questions JSON; VE: jsonl; NLVR2: json lines; "
@@ -92,8 +90,6 @@ def parse_args(argv=None):
         p.error("--synthetic_test scores the synthetic world's test split: it cannot go with --train_file (real data)")
     if args.train_file is not None and args.regions is None:
         p.error("real data (--train_file) needs --regions, the region store of its images")
-    from cmal.training.tasks import TASKS
-
     task = TASKS[args.task]
     per_file_annotations = "annotations" in task.reader_args and not task.split_by_name
     if per_file_annotations and args.validation_file and not args.validation_annotations:

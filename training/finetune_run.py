@@ -48,7 +48,7 @@ def load_data(args, task):
 
         world_dir = synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed)
         world = synthetic.load_world(world_dir)
-        table = world[task.synthetic_table]
+        table = task.synthetic_data(world)
         regions, metadata = world["regions"], world["region_metadata"]
         if args.model_name_or_path and CMALConfig.from_pretrained(args.model_name_or_path).detector_config:
             # a model carrying a detector (pretrain.py --detector) reads the world as that detector sees it
@@ -198,7 +198,8 @@ def run(args):
             eval_collator = TaskCollator(processor, task, eval_set, labels.get("label2id"), args.max_text_length)
             loader = accelerator.prepare(DataLoader(eval_set, batch_size=args.per_device_eval_batch_size,
                                                     collate_fn=eval_collator, **loader_options(args)))  # fmt: skip
-            groups = table["question_type"] if "question_type" in table.column_names and len(references) == len(table) else None
+            grouped = task.group_column in table.column_names and len(references) == len(table)
+            groups = table[task.group_column] if grouped else None
             return lambda: evaluate(model, loader, accelerator, task, references, id2label, items, groups)
 
         scored = None if eval_table is None else scorer(eval_table)

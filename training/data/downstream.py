@@ -32,13 +32,11 @@ from torch.utils.data import Dataset
 
 from cmal.training.metrics import import_metric_module
 
+from .labels import NLVR2_LABELS, VE_LABELS
 from .pretraining import other_image
 from .region_store import RegionReader
 from .safe_pickle import load_data_pickle
 
-
-VE_LABELS = ["entailment", "neutral", "contradiction"]
-NLVR2_LABELS = ["false", "true"]
 
 _normalize_answer = import_metric_module("vqa_accuracy").normalize_answer
 

@@ -84,7 +84,7 @@ from PIL import Image, ImageDraw
 
 from cmal.processors.anchor_lexicon import AnchorLexicon, pluralize
 
-from .downstream import NLVR2_LABELS, VE_LABELS
+from .labels import NLVR2_LABELS, VE_LABELS
 from .region_store import RegionStoreWriter, load_region_store
 
 
