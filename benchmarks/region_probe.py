@@ -46,7 +46,7 @@ def random_model(world: dict, model_config: str, seed: int = 0):
     """A model (and processor) of `model_config`'s size as finetune.py builds one from scratch for the world."""
     from cmal.training.data.tokenizer import build_word_tokenizer
     from cmal.training.tasks import synthetic_texts
-    from cmal.training.utils import new_model_config, new_processor
+    from cmal.training.model_setup import new_model_config, new_processor
 
     from cmal.modeling_cmal import CMALModel
 

@@ -36,14 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils.flop_counter import FlopCounterMode
-import transformers
 from transformers import LxmertConfig, LxmertModel, VisualBertConfig, VisualBertModel
 
 from cmal.modeling_cmal import CMALConfig, CMALModel
-from cmal.training.utils import enable_activation_checkpointing
+from cmal.training.model_setup import enable_activation_checkpointing
 
 
 LXMERT_LAYERS = {"tiny": (1, 1, 1), "small": (3, 2, 2), "base": (9, 5, 5)}  # (l, x, r); base is LXMERT's own

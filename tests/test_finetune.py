@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import die_after_saving, run_card_snippet
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
-from conftest import die_after_saving, run_card_snippet
 from test_downstream import write_json, write_lines
 
 from cmal.modeling_cmal import CMALConfig, CMALForImageTextClassification
@@ -15,8 +15,8 @@ from cmal.processors import CMALProcessor
 from cmal.training import finetune, finetune_run
 from cmal.training.data import downstream, synthetic
 from cmal.training.data.region_store import RegionStoreWriter, load_region_store
+from cmal.training.model_setup import enable_activation_checkpointing
 from cmal.training.tasks import TASKS
-from cmal.training.utils import enable_activation_checkpointing
 
 
 NAMES = ["cat", "dog"]

@@ -16,7 +16,7 @@ from cmal.model_cards.render import validate_card
 from cmal.modeling_cmal import CMALForQuestionAnswering
 from cmal.processors import CMALProcessor
 from cmal.training import finetune, region_extraction
-from cmal.training.utils import hub_files
+from cmal.training.hub import hub_files
 
 
 FRESH = """

@@ -373,7 +373,7 @@ def test_loading_refuses_what_a_run_could_not_have_saved(tmp_path, make, message
     (None, None),  # what save_pretrained writes (auto_map and all) is a --model_config that loads
 ])  # fmt: skip
 def test_model_config_file(tmp_path, text, message):
-    from cmal.training.utils import config_from_file
+    from cmal.training.model_setup import config_from_file
 
     if text is None:
         tiny_config().save_pretrained(tmp_path)

@@ -14,7 +14,7 @@ from conftest import REPO, die_after_saving, pretrain_args
 from safetensors.torch import load_file
 
 from cmal.training import finetune, pretrain
-from cmal.training.utils import RUN_FILES, final_folder, recover_final_folder
+from cmal.training.run_folder import RUN_FILES, final_folder, recover_final_folder
 
 
 @pytest.fixture

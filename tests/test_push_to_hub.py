@@ -16,7 +16,7 @@ from test_pipelines import ANSWERS, save_head
 
 from cmal.modeling_cmal import CMALForPreTraining, CMALForQuestionAnswering
 from cmal.training import push_to_hub as push_cli
-from cmal.training.utils import hub_files
+from cmal.training.hub import hub_files
 
 
 VQA_FILES = ["README.md", "anchor_lexicon.py", "config.json", "configuration_cmal.py", "eval_results.json",

@@ -472,7 +472,7 @@ def test_the_region_store_imports_no_training_stack():
     """The data layer's store loads without torch, transformers, accelerate or the training loop (its JSON writer
     is `training/files.py`): a worker or a converter that reads stores starts in about a second, not thirteen."""
     code = ("import sys, cmal.training.data.region_store; "
-            "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'cmal.training.utils', 'cmal.training.loop') if m in sys.modules))")  # fmt: skip
+            "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'cmal.training.runtime', 'cmal.training.loop') if m in sys.modules))")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from cmal.training import utils
+from cmal.training import runtime
 
 
 @pytest.fixture
@@ -16,40 +16,40 @@ def threads():
     """Torch at 2 threads, and a process that has not chosen yet."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    utils._choose_threads.cache_clear()
+    runtime._choose_threads.cache_clear()
     yield
     torch.set_num_threads(before)
-    utils._choose_threads.cache_clear()
+    runtime._choose_threads.cache_clear()
 
 
 @pytest.mark.parametrize("idle, expected", [(0.0, 1), (0.4, 1), (0.6, 1), (1.6, 2), (5.0, 2), (None, 2)])
 def test_threads_follow_the_idle_cores(threads, monkeypatch, idle, expected):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(utils, "idle_cores", lambda: idle)
-    assert utils.use_idle_cores(torch.device("cpu")) == expected == torch.get_num_threads()  # never more than torch's own count
+    monkeypatch.setattr(runtime, "idle_cores", lambda: idle)
+    assert runtime.use_idle_cores(torch.device("cpu")) == expected == torch.get_num_threads()  # never more than torch's own count
 
 
 def test_a_process_chooses_once(threads, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     measured = []
-    monkeypatch.setattr(utils, "idle_cores", lambda: measured.append(1) or 0.6)
-    assert [utils.use_idle_cores(torch.device("cpu")) for _ in range(3)] == [1, 1, 1] and measured == [1]
+    monkeypatch.setattr(runtime, "idle_cores", lambda: measured.append(1) or 0.6)
+    assert [runtime.use_idle_cores(torch.device("cpu")) for _ in range(3)] == [1, 1, 1] and measured == [1]
 
 
 def test_omp_num_threads_decides_when_set(threads, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    monkeypatch.setattr(utils, "idle_cores", lambda: 0.0)
-    assert utils.use_idle_cores(torch.device("cpu")) == 2
+    monkeypatch.setattr(runtime, "idle_cores", lambda: 0.0)
+    assert runtime.use_idle_cores(torch.device("cpu")) == 2
 
 
 def test_an_accelerator_run_keeps_torchs_threads(threads, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(utils, "idle_cores", lambda: 0.0)
-    assert utils.use_idle_cores(torch.device("cuda")) == 2 == torch.get_num_threads()
+    monkeypatch.setattr(runtime, "idle_cores", lambda: 0.0)
+    assert runtime.use_idle_cores(torch.device("cuda")) == 2 == torch.get_num_threads()
 
 
 def test_idle_cores_are_read_from_the_machine():
-    idle = utils.idle_cores(window=0.2)
+    idle = runtime.idle_cores(window=0.2)
     assert idle is None or 0 <= idle <= len(os.sched_getaffinity(0))
 
 
@@ -61,4 +61,4 @@ def test_report_to_all_is_the_installed_trackers(monkeypatch, installed, report_
     import accelerate.tracking
 
     monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: installed)
-    assert utils.trackers(report_to) == expected
+    assert runtime.trackers(report_to) == expected

@@ -13,6 +13,8 @@ import sys
 
 # `CMAL_PRESETS`' names (tests/test_packaging.py keeps the two equal): the presets themselves load transformers.
 PRESET_NAMES = ("tiny", "mini", "small", "base")
+# The parts of the associative mapping loss: CMALConfig's `amc_<part>_weight` fields (`pretrain.py --amc_parts`).
+AMC_PARTS = ("token", "region", "pointer")
 
 
 def bounded(kind: type, low: float, high: float | None = None, low_open: bool = False):

@@ -20,21 +20,13 @@ from cmal.training.data.downstream import TaskCollator, TaskExamples
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
 from cmal.training.files import write_json
+from cmal.training.hub import push_to_hub
 from cmal.training.loop import train
+from cmal.training.model_setup import apply_compute_flags, new_model_config, new_processor
 from cmal.training.region_extraction import extract_world
+from cmal.training.run_folder import resume_hint_on_interrupt, save_final
+from cmal.training.runtime import finish, loader_options, prepare_training, setup_accelerator
 from cmal.training.tasks import TASKS, synthetic_texts
-from cmal.training.utils import (
-    apply_compute_flags,
-    finish,
-    loader_options,
-    new_model_config,
-    new_processor,
-    prepare_training,
-    push_to_hub,
-    resume_hint_on_interrupt,
-    save_final,
-    setup_accelerator,
-)
 
 
 logger = logging.getLogger("cmal.training.finetune")

@@ -1,31 +1,21 @@
-"""The training loop of `pretrain.py` and `finetune.py`, with its atomic checkpoints and exact resume.
+"""The training loop of `pretrain.py` and `finetune.py`, with its checkpoints and exact resume.
 
-Checkpoints are `output_dir/checkpoints/step_N` folders of `accelerator.save_state`, written atomically;
-`--resume_from_checkpoint latest` continues mid-epoch with the same data order and random state, so a
+Checkpoints are `output_dir/checkpoints/step_N` folders of `accelerator.save_state`, written atomically
+(`run_folder.save_checkpoint`); `--resume_from_checkpoint latest` continues mid-epoch with the same data order and random state, so a
 killed run ends with the weights an uninterrupted run would have had.
 """
 
-import json
 import logging
 import math
-import os
-import re
-import shutil
-import threading
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from cmal.training.files import write_json
+from cmal.training.run_folder import check_checkpoint, checkpoint_step, checkpoints, interrupted, save_checkpoint, still_training
 
 
 logger = logging.getLogger(__name__)
-CHECKPOINT = re.compile(r"step_(\d+)")
-# Set by `utils.resume_hint_on_interrupt`'s handler: a KeyboardInterrupt raised while Python runs a finalizer
-# (a generator closed at an epoch's end, a `__del__`) is printed and dropped, so the loop raises it again at
-# the next step instead of training on to the end.
-interrupted = threading.Event()
 
 
 def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, max_steps: int,
@@ -135,62 +125,8 @@ def update(accelerator, args, model, optimizer, scheduler, loss: torch.Tensor, s
     optimizer.zero_grad()
 
 
-def checkpoints(folder: str) -> list[tuple[int, str]]:
-    """Complete checkpoints, oldest first; a `.tmp` folder (a save cut short) is never one."""
-    root = os.path.join(folder, "checkpoints")
-    found = [(int(m.group(1)), os.path.join(root, n)) for n in os.listdir(root) if (m := CHECKPOINT.fullmatch(n))] \
-        if os.path.isdir(root) else []  # fmt: skip
-    return sorted(found)
-
-
-def checkpoint_step(path: str) -> int | None:
-    """N of a `.../step_N` checkpoint folder's name; None for any other name."""
-    name = CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(path)))
-    return int(name.group(1)) if name else None
-
-
-def one_file_mode(folder: str) -> None:
-    """Give the files of `folder` the mode a plain write gets (0666 less the umask): saves that go through a
-    temporary file (safetensors' model.safetensors) leave 0600, unreadable to a group that reads the rest."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in os.listdir(folder):
-        if os.path.isfile(os.path.join(folder, name)):
-            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
-
-
-TRAINING_LOSS = "training_loss.json"  # in a checkpoint: the loss it was saved at, which the NaN guard reads
-
-
-def save_checkpoint(accelerator, args, step: int, loss: float | None = None):
-    """`save_state` into `step_N.tmp`, then rename: a checkpoint either exists whole or not at all. Only
-    then are all but the newest `--checkpoints_total_limit` removed, the last one saved before the loss rose kept
-    (`still_training`; why not Accelerate's `total_limit`: `utils.setup_accelerator`). `loss`, the sum of the logged
-    losses' means over the last logging window, is kept in it."""
-    final = os.path.join(args.output_dir, "checkpoints", f"step_{step}")
-    tmp = final + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if loss is not None:
-            write_json(os.path.join(tmp, TRAINING_LOSS), {"step": step, "loss": loss})
-        one_file_mode(tmp)
-        shutil.rmtree(final, ignore_errors=True)  # a step retrained after resuming from an earlier checkpoint
-        os.replace(tmp, final)
-        found = checkpoints(args.output_dir)
-        good = still_training(found)  # a diverging run's last good checkpoint outlives the limit
-        for _, old in found[: -args.checkpoints_total_limit]:
-            if old != good:
-                shutil.rmtree(old)
-        logger.info(f"step {step}: checkpoint saved to {final}")
-    accelerator.wait_for_everyone()
-
-
 def resume(accelerator, args, optimizer, scheduler, steps_per_epoch: int) -> tuple[int, int, int]:
-    """Load `--resume_from_checkpoint` (checked by `utils.prepare_output_dir`) and apply a changed
+    """Load `--resume_from_checkpoint` (checked by `run_folder.prepare_output_dir`) and apply a changed
     `--learning_rate`; return (completed steps, epoch to start in, batches to skip in it)."""
     path = args.resume_from_checkpoint
     if not path:
@@ -211,32 +147,6 @@ def resume(accelerator, args, optimizer, scheduler, steps_per_epoch: int) -> tup
     return completed, start_epoch, skip_batches
 
 
-# What `accelerator.save_state` writes for this loop (one model, optimizer and scheduler; FSDP writes folders)
-CHECKPOINT_PARTS = {"weights": ("model.safetensors", "pytorch_model.bin", "pytorch_model_fsdp_0"),
-                    "optimizer state": ("optimizer.bin", "optimizer_0"), "scheduler state": ("scheduler.bin",)}  # fmt: skip
-
-
-def check_checkpoint(path: str, process_index: int) -> None:
-    """A checkpoint resumes exactly or not at all: each part `save_state` writes is there, and this process's
-    random state reads (accelerate would log the failure at INFO and go on with another data order)."""
-    from accelerate.utils import load
-
-    present = set(os.listdir(path))
-    missing = [part for part, names in CHECKPOINT_PARTS.items() if not present & set(names)]
-    rng = f"random_states_{process_index}.pkl"
-    if rng not in present:
-        missing.append(f"random state ({rng})")
-    if missing:
-        raise ValueError(f"the checkpoint {path} is incomplete: it lacks its {', '.join(missing)}; resume from another "
-                         "checkpoint (--resume_from_checkpoint .../checkpoints/step_N) or start over")  # fmt: skip
-    try:
-        load(os.path.join(path, rng))["torch_manual_seed"]
-    except Exception as error:
-        raise ValueError(f"the checkpoint {path}: its random state {rng} cannot be read ({type(error).__name__}: "
-                         f"{str(error)[:100]}), so the resumed run would draw other batches and masks than the "
-                         "uninterrupted one; resume from another checkpoint or start over") from None
-
-
 def rescale_learning_rate(optimizer, scheduler, peak: float) -> None:
     """A resumed schedule keeps its shape and position but peaks at `peak` (`--learning_rate`), so a run
     that diverged can be resumed with a lower rate. Schedules scale their `base_lrs` (LambdaLR and kin)."""
@@ -251,21 +161,6 @@ def rescale_learning_rate(optimizer, scheduler, peak: float) -> None:
         group["initial_lr"] = group.get("initial_lr", saved) * ratio
     inner._last_lr = [group["lr"] for group in optimizer.param_groups]
     logger.info(f"--learning_rate {peak:g} differs from the checkpoint's {saved:g}: the resumed schedule is scaled by {ratio:g}")
-
-
-def still_training(found: list[tuple[int, str]], rise: float = 1.5) -> str:
-    """The newest of the checkpoints `found` saved before the loss rose: its recorded loss within `rise` times the
-    lowest any of them recorded. A run diverges over many steps before its loss is NaN, so the newest checkpoint
-    can hold finite weights that no longer train (the newest when none recorded a loss)."""
-    losses = {}
-    for _, path in found:
-        if os.path.isfile(os.path.join(path, TRAINING_LOSS)):
-            with open(os.path.join(path, TRAINING_LOSS)) as f:
-                losses[path] = json.load(f)["loss"]
-    if not losses:
-        return found[-1][1]
-    lowest = min(losses.values())
-    return next(path for _, path in reversed(found) if path in losses and losses[path] <= rise * lowest)
 
 
 def check_finite(accelerator, value: torch.Tensor, args, step: int, what: str) -> None:

@@ -18,6 +18,7 @@ import argparse
 import os
 
 from cmal.training.arguments import (
+    AMC_PARTS,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
     POSITIVE_INT,
@@ -32,9 +33,6 @@ from cmal.training.arguments import (
     model_source,
     script_entry,
 )
-
-
-AMC_PARTS = ("token", "region", "pointer")
 
 
 def dataset_source(text: str) -> str:

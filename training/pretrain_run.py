@@ -16,26 +16,18 @@ from transformers import AutoTokenizer
 from cmal.model_cards import render as model_card
 from cmal.modeling_cmal import CMALConfig, CMALForPreTraining
 from cmal.modeling_cmal.convert_bert_to_cmal import load_bert_weights
+from cmal.training.arguments import AMC_PARTS
 from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator, StreamingPairs
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
+from cmal.training.hub import push_to_hub
 from cmal.training.loop import train
 from cmal.training.metrics import binary_auc, load_metric
-from cmal.training.pretrain import AMC_PARTS
+from cmal.training.model_setup import apply_compute_flags, new_model_config, new_processor
 from cmal.training.region_extraction import detector_model, extract_world
+from cmal.training.run_folder import resume_hint_on_interrupt, save_final
+from cmal.training.runtime import finish, loader_options, prepare_training, setup_accelerator
 from cmal.training.tasks import synthetic_texts
-from cmal.training.utils import (
-    apply_compute_flags,
-    finish,
-    loader_options,
-    new_model_config,
-    new_processor,
-    prepare_training,
-    push_to_hub,
-    resume_hint_on_interrupt,
-    save_final,
-    setup_accelerator,
-)
 
 
 logger = logging.getLogger("cmal.training.pretrain")

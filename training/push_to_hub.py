@@ -1,4 +1,4 @@
-"""Upload a finished training folder to the Hub, after checking it is complete (`utils.hub_files`).
+"""Upload a finished training folder to the Hub, after checking it is complete (`hub.hub_files`).
 
     python -m cmal.training.push_to_hub outputs/cmal-vqa me/cmal-small-vqa [--private]   # me: your namespace
 
@@ -17,7 +17,7 @@ def main(argv=None):
     parser.add_argument("--private", action="store_true", help="Create the repo as private.")
     parser.add_argument("--commit_message", default=None)
     args = parser.parse_args(argv)
-    from cmal.training.utils import push_to_hub  # torch and transformers: after parsing, so --help answers at once
+    from cmal.training.hub import push_to_hub  # torch and transformers: after parsing, so --help answers at once
 
     info = push_to_hub(args.folder, args.repo_id, private=args.private or None, commit_message=args.commit_message)
     print(info.commit_url)

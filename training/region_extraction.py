@@ -12,11 +12,10 @@ import PIL.Image
 import torch
 from tqdm.auto import tqdm
 
-
 from cmal.modeling_cmal import CMALConfig, CMALModel
 from cmal.processors.image_processing_cmal import CMALImageProcessor
 from cmal.training.data.region_store import RegionStoreWriter
-from cmal.training.utils import configure_logging
+from cmal.training.runtime import configure_logging
 
 
 logger = logging.getLogger("cmal.training.extract_regions")

@@ -42,9 +42,16 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     """Parse, then run (`train_detector_run.py`): `--help` and usage errors answer before torch loads."""
     args = parse_args(argv)
-    from cmal.training.train_detector_run import run
+    from cmal.training.train_detector_run import TARGET_COLOUR_ACCURACY, TARGET_MAP_50, run
 
-    return run(args)
+    results = run(args)
+    validation, defaults = results["validation"], parse_args([])
+    if validation["map_50"] < TARGET_MAP_50 or validation["colour_accuracy"] < TARGET_COLOUR_ACCURACY:
+        print(f"warning: below this detector's targets (mAP@0.5 {TARGET_MAP_50}, colour {TARGET_COLOUR_ACCURACY}), which "
+              f"the defaults reach (--max_train_steps {defaults.max_train_steps}, batch "
+              f"{defaults.per_device_train_batch_size}): a model built on these regions reads only the objects and "
+              "colours this detector finds")  # fmt: skip
+    return results
 
 
 if __name__ == "__main__":

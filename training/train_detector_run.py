@@ -12,17 +12,17 @@ import time
 
 import numpy as np
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-import transformers
 from torch import nn
 from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig
 from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher
 
 from cmal.training.data import synthetic
 from cmal.training.files import write_json
-from cmal.training.train_detector import parse_args
-from cmal.training.utils import configure_logging, final_folder, recover_final_folder, use_idle_cores
+from cmal.training.run_folder import final_folder, recover_final_folder
+from cmal.training.runtime import configure_logging, use_idle_cores
 
 
 logger = logging.getLogger("cmal.training.train_detector")
@@ -189,12 +189,6 @@ def run(args) -> dict:
     print(f"held-out mAP@0.5 {validation['map_50']:.3f}, mAP@[.5:.95] {validation['map_50_95']:.3f}, colour "
           f"{validation['colour_accuracy']:.3f} and size {validation['size_accuracy']:.3f} read off the matched queries "
           f"({len(scenes)} validation images of the world; {seconds:.0f} s of training)")  # fmt: skip
-    defaults = parse_args([])
-    if validation["map_50"] < TARGET_MAP_50 or validation["colour_accuracy"] < TARGET_COLOUR_ACCURACY:
-        print(f"warning: below this detector's targets (mAP@0.5 {TARGET_MAP_50}, colour {TARGET_COLOUR_ACCURACY}), which "
-              f"the defaults reach (--max_train_steps {defaults.max_train_steps}, batch "
-              f"{defaults.per_device_train_batch_size}): a model built on these regions reads only the objects and "
-              "colours this detector finds")  # fmt: skip
     with final_folder(args.output_dir) as folder:
         accelerator.unwrap_model(model).save_pretrained(folder)
         image_processor().save_pretrained(folder)
