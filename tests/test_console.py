@@ -37,7 +37,7 @@ def test_the_readme_commands_print_no_library_noise(tmp_path):
         assert any(line.startswith("model saved to ") for line in lines)
     # one line per checkpoint, CMAL's own
     assert [re.sub(r".*INFO ", "", line) for line in pre if "checkpoint" in line] == [
-        f"cmal.training.loop: step {step}: checkpoint saved to {tmp_path / 'pre' / 'checkpoints' / f'step_{step}'}" for step in (1, 2)
+        f"cmal.training.run_folder: step {step}: checkpoint saved to {tmp_path / 'pre' / 'checkpoints' / f'step_{step}'}" for step in (1, 2)
     ]
     # fine-tuning's one notice from transformers: the new answer head, which training is about to fill
     reported = [line.split("|")[0].strip() for line in tuned if "| MISSING" in line]

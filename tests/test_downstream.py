@@ -221,3 +221,32 @@ def test_missing_images_are_named(store):
     table = Dataset.from_dict({"image_id": ["img0", "nope"], "hypothesis": ["x", "y"], "label": [0, 1]})
     with pytest.raises(ValueError, match=r"1 images of the ve data are missing from the region store, e.g. \['nope'\]"):
         downstream.TaskExamples(TASKS["ve"], table, store)
+
+
+def epochs_of(items):
+    return [item["epoch"] for item in items]
+
+
+def test_the_epoch_reaches_the_items_made_in_workers(store):
+    """`TrainingData.set_epoch` (what the loop calls) reaches items made in DataLoader workers, so the collator draws
+    that epoch's negatives and masks while holding no epoch of its own."""
+    from torch.utils.data import DataLoader
+
+    table = Dataset.from_dict({"image_id": ["img0", "img1", "img2", "img0"], "text": ["a", "b", "c", "d"]})
+    examples = downstream.TaskExamples(TASKS["retrieval"], table, store)
+    loader = DataLoader(examples, batch_size=2, num_workers=2, collate_fn=epochs_of)
+    assert [epoch for batch in loader for epoch in batch] == [0] * 4
+    examples.set_epoch(3)
+    assert [epoch for batch in loader for epoch in batch] == [3] * 4
+
+
+def test_training_refuses_data_without_epochs():
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    from cmal.training.runtime import prepare_training
+
+    run = SimpleNamespace(report_to="none", weight_decay=0.0, learning_rate=1e-3)
+    with pytest.raises(TypeError, match="training reads a TrainingData .*got list"):
+        prepare_training(None, run, torch.nn.Linear(2, 2), DataLoader([1, 2, 3]), "test")

@@ -43,8 +43,11 @@ def test_collator_targets(corpus):
     again = collator(items[::-1])  # another batch order: the same targets per example
     for key in ("labels", "masked_regions", "itm_labels"):
         assert torch.equal(again[key].flip(0)[:, : batch[key].shape[1]] if batch[key].dim() > 1 else again[key].flip(0), batch[key]), key
-    collator.epoch = 1
-    assert not torch.equal(collator(items)["labels"], batch["labels"])  # new epoch, new masks
+    pairs.set_epoch(1)  # the items carry their epoch (`TrainingData`): the collator keeps none of its own
+    assert [pairs[i]["epoch"] for i in range(16)] == [1] * 16
+    assert not torch.equal(collator([pairs[i] for i in range(16)])["labels"], batch["labels"])  # new epoch, new masks
+    assert torch.equal(collator(items)["labels"], batch["labels"])  # an item of epoch 0 is masked as in epoch 0
+    pairs.set_epoch(0)
 
     mlm, mrm, matched = (batch["labels"] != -100).any(1), batch["masked_regions"].any(1), batch["itm_labels"] == 1
     assert not (mlm & mrm).any()  # one modality at a time
@@ -216,7 +219,7 @@ def test_a_batch_of_items_is_read_in_one_call_as_row_by_row(corpus):
     captions = load_from_disk(str(corpus / "captions"))["train"]
     pairs = ImageTextPairs(captions, load_region_store(str(corpus / "regions"))[0])
     indices = [7, 0, 7, len(pairs) - 1]
-    expected = [{"index": i, "text": captions[i]["text"], "image_row": int(pairs.image_rows[i])} for i in indices]
+    expected = [{"index": i, "epoch": 0, "text": captions[i]["text"], "image_row": int(pairs.image_rows[i])} for i in indices]
     assert pairs.__getitems__(np.array(indices)) == expected and [pairs[i] for i in indices] == expected
 
 

@@ -1,10 +1,12 @@
-"""The scripts' command-line arguments: value checks (argparse `type`s) and the training flags they share.
+"""The scripts' command-line arguments: value checks (argparse `type`s), the training flags they share, and
+`TrainingRun`, the typed record of those flags that the training loop and the run's machinery take.
 
 Nothing here imports torch, transformers or datasets (a check that needs one imports it when it runs), so a
 script builds its parser and answers `--help` or a usage error at once, before loading the libraries.
 """
 
 import argparse
+import dataclasses
 import math
 import os
 import shlex
@@ -151,6 +153,49 @@ def add_training_args(parser, output_dir: str, batch_size: int, learning_rate: f
     train.add_argument("--hub_model_id", default=None, help="Repo id (user/name); default: the output folder's name.")
     train.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
     return train
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingRun:
+    """What the training loop (`loop.py`), the output folder (`run_folder.py`) and the accelerator and optimizer
+    (`runtime.py`) read of a run: the flags of `add_training_args`, built once from the parsed arguments
+    (`from_args`), as transformers' `TrainingArguments` is for its `Trainer`. The script's own flags (data, model)
+    stay with the script; `script_args` keeps them all, as `train_results.json` and the trackers record them."""
+
+    output_dir: str
+    overwrite_output_dir: bool
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    weight_decay: float
+    max_grad_norm: float
+    lr_scheduler_type: str
+    num_warmup_steps: int
+    num_train_epochs: int
+    max_train_steps: int | None
+    mixed_precision: str | None
+    checkpointing_steps: int | None
+    checkpoints_total_limit: int
+    resume_from_checkpoint: str | None
+    gradient_checkpointing: bool
+    padding_free: bool
+    seed: int
+    num_workers: int
+    report_to: str
+    logging_steps: int
+    push_to_hub: bool
+    hub_model_id: str | None
+    hub_private_repo: bool
+    command: str  # the command line that started the run, as the resume hint repeats it
+    script_args: dict = dataclasses.field(repr=False, compare=False)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainingRun":
+        names = [field.name for field in dataclasses.fields(cls) if field.name != "script_args"]
+        missing = [name for name in names if not hasattr(args, name)]
+        if missing:
+            raise TypeError(f"TrainingRun.from_args: the parsed arguments lack {', '.join(missing)} (add_training_args' flags)")
+        return cls(**{name: getattr(args, name) for name in names}, script_args=dict(vars(args)))
 
 
 def check_training_args(p: argparse.ArgumentParser, args) -> None:

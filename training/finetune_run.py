@@ -19,6 +19,7 @@ from cmal.processors import CMALImageProcessor, CMALProcessor
 from cmal.training.data.downstream import TaskCollator, TaskExamples
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
+from cmal.training.arguments import TrainingRun
 from cmal.training.files import write_json
 from cmal.training.hub import push_to_hub
 from cmal.training.loop import train
@@ -100,7 +101,7 @@ def build_model_and_processor(args, task, labels, metadata, vocabulary_texts, le
         config = new_model_config(args.model_config, tokenizer, metadata, **overrides)
         processor = new_processor(config, tokenizer, lexicon)
         model = task.head(config)
-    apply_compute_flags(model, args)
+    apply_compute_flags(model, args.gradient_checkpointing, args.padding_free)
     return model, processor
 
 
@@ -160,9 +161,10 @@ def ship_endpoint_handler(folder: str) -> None:
 def run(args):
     """Fine-tune and evaluate with the parsed `args` of `finetune.parse_args`; returns results and metrics."""
     task = TASKS[args.task]
-    accelerator = setup_accelerator(args)
+    training = TrainingRun.from_args(args)
+    accelerator = setup_accelerator(training)
 
-    with resume_hint_on_interrupt(args, accelerator):
+    with resume_hint_on_interrupt(training, accelerator):
         with accelerator.main_process_first():
             train_table, eval_table, test_table, regions, metadata, vocabulary_texts, lexicon = load_data(args, task)
         if args.max_train_samples:
@@ -179,9 +181,9 @@ def run(args):
         collator = TaskCollator(processor, task, train_set, labels.get("label2id"), args.max_text_length,
                                 negative_probability=args.negative_probability if task.negatives else 0.0, seed=args.seed)  # fmt: skip
         train_dataloader = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collator,
-                                      generator=torch.Generator().manual_seed(args.seed), **loader_options(args))  # fmt: skip
+                                      generator=torch.Generator().manual_seed(args.seed), **loader_options(args.num_workers))  # fmt: skip
         model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(
-            accelerator, args, model, train_dataloader, f"cmal_{task.name}"
+            accelerator, training, model, train_dataloader, f"cmal_{task.name}"
         )
 
         def scorer(table, items=False):
@@ -189,13 +191,13 @@ def run(args):
             eval_set, references = task.evaluation_set(TaskExamples(task, table, regions), args.retrieval_eval_images)
             eval_collator = TaskCollator(processor, task, eval_set, labels.get("label2id"), args.max_text_length)
             loader = accelerator.prepare(DataLoader(eval_set, batch_size=args.per_device_eval_batch_size,
-                                                    collate_fn=eval_collator, **loader_options(args)))  # fmt: skip
+                                                    collate_fn=eval_collator, **loader_options(args.num_workers)))  # fmt: skip
             grouped = task.group_column in table.column_names and len(references) == len(table)
             groups = table[task.group_column] if grouped else None
             return lambda: evaluate(model, loader, accelerator, task, references, id2label, items, groups)
 
         scored = None if eval_table is None else scorer(eval_table)
-        results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps,
+        results = train(accelerator, training, model, optimizer, scheduler, train_dataloader, max_steps,
                         description=f"fine-tuning {task.name}", evaluate=scored, eval_steps=args.eval_steps)  # fmt: skip
 
         metrics = {k: v for k, v in results["learning_curve"][-1].items() if k != "step"} if scored is not None else {}
@@ -204,7 +206,7 @@ def run(args):
         state_dict = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
             config = accelerator.unwrap_model(model).config
-            with save_final(accelerator, model, state_dict, processor, args, results) as folder:
+            with save_final(accelerator, model, state_dict, processor, training, results) as folder:
                 if metrics:
                     write_json(os.path.join(folder, "eval_results.json"), {"task": task.name, **metrics})
                 write_model_card(folder, args, config, results, metrics)

@@ -12,33 +12,39 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from cmal.training.arguments import TrainingRun
+from cmal.training.data.epochs import TrainingData
 from cmal.training.run_folder import check_checkpoint, checkpoint_step, checkpoints, interrupted, save_checkpoint, still_training
 
 
 logger = logging.getLogger(__name__)
 
 
-def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, max_steps: int,
+def train(accelerator, run: TrainingRun, model, optimizer, scheduler, dataloader, max_steps: int,
           loss_names=("loss",), description: str = "training", evaluate=None, eval_steps: int = 0) -> dict:  # fmt: skip
-    """Run `max_steps` optimizer steps over the prepared `dataloader`, from `--resume_from_checkpoint` if given.
+    """Run `max_steps` optimizer steps over the prepared `dataloader` of a `TrainingData`, from
+    `--resume_from_checkpoint` if given.
 
     Logs the mean of each of `loss_names` the model returns over the last `--logging_steps` steps (mean
     over micro-batches and processes per step), checkpoints every `--checkpointing_steps`, and stops every
-    process on a NaN/inf loss or gradient (`update`). The collator draws its masks and negatives per (seed, epoch, example), so
-    it is told the epoch. `evaluate()` (a dict of metrics), when given, runs every `eval_steps` steps and at
+    process on a NaN/inf loss or gradient (`update`). Each epoch is set on the sampler and on the data, whose
+    items carry it to the collator (masks and negatives are drawn per (seed, epoch, example)). `evaluate()` (a dict of metrics), when given, runs every `eval_steps` steps and at
     the end: its results make the learning curve, whose last point is the final evaluation. Returns steps,
     steps per epoch, training examples, global batch size, last learning rate, seconds, the share of them spent
     waiting for data, each loss's mean over the first and the last logging window, and the learning curve
     (`[{"step": N, **metrics}]`; evaluation time is not training time).
     """
-    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(len(dataloader) / run.gradient_accumulation_steps)
     num_epochs = math.ceil(max_steps / steps_per_epoch)
-    global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    examples = len(getattr(dataloader.dataset, "pairs", dataloader.dataset))  # a stream counts batches, its pairs examples
+    global_batch = run.per_device_train_batch_size * accelerator.num_processes * run.gradient_accumulation_steps
+    data = dataloader.dataset
+    if not isinstance(data, TrainingData):
+        raise TypeError(f"the training loop reads a TrainingData (training/data/epochs.py), got {type(data).__name__}")
+    examples = data.num_examples()
     logger.info(f"{examples} examples, {steps_per_epoch} steps/epoch, {max_steps} steps, {num_epochs} epochs; "
-                f"global batch {global_batch} = {args.per_device_train_batch_size} per device x "
-                f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation")  # fmt: skip
-    completed, start_epoch, skip_batches = resume(accelerator, args, optimizer, scheduler, steps_per_epoch)
+                f"global batch {global_batch} = {run.per_device_train_batch_size} per device x "
+                f"{accelerator.num_processes} processes x {run.gradient_accumulation_steps} accumulation")  # fmt: skip
+    completed, start_epoch, skip_batches = resume(accelerator, run, optimizer, scheduler, steps_per_epoch)
     if completed >= max_steps:
         logger.info(f"the checkpoint is at step {completed} of {max_steps}: no step left to train")
         start_epoch = num_epochs
@@ -56,38 +62,38 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
         start = tick = time.perf_counter()
         model.train()
         for epoch in range(start_epoch, num_epochs):
-            dataloader.set_epoch(epoch)
-            collator.epoch = epoch
+            dataloader.set_epoch(epoch)  # the sampler's order
+            data.set_epoch(epoch)  # accelerate's set_epoch skips the data when the sampler has one
             batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == start_epoch else dataloader
             for batch in batches:
                 data_seconds += time.perf_counter() - tick
                 with accelerator.accumulate(model):
                     outputs = model(**batch)
-                    update(accelerator, args, model, optimizer, scheduler, outputs.loss, completed)
+                    update(accelerator, run, model, optimizer, scheduler, outputs.loss, completed)
                 names = [name for name in loss_names if outputs.get(name) is not None]
                 pending.append(torch.stack([outputs[name].detach().float() for name in names]))
                 if accelerator.sync_gradients:
                     values = accelerator.reduce(torch.stack(pending).mean(0), "mean").tolist()
                     pending = []
                     for name, value in zip(names, values):
-                        window[name] = (window[name] + [value])[-args.logging_steps :]
+                        window[name] = (window[name] + [value])[-run.logging_steps :]
                     completed += 1
                     if interrupted.is_set():
                         raise KeyboardInterrupt
                     progress.update(1)
                     means = {name: sum(v) / len(v) for name, v in window.items() if v}
-                    if completed == args.logging_steps:
+                    if completed == run.logging_steps:
                         first_losses = means
                     progress.set_postfix({name.replace("_loss", ""): f"{value:.4f}" for name, value in means.items()})
-                    if completed % args.logging_steps == 0:
+                    if completed % run.logging_steps == 0:
                         accelerator.log({**{f"train/{k}": v for k, v in means.items()}, "train/lr": scheduler.get_last_lr()[0]},
                                         step=completed)  # fmt: skip
                     if evaluate is not None and eval_steps and completed % eval_steps == 0 and completed < max_steps:
                         paused = time.perf_counter()
                         evaluate_at(completed)
                         start += time.perf_counter() - paused
-                    if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
-                        save_checkpoint(accelerator, args, completed, sum(means.values()) if means else None)
+                    if run.checkpointing_steps and completed % run.checkpointing_steps == 0:
+                        save_checkpoint(accelerator, run, completed, sum(means.values()) if means else None)
                     if completed >= max_steps:
                         break
                 tick = time.perf_counter()
@@ -111,38 +117,38 @@ def train(accelerator, args, model, optimizer, scheduler, dataloader, collator, 
     }
 
 
-def update(accelerator, args, model, optimizer, scheduler, loss: torch.Tensor, step: int) -> None:
+def update(accelerator, run: TrainingRun, model, optimizer, scheduler, loss: torch.Tensor, step: int) -> None:
     """Backward, and at the end of an accumulation window the clipped update: never with a non-finite loss or
     gradient norm (`check_finite` stops first), so a NaN never reaches the weights or a checkpoint."""
-    check_finite(accelerator, loss, args, step, "loss")
+    check_finite(accelerator, loss, run, step, "loss")
     accelerator.backward(loss)
     if accelerator.sync_gradients:
-        norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        norm = accelerator.clip_grad_norm_(model.parameters(), run.max_grad_norm)
         if norm is not None and accelerator.scaler is None:  # fp16's scaler skips non-finite steps itself
-            check_finite(accelerator, torch.as_tensor(norm, device=accelerator.device), args, step, "gradient norm")
+            check_finite(accelerator, torch.as_tensor(norm, device=accelerator.device), run, step, "gradient norm")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad()
 
 
-def resume(accelerator, args, optimizer, scheduler, steps_per_epoch: int) -> tuple[int, int, int]:
+def resume(accelerator, run: TrainingRun, optimizer, scheduler, steps_per_epoch: int) -> tuple[int, int, int]:
     """Load `--resume_from_checkpoint` (checked by `run_folder.prepare_output_dir`) and apply a changed
     `--learning_rate`; return (completed steps, epoch to start in, batches to skip in it)."""
-    path = args.resume_from_checkpoint
+    path = run.resume_from_checkpoint
     if not path:
         return 0, 0, 0
     if path == "latest":
-        found = checkpoints(args.output_dir)
+        found = checkpoints(run.output_dir)
         if not found:
             logger.info("no checkpoint to resume from: starting fresh")
             return 0, 0, 0
         path = found[-1][1]
     check_checkpoint(path, accelerator.process_index)
     accelerator.load_state(path)
-    rescale_learning_rate(optimizer, scheduler, args.learning_rate)
+    rescale_learning_rate(optimizer, scheduler, run.learning_rate)
     completed = checkpoint_step(path)
     start_epoch, done_in_epoch = divmod(completed, steps_per_epoch)
-    skip_batches = done_in_epoch * args.gradient_accumulation_steps
+    skip_batches = done_in_epoch * run.gradient_accumulation_steps
     logger.info(f"resumed from {path}: step {completed}, epoch {start_epoch}, skipping {skip_batches} batches")
     return completed, start_epoch, skip_batches
 
@@ -163,12 +169,12 @@ def rescale_learning_rate(optimizer, scheduler, peak: float) -> None:
     logger.info(f"--learning_rate {peak:g} differs from the checkpoint's {saved:g}: the resumed schedule is scaled by {ratio:g}")
 
 
-def check_finite(accelerator, value: torch.Tensor, args, step: int, what: str) -> None:
+def check_finite(accelerator, value: torch.Tensor, run: TrainingRun, step: int, what: str) -> None:
     """Stop every process on a NaN/inf loss or gradient norm, before it reaches the weights, so every
     checkpoint holds finite weights; name the newest one."""
     if bool(accelerator.gather(torch.isfinite(value.detach()).reshape(1)).all()):
         return
-    last = checkpoints(args.output_dir)
+    last = checkpoints(run.output_dir)
     if last:
         good = still_training(last)
         rising = "" if good == last[-1][1] else f" (the newest, {last[-1][1]}, was saved when the loss had already risen)"
@@ -176,7 +182,7 @@ def check_finite(accelerator, value: torch.Tensor, args, step: int, what: str) -
                   "schedule is rescaled), or use bf16 rather than fp16.")  # fmt: skip
     else:
         advice = ("No checkpoint exists to resume from (--checkpointing_steps "
-                  f"{'was not set' if not args.checkpointing_steps else f'{args.checkpointing_steps} comes after step {step}'}): "
+                  f"{'was not set' if not run.checkpointing_steps else f'{run.checkpointing_steps} comes after step {step}'}): "
                   "start over with a lower --learning_rate, or bf16 rather than fp16, and --checkpointing_steps N to "
                   "be able to resume from before a divergence.")  # fmt: skip
     raise RuntimeError(f"The {what} became {value.item()} at step {step}; stopping before the update. {advice}")

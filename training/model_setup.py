@@ -62,9 +62,9 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def apply_compute_flags(model, args) -> None:
+def apply_compute_flags(model, gradient_checkpointing: bool, padding_free: bool) -> None:
     """`--gradient_checkpointing` and `--padding_free`: how the model computes, not what (both scripts)."""
-    if args.gradient_checkpointing:
+    if gradient_checkpointing:
         enable_activation_checkpointing(model)
-    if args.padding_free:
+    if padding_free:
         model.config.padding_free = True  # saved with the model: its users' padded batches run packed too

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from cmal.model_cards import render as model_card
 from cmal.modeling_cmal import CMALConfig, CMALForPreTraining
 from cmal.modeling_cmal.convert_bert_to_cmal import load_bert_weights
-from cmal.training.arguments import AMC_PARTS
+from cmal.training.arguments import AMC_PARTS, TrainingRun
 from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator, StreamingPairs
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
@@ -140,14 +140,14 @@ def build_data(args, corpus: Corpus, num_processes: int = 1, process_index: int 
                                 num_processes, args.num_workers, args.seed)  # fmt: skip
         # its own generator, as below: an iterator's worker seeds must not come from (and shift) the global RNG
         loader = DataLoader(stream, batch_size=None, collate_fn=collator, generator=torch.Generator().manual_seed(args.seed),
-                            **loader_options(args))  # fmt: skip
+                            **loader_options(args.num_workers))  # fmt: skip
         return config, processor, train_set, collator, loader
     global_batch = args.per_device_train_batch_size * num_processes
     sampler = LengthGroupedSampler(train_set.lengths(), global_batch, seed=args.seed,
                                    easy=train_set.easy_pairs(), easy_epochs=args.curriculum_epochs)  # fmt: skip
     train_dataloader = DataLoader(
         train_set, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collator,
-        generator=torch.Generator().manual_seed(args.seed), **loader_options(args),
+        generator=torch.Generator().manual_seed(args.seed), **loader_options(args.num_workers),
     )  # fmt: skip
     return config, processor, train_set, collator, train_dataloader
 
@@ -227,7 +227,7 @@ def build_model(args, config):
         model.load_detector_weights(AutoModelForObjectDetection.from_pretrained(args.detector))
     if args.init_text_from:
         logger.info("\n" + str(load_bert_weights(model, args.init_text_from)))
-    apply_compute_flags(model, args)
+    apply_compute_flags(model, args.gradient_checkpointing, args.padding_free)
     return model
 
 
@@ -246,15 +246,16 @@ def run(args):
     """Pre-train with the parsed `args` of `pretrain.parse_args`; returns the training results."""
     # heads whose weight is 0 get no gradient; DDP must be told
     unused = min(args.mlm, args.mrm, args.itm, args.amc) == 0 or len(set(args.amc_parts)) < len(AMC_PARTS)
-    accelerator = setup_accelerator(args, find_unused_parameters=unused)
+    training = TrainingRun.from_args(args)
+    accelerator = setup_accelerator(training, find_unused_parameters=unused)
 
-    with resume_hint_on_interrupt(args, accelerator):
+    with resume_hint_on_interrupt(training, accelerator):
         with accelerator.main_process_first():
             corpus = load_corpus(args)
         config, processor, train_set, collator, train_dataloader = build_data(args, corpus, accelerator.num_processes, accelerator.process_index)
         model = build_model(args, config)
-        model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(accelerator, args, model, train_dataloader, "cmal_pretrain")
-        results = train(accelerator, args, model, optimizer, scheduler, train_dataloader, collator, max_steps, LOSSES, "pre-training")
+        model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(accelerator, training, model, train_dataloader, "cmal_pretrain")
+        results = train(accelerator, training, model, optimizer, scheduler, train_dataloader, max_steps, LOSSES, "pre-training")
         held_out, pairs = {}, validation_pairs(corpus) if args.itm > 0 or args.itc > 0 else None
         if pairs is not None and args.itm > 0:
             held_out |= validate_matching(model, validation_loader(args, pairs, processor, accelerator, 0.5, corpus), accelerator)
@@ -265,7 +266,7 @@ def run(args):
 
         state_dict = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
-            with save_final(accelerator, model, state_dict, processor, args, results) as folder:
+            with save_final(accelerator, model, state_dict, processor, training, results) as folder:
                 write_model_card(folder, args, accelerator.unwrap_model(model).config, results)
             logger.info(f"data loading took {100 * results['data_loading_share']:.1f}% of the training time")
             print(f"final losses: {json.dumps({k: round(v, 4) for k, v in results['final_losses'].items()})}")

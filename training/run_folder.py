@@ -23,13 +23,14 @@ import signal
 import sys
 import threading
 
+from cmal.training.arguments import TrainingRun
 from cmal.training.files import write_json
 
 
 logger = logging.getLogger(__name__)
 
 
-def prepare_output_dir(accelerator, args) -> None:
+def prepare_output_dir(accelerator, run: TrainingRun) -> None:
     """The output-folder policy, applied before any data is loaded or any tracker writes.
 
     A new run needs an absent or empty `--output_dir`; `--resume_from_checkpoint` continues the run that
@@ -37,7 +38,7 @@ def prepare_output_dir(accelerator, args) -> None:
     replaced at the end), so `latest` only ever names this run's newest checkpoint. A final save cut
     short by a kill is undone first (`final_folder`).
     """
-    folder = args.output_dir
+    folder = run.output_dir
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"--output_dir {folder!r} is a file; expected a folder (absent or empty, or a run to resume)")
     if accelerator.is_main_process:
@@ -46,30 +47,30 @@ def prepare_output_dir(accelerator, args) -> None:
     found = checkpoints(folder)
     stale = []
     foreign = foreign_files(folder) if os.path.isdir(folder) else []
-    if foreign and (args.overwrite_output_dir or args.resume_from_checkpoint):
+    if foreign and (run.overwrite_output_dir or run.resume_from_checkpoint):
         raise ValueError(f"--output_dir {folder!r} holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, which no run "
                          "of this package wrote: the run's final save replaces the folder's files, so move them elsewhere "
                          "first (or choose another --output_dir)")  # fmt: skip
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        step = checkpoint_step(args.resume_from_checkpoint)
-        if step is None or not os.path.isdir(args.resume_from_checkpoint):
+    if run.resume_from_checkpoint and run.resume_from_checkpoint != "latest":
+        step = checkpoint_step(run.resume_from_checkpoint)
+        if step is None or not os.path.isdir(run.resume_from_checkpoint):
             raise ValueError("`--resume_from_checkpoint` must be 'latest' or a checkpoint folder `.../checkpoints/step_N`, "
-                             f"got {args.resume_from_checkpoint!r}")  # fmt: skip
+                             f"got {run.resume_from_checkpoint!r}")  # fmt: skip
         stale = [path for n, path in found if n > step]
-    elif not args.resume_from_checkpoint and os.path.isdir(folder) and os.listdir(folder):
+    elif not run.resume_from_checkpoint and os.path.isdir(folder) and os.listdir(folder):
         stale = [path for path in [os.path.join(folder, "checkpoints")] if os.path.isdir(path)]
-        if not args.overwrite_output_dir:
+        if not run.overwrite_output_dir:
             if found:
                 hint = (f"it holds this run's checkpoints up to step {found[-1][0]}: resume with "
-                        f"`{args.command} --resume_from_checkpoint latest`, ")  # fmt: skip
+                        f"`{run.command} --resume_from_checkpoint latest`, ")  # fmt: skip
             elif os.path.isfile(os.path.join(folder, "train_results.json")):
                 hint = "it holds a finished run (train_results.json): "
             else:
                 hint = f"it holds {', '.join(sorted(os.listdir(folder))[:5])}: "
             raise ValueError(f"--output_dir {folder!r} is not empty; {hint}or pass --overwrite_output_dir to start over, "
                              "or choose another --output_dir")  # fmt: skip
-    if stale and not args.overwrite_output_dir:
-        raise ValueError(f"{', '.join(stale)} are newer than --resume_from_checkpoint {args.resume_from_checkpoint!r}: "
+    if stale and not run.overwrite_output_dir:
+        raise ValueError(f"{', '.join(stale)} are newer than --resume_from_checkpoint {run.resume_from_checkpoint!r}: "
                          "they would outlive the resumed run as its 'latest'. Pass --overwrite_output_dir to delete them, "
                          "or resume from 'latest'")  # fmt: skip
     if stale and accelerator.is_main_process:
@@ -127,12 +128,12 @@ def one_file_mode(folder: str) -> None:
 TRAINING_LOSS = "training_loss.json"  # in a checkpoint: the loss it was saved at, which the NaN guard reads
 
 
-def save_checkpoint(accelerator, args, step: int, loss: float | None = None):
+def save_checkpoint(accelerator, run: TrainingRun, step: int, loss: float | None = None):
     """`save_state` into `step_N.tmp`, then rename: a checkpoint either exists whole or not at all. Only
     then are all but the newest `--checkpoints_total_limit` removed, the last one saved before the loss rose kept
     (`still_training`; why not Accelerate's `total_limit`: `runtime.setup_accelerator`). `loss`, the sum of the logged
     losses' means over the last logging window, is kept in it."""
-    final = os.path.join(args.output_dir, "checkpoints", f"step_{step}")
+    final = os.path.join(run.output_dir, "checkpoints", f"step_{step}")
     tmp = final + ".tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -145,9 +146,9 @@ def save_checkpoint(accelerator, args, step: int, loss: float | None = None):
         one_file_mode(tmp)
         shutil.rmtree(final, ignore_errors=True)  # a step retrained after resuming from an earlier checkpoint
         os.replace(tmp, final)
-        found = checkpoints(args.output_dir)
+        found = checkpoints(run.output_dir)
         good = still_training(found)  # a diverging run's last good checkpoint outlives the limit
-        for _, old in found[: -args.checkpoints_total_limit]:
+        for _, old in found[: -run.checkpoints_total_limit]:
             if old != good:
                 shutil.rmtree(old)
         logger.info(f"step {step}: checkpoint saved to {final}")
@@ -218,18 +219,18 @@ def final_folder(folder: str):
 
 
 @contextlib.contextmanager
-def save_final(accelerator, model, state_dict: dict, processor, args, results: dict):
+def save_final(accelerator, model, state_dict: dict, processor, run: TrainingRun, results: dict):
     """The model, processor and `train_results.json` written into a `final_folder`, which is yielded for
     the script's own files (card, evaluation) before it takes `--output_dir`'s place.
 
     `state_dict` is `accelerator.get_state_dict(model)`, taken on every process (under FSDP it gathers the
     shards into full tensors on the main one); this runs on the main process only.
     """
-    with final_folder(args.output_dir) as folder:
+    with final_folder(run.output_dir) as folder:
         accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict, save_function=accelerator.save)
         processor.save_pretrained(folder)
-        write_json(os.path.join(folder, "train_results.json"), {**results, "args": vars(args)})
-        measured = carried_detector_results(args) if accelerator.unwrap_model(model).config.detector_config else None
+        write_json(os.path.join(folder, "train_results.json"), {**results, "args": run.script_args})
+        measured = carried_detector_results(run) if accelerator.unwrap_model(model).config.detector_config else None
         if measured:
             write_json(os.path.join(folder, DETECTOR_RESULTS), measured)
         yield folder
@@ -238,11 +239,11 @@ def save_final(accelerator, model, state_dict: dict, processor, args, results: d
 DETECTOR_RESULTS = "detector_results.json"  # the carried detector's own eval_results.json, which the card quotes
 
 
-def carried_detector_results(args) -> dict | None:
+def carried_detector_results(run: TrainingRun) -> dict | None:
     """What the detector the model carries measured when it was trained: its folder's `eval_results.json`
     (`--detector`), or the `detector_results.json` of the local checkpoint fine-tuning started from. None when
     neither exists (a Hub detector, or one trained elsewhere): the card then quotes no detector metric."""
-    sources = [(getattr(args, "detector", None), "eval_results.json"), (getattr(args, "model_name_or_path", None), DETECTOR_RESULTS)]
+    sources = [(run.script_args.get("detector"), "eval_results.json"), (run.script_args.get("model_name_or_path"), DETECTOR_RESULTS)]
     for folder, name in sources:
         if folder and os.path.isfile(os.path.join(folder, name)):
             with open(os.path.join(folder, name)) as f:
@@ -273,7 +274,7 @@ interrupted = threading.Event()
 
 
 @contextlib.contextmanager
-def resume_hint_on_interrupt(args, accelerator):
+def resume_hint_on_interrupt(run: TrainingRun, accelerator):
     """Ctrl-C (or a scheduler's SIGTERM) ends the run with one line saying how to resume, not ~90 lines of
     tracebacks; the exit status is 130 as for any interrupted program."""
 
@@ -287,15 +288,15 @@ def resume_hint_on_interrupt(args, accelerator):
         yield
     except KeyboardInterrupt:
         if accelerator.is_main_process:
-            found = checkpoints(args.output_dir)
+            found = checkpoints(run.output_dir)
             if found:
-                resume = args.command.replace(" --overwrite_output_dir", "")
+                resume = run.command.replace(" --overwrite_output_dir", "")
                 if "--resume_from_checkpoint" not in resume:
                     resume += " --resume_from_checkpoint latest"
                 print(f"\ninterrupted; step {found[-1][0]} is saved in {found[-1][1]}: resume with `{resume}`", file=sys.stderr)
             else:
                 print(f"\ninterrupted before any checkpoint was saved (set --checkpointing_steps to make runs resumable); "
-                      f"start over with `{args.command} --overwrite_output_dir`", file=sys.stderr)  # fmt: skip
+                      f"start over with `{run.command} --overwrite_output_dir`", file=sys.stderr)  # fmt: skip
         raise SystemExit(130) from None
     finally:
         for sig, handler in previous.items():

@@ -18,6 +18,8 @@ from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from transformers import get_scheduler
 
+from cmal.training.arguments import TrainingRun
+from cmal.training.data.epochs import TrainingData
 from cmal.training.run_folder import prepare_output_dir
 
 
@@ -36,21 +38,21 @@ def trackers(report_to: str) -> str | list | None:
     return report_to
 
 
-def setup_accelerator(args, find_unused_parameters: bool = False) -> Accelerator:
+def setup_accelerator(run: TrainingRun, find_unused_parameters: bool = False) -> Accelerator:
     """The Accelerator of both scripts (seedable sampler, so a resumed epoch has the same order), logging,
     the output folder (`prepare_output_dir`) and the seed."""
     accelerator = Accelerator(
         # `accelerate launch --multi_gpu` (or training/configs/cpu_2proc.yaml) on a machine without an accelerator:
         # without `cpu=True` each process would train alone, all writing the same folder
         cpu=not accelerator_available(),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=trackers(args.report_to),
+        gradient_accumulation_steps=run.gradient_accumulation_steps,
+        mixed_precision=run.mixed_precision,
+        log_with=trackers(run.report_to),
         # No `automatic_checkpoint_naming`/`total_limit`: `save_state` would then write straight into the
         # final folder (a kill mid-save leaves a complete-looking `checkpoint_N` that "latest" resumes
         # from) and delete the oldest checkpoint before the new one exists. `loop.save_checkpoint` writes
         # `step_N.tmp`, renames it, and only then drops the oldest.
-        project_config=ProjectConfiguration(project_dir=args.output_dir),
+        project_config=ProjectConfiguration(project_dir=run.output_dir),
         # non_blocking: batches in pinned memory (`loader_options`) go to the GPU while it still computes
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
@@ -59,8 +61,8 @@ def setup_accelerator(args, find_unused_parameters: bool = False) -> Accelerator
     use_idle_cores(accelerator.device)
     # checkpoints hold each tied weight once, as `save_pretrained` does, without accelerate's "Removed shared tensor"
     accelerator.register_save_state_pre_hook(drop_tied_copies)
-    prepare_output_dir(accelerator, args)
-    set_seed(args.seed)
+    prepare_output_dir(accelerator, run)
+    set_seed(run.seed)
     return accelerator
 
 
@@ -125,10 +127,10 @@ def drop_tied_copies(models, weights, output_dir) -> None:
             del state_dict[key]
 
 
-def loader_options(args) -> dict:
-    """DataLoader workers as asked, and pinned host memory where a GPU will take the batches (copied
-    asynchronously then; pinning on a CPU-only machine would only cost)."""
-    return {"num_workers": args.num_workers, "pin_memory": torch.cuda.is_available()}
+def loader_options(num_workers: int) -> dict:
+    """DataLoader workers as asked (`--num_workers`), and pinned host memory where a GPU will take the batches
+    (copied asynchronously then; pinning on a CPU-only machine would only cost)."""
+    return {"num_workers": num_workers, "pin_memory": torch.cuda.is_available()}
 
 
 def finish(accelerator) -> None:
@@ -143,25 +145,26 @@ def accelerator_available() -> bool:
     return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
 
 
-def prepare_training(accelerator, args, model, train_dataloader, project_name: str):
+def prepare_training(accelerator, run: TrainingRun, model, train_dataloader, project_name: str):
     """AdamW and the schedule sized from the data, prepared with the model and the data, and the trackers
     (started only now, so a run that fails while loading leaves no logs in `--output_dir`).
 
     Returns (model, optimizer, dataloader, scheduler, max_steps).
     """
-    if args.report_to != "none":
-        accelerator.init_trackers(project_name, {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-    optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
-    # a stream (`StreamingPairs`) is this process's part already: accelerate must not split it again
-    stream = getattr(train_dataloader.dataset, "batches_all_processes", None)
-    batches = stream() if stream else len(train_dataloader)
-    steps_per_epoch = math.ceil(batches / accelerator.num_processes / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    if run.report_to != "none":
+        accelerator.init_trackers(project_name, {k: v for k, v in run.script_args.items() if isinstance(v, (int, float, str, bool))})
+    optimizer = torch.optim.AdamW(optimizer_groups(model, run.weight_decay), lr=run.learning_rate)
+    data = train_dataloader.dataset
+    if not isinstance(data, TrainingData):
+        raise TypeError(f"training reads a TrainingData (training/data/epochs.py), got {type(data).__name__}")
+    batches = data.batches_per_epoch(train_dataloader)
+    steps_per_epoch = math.ceil(batches / accelerator.num_processes / run.gradient_accumulation_steps)
+    max_steps = run.max_train_steps or run.num_train_epochs * steps_per_epoch
     scheduler = get_scheduler(
-        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        run.lr_scheduler_type, optimizer, num_warmup_steps=run.num_warmup_steps * accelerator.num_processes,
         num_training_steps=max_steps * accelerator.num_processes,
     )  # fmt: skip
-    if stream:
+    if data.streamed:  # this process's part already: accelerate must not split it again
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         train_dataloader = prepare_data_loader(train_dataloader, accelerator.device, num_processes=1, process_index=0,
                                                put_on_device=True, dispatch_batches=False,

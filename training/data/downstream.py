@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from cmal.training.metrics import import_metric_module
 
+from .epochs import TrainingData
 from .labels import NLVR2_LABELS, VE_LABELS
 from .pretraining import other_image
 from .region_store import RegionReader
@@ -277,7 +278,7 @@ def read_karpathy(path: str, split: str, image_id_template: str = "{}") -> datas
 # ------------------------------------------------------------------------------------------------
 
 
-class TaskExamples(Dataset):
+class TaskExamples(TrainingData, Dataset):
     """A task table joined to a region store: each item is a text, its image row(s) and its target.
 
     `task` is the task's record (`training/tasks.py`): which columns hold the text, the target and the images.
@@ -302,10 +303,11 @@ class TaskExamples(Dataset):
         return self.read_regions(rows)
 
     def __getitem__(self, index):
-        return {"index": index, "text": self.texts[index], "image_rows": self.image_rows[index], "target": self.targets[index]}
+        return {"index": index, "epoch": self.epoch, "text": self.texts[index], "image_rows": self.image_rows[index],
+                "target": self.targets[index]}  # fmt: skip
 
 
-class RetrievalGrid(Dataset):
+class RetrievalGrid(TrainingData, Dataset):
     """Every (text, image) pair of the first `num_images` images of a retrieval table and their texts.
 
     Scoring the whole grid gives the score matrix that recall@K is computed from; `references` is
@@ -328,7 +330,7 @@ class RetrievalGrid(Dataset):
     def __getitem__(self, index):
         t, j = divmod(index, len(self.images))
         text = self.texts[t]
-        return {"index": index, "text": self.examples.texts[text], "image_rows": [self.images[j]],
+        return {"index": index, "epoch": self.epoch, "text": self.examples.texts[text], "image_rows": [self.images[j]],
                 "target": int(self.references[t] == j)}  # fmt: skip
 
 
@@ -347,14 +349,15 @@ class TaskCollator:
 
     Items with two image rows (NLVR2) get an image axis of size 2 on their region inputs. With
     `negative_probability`, an item's image is replaced by another one (label 0: a mismatched pair for
-    retrieval's matching head), drawn from a generator seeded by (seed, epoch, index) as in pre-training.
+    retrieval's matching head), drawn from a generator seeded by (seed, epoch, index) as in pre-training (the
+    epoch each item carries: `TrainingData.set_epoch`).
     """
 
     def __init__(self, processor, task, dataset, label2id: dict | None = None, max_length: int = 40,
                  negative_probability: float = 0.0, seed: int = 0):  # fmt: skip
         self.processor, self.task, self.dataset = processor, task, dataset
         self.label2id, self.max_length = label2id, max_length
-        self.negative_probability, self.seed, self.epoch = negative_probability, seed, 0
+        self.negative_probability, self.seed = negative_probability, seed
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         texts = [item["text"] for item in items]
@@ -363,7 +366,7 @@ class TaskCollator:
         if self.negative_probability:
             num_images = self.dataset.num_images
             for k, item in enumerate(items):
-                rng = np.random.default_rng([self.seed, self.epoch, item["index"]])
+                rng = np.random.default_rng([self.seed, item["epoch"], item["index"]])
                 if num_images > 1 and rng.random() < self.negative_probability:
                     rows[k] = [other_image(rows[k][0], num_images, rng)]
                     targets[k] = 0

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from transformers import trainer_pt_utils
 
+from .epochs import TrainingData
 from .region_store import RegionReader
 
 
@@ -28,7 +29,7 @@ def _word_counts(texts) -> np.ndarray:
     return pc.count_substring(texts, " ").to_numpy() + 1
 
 
-class ImageTextPairs(Dataset):
+class ImageTextPairs(TrainingData, Dataset):
     """(text, regions of its image) pairs: a text table with `image_id`, `text` joined to a region store."""
 
     def __init__(self, texts, regions):
@@ -78,7 +79,8 @@ class ImageTextPairs(Dataset):
         row by row, `datasets` formatting took a tenth of the pipeline's time)."""
         indices = [int(index) for index in indices]
         texts = self.texts[indices]["text"]
-        return [{"index": i, "text": text, "image_row": int(self.image_rows[i])} for i, text in zip(indices, texts)]
+        return [{"index": i, "epoch": self.epoch, "text": text, "image_row": int(self.image_rows[i])}
+                for i, text in zip(indices, texts)]  # fmt: skip
 
 
 def length_grouped_indices(lengths: np.ndarray, batch_size: int, generator: torch.Generator) -> np.ndarray:
@@ -123,7 +125,7 @@ class LengthGroupedSampler(trainer_pt_utils.LengthGroupedSampler):
         return iter(length_grouped_indices(self.lengths, self.batch_size, self.generator).tolist())
 
 
-class StreamingPairs(IterableDataset):
+class StreamingPairs(TrainingData, IterableDataset):
     """`ImageTextPairs` read as shards in order, for corpora too large to read at random (regions on network or
     spinning storage): each process and each of its DataLoader workers reads only its own shards.
 
@@ -143,11 +145,20 @@ class StreamingPairs(IterableDataset):
         if num_shards < self.readers:
             raise ValueError(f"--streaming_shards {num_shards} is fewer than the {self.readers} readers "
                              f"({num_processes} processes x {self.workers} workers): some would read nothing")  # fmt: skip
-        self.pairs, self.batch_size, self.seed, self.epoch = pairs, batch_size, seed, 0
+        self.pairs, self.batch_size, self.seed = pairs, batch_size, seed
         self.bounds = np.linspace(0, len(pairs), num_shards + 1).round().astype(np.int64)
+
+    streamed = True
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
+        self.pairs.set_epoch(epoch)  # its items carry the epoch to the collator
+
+    def num_examples(self) -> int:
+        return len(self.pairs)
+
+    def batches_per_epoch(self, loader) -> int:
+        return self.batches_all_processes()
 
     def _batches_of(self, reader: int) -> int:
         sizes = np.diff(self.bounds)[reader :: self.readers]
@@ -278,7 +289,6 @@ class PretrainingCollator:
         self.mrm_probability = mrm_probability
         self.max_length = max_length
         self.seed = seed
-        self.epoch = 0
         tokenizer = processor.tokenizer
         self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
         self.matching = MatchingPairs(dataset.num_regions(), itm_negative_probability, true_of, negative_window,
@@ -286,9 +296,9 @@ class PretrainingCollator:
         self.twins_from_epoch = twins_from_epoch
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        rngs = [np.random.default_rng([self.seed, self.epoch, item["index"]]) for item in items]
-        use_twins = self.epoch >= self.twins_from_epoch
-        image_rows, itm_labels = map(list, zip(*(self.matching(item, rng, use_twins) for item, rng in zip(items, rngs))))
+        rngs = [np.random.default_rng([self.seed, item["epoch"], item["index"]]) for item in items]
+        image_rows, itm_labels = map(list, zip(*(self.matching(item, rng, item["epoch"] >= self.twins_from_epoch)
+                                                 for item, rng in zip(items, rngs))))  # fmt: skip
         batch = self.processor(
             text=[item["text"] for item in items],
             regions=self.dataset.regions_of_images(image_rows),
