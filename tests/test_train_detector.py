@@ -59,9 +59,12 @@ def test_the_folder_loads_as_a_transformers_detector(trained):
 
 
 def test_training_scenes_are_fresh_per_step_and_none_is_a_world_image():
-    pixels, targets = train_detector_run.training_batch(0, 3, 4)
-    again, _ = train_detector_run.training_batch(0, 3, 4)
-    other, _ = train_detector_run.training_batch(0, 4, 4)
+    def batch(seed, step, size=4):  # as the loop reads them: in order
+        return train_detector_run.collate_scenes([train_detector_run.FreshScenes(seed, 40)[step * size + k] for k in range(size)]).values()
+
+    pixels, targets = batch(0, 3)
+    again, _ = batch(0, 3)
+    other, _ = batch(0, 4)
     assert pixels.shape == (4, 3, synthetic.IMAGE_SIZE, synthetic.IMAGE_SIZE) and torch.equal(pixels, again)
     assert not torch.equal(pixels, other)
     for target in targets:
@@ -74,6 +77,26 @@ def test_training_scenes_are_fresh_per_step_and_none_is_a_world_image():
 
 def test_a_non_empty_output_dir_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="is not empty: pass --overwrite_output_dir"):
+    with pytest.raises(ValueError, match="is not empty; it holds notes.txt: or pass --overwrite_output_dir"):
         train_detector.main([*WORLD, "--output_dir", str(tmp_path), "--max_train_steps", "1"])
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_killed_detector_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """The detector trains through the shared loop: its checkpoints resume exactly, as pre-training's do."""
+    from conftest import die_after_saving
+    from safetensors.torch import load_file
+
+    run = [*WORLD, "--max_train_steps", "4", "--per_device_train_batch_size", "2", "--report_to", "none", "--logging_steps", "1"]
+    train_detector.main([*run, "--output_dir", str(tmp_path / "whole")])
+    revive = die_after_saving(monkeypatch, 2)
+    with pytest.raises(SystemExit, match="130"):  # Ctrl-C after step 2's checkpoint
+        train_detector.main([*run, "--output_dir", str(tmp_path / "cut"), "--checkpointing_steps", "2"])
+    revive()
+    results = train_detector.main([*run, "--output_dir", str(tmp_path / "cut"), "--checkpointing_steps", "2",
+                                   "--resume_from_checkpoint", "latest"])  # fmt: skip
+    assert results["steps"] == 4
+    whole, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "cut"))
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=1e-6, msg=key)

@@ -117,8 +117,10 @@ def lr_schedule(text: str) -> str:
     return text
 
 
-def add_training_args(parser, output_dir: str, batch_size: int, learning_rate: float, epochs: int, warmup: int):
-    """The optimisation, checkpointing and tracking flags of both scripts; the defaults differ per script."""
+def add_training_args(parser, output_dir: str, batch_size: int, learning_rate: float, epochs: int, warmup: int,
+                      cmal_model: bool = True):
+    """The optimisation, checkpointing and tracking flags of the training scripts; the defaults differ per script.
+    `cmal_model`: also the flags of a CMAL checkpoint (how it computes, its upload), which the detector has not."""
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default=output_dir,
                        help="Checkpoints and the final model. Must be empty or absent unless resuming or --overwrite_output_dir.")  # fmt: skip
@@ -141,14 +143,16 @@ def add_training_args(parser, output_dir: str, batch_size: int, learning_rate: f
     train.add_argument("--checkpoints_total_limit", type=POSITIVE_INT, default=2, help="Keep only the newest N checkpoints.")
     train.add_argument("--resume_from_checkpoint", default=None,
                        help="'latest' (this --output_dir's newest checkpoint; none: start fresh) or a checkpoint folder.")  # fmt: skip
-    train.add_argument("--gradient_checkpointing", action="store_true")
-    train.add_argument("--padding_free", action="store_true",
-                       help="Compute nothing on padding: layers run the real tokens and regions packed "
-                            "(CMALConfig.padding_free; the same outputs; faster when batches carry much padding).")  # fmt: skip
     train.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     train.add_argument("--num_workers", type=NON_NEGATIVE_INT, default=0, help="DataLoader worker processes.")
     train.add_argument("--report_to", default="all", help="tensorboard, wandb, ... ; all = every installed tracker; none.")
     train.add_argument("--logging_steps", type=POSITIVE_INT, default=10)
+    if not cmal_model:
+        return train
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--padding_free", action="store_true",
+                       help="Compute nothing on padding: layers run the real tokens and regions packed "
+                            "(CMALConfig.padding_free; the same outputs; faster when batches carry much padding).")  # fmt: skip
     train.add_argument("--push_to_hub", action="store_true", help="Upload the final folder to --hub_model_id.")
     train.add_argument("--hub_model_id", default=None, help="Repo id (user/name); default: the output folder's name.")
     train.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
@@ -159,8 +163,8 @@ def add_training_args(parser, output_dir: str, batch_size: int, learning_rate: f
 class TrainingRun:
     """What the training loop (`loop.py`), the output folder (`run_folder.py`) and the accelerator and optimizer
     (`runtime.py`) read of a run: the flags of `add_training_args`, built once from the parsed arguments
-    (`from_args`), as transformers' `TrainingArguments` is for its `Trainer`. The script's own flags (data, model)
-    stay with the script; `script_args` keeps them all, as `train_results.json` and the trackers record them."""
+    (`from_args`), as transformers' `TrainingArguments` is for its `Trainer`. The script's own flags (data, model,
+    upload) stay with the script; `script_args` keeps them all, as `train_results.json` and the trackers record them."""
 
     output_dir: str
     overwrite_output_dir: bool
@@ -177,15 +181,9 @@ class TrainingRun:
     checkpointing_steps: int | None
     checkpoints_total_limit: int
     resume_from_checkpoint: str | None
-    gradient_checkpointing: bool
-    padding_free: bool
     seed: int
-    num_workers: int
     report_to: str
     logging_steps: int
-    push_to_hub: bool
-    hub_model_id: str | None
-    hub_private_repo: bool
     command: str  # the command line that started the run, as the resume hint repeats it
     script_args: dict = dataclasses.field(repr=False, compare=False)
 

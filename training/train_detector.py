@@ -13,30 +13,37 @@ with seeds no world image uses (a fresh batch every step) and is evaluated with 
 rendered images of the world's validation split and their ground-truth boxes, and by the attribute head's
 accuracy. The output folder loads with `AutoModelForObjectDetection` and `AutoImageProcessor` (whose
 preprocessing is the training's: 128 x 128, pixels / 255, no normalisation) and holds `eval_results.json`.
-A run that ends below the targets (mAP@0.5 0.9, colour 0.9) says so.
+A run that ends below the targets (mAP@0.5 0.9, colour 0.9) says so. It trains through the shared loop
+(`training/loop.py`): checkpoints, `--resume_from_checkpoint latest` and the output folder's policy are the
+other scripts'.
 """
 
 import argparse
 
-from cmal.training.arguments import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, script_entry
+from cmal.training.arguments import (
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    add_training_args,
+    check_training_args,
+    command_line,
+    script_entry,
+)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--synthetic_images", type=POSITIVE_INT, default=2000, help="Images of the world evaluated on.")
     p.add_argument("--synthetic_seed", type=NON_NEGATIVE_INT, default=0, help="Seed of the world.")
-    p.add_argument("--output_dir", default="outputs/detector-synthetic")
-    p.add_argument("--overwrite_output_dir", action="store_true", help="Replace the detector already in --output_dir.")
-    p.add_argument("--max_train_steps", type=POSITIVE_INT, default=1500)
-    p.add_argument("--per_device_train_batch_size", type=POSITIVE_INT, default=16)
-    p.add_argument("--learning_rate", type=POSITIVE, default=1e-3)
-    p.add_argument("--weight_decay", type=NON_NEGATIVE, default=1e-4)
     p.add_argument("--attribute_loss_weight", type=NON_NEGATIVE, default=1.0,
                    help="Weight of the attribute head's loss (colour and size of each matched query; 0: shapes only).")
-    p.add_argument("--max_grad_norm", type=POSITIVE, default=0.1, help="RT-DETR's own clipping.")
-    p.add_argument("--logging_steps", type=POSITIVE_INT, default=100)
-    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
-    return p.parse_args(argv)
+    add_training_args(p, "outputs/detector-synthetic", batch_size=16, learning_rate=1e-3, epochs=1, warmup=0, cmal_model=False)
+    # RT-DETR's own clipping and decay, a constant rate; each step draws fresh scenes, so steps, not epochs
+    p.set_defaults(max_train_steps=1500, weight_decay=1e-4, max_grad_norm=0.1, lr_scheduler_type="constant", logging_steps=100)
+    args = p.parse_args(argv)
+    args.command = command_line("training/train_detector.py", argv)
+    check_training_args(p, args)
+    return args
 
 
 def main(argv=None) -> dict:

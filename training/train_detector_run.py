@@ -1,28 +1,31 @@
 """What `training/train_detector.py` runs once its arguments are parsed: the detector's config and processor,
 fresh training scenes, the attribute head, COCO mAP and attribute accuracy on the world's validation images, and
-the run. The command line stays in
-`train_detector.py`, which imports this module only after parsing, so its `--help` answers without torch.
+the run, through the shared training loop. The command line stays in `train_detector.py`, which imports this
+module only after parsing, so its `--help` answers without torch.
 """
 
 import contextlib
 import io
 import logging
 import os
-import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import transformers
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig
 from transformers.loss.loss_rt_detr import RTDetrHungarianMatcher
+from transformers.utils import ModelOutput
 
+from cmal.training.arguments import TrainingRun
 from cmal.training.data import synthetic
+from cmal.training.data.epochs import TrainingData
 from cmal.training.files import write_json
-from cmal.training.run_folder import final_folder, recover_final_folder
-from cmal.training.runtime import configure_logging, use_idle_cores
+from cmal.training.loop import train
+from cmal.training.run_folder import final_folder, resume_hint_on_interrupt
+from cmal.training.runtime import finish, loader_options, prepare_training, setup_accelerator
 
 
 logger = logging.getLogger("cmal.training.train_detector")
@@ -94,12 +97,45 @@ class AttributeHead(nn.Module):
         return sum(nn.functional.cross_entropy(logits, labels) for logits, labels in self(outputs, targets).values())
 
 
-def training_batch(seed: int, step: int, batch_size: int):
-    """Batch `step`: fresh scenes, a function of (seed, step) only."""
-    scenes = [synthetic.generate_scene(np.random.default_rng([seed, step * batch_size + k, DETECTOR_STREAM]))
-              for k in range(batch_size)]  # fmt: skip
-    pixels, targets = zip(*map(pixels_and_target, scenes))
-    return torch.stack(pixels), list(targets)
+@dataclass
+class DetectorTrainingOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    detection_loss: torch.Tensor | None = None
+    attribute_loss: torch.Tensor | None = None
+
+
+class DetectorTraining(nn.Module):
+    """The detector and its attribute head as one module, so the shared loop trains them as it trains CMAL: one
+    loss, one optimizer over both, one checkpoint."""
+
+    def __init__(self, detector: RTDetrForObjectDetection, attributes: AttributeHead, attribute_loss_weight: float):
+        super().__init__()
+        self.detector, self.attributes, self.attribute_loss_weight = detector, attributes, attribute_loss_weight
+
+    def forward(self, pixel_values, labels) -> DetectorTrainingOutput:
+        outputs = self.detector(pixel_values=pixel_values, labels=labels)
+        attribute_loss = self.attributes.loss(outputs, labels)
+        return DetectorTrainingOutput(loss=outputs.loss + self.attribute_loss_weight * attribute_loss,
+                                      detection_loss=outputs.loss, attribute_loss=attribute_loss)  # fmt: skip
+
+
+class FreshScenes(TrainingData, Dataset):
+    """`size` scenes drawn from the world's generator, scene i a function of (seed, i) only, with seeds no world
+    image uses; read in order, batch `step` holds scenes step * batch_size onwards."""
+
+    def __init__(self, seed: int, size: int):
+        self.seed, self.size = seed, size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index: int):
+        return pixels_and_target(synthetic.generate_scene(np.random.default_rng([self.seed, index, DETECTOR_STREAM])))
+
+
+def collate_scenes(items) -> dict:
+    pixels, targets = zip(*items)
+    return {"pixel_values": torch.stack(pixels), "labels": list(targets)}
 
 
 def validation_scenes(world: dict) -> list:
@@ -152,46 +188,35 @@ def evaluate(model, attribute_head, scenes, device, batch_size: int = 50) -> dic
 
 def run(args) -> dict:
     """Train and evaluate with the parsed `args` of `train_detector.parse_args`; returns the results."""
-    configure_logging()
-    recover_final_folder(args.output_dir)  # a save cut short by a kill: back to the previous folder
-    if os.path.isfile(args.output_dir) or (os.path.isdir(args.output_dir) and os.listdir(args.output_dir)
-                                           and not args.overwrite_output_dir):  # fmt: skip
-        raise ValueError(f"--output_dir {args.output_dir!r} is not empty: pass --overwrite_output_dir to replace it, "
-                         "or choose another --output_dir")  # fmt: skip
-    world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed))
-    scenes = validation_scenes(world)
-    set_seed(args.seed)
-    accelerator = Accelerator()
-    use_idle_cores(accelerator.device)
-    config = detector_config()
-    model, attribute_head = RTDetrForObjectDetection(config), AttributeHead(config)
-    parameters = [*model.parameters(), *attribute_head.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
-    model, attribute_head, optimizer = accelerator.prepare(model, attribute_head, optimizer)
-    logger.info(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {args.max_train_steps} steps of "
-                f"{args.per_device_train_batch_size} fresh scenes; validation: {len(scenes)} world images")  # fmt: skip
-    start, losses = time.perf_counter(), []
-    for step in range(args.max_train_steps):
-        pixels, targets = training_batch(args.seed, step, args.per_device_train_batch_size)
-        targets = [{key: value.to(accelerator.device) for key, value in target.items()} for target in targets]
-        outputs = model(pixel_values=pixels.to(accelerator.device), labels=targets)
-        loss = outputs.loss + args.attribute_loss_weight * attribute_head.loss(outputs, targets)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-        if (step + 1) % args.logging_steps == 0:
-            logger.info(f"step {step + 1}: loss {np.mean(losses[-args.logging_steps:]):.3f}")
-    seconds = time.perf_counter() - start
-    validation = evaluate(model, attribute_head, scenes, accelerator.device)
-    results = {"validation": validation, "train_seconds": round(seconds, 1), "final_loss": float(np.mean(losses[-args.logging_steps:]))}
-    print(f"held-out mAP@0.5 {validation['map_50']:.3f}, mAP@[.5:.95] {validation['map_50_95']:.3f}, colour "
-          f"{validation['colour_accuracy']:.3f} and size {validation['size_accuracy']:.3f} read off the matched queries "
-          f"({len(scenes)} validation images of the world; {seconds:.0f} s of training)")  # fmt: skip
-    with final_folder(args.output_dir) as folder:
-        accelerator.unwrap_model(model).save_pretrained(folder)
-        image_processor().save_pretrained(folder)
-        write_json(os.path.join(folder, "eval_results.json"), {**results, "args": vars(args)})
-    accelerator.end_training()
+    training = TrainingRun.from_args(args)
+    accelerator = setup_accelerator(training)
+    with resume_hint_on_interrupt(training, accelerator):
+        with accelerator.main_process_first():
+            world = synthetic.load_world(synthetic.default_world(num_images=args.synthetic_images, seed=args.synthetic_seed))
+        scenes = validation_scenes(world)
+        config = detector_config()
+        model = DetectorTraining(RTDetrForObjectDetection(config), AttributeHead(config), args.attribute_loss_weight)
+        data = FreshScenes(args.seed, args.max_train_steps * args.per_device_train_batch_size * accelerator.num_processes)
+        # its own generator: a new iterator (a resumed run makes one) must not draw from, and shift, the global RNG that
+        # RT-DETR's denoising queries draw from
+        loader = DataLoader(data, batch_size=args.per_device_train_batch_size, collate_fn=collate_scenes,
+                            generator=torch.Generator().manual_seed(args.seed), **loader_options(args.num_workers))  # fmt: skip
+        logger.info(f"{sum(p.numel() for p in model.detector.parameters()) / 1e6:.2f} M parameters, {args.max_train_steps} "
+                    f"steps of {args.per_device_train_batch_size} fresh scenes; validation: {len(scenes)} world images")  # fmt: skip
+        model, optimizer, loader, scheduler, max_steps = prepare_training(accelerator, training, model, loader, "cmal_detector")
+        results = train(accelerator, training, model, optimizer, scheduler, loader, max_steps,
+                        ("loss", "detection_loss", "attribute_loss"), "training the detector")  # fmt: skip
+        trained = accelerator.unwrap_model(model)
+        results["validation"] = validation = evaluate(trained.detector, trained.attributes, scenes, accelerator.device)
+        if accelerator.is_main_process:
+            print(f"held-out mAP@0.5 {validation['map_50']:.3f}, mAP@[.5:.95] {validation['map_50_95']:.3f}, colour "
+                  f"{validation['colour_accuracy']:.3f} and size {validation['size_accuracy']:.3f} read off the matched queries "
+                  f"({len(scenes)} validation images of the world; {results['train_seconds']:.0f} s of training)")  # fmt: skip
+            with final_folder(args.output_dir) as folder:
+                trained.detector.save_pretrained(folder)
+                image_processor().save_pretrained(folder)
+                write_json(os.path.join(folder, "eval_results.json"), {
+                    "validation": validation, "train_seconds": round(results["train_seconds"], 1),
+                    "final_loss": results["final_losses"]["loss"], "args": vars(args)})  # fmt: skip
+    finish(accelerator)
     return results
