@@ -585,7 +585,8 @@ def test_auto_map_names_local_files(tmp_path):
         }
     }
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "config.json", "configuration_cmal.py", "model.safetensors", "modeling_cmal.py", "pipeline_cmal.py",
+        "config.json", "configuration_cmal.py", "legacy_cmal.py", "model.safetensors", "modeling_cmal.py",
+        "pipeline_cmal.py", "validation_cmal.py",
     ]  # fmt: skip
 
 
@@ -599,11 +600,18 @@ folder = sys.argv[1]
 vqa = AutoModelForVisualQuestionAnswering.from_pretrained(folder, trust_remote_code=True).eval()
 encoder = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
 inputs = {k: torch.tensor(v) for k, v in json.load(open(folder + "/inputs.json")).items()}
+try:  # the checks at the boundary come from the folder's validation_cmal.py
+    vqa(**{**inputs, "input_ids": inputs["input_ids"] + 10**6})
+    refused = None
+except ValueError as error:
+    refused = str(error)
 print(json.dumps({
     "vqa_class": type(vqa).__module__ + "." + type(vqa).__name__,
     "encoder_class": type(encoder).__name__,
     "source": inspect.getfile(type(vqa)),
     "logits": vqa(**inputs).logits.tolist(),
+    "modules": sorted(name.rsplit(".", 1)[1] for name in sys.modules if name.startswith("transformers_modules.")),
+    "refused": refused,
 }))
 """
 
@@ -622,6 +630,10 @@ def test_remote_code_load_in_clean_process(tmp_path):
     assert report["encoder_class"] == "CMALModel"
     assert Path(report["source"]).is_relative_to(tmp_path / "modules")
     assert Path(report["source"]).read_text() == (folder / "modeling_cmal.py").read_text()
+    # the model file's siblings travel with every saved folder and load from it
+    assert {"configuration_cmal", "validation_cmal", "legacy_cmal"} <= set(report["modules"])
+    assert all((folder / f"{name}.py").is_file() for name in ("validation_cmal", "legacy_cmal"))
+    assert report["refused"] and "`input_ids`" in report["refused"]
     torch.testing.assert_close(torch.tensor(report["logits"]), model(**inputs).logits, atol=1e-6, rtol=1e-6)
 
 
