@@ -13,21 +13,17 @@ from transformers import (
     AutoModelForVisualQuestionAnswering,
 )
 
+from . import modeling_cmal
 from .configuration_cmal import CMAL_PRESETS, COCO_CONCEPT_NAMES, CMALConfig
+from .modeling_cmal import *  # noqa: F403  (its `__all__`, which this package's extends)
 from .modeling_cmal import (
     CMALForImageTextClassification,
     CMALForImageTextRetrieval,
     CMALForPreTraining,
-    CMALForPreTrainingOutput,
     CMALForQuestionAnswering,
     CMALForReferringExpression,
     CMALForVisualReasoning,
-    CMALImageTextRetrievalOutput,
     CMALModel,
-    CMALModelOutput,
-    CMALPreTrainedModel,
-    CMALReferringExpressionOutput,
-    anchor_operator,
 )
 
 
@@ -43,21 +39,4 @@ for _auto, _model in (
 ):
     _auto.register(CMALConfig, _model, exist_ok=True)
 
-__all__ = [
-    "CMAL_PRESETS",
-    "COCO_CONCEPT_NAMES",
-    "CMALConfig",
-    "CMALPreTrainedModel",
-    "CMALModel",
-    "CMALForPreTraining",
-    "CMALForQuestionAnswering",
-    "CMALForImageTextClassification",
-    "CMALForVisualReasoning",
-    "CMALForReferringExpression",
-    "CMALForImageTextRetrieval",
-    "CMALModelOutput",
-    "CMALForPreTrainingOutput",
-    "CMALReferringExpressionOutput",
-    "CMALImageTextRetrievalOutput",
-    "anchor_operator",
-]
+__all__ = ["CMAL_PRESETS", "COCO_CONCEPT_NAMES", "CMALConfig", *modeling_cmal.__all__]

@@ -57,8 +57,9 @@ def test_finetuned_vqa_folder_is_a_complete_hub_repo(detector_folder, photos, tm
 
     assert hub_files(str(folder)) == [
         "README.md", "anchor_lexicon.py", "config.json", "configuration_cmal.py", "eval_results.json", "handler.py",
-        "image_processing_cmal.py", "model.safetensors", "modeling_cmal.py", "pipeline_cmal.py", "processing_cmal.py",
-        "processor_config.json", "requirements.txt", "tokenizer.json", "tokenizer_config.json", "train_results.json",
+        "image_processing_cmal.py", "legacy_cmal.py", "model.safetensors", "modeling_cmal.py", "pipeline_cmal.py",
+        "processing_cmal.py", "processor_config.json", "requirements.txt", "tokenizer.json", "tokenizer_config.json",
+        "train_results.json", "validation_cmal.py",
     ]  # fmt: skip
     eval_results = json.loads((folder / "eval_results.json").read_text())
     data = validate_card(ModelCard.load(folder / "README.md"), "vqa", eval_results)

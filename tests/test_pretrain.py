@@ -523,8 +523,8 @@ def test_push_to_hub_uploads_the_final_folder(corpus, tmp_path, monkeypatch):
     assert 'repo_id, revision = "me/cmal-test", "main"' in (tmp_path / "README.md").read_text()
     assert [path for path, _ in operations] == [
         "README.md", "anchor_lexicon.py", "config.json", "configuration_cmal.py", "image_processing_cmal.py",
-        "model.safetensors", "modeling_cmal.py", "processing_cmal.py", "processor_config.json", "tokenizer.json",
-        "tokenizer_config.json", "train_results.json",
+        "legacy_cmal.py", "model.safetensors", "modeling_cmal.py", "processing_cmal.py", "processor_config.json",
+        "tokenizer.json", "tokenizer_config.json", "train_results.json", "validation_cmal.py",
     ]  # fmt: skip  (no checkpoints/, no logs)
 
 

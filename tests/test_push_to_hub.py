@@ -20,8 +20,9 @@ from cmal.training.hub import hub_files
 
 
 VQA_FILES = ["README.md", "anchor_lexicon.py", "config.json", "configuration_cmal.py", "eval_results.json",
-             "image_processing_cmal.py", "model.safetensors", "modeling_cmal.py", "pipeline_cmal.py",
-             "processing_cmal.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
+             "image_processing_cmal.py", "legacy_cmal.py", "model.safetensors", "modeling_cmal.py", "pipeline_cmal.py",
+             "processing_cmal.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+             "validation_cmal.py"]  # fmt: skip
 
 
 class FakeApi:
@@ -59,6 +60,8 @@ def test_hub_files_are_the_complete_folder(vqa_folder):
         ("modeling_cmal.py", r"modeling_cmal.py \(code named in config.json\)"),
         ("pipeline_cmal.py", r"pipeline_cmal.py \(code named in config.json\)"),
         ("image_processing_cmal.py", r"image_processing_cmal.py \(code imported by processing_cmal.py\)"),
+        ("validation_cmal.py", r"validation_cmal.py \(code imported by modeling_cmal.py\)"),
+        ("legacy_cmal.py", r"legacy_cmal.py \(code imported by modeling_cmal.py\)"),
         ("model.safetensors", r"model.safetensors \(the weights\)"),
         ("tokenizer.json", r"tokenizer.json \(the tokenizer\)"),
         ("README.md", r"README.md \(the model card\)"),

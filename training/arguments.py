@@ -7,6 +7,7 @@ script builds its parser and answers `--help` or a usage error at once, before l
 
 import argparse
 import dataclasses
+import importlib
 import math
 import os
 import shlex
@@ -204,6 +205,18 @@ def check_training_args(p: argparse.ArgumentParser, args) -> None:
     if os.path.islink(os.path.normpath(args.output_dir)):
         p.error(f"argument --output_dir: {args.output_dir!r} is a link to {os.path.realpath(args.output_dir)!r}; a run "
                 "writes, replaces and deletes inside its folder, so it must be the folder itself: pass that path")  # fmt: skip
+
+
+def lazy_main(parse_args, run_module: str):
+    """A script's `main(argv=None)`: parse, then import `run_module` and return its `run(args)`, so that `--help` and
+    usage errors answer before torch and transformers load."""
+
+    def main(argv=None):
+        args = parse_args(argv)
+        return importlib.import_module(run_module).run(args)
+
+    main.__doc__ = f"Parse, then run `{run_module}.run` (imported only then: `--help` answers before torch loads)."
+    return main
 
 
 def script_entry(main) -> None:

@@ -31,6 +31,7 @@ from cmal.training.arguments import (
     command_line,
     existing_file,
     existing_folder,
+    lazy_main,
     model_config_source,
     model_source,
     script_entry,
@@ -97,12 +98,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    """Parse, then run (`finetune_run.py`): `--help` and usage errors answer before torch and transformers load."""
-    args = parse_args(argv)
-    from cmal.training.finetune_run import run
-
-    return run(args)
+main = lazy_main(parse_args, "cmal.training.finetune_run")
 
 
 if __name__ == "__main__":

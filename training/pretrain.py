@@ -29,6 +29,7 @@ from cmal.training.arguments import (
     check_training_args,
     command_line,
     existing_folder,
+    lazy_main,
     model_config_source,
     model_source,
     script_entry,
@@ -110,12 +111,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    """Parse, then run (`pretrain_run.py`): `--help` and usage errors answer before torch and transformers load."""
-    args = parse_args(argv)
-    from cmal.training.pretrain_run import run
-
-    return run(args)
+main = lazy_main(parse_args, "cmal.training.pretrain_run")
 
 
 if __name__ == "__main__":

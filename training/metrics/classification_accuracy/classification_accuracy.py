@@ -3,6 +3,8 @@
 import datasets
 import evaluate
 
+from cmal.training.metrics.local_metric import local_metric
+
 _DESCRIPTION = """\
 Share of examples whose predicted class id equals the reference class id. With `num_classes`, also the
 per-class accuracy (recall of each class: correct predictions among the examples whose reference is that
@@ -26,18 +28,8 @@ Examples:
 """
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+@local_metric(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, predictions=datasets.Value("int64"), references=datasets.Value("int64"))
 class ClassificationAccuracy(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
-        )
-
     def _compute(self, predictions, references, num_classes=None):
         n = len(predictions)
         correct = [int(p) == int(r) for p, r in zip(predictions, references)]

@@ -3,6 +3,8 @@
 import datasets
 import evaluate
 
+from cmal.training.metrics.local_metric import local_metric
+
 _DESCRIPTION = """\
 Referring expression comprehension (RefCOCO/RefCOCO+/RefCOCOg) accuracy: the share of expressions whose
 predicted box has IoU >= `iou_threshold` (default 0.5) with the ground-truth box. Boxes are
@@ -52,21 +54,9 @@ def box_iou(a, b):
     return inter / union if union > 0.0 else 0.0
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+@local_metric(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, predictions=datasets.Sequence(datasets.Value("float64"), length=4),
+              references=datasets.Sequence(datasets.Value("float64"), length=4))
 class RecAccuracy(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Value("float64"), length=4),
-                    "references": datasets.Sequence(datasets.Value("float64"), length=4),
-                }
-            ),
-        )
-
     def _compute(self, predictions, references, iou_threshold=IOU_THRESHOLD):
         ious = [box_iou(p, r) for p, r in zip(predictions, references)]
         n = len(ious)

@@ -4,6 +4,8 @@ import datasets
 import evaluate
 import numpy as np
 
+from cmal.training.metrics.local_metric import local_metric
+
 _DESCRIPTION = """\
 Image-text retrieval recall. `predictions` is the similarity matrix given row by row: one row per text
 (caption) query, each row the scores of that text against all N images (higher = more similar).
@@ -45,21 +47,8 @@ def _ranks_desc(scores):
     return ranks
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+@local_metric(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, predictions=datasets.Sequence(datasets.Value("float32")), references=datasets.Value("int64"))
 class RetrievalRecall(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Value("float32")),
-                    "references": datasets.Value("int64"),
-                }
-            ),
-        )
-
     def _compute(self, predictions, references, ks=(1, 5, 10)):
         scores = np.asarray(predictions, dtype=np.float64)
         if scores.ndim != 2:

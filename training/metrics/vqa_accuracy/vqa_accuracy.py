@@ -5,6 +5,8 @@ import re
 import datasets
 import evaluate
 
+from cmal.training.metrics.local_metric import local_metric
+
 _DESCRIPTION = """\
 Standard VQA soft accuracy. For one question with human answers g_1..g_n and a predicted answer p
 (both normalised as in the official VQA evaluation script), the score is the average over the n
@@ -116,22 +118,9 @@ def vqa_soft_score(prediction, answers):
     return total / n
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+@local_metric(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, predictions=datasets.Value("string"), references=datasets.Sequence(datasets.Value("string")),
+              reference_urls=["https://github.com/GT-Vision-Lab/VQA/blob/master/PythonEvaluationTools/vqaEvaluation/vqaEval.py"])
 class VqaAccuracy(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Value("string"),
-                    "references": datasets.Sequence(datasets.Value("string")),
-                }
-            ),
-            reference_urls=["https://github.com/GT-Vision-Lab/VQA/blob/master/PythonEvaluationTools/vqaEvaluation/vqaEval.py"],
-        )
-
     def _compute(self, predictions, references):
         if len(predictions) == 0:
             return {"vqa_accuracy": 0.0}
