@@ -40,7 +40,7 @@ import numpy as np
 
 from cmal.training.data import synthetic
 from cmal.training.tasks import TASKS
-from cmal.training.files import write_json
+from cmal.training.data.files import write_json
 
 
 CONFIDENT = 0.5  # a region scoring at least this is taken for an object (the world's distractors score < 0.5)

@@ -37,7 +37,7 @@ from torch import nn
 
 from cmal.training.data import synthetic
 from cmal.training.tasks import TASKS
-from cmal.training.files import write_json
+from cmal.training.data.files import write_json
 
 
 TASK_NAMES = tuple(TASKS)

@@ -53,7 +53,7 @@ import numpy as np
 import region_probe
 
 from cmal.training import tasks
-from cmal.training.files import write_json, write_text
+from cmal.training.data.files import write_json, write_text
 
 
 TASK_NAMES = tuple(tasks.TASKS)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cmal.training.data import synthetic
-from cmal.training.files import write_json
+from cmal.training.data.files import write_json
 
 
 ATTRIBUTES = ("shape", "colour", "size")

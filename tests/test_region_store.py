@@ -470,7 +470,7 @@ def test_a_store_that_contradicts_itself_is_refused_on_open(tmp_path, damage, me
 
 def test_the_region_store_imports_no_training_stack():
     """The data layer's store loads without torch, transformers, accelerate or the training loop (its JSON writer
-    is `training/files.py`): a worker or a converter that reads stores starts in about a second, not thirteen."""
+    is `training/data/files.py`): a worker or a converter that reads stores starts in about a second, not thirteen."""
     code = ("import sys, cmal.training.data.region_store; "
             "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'cmal.training.runtime', 'cmal.training.loop') if m in sys.modules))")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

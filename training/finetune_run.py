@@ -20,7 +20,7 @@ from cmal.training.data.downstream import TaskCollator, TaskExamples
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
 from cmal.training.arguments import TrainingRun
-from cmal.training.files import write_json
+from cmal.training.data.files import write_json
 from cmal.training.hub import push_to_hub
 from cmal.training.loop import train
 from cmal.training.model_setup import apply_compute_flags, new_model_config, new_processor

@@ -24,7 +24,7 @@ import sys
 import threading
 
 from cmal.training.arguments import TrainingRun
-from cmal.training.files import write_json
+from cmal.training.data.files import write_json
 
 
 logger = logging.getLogger(__name__)

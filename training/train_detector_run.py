@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput
 from cmal.training.arguments import TrainingRun
 from cmal.training.data import synthetic
 from cmal.training.data.epochs import TrainingData
-from cmal.training.files import write_json
+from cmal.training.data.files import write_json
 from cmal.training.loop import train
 from cmal.training.run_folder import final_folder, resume_hint_on_interrupt
 from cmal.training.runtime import finish, loader_options, prepare_training, setup_accelerator

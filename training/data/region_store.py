@@ -24,7 +24,7 @@ import shutil
 import datasets
 import numpy as np
 import pyarrow as pa
-from cmal.training.files import write_json
+from cmal.training.data.files import write_json
 
 
 SCHEMA_VERSION = 1
