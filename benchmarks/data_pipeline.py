@@ -1,16 +1,20 @@
-"""How fast pre-training's data pipeline feeds a model: samples per second and per CPU-second, warm and cold.
+"""How fast pre-training's data pipeline feeds a model: samples per second and per CPU-second, warm and cold, for the
+path training takes (`gather`: DataLoader workers make the text side, masks and region slots, the main process
+gathers the features from its own memory map, `ImageTextPairs.finish_batch`) next to the path before it (`collate`:
+the collator copies the features into the batch, which workers then send through shared memory).
 
     python benchmarks/data_pipeline.py                                  # 20,000 images of 36 x 2048-d fp16 (~3 GB)
     python benchmarks/data_pipeline.py --regions 10-100 --workers 0 2   # adaptive region counts
 
 Builds (once, under --folder) a `pretrain.py --dataset` folder of random bottom-up-attention-sized regions
 and five captions per image, then times `pretrain_run.build_data`'s DataLoader as training uses it (same
-sampler, collator, masking and ITM negatives) for each `--workers`, warm (the store in the page cache),
-cold (evicted with `posix_fadvise(DONTNEED)` first) and, in-process, mapped (every page of the store touched
-once first, as in a later epoch: region reads are views into the memory-mapped store, and on a VM the first
-touch of a page costs more than the pipeline's own work). CPU time counts the main process and its DataLoader
-workers. `loader_cores_per_gpu` is `--gpu_samples_per_second` (10,000: CMAL-base at 40% MFU on an H100)
-divided by the samples per CPU-second. Prints one JSON line per (workers, cache) and returns them.
+sampler, collator, masking and ITM negatives, each batch finished as the loop finishes it) for each `--workers`,
+warm (the store in the page cache), cold (evicted with `posix_fadvise(DONTNEED)` first) and, in-process, mapped
+(every page of the store touched once first, as in a later epoch). The two paths alternate in `--rounds` rounds,
+each reading other images (its own seed), so a drift of the shared machine lands on both; each row gives the
+median and the range over the rounds. CPU time counts the main process and its DataLoader workers.
+`loader_cores_per_gpu` is `--gpu_samples_per_second` (10,000: CMAL-base at 40% MFU on an H100) divided by the
+samples per CPU-second. Prints one JSON line per (workers, cache, path) and returns them.
 """
 
 import argparse
@@ -64,36 +68,43 @@ def map_store(pairs) -> None:
             region["features"].view(np.uint8).max(initial=0)
 
 
-def measure(args, corpus, workers: int, cache: str, seed: int) -> dict:
+def measure(args, corpus, workers: int, cache: str, path: str, seed: int) -> dict:
     """Samples, seconds and CPU-seconds (this process and its workers) over `--batches` batches after one warm-up.
-    Each setting gets its own `seed`, so its batches hold other images than the settings before it read."""
+    Each measurement gets its own `seed`, so its batches hold other images than the ones before it read."""
     run = pretrain.parse_args(["--dataset", args.folder, "--report_to", "none", "--num_workers", str(workers),
                                "--per_device_train_batch_size", str(args.batch_size), "--curriculum_epochs", "0",
                                "--seed", str(seed)])  # fmt: skip
-    *_, pairs, _, loader = pretrain_run.build_data(run, corpus)
+    *_, pairs, collator, loader = pretrain_run.build_data(run, corpus)
+    collator.features_in_main = path == "gather"  # before the workers fork: they copy the collator
     if cache == "cold":
         evict(args.folder)
     elif cache == "mapped":
         map_store(pairs)
     batches = iter(loader)
-    next(batches)  # workers started, first batch out
+    pairs.finish_batch(next(batches))  # workers started, first batch out
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu, wall, samples, regions = time.process_time(), time.perf_counter(), 0, 0
     for _ in range(args.batches):
-        batch = next(batches)
+        batch = pairs.finish_batch(next(batches))  # as the training loop does
         samples += len(batch["input_ids"])
         regions += int(batch["visual_attention_mask"].sum())
     wall = time.perf_counter() - wall
     del batches  # the workers exit and are reaped: their CPU time lands in RUSAGE_CHILDREN
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = time.process_time() - cpu + (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
-    per_cpu_second = samples / cpu
-    return {
-        "workers": workers, "cache": cache,
-        "samples_per_second": samples / wall, "samples_per_cpu_second": per_cpu_second,
-        "feature_mb_per_second": regions * args.feature_dim * 2 / wall / 2**20,
-        "loader_cores_per_gpu": args.gpu_samples_per_second / per_cpu_second, "samples": samples,
-    }  # fmt: skip
+    return {"samples_per_second": samples / wall, "samples_per_cpu_second": samples / cpu,
+            "feature_mb_per_second": regions * args.feature_dim * 2 / wall / 2**20}  # fmt: skip
+
+
+def summary(args, workers: int, cache: str, path: str, rounds: list[dict]) -> dict:
+    """Median and range over the rounds of each figure."""
+    report = {"workers": workers, "cache": cache, "path": path, "rounds": len(rounds)}
+    for key in rounds[0]:
+        values = sorted(r[key] for r in rounds)
+        report[key] = float(np.median(values))
+        report[f"{key}_range"] = [values[0], values[-1]]
+    report["loader_cores_per_gpu"] = args.gpu_samples_per_second / report["samples_per_cpu_second"]
+    return report
 
 
 def main(argv=None) -> list[dict]:
@@ -108,19 +119,27 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--caches", nargs="+", choices=["warm", "cold", "mapped"], default=["warm", "cold", "mapped"],
                    help="mapped (0 workers only: forked workers fault the pages in again): the store touched first.")
     p.add_argument("--gpu_samples_per_second", type=float, default=10_000.0)
+    p.add_argument("--rounds", type=int, default=3, help="Rounds of the two paths, alternating.")
+    p.add_argument("--paths", nargs="+", choices=["gather", "collate"], default=["gather", "collate"])
     args = p.parse_args(argv)
     low, _, high = args.regions.partition("-")
     regions = (int(low), int(high or low))
     args.folder = args.folder or f"outputs/pipeline-{args.images}x{args.regions}x{args.feature_dim}"
     build_corpus(args.folder, args.images, args.feature_dim, regions)
     corpus = pretrain_run.load_corpus(pretrain.parse_args(["--dataset", args.folder, "--report_to", "none"]))
-    reports = []
+    reports, seed = [], 0
     for workers in args.workers:
         for cache in args.caches:
             if cache == "mapped" and workers:
                 continue
-            reports.append(measure(args, corpus, workers, cache, seed=len(reports)))
-            print(json.dumps(reports[-1]))
+            rounds = {path: [] for path in args.paths}
+            for _ in range(args.rounds):
+                for path in args.paths:
+                    rounds[path].append(measure(args, corpus, workers, cache, path, seed))
+                    seed += 1
+            for path in args.paths:
+                reports.append(summary(args, workers, cache, path, rounds[path]))
+                print(json.dumps(reports[-1]))
     return reports
 
 

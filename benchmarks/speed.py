@@ -346,10 +346,10 @@ def time_data_pipeline(args, device) -> dict:
     config, _, _, _, loader = pretrain_run.build_data(p, pretrain_run.load_corpus(p))
 
     batches, iterator = [], iter(loader)
-    batches.append(next(iterator))  # first batch: iterator start-up, not counted
+    batches.append(loader.dataset.finish_batch(next(iterator)))  # first batch: iterator start-up, not counted
     start = time.perf_counter()
     for _ in range(args.data_steps):
-        batches.append(next(iterator))
+        batches.append(loader.dataset.finish_batch(next(iterator)))  # as the training loop does
     data_seconds = (time.perf_counter() - start) / args.data_steps
 
     model = CMALForPreTraining(config).to(device).train()

@@ -134,6 +134,7 @@ def build_data(args, corpus: Corpus, num_processes: int = 1, process_index: int 
         processor, train_set, args.mlm_probability, args.mrm_probability, args.itm_negative_probability,
         max_length=args.max_text_length, seed=args.seed, true_of=true_of, negative_window=args.itm_negative_window,
         twins=twins, twin_probability=args.itm_twin_probability, twins_from_epoch=twins_from_epoch(args),
+        features_in_main=True,  # the loop gathers them (`ImageTextPairs.finish_batch`): workers never touch a feature
     )  # fmt: skip
     if args.streaming:
         stream = StreamingPairs(train_set, args.per_device_train_batch_size, args.streaming_shards, process_index,

@@ -21,6 +21,11 @@ class TrainingData:
         """Examples of one epoch, every process together."""
         return len(self)
 
+    def finish_batch(self, batch: dict) -> dict:
+        """What the main process adds to a batch its collator made (in a DataLoader worker or here) before the model
+        reads it; nothing by default (`ImageTextPairs` gathers the region features)."""
+        return batch
+
     def batches_per_epoch(self, loader) -> int:
         """Batches of one epoch, every process together, from the DataLoader before accelerate prepares it:
         what sizes the schedule."""

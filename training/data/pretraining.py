@@ -15,6 +15,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from transformers import trainer_pt_utils
 
+from cmal.processors.image_processing_cmal import all_finite
+
 from .epochs import TrainingData
 from .region_store import RegionReader
 
@@ -70,6 +72,28 @@ class ImageTextPairs(TrainingData, Dataset):
 
     def regions_of_images(self, rows: list[int]) -> list[dict]:
         return self.read_regions(rows)
+
+    def finish_batch(self, batch: dict) -> dict:
+        """Gather the features of a batch whose collator left them to this process (`PretrainingCollator(...,
+        features_in_main=True)`: it names each slot's image and stored region, `image_rows` and `region_index`), from
+        this process's memory map of the store: a DataLoader worker then never touches the features, so it neither
+        faults the store's pages in anew nor sends the padded features through shared memory. The features are
+        copied once, into pinned memory where a GPU takes them, and moved to the batch's device."""
+        if "image_rows" not in batch:
+            return batch
+        rows, index = batch.pop("image_rows"), batch.pop("region_index")
+        views = [region["features"] for region in self.read_regions(rows, columns=("features",))]
+        width, dtype = views[0].shape[1], {np.float16: torch.float16, np.float32: torch.float32}[views[0].dtype.type]
+        features = torch.empty((*index.shape, width), dtype=dtype, pin_memory=torch.cuda.is_available())
+        out = features.numpy()
+        for b, (view, slots) in enumerate(zip(views, index)):
+            count = int((slots >= 0).sum())
+            np.take(view, slots[:count], axis=0, out=out[b, :count])
+            out[b, count:] = 0
+            if not all_finite(out[b, :count]):
+                raise ValueError(f"the region store's features of image row {int(rows[b])} hold NaN or infinite values")
+        batch["visual_feats"] = features.to(batch["input_ids"].device, non_blocking=True)
+        return batch
 
     def __getitem__(self, index):
         return self.__getitems__([index])[0]
@@ -153,6 +177,9 @@ class StreamingPairs(TrainingData, IterableDataset):
     def set_epoch(self, epoch: int):
         self.epoch = epoch
         self.pairs.set_epoch(epoch)  # its items carry the epoch to the collator
+
+    def finish_batch(self, batch: dict) -> dict:
+        return self.pairs.finish_batch(batch)
 
     def num_examples(self) -> int:
         return len(self.pairs)
@@ -266,6 +293,10 @@ class PretrainingCollator:
       stay unmasked: they serve ITM only, which the model computes on a clean pass (UNITER), so no
       masking can reveal the ITM label.
     * Anchors keep their words and regions visible here: the model masks and swaps them itself.
+    * `features_in_main`: the batch names each region slot's image and stored region (`image_rows`,
+      `region_index`) instead of carrying `visual_feats`, which the main process gathers from its own memory map
+      (`ImageTextPairs.finish_batch`, called by the training loop): the same batch, without the worker touching a
+      feature.
     """
 
     def __init__(
@@ -282,8 +313,10 @@ class PretrainingCollator:
         twins=None,
         twin_probability: float = 1.0,
         twins_from_epoch: int = 0,
+        features_in_main: bool = False,
     ):
         self.processor = processor
+        self.features_in_main = features_in_main
         self.dataset = dataset
         self.mlm_probability = mlm_probability
         self.mrm_probability = mrm_probability
@@ -299,12 +332,15 @@ class PretrainingCollator:
         rngs = [np.random.default_rng([self.seed, item["epoch"], item["index"]]) for item in items]
         image_rows, itm_labels = map(list, zip(*(self.matching(item, rng, item["epoch"] >= self.twins_from_epoch)
                                                  for item, rng in zip(items, rngs))))  # fmt: skip
-        batch = self.processor(
-            text=[item["text"] for item in items],
-            regions=self.dataset.regions_of_images(image_rows),
-            max_length=self.max_length,
-            return_word_ids=True,
-        )
+        regions = self.dataset.regions_of_images(image_rows)
+        if self.features_in_main:  # each region's "feature" is its stored index: the processor pads and orders them
+            regions = [{**region, "features": np.arange(len(region["boxes"]), dtype=np.float32)[:, None]} for region in regions]
+        batch = self.processor(text=[item["text"] for item in items], regions=regions, max_length=self.max_length,
+                               return_word_ids=True)  # fmt: skip
+        if self.features_in_main:
+            slots = batch.pop("visual_feats")[..., 0].long().masked_fill(batch["visual_attention_mask"] == 0, -1)
+            # numpy, not tensors: accelerate moves tensors to the device, and the gather reads these on the host
+            batch["image_rows"], batch["region_index"] = np.asarray(image_rows, dtype=np.int64), slots.numpy()
         word_ids = batch.pop("word_ids")
         input_ids = batch["input_ids"]
         labels = torch.full_like(input_ids, -100)

@@ -337,16 +337,18 @@ class RegionReader:
             return rows, storage.values.offsets.to_numpy(), storage.values.values.to_numpy(zero_copy_only=False)
         return rows, None, storage.values.to_numpy(zero_copy_only=False)
 
-    def __call__(self, rows) -> list[dict]:
-        """The regions of store rows, as `row_to_regions` gives them, in the given order."""
+    def __call__(self, rows, columns=None) -> list[dict]:
+        """The regions of store rows, as `row_to_regions` gives them, in the given order (only `columns`, when
+        given: the features alone are what the main process gathers)."""
         rows = np.asarray(rows, dtype=np.int64)
         if self.indices is not None:
             rows = self.indices[rows]
         chunks = np.searchsorted(self.chunk_starts, rows, side="right") - 1
+        read = {name: buffers for name, buffers in self.columns.items() if columns is None or name in columns}
         regions = []
         for chunk, row in zip(chunks.tolist(), (rows - self.chunk_starts[chunks]).tolist()):
             region = {"boxes_normalized": True}
-            for name, buffers in self.columns.items():
+            for name, buffers in read.items():
                 row_offsets, value_offsets, values = buffers[chunk]
                 start, end = row_offsets[row], row_offsets[row + 1]
                 if value_offsets is None:
@@ -356,7 +358,8 @@ class RegionReader:
                 width = self.widths[name] or ((last - first) // (end - start) if end > start else 0)
                 matrix = values[first:last].reshape(end - start, width)
                 region[name] = _features(matrix) if self.COLUMNS[name] is None else matrix.astype(self.COLUMNS[name], copy=False)
-            region["boxes"] = region["boxes"].reshape(-1, 4)
+            if "boxes" in region:
+                region["boxes"] = region["boxes"].reshape(-1, 4)
             regions.append(region)
         return regions
 
