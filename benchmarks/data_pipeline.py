@@ -10,7 +10,9 @@ Builds (once, under --folder) a `pretrain.py --dataset` folder of random bottom-
 and five captions per image, then times `pretrain_run.build_data`'s DataLoader as training uses it (same
 sampler, collator, masking and ITM negatives, each batch finished as the loop finishes it) for each `--workers`,
 warm (the store in the page cache), cold (evicted with `posix_fadvise(DONTNEED)` first) and, in-process, mapped
-(every page of the store touched once first, as in a later epoch). The two paths alternate in `--rounds` rounds,
+(every page of the store touched once first, as in a later epoch). Workers' CPU is read from /proc while they run, from their first batches on,
+so their start-up is left out, as an epoch of thousands of batches leaves it out. The two paths alternate in
+`--rounds` rounds,
 each reading other images (its own seed), so a drift of the shared machine lands on both; each row gives the
 median and the range over the rounds. CPU time counts the main process and its DataLoader workers.
 `loader_cores_per_gpu` is `--gpu_samples_per_second` (10,000: CMAL-base at 40% MFU on an H100) divided by the
@@ -21,11 +23,11 @@ import argparse
 import glob
 import json
 import os
-import resource
 import time
 
 import datasets
 import numpy as np
+import torch
 
 from cmal.training import pretrain, pretrain_run
 from cmal.training.data.region_store import RegionStoreWriter
@@ -81,19 +83,29 @@ def measure(args, corpus, workers: int, cache: str, path: str, seed: int) -> dic
     elif cache == "mapped":
         map_store(pairs)
     batches = iter(loader)
-    pairs.finish_batch(next(batches))  # workers started, first batch out
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for _ in range(1 + 2 * workers):  # workers started, their first batches out
+        pairs.finish_batch(next(batches))
+    workers_cpu = worker_seconds(batches)
     cpu, wall, samples, regions = time.process_time(), time.perf_counter(), 0, 0
     for _ in range(args.batches):
         batch = pairs.finish_batch(next(batches))  # as the training loop does
         samples += len(batch["input_ids"])
         regions += int(batch["visual_attention_mask"].sum())
     wall = time.perf_counter() - wall
-    del batches  # the workers exit and are reaped: their CPU time lands in RUSAGE_CHILDREN
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = time.process_time() - cpu + (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
+    cpu = time.process_time() - cpu + worker_seconds(batches) - workers_cpu
     return {"samples_per_second": samples / wall, "samples_per_cpu_second": samples / cpu,
             "feature_mb_per_second": regions * args.feature_dim * 2 / wall / 2**20}  # fmt: skip
+
+
+def worker_seconds(batches) -> float:
+    """CPU seconds the DataLoader's worker processes have used so far (Linux's /proc): read while they run, so
+    their start-up (fork, first batches) stays out of a steady state's figure. 0 in-process."""
+    ticks = 0
+    for worker in getattr(batches, "_workers", []):
+        with open(f"/proc/{worker.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def summary(args, workers: int, cache: str, path: str, rounds: list[dict]) -> dict:
@@ -121,7 +133,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--gpu_samples_per_second", type=float, default=10_000.0)
     p.add_argument("--rounds", type=int, default=3, help="Rounds of the two paths, alternating.")
     p.add_argument("--paths", nargs="+", choices=["gather", "collate"], default=["gather", "collate"])
+    p.add_argument("--threads", type=int, default=1, help="torch threads of this process (workers always take 1): "
+                   "the pipeline's own ops are small, and idle OpenMP threads spinning between them count as CPU time")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     low, _, high = args.regions.partition("-")
     regions = (int(low), int(high or low))
     args.folder = args.folder or f"outputs/pipeline-{args.images}x{args.regions}x{args.feature_dim}"

@@ -18,6 +18,7 @@ each text token's concept id. This module ships as Hub remote code next to `proc
 and imports only the standard library, so it loads wherever the processor does.
 """
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -99,6 +100,7 @@ _O_TO_OES = {"potato", "tomato", "hero", "echo"}
 _NAME, _USER, _DEFAULT = 0, 1, 2
 
 
+@functools.lru_cache(maxsize=65536)  # a corpus repeats its words: the anchor lookup normalises each word once
 def _normalize(phrase: str) -> str:
     """Lower-case and collapse whitespace, so "Traffic  Light" and "traffic light" are one phrase."""
     return " ".join(phrase.lower().split())

@@ -66,7 +66,7 @@ def train(accelerator, run: TrainingRun, model, optimizer, scheduler, dataloader
             data.set_epoch(epoch)  # accelerate's set_epoch skips the data when the sampler has one
             batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == start_epoch else dataloader
             for batch in batches:
-                batch = data.finish_batch(batch)  # e.g. the region features, gathered in this process
+                batch = data.finish_batch(batch, accelerator.device)  # e.g. the region features, gathered here
                 data_seconds += time.perf_counter() - tick
                 with accelerator.accumulate(model):
                     outputs = model(**batch)

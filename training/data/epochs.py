@@ -21,9 +21,9 @@ class TrainingData:
         """Examples of one epoch, every process together."""
         return len(self)
 
-    def finish_batch(self, batch: dict) -> dict:
-        """What the main process adds to a batch its collator made (in a DataLoader worker or here) before the model
-        reads it; nothing by default (`ImageTextPairs` gathers the region features)."""
+    def finish_batch(self, batch: dict, device=None) -> dict:
+        """The model's inputs from a batch the collator made (in a DataLoader worker or here), on `device` when
+        given: the batch itself by default (the DataLoader moved it); `ImageTextPairs` gathers the region features."""
         return batch
 
     def batches_per_epoch(self, loader) -> int:

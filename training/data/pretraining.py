@@ -73,27 +73,35 @@ class ImageTextPairs(TrainingData, Dataset):
     def regions_of_images(self, rows: list[int]) -> list[dict]:
         return self.read_regions(rows)
 
-    def finish_batch(self, batch: dict) -> dict:
-        """Gather the features of a batch whose collator left them to this process (`PretrainingCollator(...,
-        features_in_main=True)`: it names each slot's image and stored region, `image_rows` and `region_index`), from
-        this process's memory map of the store: a DataLoader worker then never touches the features, so it neither
-        faults the store's pages in anew nor sends the padded features through shared memory. The features are
-        copied once, into pinned memory where a GPU takes them, and moved to the batch's device."""
+    def finish_batch(self, batch: dict, device=None) -> dict:
+        """The model's inputs from a batch whose collator left the features to this process (`PretrainingCollator(...,
+        features_in_main=True)`: numpy arrays, naming each slot's image and stored region in `image_rows` and
+        `region_index`): the features gathered from this process's memory map of the store, every array a tensor,
+        on `device` when given. A DataLoader worker then neither faults the store's pages in anew nor sends the
+        padded features, or any tensor, through shared memory (a few small arrays are pickled instead)."""
         if "image_rows" not in batch:
             return batch
         rows, index = batch.pop("image_rows"), batch.pop("region_index")
         views = [region["features"] for region in self.read_regions(rows, columns=("features",))]
-        width, dtype = views[0].shape[1], {np.float16: torch.float16, np.float32: torch.float32}[views[0].dtype.type]
-        features = torch.empty((*index.shape, width), dtype=dtype, pin_memory=torch.cuda.is_available())
-        out = features.numpy()
-        for b, (view, slots) in enumerate(zip(views, index)):
-            count = int((slots >= 0).sum())
-            np.take(view, slots[:count], axis=0, out=out[b, :count])
+        shape = (*index.shape, views[0].shape[1])
+        if torch.cuda.is_available():  # pinned, for an asynchronous copy: torch's host allocator caches these blocks
+            features = torch.empty(shape, dtype=torch.from_numpy(views[0][:0].copy()).dtype, pin_memory=True)
+            out = features.numpy()
+        else:  # numpy's allocation: a fresh torch one faulted its pages in anew at every batch (1,500 faults)
+            out = np.empty(shape, views[0].dtype)
+            features = torch.from_numpy(out)
+        counts = (index >= 0).sum(1).tolist()
+        in_order = (index == np.arange(index.shape[1])).sum(1).tolist()  # slots that hold the stored region of their rank
+        for b, (view, slots, count) in enumerate(zip(views, index, counts)):
+            if in_order[b] == count == len(view):  # every region, in stored order: a plain copy
+                out[b, :count] = view
+            else:
+                np.take(view, slots[:count], axis=0, out=out[b, :count])
             out[b, count:] = 0
-            if not all_finite(out[b, :count]):
+            if not all_finite(out[b, :count]):  # image by image: a whole-batch check made 4.7 MB temporaries
                 raise ValueError(f"the region store's features of image row {int(rows[b])} hold NaN or infinite values")
-        batch["visual_feats"] = features.to(batch["input_ids"].device, non_blocking=True)
-        return batch
+        batch = {key: torch.from_numpy(value) for key, value in batch.items()} | {"visual_feats": features}
+        return batch if device is None else {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
     def __getitem__(self, index):
         return self.__getitems__([index])[0]
@@ -178,8 +186,8 @@ class StreamingPairs(TrainingData, IterableDataset):
         self.epoch = epoch
         self.pairs.set_epoch(epoch)  # its items carry the epoch to the collator
 
-    def finish_batch(self, batch: dict) -> dict:
-        return self.pairs.finish_batch(batch)
+    def finish_batch(self, batch: dict, device=None) -> dict:
+        return self.pairs.finish_batch(batch, device)
 
     def num_examples(self) -> int:
         return len(self.pairs)
@@ -293,10 +301,10 @@ class PretrainingCollator:
       stay unmasked: they serve ITM only, which the model computes on a clean pass (UNITER), so no
       masking can reveal the ITM label.
     * Anchors keep their words and regions visible here: the model masks and swaps them itself.
-    * `features_in_main`: the batch names each region slot's image and stored region (`image_rows`,
+    * `features_in_main`: the batch (numpy arrays) names each region slot's image and stored region (`image_rows`,
       `region_index`) instead of carrying `visual_feats`, which the main process gathers from its own memory map
       (`ImageTextPairs.finish_batch`, called by the training loop): the same batch, without the worker touching a
-      feature.
+      feature or sending a tensor.
     """
 
     def __init__(
@@ -328,41 +336,40 @@ class PretrainingCollator:
                                       twins, twin_probability)  # fmt: skip
         self.twins_from_epoch = twins_from_epoch
 
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict]) -> dict:
         rngs = [np.random.default_rng([self.seed, item["epoch"], item["index"]]) for item in items]
         image_rows, itm_labels = map(list, zip(*(self.matching(item, rng, item["epoch"] >= self.twins_from_epoch)
                                                  for item, rng in zip(items, rngs))))  # fmt: skip
         regions = self.dataset.regions_of_images(image_rows)
         if self.features_in_main:  # each region's "feature" is its stored index: the processor pads and orders them
             regions = [{**region, "features": np.arange(len(region["boxes"]), dtype=np.float32)[:, None]} for region in regions]
-        batch = self.processor(text=[item["text"] for item in items], regions=regions, max_length=self.max_length,
-                               return_word_ids=True)  # fmt: skip
+        batch = dict(self.processor(text=[item["text"] for item in items], regions=regions, max_length=self.max_length,
+                                    return_word_ids=True, return_tensors="np"))  # fmt: skip
         if self.features_in_main:
-            slots = batch.pop("visual_feats")[..., 0].long().masked_fill(batch["visual_attention_mask"] == 0, -1)
-            # numpy, not tensors: accelerate moves tensors to the device, and the gather reads these on the host
-            batch["image_rows"], batch["region_index"] = np.asarray(image_rows, dtype=np.int64), slots.numpy()
+            slots = batch.pop("visual_feats")[..., 0].astype(np.int64)
+            slots[batch["visual_attention_mask"] == 0] = -1
+            batch["image_rows"], batch["region_index"] = np.asarray(image_rows, dtype=np.int64), slots
         word_ids = batch.pop("word_ids")
         input_ids = batch["input_ids"]
-        labels = torch.full_like(input_ids, -100)
-        masked_regions = torch.zeros_like(batch["visual_attention_mask"], dtype=torch.bool)
+        labels = np.full_like(input_ids, -100)
+        masked_regions = np.zeros(batch["visual_attention_mask"].shape, dtype=bool)
         for b, rng in enumerate(rngs):
             if not itm_labels[b]:
                 continue
             if rng.random() < 0.5:
                 self._mask_words(b, rng, input_ids, labels, word_ids, batch["token_concept_ids"])
             else:
-                real = batch["visual_attention_mask"][b].bool().numpy()
+                real = batch["visual_attention_mask"][b].astype(bool)
                 chosen = (rng.random(len(real)) < self.mrm_probability) & real
                 if real.any() and not chosen.any():
                     chosen[rng.choice(np.flatnonzero(real))] = True
-                masked_regions[b] = torch.from_numpy(chosen)
-        batch["labels"] = labels
-        batch["masked_regions"] = masked_regions
-        batch["itm_labels"] = torch.tensor(itm_labels)
-        return dict(batch)
+                masked_regions[b] = chosen
+        batch |= {"labels": labels, "masked_regions": masked_regions, "itm_labels": np.asarray(itm_labels, dtype=np.int64)}
+        # numpy arrays pickle by value: from a worker, a tensor would cross in fresh shared memory
+        return batch if self.features_in_main else {key: torch.from_numpy(value) for key, value in batch.items()}
 
     def _mask_words(self, b, rng, input_ids, labels, word_ids, token_concept_ids):
-        words, concepts = word_ids[b].numpy(), token_concept_ids[b].numpy()
+        words, concepts = word_ids[b], token_concept_ids[b]
         anchor_words = set(words[concepts >= 0].tolist())
         candidates = [w for w in np.unique(words[words >= 0]).tolist() if w not in anchor_words]
         if not candidates:
