@@ -315,97 +315,115 @@ class CMALImageProcessor(BaseImageProcessor):
             )
         return ids.astype(np.int64)
 
-    def _normalised_boxes(self, region: dict, boxes: np.ndarray, index: int) -> np.ndarray:
+    def _box_unit(self, region: dict, index: int) -> tuple[float, float, float, float]:
+        """What an image's boxes are divided by to be normalised: its size for pixel boxes, 1 for normalised ones."""
         if region.get("image_size") is not None:
             width, height = (float(v) for v in region["image_size"])
             if width <= 0 or height <= 0:
                 raise ValueError(f"`regions[{index}]['image_size']` must be (width, height) > 0, got {region['image_size']}")
-            boxes = boxes / np.asarray([width, height, width, height])
-        elif not region.get("boxes_normalized", False):
+            return width, height, width, height
+        if not region.get("boxes_normalized", False):
             raise ValueError(
                 f"`regions[{index}]` boxes need a unit: pass `image_size=(width, height)` for pixel boxes "
                 "or `boxes_normalized=True` for boxes in [0, 1]"
             )
-        tolerance = 1e-3  # detector boxes may overshoot the border by rounding
-        if boxes.size and (boxes.min() < -tolerance or boxes.max() > 1 + tolerance):
-            raise ValueError(
-                f"`regions[{index}]` boxes must lie in the image, got normalised range [{boxes.min():.4g}, {boxes.max():.4g}]"
-            )
-        if boxes.size and ((boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any()):
-            raise ValueError(f"`regions[{index}]` boxes must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1")
-        return np.minimum(np.maximum(boxes, 0.0), 1.0)  # `np.clip`, without its error-state context (5 us an image)
+        return 1.0, 1.0, 1.0, 1.0
 
     def _process_regions(self, regions: Sequence[dict]) -> dict:
+        """Each image's structure (types, keys, shapes, box unit, tags) is checked image by image; its values (finite
+        boxes and scores, boxes inside the image and ordered) once over the whole batch, naming the first image at
+        fault: image by image, numpy's per-call overhead cost more than the arithmetic (40 us an image)."""
         if not regions:
             raise ValueError("`regions` is an empty list: pass one dict per image")
-        kept, feature_dim, soft_dim = [], None, None
+        features, boxes, scores, soft, concept_ids, units, feature_dim, soft_dim = [], [], [], [], [], [], None, None
         for index, region in enumerate(regions):
             if not isinstance(region, dict):
                 raise ValueError(f"`regions[{index}]` must be a dict, got {type(region).__name__}")
             for key in ("features", "boxes"):
                 if key not in region:
                     raise ValueError(f"`regions[{index}]` needs '{key}', got keys {sorted(region)}")
-            features = _to_numpy(region["features"], "features", index)
-            if features.dtype not in (np.float16, np.float32):
-                features = features.astype(np.float32)
-            boxes = _to_numpy(region["boxes"], "boxes", index).astype(np.float64)
-            if features.ndim != 2:
-                raise ValueError(f"`regions[{index}]['features']` must have shape (N, D), got {features.shape}")
-            count = features.shape[0]
-            if boxes.shape != (count, 4):
-                raise ValueError(f"`regions[{index}]['boxes']` must have shape ({count}, 4), got {boxes.shape}")
-            if feature_dim is not None and features.shape[1] != feature_dim:
-                raise ValueError(
-                    f"`regions[{index}]['features']` has dimension {features.shape[1]}, earlier images {feature_dim}"
-                )
-            feature_dim = features.shape[1]
-            for name, value in (("features", features), ("boxes", boxes)):
-                if not all_finite(value):
-                    raise ValueError(f"`regions[{index}]['{name}']` must be finite, got NaN or inf")
-            scores = region.get("scores")
-            scores = np.ones(count) if scores is None else _to_numpy(scores, "scores", index).astype(np.float64)
-            if scores.shape != (count,) or not np.isfinite(scores).all():
-                raise ValueError(f"`regions[{index}]['scores']` must be {count} finite numbers, got shape {scores.shape}")
-            soft = region.get("soft_labels")
-            if soft is not None:
-                soft = _to_numpy(soft, "soft_labels", index).astype(np.float32)
-                if soft.ndim != 2 or soft.shape[0] != count or (soft_dim is not None and soft.shape[1] != soft_dim):
-                    raise ValueError(f"`regions[{index}]['soft_labels']` must have shape ({count}, C), got {soft.shape}")
-                soft_dim = soft.shape[1]
-            order = np.argsort(-scores, kind="stable")[: self.max_regions]
-            kept.append(
-                dict(
-                    features=features[order],
-                    pos=boxes_to_visual_pos(self._normalised_boxes(region, boxes, index)[order], self.visual_pos_dim),
-                    concept_ids=self._concept_ids(region, count, index)[order],
-                    scores=scores[order],
-                    soft=None if soft is None else soft[order],
-                )
-            )
-        if soft_dim is not None and any(item["soft"] is None for item in kept):
+            feature = _to_numpy(region["features"], "features", index)
+            if feature.dtype not in (np.float16, np.float32):
+                feature = feature.astype(np.float32)
+            box = _to_numpy(region["boxes"], "boxes", index).astype(np.float64)
+            if feature.ndim != 2:
+                raise ValueError(f"`regions[{index}]['features']` must have shape (N, D), got {feature.shape}")
+            count = feature.shape[0]
+            if box.shape != (count, 4):
+                raise ValueError(f"`regions[{index}]['boxes']` must have shape ({count}, 4), got {box.shape}")
+            if feature_dim is not None and feature.shape[1] != feature_dim:
+                raise ValueError(f"`regions[{index}]['features']` has dimension {feature.shape[1]}, earlier images {feature_dim}")
+            feature_dim = feature.shape[1]
+            if not all_finite(feature):  # image by image: a batch of features at once made batch-sized temporaries
+                raise ValueError(f"`regions[{index}]['features']` must be finite, got NaN or inf")
+            score = region.get("scores")
+            score = np.ones(count) if score is None else _to_numpy(score, "scores", index).astype(np.float64)
+            if score.shape != (count,):
+                raise ValueError(f"`regions[{index}]['scores']` must be {count} finite numbers, got shape {score.shape}")
+            labels = region.get("soft_labels")
+            if labels is not None:
+                labels = _to_numpy(labels, "soft_labels", index).astype(np.float32)
+                if labels.ndim != 2 or labels.shape[0] != count or (soft_dim is not None and labels.shape[1] != soft_dim):
+                    raise ValueError(f"`regions[{index}]['soft_labels']` must have shape ({count}, C), got {labels.shape}")
+                soft_dim = labels.shape[1]
+            units.append(self._box_unit(region, index))
+            concept_ids.append(self._concept_ids(region, count, index))
+            features.append(feature), boxes.append(box), scores.append(score), soft.append(labels)
+        if soft_dim is not None and any(labels is None for labels in soft):
             raise ValueError("`soft_labels` must be given for every image of the batch or for none")
 
-        batch, longest = len(kept), max(len(item["scores"]) for item in kept)
+        counts = np.array([len(score) for score in scores])
+        image = np.repeat(np.arange(len(regions)), counts)  # each region's image
+        starts = np.cumsum(counts) - counts
+        all_boxes, all_scores = np.concatenate(boxes), np.concatenate(scores)
+
+        def first_image(bad: np.ndarray) -> int:
+            return int(image[np.flatnonzero(bad)[0]])
+
+        if not np.isfinite(all_boxes).all():
+            raise ValueError(f"`regions[{first_image(~np.isfinite(all_boxes).all(1))}]['boxes']` must be finite, got NaN or inf")
+        if not np.isfinite(all_scores).all():
+            index = first_image(~np.isfinite(all_scores))
+            raise ValueError(f"`regions[{index}]['scores']` must be {counts[index]} finite numbers, got shape ({counts[index]},)")
+        normalised = all_boxes / np.repeat(np.asarray(units), counts, axis=0)
+        tolerance = 1e-3  # detector boxes may overshoot the border by rounding
+        outside = ((normalised < -tolerance) | (normalised > 1 + tolerance)).any(1)
+        if outside.any():
+            index = first_image(outside)
+            own = normalised[image == index]
+            raise ValueError(
+                f"`regions[{index}]` boxes must lie in the image, got normalised range [{own.min():.4g}, {own.max():.4g}]"
+            )
+        reversed_ = (normalised[:, 2] < normalised[:, 0]) | (normalised[:, 3] < normalised[:, 1])
+        if reversed_.any():
+            raise ValueError(f"`regions[{first_image(reversed_)}]` boxes must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1")
+
+        # each image's regions by descending score (ties in stored order), its top `max_regions` kept
+        order = np.lexsort((-all_scores, image))
+        rank = np.arange(len(order)) - np.repeat(starts, counts)
+        kept, rank = order[rank < self.max_regions], rank[rank < self.max_regions]
+        where = (image[kept], rank)
+        batch, longest = len(regions), int(np.minimum(counts, self.max_regions).max())
         data = {
             # float16 features stay float16 (bottom-up-attention stores keep them so): half the bytes through
             # DataLoader workers and to the device, where the model casts them to its dtype
-            "visual_feats": np.zeros((batch, longest, feature_dim), np.result_type(*(item["features"].dtype for item in kept))),
+            "visual_feats": np.zeros((batch, longest, feature_dim), np.result_type(*(feature.dtype for feature in features))),
             "visual_pos": np.zeros((batch, longest, self.visual_pos_dim), np.float32),
             "visual_attention_mask": np.zeros((batch, longest), np.int64),
             "region_concept_ids": np.full((batch, longest), -1, np.int64),
             "region_scores": np.zeros((batch, longest), np.float32),
         }
+        clipped = np.minimum(np.maximum(normalised[kept], 0.0), 1.0)  # `np.clip`, without its error-state context
+        data["visual_pos"][where] = boxes_to_visual_pos(clipped, self.visual_pos_dim)
+        data["visual_attention_mask"][where] = 1
+        data["region_concept_ids"][where] = np.concatenate(concept_ids)[kept]
+        data["region_scores"][where] = all_scores[kept]
         if soft_dim is not None:
             data["region_soft_labels"] = np.zeros((batch, longest, soft_dim), np.float32)
-        for b, item in enumerate(kept):
-            n = len(item["scores"])
-            data["visual_feats"][b, :n] = item["features"]
-            data["visual_pos"][b, :n] = item["pos"]
-            data["visual_attention_mask"][b, :n] = 1
-            data["region_concept_ids"][b, :n] = item["concept_ids"]
-            data["region_scores"][b, :n] = item["scores"]
-            if soft_dim is not None:
-                data["region_soft_labels"][b, :n] = item["soft"]
+            data["region_soft_labels"][where] = np.concatenate(soft)[kept]
+        shown = np.minimum(counts, self.max_regions)  # kept regions of each image, contiguous in `kept`
+        for b, (feature, first, count) in enumerate(zip(features, np.cumsum(shown) - shown, shown)):
+            data["visual_feats"][b, :count] = feature[kept[first : first + count] - starts[b]]
         return data
 
 
