@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cmal.training.arguments import TrainingRun
-from cmal.training.data.epochs import TrainingData
+from cmal.training.data.epochs import training_data
 from cmal.training.run_folder import check_checkpoint, checkpoint_step, checkpoints, interrupted, save_checkpoint, still_training
 
 
@@ -37,9 +37,7 @@ def train(accelerator, run: TrainingRun, model, optimizer, scheduler, dataloader
     steps_per_epoch = math.ceil(len(dataloader) / run.gradient_accumulation_steps)
     num_epochs = math.ceil(max_steps / steps_per_epoch)
     global_batch = run.per_device_train_batch_size * accelerator.num_processes * run.gradient_accumulation_steps
-    data = dataloader.dataset
-    if not isinstance(data, TrainingData):
-        raise TypeError(f"the training loop reads a TrainingData (training/data/epochs.py), got {type(data).__name__}")
+    data = training_data(dataloader)
     examples = data.num_examples()
     logger.info(f"{examples} examples, {steps_per_epoch} steps/epoch, {max_steps} steps, {num_epochs} epochs; "
                 f"global batch {global_batch} = {run.per_device_train_batch_size} per device x "

@@ -19,7 +19,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from transformers import get_scheduler
 
 from cmal.training.arguments import TrainingRun
-from cmal.training.data.epochs import TrainingData
+from cmal.training.data.epochs import training_data
 from cmal.training.run_folder import prepare_output_dir
 
 
@@ -50,7 +50,7 @@ def setup_accelerator(run: TrainingRun, find_unused_parameters: bool = False) ->
         log_with=trackers(run.report_to),
         # No `automatic_checkpoint_naming`/`total_limit`: `save_state` would then write straight into the
         # final folder (a kill mid-save leaves a complete-looking `checkpoint_N` that "latest" resumes
-        # from) and delete the oldest checkpoint before the new one exists. `loop.save_checkpoint` writes
+        # from) and delete the oldest checkpoint before the new one exists. `run_folder.save_checkpoint` writes
         # `step_N.tmp`, renames it, and only then drops the oldest.
         project_config=ProjectConfiguration(project_dir=run.output_dir),
         # non_blocking: batches in pinned memory (`loader_options`) go to the GPU while it still computes
@@ -154,9 +154,7 @@ def prepare_training(accelerator, run: TrainingRun, model, train_dataloader, pro
     if run.report_to != "none":
         accelerator.init_trackers(project_name, {k: v for k, v in run.script_args.items() if isinstance(v, (int, float, str, bool))})
     optimizer = torch.optim.AdamW(optimizer_groups(model, run.weight_decay), lr=run.learning_rate)
-    data = train_dataloader.dataset
-    if not isinstance(data, TrainingData):
-        raise TypeError(f"training reads a TrainingData (training/data/epochs.py), got {type(data).__name__}")
+    data = training_data(train_dataloader)
     batches = data.batches_per_epoch(train_dataloader)
     steps_per_epoch = math.ceil(batches / accelerator.num_processes / run.gradient_accumulation_steps)
     max_steps = run.max_train_steps or run.num_train_epochs * steps_per_epoch
@@ -182,5 +180,3 @@ def optimizer_groups(model, weight_decay: float) -> list[dict]:
         {"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": weight_decay},
         {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
     ]
-
-

@@ -30,3 +30,10 @@ class TrainingData:
         """Batches of one epoch, every process together, from the DataLoader before accelerate prepares it:
         what sizes the schedule."""
         return len(loader)
+
+
+def training_data(loader) -> TrainingData:
+    """The data of a training DataLoader, refused with its type when it is not a `TrainingData`."""
+    if not isinstance(loader.dataset, TrainingData):
+        raise TypeError(f"training reads a TrainingData (training/data/epochs.py), got {type(loader.dataset).__name__}")
+    return loader.dataset

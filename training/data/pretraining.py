@@ -170,6 +170,8 @@ class StreamingPairs(TrainingData, IterableDataset):
     run skips the batches it had trained on and reads on exactly where the killed run was.
     """
 
+    streamed = True
+
     def __init__(self, pairs: ImageTextPairs, batch_size: int, num_shards: int, process_index: int = 0,
                  num_processes: int = 1, num_workers: int = 0, seed: int = 0):  # fmt: skip
         self.process_index, self.workers = process_index, max(num_workers, 1)  # no workers: the process reads
@@ -179,8 +181,6 @@ class StreamingPairs(TrainingData, IterableDataset):
                              f"({num_processes} processes x {self.workers} workers): some would read nothing")  # fmt: skip
         self.pairs, self.batch_size, self.seed = pairs, batch_size, seed
         self.bounds = np.linspace(0, len(pairs), num_shards + 1).round().astype(np.int64)
-
-    streamed = True
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
