@@ -44,10 +44,11 @@ def _to_numpy(value, name: str, index: int) -> np.ndarray:
 
 
 def all_finite(array: np.ndarray) -> bool:
-    """`np.isfinite(array).all()`; for float16 from the exponent bits (all ones: inf or NaN), since numpy's
-    float16 `isfinite` works element by element in software: 90 us for 36 x 2048 features, 7 this way."""
+    """`np.isfinite(array).all()`; for float16 from the bits, since numpy's float16 `isfinite` works element by
+    element in software: without the sign, a finite value's bits are below 0x7C00 (exponent all ones: inf or
+    NaN). 90 us for 36 x 2048 features, 8 this way (12 comparing the exponent to all ones)."""
     if array.dtype == np.float16:
-        return not ((array.view(np.uint16) & 0x7C00) == 0x7C00).any()
+        return array.size == 0 or bool((array.view(np.uint16) & 0x7FFF).max() < 0x7C00)
     return bool(np.isfinite(array).all())
 
 

@@ -9,6 +9,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from cmal.processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
+from cmal.processors.image_processing_cmal import all_finite
 from cmal.training.data.pretraining import ImageTextPairs, PretrainingCollator, StreamingPairs
 from cmal.training.data.region_store import RegionStoreWriter, load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
@@ -82,3 +83,16 @@ def test_a_store_holding_nan_features_is_refused_at_the_gather(pairs_and_process
     monkeypatch.setattr(pairs, "read_regions", poisoned)
     with pytest.raises(ValueError, match=rf"features of image row {int(batch['image_rows'][2])} hold NaN or infinite values"):
         pairs.finish_batch(batch)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_all_finite_agrees_with_numpy_on_every_float16_value(dtype):
+    """Every float16 bit pattern (both zeros, subnormals, the largest finite values, both infinities, every NaN),
+    alone and inside a block of finite features: the float16 bit test answers as `np.isfinite(...).all()`."""
+    values = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(dtype)
+    block = np.ones((4, 8), dtype)
+    assert all_finite(block) and all_finite(block[:0])
+    for value in values[:: 1 if dtype == np.float16 else 257]:
+        block[2, 5] = value
+        assert all_finite(block) == bool(np.isfinite(value)), value
+        assert all_finite(block[2:3, 5:6]) == bool(np.isfinite(value)), value

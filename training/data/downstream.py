@@ -34,7 +34,7 @@ from cmal.training.metrics import import_metric_module
 
 from .epochs import TrainingData
 from .labels import NLVR2_LABELS, VE_LABELS
-from .pretraining import other_image
+from .pretraining import example_rng, other_image
 from .region_store import RegionReader
 from .safe_pickle import load_data_pickle
 
@@ -366,7 +366,7 @@ class TaskCollator:
         if self.negative_probability:
             num_images = self.dataset.num_images
             for k, item in enumerate(items):
-                rng = np.random.default_rng([self.seed, item["epoch"], item["index"]])
+                rng = example_rng(self.seed, item["epoch"], item["index"])
                 if num_images > 1 and rng.random() < self.negative_probability:
                     rows[k] = [other_image(rows[k][0], num_images, rng)]
                     targets[k] = 0
