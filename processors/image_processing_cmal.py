@@ -294,7 +294,7 @@ class CMALImageProcessor(BaseImageProcessor):
         tags = region.get("concept_ids", region.get("tags"))
         if tags is None:
             return np.full(count, -1, dtype=np.int64)
-        if not (isinstance(tags, np.ndarray) and np.issubdtype(tags.dtype, np.integer)):  # ids as stored: no list
+        if not (isinstance(tags, np.ndarray) and tags.dtype.kind in "iu"):  # integer ids as stored: no list
             tags = list(tags.tolist() if hasattr(tags, "tolist") else tags)
         if len(tags) != count:
             raise ValueError(f"`regions[{index}]` has {count} boxes but {len(tags)} tags")
@@ -307,14 +307,9 @@ class CMALImageProcessor(BaseImageProcessor):
                 raise ValueError(f"`regions[{index}]` has tags that are not concept names: {unknown[:5]}")
             return np.asarray([lookup[tag] for tag in tags], dtype=np.int64)
         ids = np.asarray(tags)
-        if not np.issubdtype(ids.dtype, np.integer):
+        if ids.dtype.kind not in "iu":
             raise ValueError(f"`regions[{index}]` tags must be concept names or integer ids, got {ids.dtype}")
-        limit = len(self.concept_names) if self.concept_names is not None else None
-        if ids.size and (ids.min() < -1 or (limit is not None and ids.max() >= limit)):
-            raise ValueError(
-                f"`regions[{index}]` concept ids must be -1 or lie in [0, {limit}), got range [{ids.min()}, {ids.max()}]"
-            )
-        return ids.astype(np.int64)
+        return ids.astype(np.int64)  # their range is checked over the batch (`_process_regions`)
 
     def _box_unit(self, region: dict, index: int) -> tuple[float, float, float, float]:
         """What an image's boxes are divided by to be normalised: its size for pixel boxes, 1 for normalised ones."""
@@ -381,6 +376,11 @@ class CMALImageProcessor(BaseImageProcessor):
         def first_image(bad: np.ndarray) -> int:
             return int(image[np.flatnonzero(bad)[0]])
 
+        all_ids, limit = np.concatenate(concept_ids), len(self.concept_names) if self.concept_names is not None else None
+        if all_ids.size and (all_ids.min() < -1 or (limit is not None and all_ids.max() >= limit)):
+            index = first_image((all_ids < -1) | (all_ids >= (limit if limit is not None else np.inf)))
+            own = concept_ids[index]
+            raise ValueError(f"`regions[{index}]` concept ids must be -1 or lie in [0, {limit}), got range [{own.min()}, {own.max()}]")
         if not np.isfinite(all_boxes).all():
             raise ValueError(f"`regions[{first_image(~np.isfinite(all_boxes).all(1))}]['boxes']` must be finite, got NaN or inf")
         if not np.isfinite(all_scores).all():
@@ -417,7 +417,7 @@ class CMALImageProcessor(BaseImageProcessor):
         clipped = np.minimum(np.maximum(normalised[kept], 0.0), 1.0)  # `np.clip`, without its error-state context
         data["visual_pos"][where] = boxes_to_visual_pos(clipped, self.visual_pos_dim)
         data["visual_attention_mask"][where] = 1
-        data["region_concept_ids"][where] = np.concatenate(concept_ids)[kept]
+        data["region_concept_ids"][where] = all_ids[kept]
         data["region_scores"][where] = all_scores[kept]
         if soft_dim is not None:
             data["region_soft_labels"] = np.zeros((batch, longest, soft_dim), np.float32)

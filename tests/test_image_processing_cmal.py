@@ -122,6 +122,27 @@ def test_malformed_regions_raise(processor, regions, message):
         processor(regions=regions)
 
 
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        (dict(boxes=[[0, 0, 120, 10]] * 2), r"`regions\[2\]` boxes must lie in the image, got normalised range \[0, 1.2\]"),
+        (dict(boxes=[[50, 0, 10, 10]] * 2), r"`regions\[2\]` boxes must be \(x1, y1, x2, y2\)"),
+        (dict(boxes=[[0, 0, np.nan, 10]] * 2), r"`regions\[2\]\['boxes'\]` must be finite"),
+        (dict(scores=[0.5, np.inf]), r"`regions\[2\]\['scores'\]` must be 2 finite numbers"),
+        (dict(concept_ids=np.array([0, 9])), r"`regions\[2\]` concept ids must be -1 or lie in \[0, 4\), got range \[0, 9\]"),
+        (dict(concept_ids=np.array([-2, 1])), r"`regions\[2\]` concept ids must be -1 or lie in \[0, 4\), got range \[-2, 1\]"),
+    ],
+)  # fmt: skip
+def test_a_batchs_value_checks_name_the_image_at_fault(processor, fault, message):
+    """Values are checked once over the batch (boxes, scores, concept ids): the error still names the image."""
+    regions = [region(2, seed=seed, concept_ids=np.array([0, 1])) for seed in range(4)]
+    regions[2].update(fault)
+    with pytest.raises(ValueError, match=message):
+        processor(regions=regions)
+    regions[2] = region(2, seed=2)
+    assert processor(regions=regions)["visual_attention_mask"].sum() == 8
+
+
 def test_feature_sizes_must_agree_across_the_batch(processor):
     with pytest.raises(ValueError, match=r"`regions\[1\]\['features'\]` has dimension 8, earlier images 4"):
         processor(regions=[region(1), region(1, dim=8)])
