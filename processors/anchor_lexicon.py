@@ -221,29 +221,29 @@ class AnchorLexicon:
         # A word is a run of consecutive tokens sharing a word id: [start char, end char, token indices].
         words: list[list] = []
         previous = None
-        for index, (word_id, (start, end)) in enumerate(zip(word_ids, offsets)):
+        for index, word_id in enumerate(word_ids):
             if word_id is None:
                 previous = None
-                continue
-            if word_id == previous:
-                words[-1][1] = int(end)
+            elif word_id == previous:
+                words[-1][1] = offsets[index][1]
                 words[-1][2].append(index)
             else:
-                words.append([int(start), int(end), [index]])
-            previous = word_id
+                words.append([offsets[index][0], offsets[index][1], [index]])
+                previous = word_id
 
         concept_ids = [-1] * len(word_ids)
+        phrases, prefixes = self.phrases, self._prefixes
         first = 0
         while first < len(words):
-            match = None
+            match, start = None, words[first][0]
             for last in range(first, len(words)):
                 # The text under the span, not its words joined by spaces, so "hot-dog" and "t.v."
                 # match as written whatever the tokenizer's pre-tokenisation did to them.
-                phrase = _normalize(text[words[first][0] : words[last][1]])
-                if phrase not in self._prefixes:
+                phrase = _normalize(text[start : words[last][1]])
+                if phrase not in prefixes:
                     break
-                if phrase in self.phrases:
-                    match = (last, self.phrases[phrase])
+                if phrase in phrases:
+                    match = (last, phrases[phrase])
             if match is None:
                 first += 1
                 continue
