@@ -1,7 +1,8 @@
 """How fast pre-training's data pipeline feeds a model: samples per second and per CPU-second, warm and cold, for the
 path training takes (`gather`: DataLoader workers make the text side, masks and region slots, the main process
 gathers the features from its own memory map, `ImageTextPairs.finish_batch`) next to the path before it (`collate`:
-the collator copies the features into the batch, which workers then send through shared memory).
+the collator copies the features into the batch, which workers then send through shared memory) and the gather
+path with its captions encoded once (`pretokenized`, `pretrain.py --pretokenize`: the batches only pad them).
 
     python benchmarks/data_pipeline.py                                  # 20,000 images of 36 x 2048-d fp16 (~3 GB)
     python benchmarks/data_pipeline.py --regions 10-100 --workers 0 2   # adaptive region counts
@@ -11,7 +12,7 @@ and five captions per image, then times `pretrain_run.build_data`'s DataLoader a
 sampler, collator, masking and ITM negatives, each batch finished as the loop finishes it) for each `--workers`,
 warm (the store in the page cache), cold (evicted with `posix_fadvise(DONTNEED)` first) and, in-process, mapped
 (every page of the store touched once first, as in a later epoch). Workers' CPU is read from /proc while they run, from their first batches on,
-so their start-up is left out, as an epoch of thousands of batches leaves it out. The two paths alternate in
+so their start-up is left out, as an epoch of thousands of batches leaves it out. The paths alternate in
 `--rounds` rounds,
 each reading other images (its own seed), so a drift of the shared machine lands on both; each row gives the
 median and the range over the rounds. CPU time counts the main process and its DataLoader workers.
@@ -75,9 +76,9 @@ def measure(args, corpus, workers: int, cache: str, path: str, seed: int) -> dic
     Each measurement gets its own `seed`, so its batches hold other images than the ones before it read."""
     run = pretrain.parse_args(["--dataset", args.folder, "--report_to", "none", "--num_workers", str(workers),
                                "--per_device_train_batch_size", str(args.batch_size), "--curriculum_epochs", "0",
-                               "--seed", str(seed)])  # fmt: skip
-    *_, pairs, collator, loader = pretrain_run.build_data(run, corpus)
-    collator.features_in_main = path == "gather"  # before the workers fork: they copy the collator
+                               "--seed", str(seed), *(["--pretokenize"] if path == "pretokenized" else [])])  # fmt: skip
+    *_, pairs, collator, loader = pretrain_run.build_data(run, corpus)  # captions encoded once, then cached: not timed
+    collator.features_in_main = path != "collate"  # before the workers fork: they copy the collator
     if cache == "cold":
         evict(args.folder)
     elif cache == "mapped":
@@ -131,8 +132,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--caches", nargs="+", choices=["warm", "cold", "mapped"], default=["warm", "cold", "mapped"],
                    help="mapped (0 workers only: forked workers fault the pages in again): the store touched first.")
     p.add_argument("--gpu_samples_per_second", type=float, default=10_000.0)
-    p.add_argument("--rounds", type=int, default=3, help="Rounds of the two paths, alternating.")
-    p.add_argument("--paths", nargs="+", choices=["gather", "collate"], default=["gather", "collate"])
+    p.add_argument("--rounds", type=int, default=3, help="Rounds of the paths, alternating.")
+    p.add_argument("--paths", nargs="+", choices=["gather", "collate", "pretokenized"], default=["gather", "collate", "pretokenized"],
+                   help="pretokenized: the gather path with `--pretokenize` (the captions encoded once, padded per batch)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process (workers always take 1): "
                    "the pipeline's own ops are small, and idle OpenMP threads spinning between them count as CPU time")
     args = p.parse_args(argv)

@@ -17,6 +17,7 @@ Ships as Hub remote code next to `image_processing_cmal.py` and `anchor_lexicon.
 imports relatively.
 """
 
+import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
@@ -76,14 +77,7 @@ class CMALProcessor(ProcessorMixin):
         `return_word_ids=True` adds `word_ids` (the word index of each token, -1 for special and
         padding tokens), which whole-word masking needs; it is not a model input.
         """
-        if text is None:
-            raise ValueError("`text` is required: CMAL reads an image together with a text")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"`text` must be a string or a non-empty list of strings, got {type(text).__name__}")
-        blank = [i for i, t in enumerate(texts) if not t.strip()]
-        if blank:  # it would be read as `[CLS] [SEP]`: an answer to no question
-            raise ValueError(f"`text[{blank[0]}]` is blank ({texts[blank[0]]!r}): every text must hold at least one word")
+        texts = _texts(text)
         if (images is None) == (regions is None):
             raise ValueError("Pass exactly one of `images` (raw images) or `regions` (precomputed detections)")
 
@@ -111,10 +105,64 @@ class CMALProcessor(ProcessorMixin):
             raise ValueError(f"One text per image: got {len(texts)} texts and {num_images} images or region sets")
         return BatchFeature(data={**text_features, **visual}, tensor_type=return_tensors)
 
+    def encode_texts(self, text, max_length: int | None = None) -> dict[str, list[list[int]]]:
+        """The text side of `__call__(text=..., max_length=...)` for each text, unpadded: the tokenizer's ids (cut to
+        `max_length`), `token_concept_ids` and `word_ids` (-1 for special tokens), one list per text.
+
+        A training corpus reads each caption once an epoch: encoded once (`datasets.map`) and padded per batch
+        (`pad_texts`), its epochs skip the tokenizer and the anchor lexicon."""
+        texts = _texts(text)
+        encoding = self.tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
+        word_ids = [encoding.word_ids(i) for i in range(len(texts))]
+        encoded = {key: value for key, value in encoding.items() if key != "offset_mapping"}
+        encoded["token_concept_ids"] = [self.lexicon.token_concept_ids(t, offsets, words)
+                                        for t, offsets, words in zip(texts, encoding["offset_mapping"], word_ids)]  # fmt: skip
+        encoded["word_ids"] = [[-1 if w is None else w for w in words] for words in word_ids]
+        return encoded
+
+    def pad_texts(self, rows: list[dict], return_word_ids: bool = False) -> dict:
+        """`encode_texts` rows (one dict of arrays or lists per text) padded to the longest as `__call__` pads them
+        (`padding=True`, on the tokenizer's `padding_side`, with its pad ids; -1 for concepts and word ids): int64
+        numpy arrays, `word_ids` only when asked for."""
+        pad_values = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": self.tokenizer.pad_token_type_id,
+                      "token_concept_ids": -1, "word_ids": -1}  # fmt: skip
+        if not rows:
+            raise ValueError("`rows` is empty: pass one encoded text per image")
+        unknown = sorted(set(rows[0]) - set(pad_values))
+        if unknown or "input_ids" not in rows[0]:
+            raise ValueError(f"`rows` must hold `encode_texts` keys ({sorted(pad_values)}), got {sorted(rows[0])}")
+        lengths = [len(row["input_ids"]) for row in rows]
+        longest, left = max(lengths), self.tokenizer.padding_side == "left"
+        batch = {}
+        for key in rows[0]:
+            if key == "word_ids" and not return_word_ids:
+                continue
+            padded = np.full((len(rows), longest), pad_values[key], dtype=np.int64)
+            for b, (row, length) in enumerate(zip(rows, lengths)):
+                if left:
+                    padded[b, longest - length :] = row[key]
+                else:
+                    padded[b, :length] = row[key]
+            batch[key] = padded
+        return batch
+
     @property
     def model_input_names(self):
         names = list(self.tokenizer.model_input_names) + ["token_concept_ids"]
         return names + [name for name in self.image_processor.model_input_names if name not in names]
+
+
+def _texts(text) -> list[str]:
+    """`text` as a non-empty list of texts that hold a word each, or a `ValueError` naming the one that does not."""
+    if text is None:
+        raise ValueError("`text` is required: CMAL reads an image together with a text")
+    texts = [text] if isinstance(text, str) else list(text)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"`text` must be a string or a non-empty list of strings, got {type(text).__name__}")
+    blank = [i for i, t in enumerate(texts) if not t.strip()]
+    if blank:  # it would be read as `[CLS] [SEP]`: an answer to no question
+        raise ValueError(f"`text[{blank[0]}]` is blank ({texts[blank[0]]!r}): every text must hold at least one word")
+    return texts
 
 
 CMALProcessor.register_for_auto_class("AutoProcessor")

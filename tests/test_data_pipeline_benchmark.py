@@ -16,7 +16,7 @@ def test_reports_throughput_for_each_setting(tmp_path):
                                   "--batch_size", "4", "--batches", "3", "--workers", "0", "1", "--rounds", "2"])  # fmt: skip
     # "mapped" (the store touched first) only in-process: forked workers fault the pages in again
     settings = [(0, "warm"), (0, "cold"), (0, "mapped"), (1, "warm"), (1, "cold")]
-    assert [(r["workers"], r["cache"], r["path"]) for r in reports] == [(*s, p) for s in settings for p in ("gather", "collate")]
+    assert [(r["workers"], r["cache"], r["path"]) for r in reports] == [(*s, p) for s in settings for p in ("gather", "collate", "pretokenized")]
     for report in reports:
         assert report["rounds"] == 2
         for key in ("samples_per_second", "samples_per_cpu_second", "feature_mb_per_second"):

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from cmal.processors import AnchorLexicon, CMALImageProcessor, CMALProcessor
 from cmal.processors.image_processing_cmal import all_finite
-from cmal.training.data.pretraining import ImageTextPairs, PretrainingCollator, StreamingPairs
+from cmal.training.data.pretraining import ImageTextPairs, PretrainingCollator, StreamingPairs, encode_captions
 from cmal.training.data.region_store import RegionStoreWriter, load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
 
@@ -60,6 +60,33 @@ def test_gathered_batches_equal_the_collators(pairs_and_processor, workers, stre
                 assert one[key].dtype == other[key].dtype and torch.equal(one[key], other[key]), key
     assert made[0]["visual_feats"].dtype == torch.float16
     assert max(batch["visual_feats"].shape[1] for batch in made) == 8 < pairs.num_regions().max()  # cut to 8 by score
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["map-style", "streamed"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_captions_encoded_once_give_the_batches_of_captions_tokenized_per_batch(pairs_and_processor, workers, streamed):
+    """`encode_captions` + `ImageTextPairs(..., tokens)`: items carry their encoded caption, the collator only pads it;
+    every batch (text side, masks drawn on it, ITM pairs, features) is the one tokenizing per batch makes."""
+    pairs, processor = pairs_and_processor
+    tokens = encode_captions(pairs.texts, processor, max_length=40)
+    assert len(tokens) == len(pairs) and tokens.features["input_ids"].feature.dtype == "int32"
+    encoded = ImageTextPairs(pairs.texts, pairs.regions, tokens)
+    for epoch in (0, 1):
+        made = batches(pairs, processor, True, workers, streamed, epoch)
+        padded = batches(encoded, processor, True, workers, streamed, epoch)
+        assert len(made) == len(padded) > 1
+        for one, other in zip(made, padded):
+            assert one.keys() == other.keys()
+            for key in one:
+                assert one[key].dtype == other[key].dtype and torch.equal(one[key], other[key]), key
+    assert (made[0]["labels"] != -100).any() and (made[0]["token_concept_ids"] >= 0).any()  # masks and anchors drawn
+
+
+def test_tokens_of_other_captions_are_refused(pairs_and_processor):
+    pairs, processor = pairs_and_processor
+    tokens = encode_captions(pairs.texts.select(range(10)), processor, max_length=40)
+    with pytest.raises(ValueError, match=rf"`tokens` has 10 rows for {len(pairs)} texts: encode these texts"):
+        ImageTextPairs(pairs.texts, pairs.regions, tokens)
 
 
 def test_workers_never_carry_features_or_tensors(pairs_and_processor):

@@ -1,5 +1,6 @@
 """training/pretrain.py and its data pipeline, on a small hand-made corpus and a tiny model."""
 
+import glob
 import json
 import os
 import signal
@@ -182,13 +183,14 @@ def test_streaming_resume_skips_to_exactly_where_the_run_was(corpus):
     assert list(skip_first_batches(loader, 5)) == whole[5:] and len(whole) > 6
 
 
-def test_streamed_pretraining_killed_and_resumed_ends_with_the_same_weights(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("texts", [[], ["--pretokenize"]], ids=["texts", "pretokenized"])
+def test_streamed_pretraining_killed_and_resumed_ends_with_the_same_weights(corpus, tmp_path, monkeypatch, texts):
     """Streamed pre-training with a DataLoader worker, interrupted after its step-4 checkpoint (mid-epoch: 5 batches
-    per epoch) and resumed from it: the weights of the uninterrupted run."""
+    per epoch) and resumed from it: the weights of the uninterrupted run, its captions tokenized per batch or once."""
     def run(folder, *extra):
         return pretrain.main(args_for(corpus, folder, "--streaming", "--curriculum_epochs", "0", "--streaming_shards", "4",
                                       "--num_workers", "1", "--per_device_train_batch_size", "16", "--max_train_steps", "7",
-                                      "--checkpointing_steps", "2", *extra))  # fmt: skip
+                                      "--checkpointing_steps", "2", *texts, *extra))  # fmt: skip
 
     whole = run(tmp_path / "whole")
     undo = die_after_saving(monkeypatch, 4)
@@ -200,6 +202,25 @@ def test_streamed_pretraining_killed_and_resumed_ends_with_the_same_weights(corp
     expected, again = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
     for name in expected:
         torch.testing.assert_close(again[name], expected[name], msg=name)
+
+
+def test_captions_encoded_once_train_to_the_same_weights_and_are_cached(corpus, tmp_path, monkeypatch):
+    """`--pretokenize`: the captions are encoded once, beside their files, and a second run loads them (the
+    processor is not asked again); both runs end in the weights of a run that tokenizes every batch."""
+    from cmal.processors import CMALProcessor
+
+    def run(folder, *extra):
+        return pretrain.main(args_for(corpus, folder, "--num_workers", "1", "--max_train_steps", "6", *extra))
+
+    run(tmp_path / "texts")
+    run(tmp_path / "once", "--pretokenize")
+    assert glob.glob(str(corpus / "captions" / "**" / "cache-*.arrow"), recursive=True)  # beside the captions' files
+    monkeypatch.setattr(CMALProcessor, "encode_texts", lambda self, *a, **k: pytest.fail("encoded again"))
+    run(tmp_path / "again", "--pretokenize")
+    expected = load_file(tmp_path / "texts" / "model.safetensors")
+    for run_name in ("once", "again"):
+        weights = load_file(tmp_path / run_name / "model.safetensors")
+        assert all(torch.equal(weights[name], expected[name]) for name in expected), run_name
 
 
 def test_curriculum_epochs_draw_small_scenes_only():

@@ -162,3 +162,46 @@ def test_word_ids_for_whole_word_masking(processor):
     assert pieces[:5] == ["[CLS]", "gi", "##raf", "##fe", "##s"]
     assert out["word_ids"].tolist() == [[-1, 0, 0, 0, 0, 1, -1], [-1, 0, 1, -1, -1, -1, -1]]
     assert "word_ids" not in processor(text="a cat", regions=regions(["cat"]))
+
+
+TEXT_BATTERY = [
+    ["two dogs near a cat", "a traffic light"],  # anchors, a two-word phrase, one text shorter
+    ["A HOT-DOG on a dinner  table, next to a t.v.", "x"],  # case, hyphen, spacing, punctuation; a one-word text
+    ["a cat " * 30, "the dog sits on the couch beside the remote and the cell phone"],  # cut by max_length
+    ["café crème and a naïve bear", "日本 dog"],  # accents, CJK characters
+    ["a single caption"],
+]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("max_length", [None, 12])
+@pytest.mark.parametrize("texts", TEXT_BATTERY, ids=lambda texts: texts[0][:12])
+def test_texts_encoded_once_and_padded_per_batch_equal_the_call(tokenizer, texts, max_length, side):
+    """`pad_texts(rows of encode_texts)`: what a pre-tokenized corpus gives the collator is what `__call__` makes of
+    the same texts (every key, value and dtype), on either padding side, cut or not."""
+    tokenizer = tokenizer.__class__.from_pretrained(gt.get_model_path(), padding_side=side)
+    processor = CMALProcessor(CMALImageProcessor(concept_names=COCO_CONCEPT_NAMES), tokenizer)
+    made = processor(text=texts, regions=[regions(["dog"])] * len(texts), max_length=max_length, return_word_ids=True, return_tensors="np")
+    encoded = processor.encode_texts(texts, max_length)
+    rows = [{key: np.asarray(values[i], np.int32) for key, values in encoded.items()} for i in range(len(texts))]
+    padded = processor.pad_texts(rows, return_word_ids=True)
+    assert set(padded) == set(made) - {"visual_feats", "visual_pos", "visual_attention_mask", "region_concept_ids", "region_scores"}
+    for key, value in padded.items():
+        assert value.dtype == made[key].dtype == np.int64 and np.array_equal(value, made[key]), key
+    assert "word_ids" not in processor.pad_texts(rows)
+    assert (padded["token_concept_ids"] >= 0).any() or texts == ["a single caption"]
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda p: p.encode_texts(["a dog", "  "]), r"`text\[1\]` is blank"),
+        (lambda p: p.encode_texts([]), r"`text` must be a string or a non-empty list of strings"),
+        (lambda p: p.pad_texts([]), r"`rows` is empty"),
+        (lambda p: p.pad_texts([{"input_ids": [101, 102], "pixel_values": [0]}]), r"`rows` must hold `encode_texts` keys .* got \['input_ids', 'pixel_values'\]"),
+        (lambda p: p.pad_texts([{"attention_mask": [1, 1]}]), r"`rows` must hold `encode_texts` keys"),
+    ],
+)  # fmt: skip
+def test_encoding_and_padding_refuse_what_they_cannot_read(processor, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(processor)

@@ -56,6 +56,10 @@ def parse_args(argv=None):
     data.add_argument("--curriculum_epochs", type=NON_NEGATIVE_INT, default=6,
                       help="Epochs drawn only from the pairs whose image has at most the median number of regions "
                            "(small scenes first: ITM learns on them and carries over); 0 for none.")
+    data.add_argument("--pretokenize", action="store_true",
+                      help="Encode every caption once before training (tokenizer and anchor lexicon, cached by `datasets` "
+                           "beside the captions' files), so each epoch's batches only pad them: a fifth of the "
+                           "loader's CPU (docs/BENCHMARKS.md §3). The first run pays about 30 us a caption.")
     data.add_argument("--streaming", action="store_true",
                       help="Read the captions as shards in order, each process and worker its own (StreamingPairs), "
                            "instead of length-grouped batches drawn at random; needs --curriculum_epochs 0.")

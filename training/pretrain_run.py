@@ -17,7 +17,7 @@ from cmal.model_cards import render as model_card
 from cmal.modeling_cmal import CMALConfig, CMALForPreTraining
 from cmal.modeling_cmal.convert_bert_to_cmal import load_bert_weights
 from cmal.training.arguments import AMC_PARTS, TrainingRun
-from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator, StreamingPairs
+from cmal.training.data.pretraining import ImageTextPairs, LengthGroupedSampler, PretrainingCollator, StreamingPairs, encode_captions
 from cmal.training.data.region_store import load_region_store
 from cmal.training.data.tokenizer import build_word_tokenizer
 from cmal.training.hub import push_to_hub
@@ -129,7 +129,8 @@ def build_data(args, corpus: Corpus, num_processes: int = 1, process_index: int 
     tokenizer = build_tokenizer(args, vocabulary_texts)
     config = build_config(args, tokenizer, metadata)
     processor = new_processor(config, tokenizer, lexicon, args.detector)
-    train_set = ImageTextPairs(train_texts, regions)
+    tokens = encode_captions(train_texts, processor, args.max_text_length, args.num_workers or None) if args.pretokenize else None
+    train_set = ImageTextPairs(train_texts, regions, tokens)
     collator = PretrainingCollator(
         processor, train_set, args.mlm_probability, args.mrm_probability, args.itm_negative_probability,
         max_length=args.max_text_length, seed=args.seed, true_of=true_of, negative_window=args.itm_negative_window,
@@ -251,9 +252,9 @@ def run(args):
     accelerator = setup_accelerator(training, find_unused_parameters=unused)
 
     with resume_hint_on_interrupt(training, accelerator):
-        with accelerator.main_process_first():
+        with accelerator.main_process_first():  # the first process writes what `datasets` caches, the others load it
             corpus = load_corpus(args)
-        config, processor, train_set, collator, train_dataloader = build_data(args, corpus, accelerator.num_processes, accelerator.process_index)
+            config, processor, train_set, collator, train_dataloader = build_data(args, corpus, accelerator.num_processes, accelerator.process_index)
         model = build_model(args, config)
         model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(accelerator, training, model, train_dataloader, "cmal_pretrain")
         results = train(accelerator, training, model, optimizer, scheduler, train_dataloader, max_steps, LOSSES, "pre-training")

@@ -26,7 +26,6 @@ import os
 from collections import Counter
 
 import datasets
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 

@@ -8,6 +8,7 @@ number of processes, sees the same masks for the same examples.
 
 from concurrent.futures import ThreadPoolExecutor
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,7 +19,7 @@ from transformers import trainer_pt_utils
 from cmal.processors.image_processing_cmal import all_finite
 
 from .epochs import TrainingData
-from .region_store import RegionReader
+from .region_store import ArrowRows, RegionReader
 
 
 WORD_COUNT_PART = 1_000_000  # captions per thread task of `ImageTextPairs.lengths`
@@ -31,10 +32,48 @@ def _word_counts(texts) -> np.ndarray:
     return pc.count_substring(texts, " ").to_numpy() + 1
 
 
-class ImageTextPairs(TrainingData, Dataset):
-    """(text, regions of its image) pairs: a text table with `image_id`, `text` joined to a region store."""
+def encode_captions(texts, processor, max_length: int, num_proc: int | None = None) -> datasets.Dataset:
+    """Every caption's `processor.encode_texts` (int32 lists, row for row), computed once: `datasets` caches the
+    table beside the captions' own files under a fingerprint of the captions, the tokenizer, the anchor lexicon and
+    `max_length`, so a later run (or another process of this one, after the first) loads it instead."""
 
-    def __init__(self, texts, regions):
+    def encode(batch: dict) -> dict:
+        encoded = processor.encode_texts(batch["text"], max_length)
+        return {key: [np.asarray(row, np.int32) for row in rows] for key, rows in encoded.items()}
+
+    fingerprint = datasets.fingerprint.Hasher.hash(
+        [texts._fingerprint, processor.tokenizer.backend_tokenizer.to_str(), processor.tokenizer.padding_side,
+         processor.anchor_lexicon, max_length]
+    )  # fmt: skip
+    return texts.map(encode, batched=True, batch_size=1000, remove_columns=texts.column_names, new_fingerprint=fingerprint,
+                     num_proc=num_proc, desc="Encoding the captions (once)")  # fmt: skip
+
+
+class TextTokens(ArrowRows):
+    """Zero-copy reads of `encode_captions` rows: each caption's lists as numpy views."""
+
+    def __init__(self, tokens):
+        super().__init__(tokens, tokens.column_names)
+
+    def __call__(self, rows) -> list[dict]:
+        read = []
+        for chunk, row in zip(*self._stored(rows)):
+            entry = {}
+            for name, buffers in self.columns.items():
+                row_offsets, _, values = buffers[chunk]
+                entry[name] = values[row_offsets[row] : row_offsets[row + 1]]
+            read.append(entry)
+        return read
+
+
+class ImageTextPairs(TrainingData, Dataset):
+    """(text, regions of its image) pairs: a text table with `image_id`, `text` joined to a region store, and
+    optionally its captions encoded once (`encode_captions`): items then carry their `tokens`."""
+
+    def __init__(self, texts, regions, tokens=None):
+        if tokens is not None and len(tokens) != len(texts):
+            raise ValueError(f"`tokens` has {len(tokens)} rows for {len(texts)} texts: encode these texts (`encode_captions`)")
+        self.tokens = None if tokens is None else TextTokens(tokens)
         self.texts = texts
         self.regions = regions.with_format("arrow")
         self.read_regions = RegionReader(regions)  # zero-copy views into the memory-mapped store
@@ -111,8 +150,12 @@ class ImageTextPairs(TrainingData, Dataset):
         row by row, `datasets` formatting took a tenth of the pipeline's time)."""
         indices = [int(index) for index in indices]
         texts = self.texts[indices]["text"]
-        return [{"index": i, "epoch": self.epoch, "text": text, "image_row": int(self.image_rows[i])}
-                for i, text in zip(indices, texts)]  # fmt: skip
+        items = [{"index": i, "epoch": self.epoch, "text": text, "image_row": int(self.image_rows[i])}
+                 for i, text in zip(indices, texts)]  # fmt: skip
+        if self.tokens is not None:
+            for item, tokens in zip(items, self.tokens(indices)):
+                item["tokens"] = tokens
+        return items
 
 
 def length_grouped_indices(lengths: np.ndarray, batch_size: int, generator: torch.Generator) -> np.ndarray:
@@ -349,8 +392,12 @@ class PretrainingCollator:
         regions = self.dataset.regions_of_images(image_rows)
         if self.features_in_main:  # each region's "feature" is its stored index: the processor pads and orders them
             regions = [{**region, "features": np.arange(len(region["boxes"]), dtype=np.float32)[:, None]} for region in regions]
-        batch = dict(self.processor(text=[item["text"] for item in items], regions=regions, max_length=self.max_length,
-                                    return_word_ids=True, return_tensors="np"))  # fmt: skip
+        if "tokens" in items[0]:  # encoded once (`encode_captions`): padded here, as the processor pads
+            batch = self.processor.pad_texts([item["tokens"] for item in items], return_word_ids=True)
+            batch |= self.processor.image_processor(regions=regions, return_tensors="np")
+        else:
+            batch = dict(self.processor(text=[item["text"] for item in items], regions=regions, max_length=self.max_length,
+                                        return_word_ids=True, return_tensors="np"))  # fmt: skip
         if self.features_in_main:
             slots = batch.pop("visual_feats")[..., 0].astype(np.int64)
             slots[batch["visual_attention_mask"] == 0] = -1

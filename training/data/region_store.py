@@ -306,7 +306,37 @@ def row_to_regions(row: dict) -> dict:
     return regions
 
 
-class RegionReader:
+class ArrowRows:
+    """Rows of a `datasets.Dataset`'s list columns as numpy views of its Arrow buffers (memory-mapped when the
+    table is on disk): a few slices per row, where `datasets` formatting converted every value."""
+
+    def __init__(self, dataset, names):
+        table = dataset.data.table
+        # a selected or shuffled dataset reads through its indices mapping
+        self.indices = None if dataset._indices is None else dataset._indices.column(0).to_numpy().astype(np.int64)
+        lengths = [len(chunk) for chunk in table.column(0).chunks]
+        self.chunk_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        # per column and chunk: (row offsets into regions, region offsets into values or None, flat values)
+        self.columns = {name: [self._buffers(chunk) for chunk in table.column(name).chunks] for name in names}
+
+    @staticmethod
+    def _buffers(chunk):
+        storage = getattr(chunk, "storage", chunk)  # datasets' Array2D extension: list<list<value>>
+        rows = storage.offsets.to_numpy()
+        if pa.types.is_list(storage.type.value_type):
+            return rows, storage.values.offsets.to_numpy(), storage.values.values.to_numpy(zero_copy_only=False)
+        return rows, None, storage.values.to_numpy(zero_copy_only=False)
+
+    def _stored(self, rows) -> tuple[list[int], list[int]]:
+        """(chunk, row inside it) of each of `rows`, through the indices mapping."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.indices is not None:
+            rows = self.indices[rows]
+        chunks = np.searchsorted(self.chunk_starts, rows, side="right") - 1
+        return chunks.tolist(), (rows - self.chunk_starts[chunks]).tolist()
+
+
+class RegionReader(ArrowRows):
     """Zero-copy reads of a region store: each image's arrays are numpy views into the store's memory-mapped
     Arrow buffers, so the processor's padded batch is the only copy a feature sees between disk and device.
 
@@ -320,33 +350,16 @@ class RegionReader:
 
     def __init__(self, dataset):
         table = dataset.data.table
-        # a selected or shuffled dataset reads through its indices mapping
-        self.indices = None if dataset._indices is None else dataset._indices.column(0).to_numpy().astype(np.int64)
-        lengths = [len(chunk) for chunk in table.column(0).chunks]
-        self.chunk_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        # per column and chunk: (row offsets into regions, region offsets into values or None, flat values)
         names = [name for name in self.COLUMNS if name in table.column_names]
-        self.columns = {name: [self._buffers(chunk) for chunk in table.column(name).chunks] for name in names}
+        super().__init__(dataset, names)
         self.widths = {name: getattr(table.column(name).type, "shape", (None, None))[1] for name in names}  # Array2D
-
-    @staticmethod
-    def _buffers(chunk):
-        storage = getattr(chunk, "storage", chunk)  # datasets' Array2D extension: list<list<value>>
-        rows = storage.offsets.to_numpy()
-        if pa.types.is_list(storage.type.value_type):
-            return rows, storage.values.offsets.to_numpy(), storage.values.values.to_numpy(zero_copy_only=False)
-        return rows, None, storage.values.to_numpy(zero_copy_only=False)
 
     def __call__(self, rows, columns=None) -> list[dict]:
         """The regions of store rows, as `row_to_regions` gives them, in the given order (only `columns`, when
         given: the features alone are what the main process gathers)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if self.indices is not None:
-            rows = self.indices[rows]
-        chunks = np.searchsorted(self.chunk_starts, rows, side="right") - 1
         read = {name: buffers for name, buffers in self.columns.items() if columns is None or name in columns}
         regions = []
-        for chunk, row in zip(chunks.tolist(), (rows - self.chunk_starts[chunks]).tolist()):
+        for chunk, row in zip(*self._stored(rows)):
             region = {"boxes_normalized": True}
             for name, buffers in read.items():
                 row_offsets, value_offsets, values = buffers[chunk]
