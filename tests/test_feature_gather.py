@@ -89,6 +89,14 @@ def test_tokens_of_other_captions_are_refused(pairs_and_processor):
         ImageTextPairs(pairs.texts, pairs.regions, tokens)
 
 
+def test_captions_encoded_longer_than_the_collator_reads_are_refused(pairs_and_processor):
+    pairs, processor = pairs_and_processor
+    encoded = ImageTextPairs(pairs.texts, pairs.regions, encode_captions(pairs.texts, processor, max_length=40))
+    collator = PretrainingCollator(processor, encoded, max_length=5, features_in_main=True)
+    with pytest.raises(ValueError, match=r"captions encoded with more than the collator's max_length \(\d+ > 5 tokens\)"):
+        collator(encoded.__getitems__(range(8)))
+
+
 def test_workers_never_carry_features_or_tensors(pairs_and_processor):
     pairs, processor = pairs_and_processor
     collator = PretrainingCollator(processor, pairs, seed=5, features_in_main=True)

@@ -394,6 +394,9 @@ class PretrainingCollator:
             regions = [{**region, "features": np.arange(len(region["boxes"]), dtype=np.float32)[:, None]} for region in regions]
         if "tokens" in items[0]:  # encoded once (`encode_captions`): padded here, as the processor pads
             batch = self.processor.pad_texts([item["tokens"] for item in items], return_word_ids=True)
+            if batch["input_ids"].shape[1] > self.max_length:
+                raise ValueError(f"captions encoded with more than the collator's max_length ({batch['input_ids'].shape[1]} > "
+                                 f"{self.max_length} tokens): encode them with max_length={self.max_length}")  # fmt: skip
             batch |= self.processor.image_processor(regions=regions, return_tensors="np")
         else:
             batch = dict(self.processor(text=[item["text"] for item in items], regions=regions, max_length=self.max_length,
