@@ -36,3 +36,10 @@ def test_lengths_count_space_separated_words(tmp_path, monkeypatch, part):
     pairs = ImageTextPairs(captions, load_region_store(str(tmp_path / "regions"))[0])
     # spaces + 1 (+ 2 regions): exact for single-spaced captions, a near count otherwise (only grouping uses it)
     assert pairs.lengths().tolist() == [7, 3, 8, 3, 3]
+
+
+def test_the_encoding_is_timed_first_and_cached(tmp_path):
+    report = startup.main(["--captions", "500", "--folder", str(tmp_path), "--pretokenize"])
+    assert 0 < report["encoded_load_seconds"] and 0 < report["encode_seconds"]
+    assert report["encode_microseconds_per_caption"] == pytest.approx(report["encode_seconds"] / 500 * 1e6)
+    assert len(list((tmp_path / "captions").glob("cache-*.arrow"))) == 1  # the encoded table, beside the captions

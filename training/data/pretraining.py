@@ -6,6 +6,7 @@ so a batch is the same whoever builds it and whenever: a run resumed mid-epoch, 
 number of processes, sees the same masks for the same examples.
 """
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import datasets
@@ -41,12 +42,15 @@ def encode_captions(texts, processor, max_length: int, num_proc: int | None = No
         encoded = processor.encode_texts(batch["text"], max_length)
         return {key: [np.asarray(row, np.int32) for row in rows] for key, rows in encoded.items()}
 
+    # the tokenizer's model, normalizer and splitters, not the truncation and padding a call leaves on it
+    tokenizer = {key: value for key, value in json.loads(processor.tokenizer.backend_tokenizer.to_str()).items()
+                 if key not in ("truncation", "padding")}  # fmt: skip
     fingerprint = datasets.fingerprint.Hasher.hash(
-        [texts._fingerprint, processor.tokenizer.backend_tokenizer.to_str(), processor.tokenizer.padding_side,
-         processor.anchor_lexicon, max_length]
-    )  # fmt: skip
-    return texts.map(encode, batched=True, batch_size=1000, remove_columns=texts.column_names, new_fingerprint=fingerprint,
-                     num_proc=num_proc, desc="Encoding the captions (once)")  # fmt: skip
+        [texts._fingerprint, tokenizer, processor.tokenizer.padding_side, processor.anchor_lexicon, max_length]
+    )
+    # record batches of 100,000 captions: 10M of them read in 100 chunks, not 10,000
+    return texts.map(encode, batched=True, batch_size=1000, writer_batch_size=100_000, remove_columns=texts.column_names,
+                     new_fingerprint=fingerprint, num_proc=num_proc, desc="Encoding the captions (once)")  # fmt: skip
 
 
 class TextTokens(ArrowRows):
