@@ -46,6 +46,15 @@ def batches(pairs, processor, features_in_main: bool, workers: int, streamed: bo
     return [data.finish_batch(batch) for batch in loader]
 
 
+def assert_same_batches(made: list[dict], other: list[dict]) -> None:
+    """As many batches, each with the same keys, dtypes and values."""
+    assert len(made) == len(other) > 1
+    for one, another in zip(made, other):
+        assert one.keys() == another.keys()
+        for key in one:
+            assert one[key].dtype == another[key].dtype and torch.equal(one[key], another[key]), key
+
+
 @pytest.mark.parametrize("streamed", [False, True], ids=["map-style", "streamed"])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_gathered_batches_equal_the_collators(pairs_and_processor, workers, streamed):
@@ -53,11 +62,7 @@ def test_gathered_batches_equal_the_collators(pairs_and_processor, workers, stre
     for epoch in (0, 1):  # a stream's shards depend on its readers: both paths read with the same workers
         made = batches(pairs, processor, False, workers if streamed else 0, streamed, epoch)
         gathered = batches(pairs, processor, True, workers, streamed, epoch)
-        assert len(made) == len(gathered) > 1
-        for one, other in zip(made, gathered):
-            assert one.keys() == other.keys()
-            for key in one:
-                assert one[key].dtype == other[key].dtype and torch.equal(one[key], other[key]), key
+        assert_same_batches(made, gathered)
     assert made[0]["visual_feats"].dtype == torch.float16
     assert max(batch["visual_feats"].shape[1] for batch in made) == 8 < pairs.num_regions().max()  # cut to 8 by score
 
@@ -74,11 +79,7 @@ def test_captions_encoded_once_give_the_batches_of_captions_tokenized_per_batch(
     for epoch in (0, 1):
         made = batches(pairs, processor, True, workers, streamed, epoch)
         padded = batches(encoded, processor, True, workers, streamed, epoch)
-        assert len(made) == len(padded) > 1
-        for one, other in zip(made, padded):
-            assert one.keys() == other.keys()
-            for key in one:
-                assert one[key].dtype == other[key].dtype and torch.equal(one[key], other[key]), key
+        assert_same_batches(made, padded)
     assert (made[0]["labels"] != -100).any() and (made[0]["token_concept_ids"] >= 0).any()  # masks and anchors drawn
 
 
