@@ -508,9 +508,11 @@ def test_two_processes_match_one_process(corpus, single_process_run, tmp_path, l
 
 def test_two_processes_stream_with_two_workers_each(corpus, tmp_path):
     """`--streaming` under the shipped 2-process launch, 2 DataLoader workers per process: the stream is each
-    process's own part (accelerate does not split it again) and the run trains its steps to the end."""
+    process's own part (accelerate does not split it again) and the run trains its steps to the end; with
+    `--pretokenize`, the first process encodes the captions (in 2 `datasets` processes) before the other reads them."""
     script = ["training/pretrain.py", *args_for(corpus, tmp_path / "run", "--streaming", "--curriculum_epochs", "0",
-                                                "--num_workers", "2", "--streaming_shards", "8", "--max_train_steps", "6")]  # fmt: skip
+                                                "--num_workers", "2", "--streaming_shards", "8", "--max_train_steps", "6",
+                                                "--pretokenize")]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = ACCELERATE + ["--config_file", "training/configs/cpu_2proc.yaml", "--main_process_port", "29535", *script]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

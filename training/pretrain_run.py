@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -121,15 +122,19 @@ def build_config(args, tokenizer, metadata) -> CMALConfig:
                             itm_hard_negatives=not args.no_hard_negatives, anchor_fill=args.anchor_fill, **overrides)  # fmt: skip
 
 
-def build_data(args, corpus: Corpus, num_processes: int = 1, process_index: int = 0):
+def build_data(args, corpus: Corpus, num_processes: int = 1, process_index: int = 0, first_process_first=nullcontext):
     """(config, processor, pairs, collator, dataloader) of a `load_corpus` result: the pipeline `main`
-    trains on, and the one `benchmarks/speed.py` times."""
+    trains on, and the one `benchmarks/speed.py` times. `first_process_first` (the accelerator's
+    `main_process_first`) wraps the captions' encoding: one process writes the cached table, the others load it."""
     captions, regions, metadata, lexicon, vocabulary_texts, true_of, twins = corpus
     train_texts = corpus_subset(split(captions, "train"), args.corpus_fraction)
     tokenizer = build_tokenizer(args, vocabulary_texts)
     config = build_config(args, tokenizer, metadata)
     processor = new_processor(config, tokenizer, lexicon, args.detector)
-    tokens = encode_captions(train_texts, processor, args.max_text_length, args.num_workers or None) if args.pretokenize else None
+    tokens = None
+    if args.pretokenize:
+        with first_process_first():
+            tokens = encode_captions(train_texts, processor, args.max_text_length, args.num_workers or None)
     train_set = ImageTextPairs(train_texts, regions, tokens)
     collator = PretrainingCollator(
         processor, train_set, args.mlm_probability, args.mrm_probability, args.itm_negative_probability,
@@ -252,9 +257,10 @@ def run(args):
     accelerator = setup_accelerator(training, find_unused_parameters=unused)
 
     with resume_hint_on_interrupt(training, accelerator):
-        with accelerator.main_process_first():  # the first process writes what `datasets` caches, the others load it
+        with accelerator.main_process_first():
             corpus = load_corpus(args)
-            config, processor, train_set, collator, train_dataloader = build_data(args, corpus, accelerator.num_processes, accelerator.process_index)
+        config, processor, train_set, collator, train_dataloader = build_data(args, corpus, accelerator.num_processes, accelerator.process_index,
+                                                                              accelerator.main_process_first)  # fmt: skip
         model = build_model(args, config)
         model, optimizer, train_dataloader, scheduler, max_steps = prepare_training(accelerator, training, model, train_dataloader, "cmal_pretrain")
         results = train(accelerator, training, model, optimizer, scheduler, train_dataloader, max_steps, LOSSES, "pre-training")
