@@ -139,10 +139,13 @@ class CMALProcessor(ProcessorMixin):
                 continue
             padded = np.full((len(rows), longest), pad_values[key], dtype=np.int64)
             for b, (row, length) in enumerate(zip(rows, lengths)):
+                values = row.get(key, ())
+                if len(values) != length:
+                    raise ValueError(f"`rows[{b}]['{key}']` must have the length of its `input_ids` ({length}), got {len(values)}")
                 if left:
-                    padded[b, longest - length :] = row[key]
+                    padded[b, longest - length :] = values
                 else:
-                    padded[b, :length] = row[key]
+                    padded[b, :length] = values
             batch[key] = padded
         return batch
 

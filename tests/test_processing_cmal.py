@@ -200,6 +200,10 @@ def test_texts_encoded_once_and_padded_per_batch_equal_the_call(tokenizer, texts
         (lambda p: p.pad_texts([]), r"`rows` is empty"),
         (lambda p: p.pad_texts([{"input_ids": [101, 102], "pixel_values": [0]}]), r"`rows` must hold `encode_texts` keys .* got \['input_ids', 'pixel_values'\]"),
         (lambda p: p.pad_texts([{"attention_mask": [1, 1]}]), r"`rows` must hold `encode_texts` keys"),
+        (lambda p: p.pad_texts([{"input_ids": [101, 7, 102], "word_ids": [-1, 0, -1]}, {"input_ids": [101, 102], "word_ids": [-1]}], return_word_ids=True),
+         r"`rows\[1\]\['word_ids'\]` must have the length of its `input_ids` \(2\), got 1"),
+        (lambda p: p.pad_texts([{"input_ids": [101, 7, 102], "token_concept_ids": [-1, 3, -1]}, {"input_ids": [101, 102]}]),
+         r"`rows\[1\]\['token_concept_ids'\]` must have the length of its `input_ids` \(2\), got 0"),
     ],
 )  # fmt: skip
 def test_encoding_and_padding_refuse_what_they_cannot_read(processor, call, message):
