@@ -59,7 +59,7 @@ def parse_args(argv=None):
     data.add_argument("--pretokenize", action="store_true",
                       help="Encode every caption once before training (tokenizer and anchor lexicon, cached by `datasets` "
                            "beside the captions' files), so each epoch's batches only pad them: a fifth of the "
-                           "loader's CPU (docs/BENCHMARKS.md §3). The first run pays about 30 us a caption.")
+                           "loader's CPU (docs/BENCHMARKS.md §3). A first run pays 45-65 us a caption (one core).")
     data.add_argument("--streaming", action="store_true",
                       help="Read the captions as shards in order, each process and worker its own (StreamingPairs), "
                            "instead of length-grouped batches drawn at random; needs --curriculum_epochs 0.")
