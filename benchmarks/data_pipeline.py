@@ -14,7 +14,7 @@ warm (the store in the page cache), cold (evicted with `posix_fadvise(DONTNEED)`
 (every page of the store touched once first, as in a later epoch). Workers' CPU is read from /proc while they run, from their first batches on,
 so their start-up is left out, as an epoch of thousands of batches leaves it out. The paths alternate in
 `--rounds` rounds,
-each reading other images (its own seed), so a drift of the shared machine lands on both; each row gives the
+each reading other images (its own seed), so a drift of the shared machine lands on all; each row gives the
 median and the range over the rounds. CPU time counts the main process and its DataLoader workers.
 `loader_cores_per_gpu` is `--gpu_samples_per_second` (10,000: CMAL-base at 40% MFU on an H100) divided by the
 samples per CPU-second. Prints one JSON line per (workers, cache, path) and returns them.

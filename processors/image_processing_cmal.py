@@ -376,9 +376,11 @@ class CMALImageProcessor(BaseImageProcessor):
         def first_image(bad: np.ndarray) -> int:
             return int(image[np.flatnonzero(bad)[0]])
 
-        all_ids, limit = np.concatenate(concept_ids), len(self.concept_names) if self.concept_names is not None else None
-        if all_ids.size and (all_ids.min() < -1 or (limit is not None and all_ids.max() >= limit)):
-            index = first_image((all_ids < -1) | (all_ids >= (limit if limit is not None else np.inf)))
+        all_ids = np.concatenate(concept_ids)
+        limit = len(self.concept_names) if self.concept_names is not None else None
+        unknown_ids = (all_ids < -1) | (all_ids >= limit if limit is not None else False)
+        if unknown_ids.any():
+            index = first_image(unknown_ids)
             own = concept_ids[index]
             raise ValueError(f"`regions[{index}]` concept ids must be -1 or lie in [0, {limit}), got range [{own.min()}, {own.max()}]")
         if not np.isfinite(all_boxes).all():

@@ -81,22 +81,7 @@ class CMALProcessor(ProcessorMixin):
         if (images is None) == (regions is None):
             raise ValueError("Pass exactly one of `images` (raw images) or `regions` (precomputed detections)")
 
-        encoding = self.tokenizer(
-            texts,
-            padding=padding,
-            truncation=truncation,
-            max_length=max_length,
-            return_offsets_mapping=True,
-            **kwargs,
-        )
-        token_concept_ids = [
-            self.lexicon.token_concept_ids(texts[i], encoding["offset_mapping"][i], encoding.word_ids(i))
-            for i in range(len(texts))
-        ]
-        data = {key: value for key, value in encoding.items() if key != "offset_mapping"}
-        data["token_concept_ids"] = token_concept_ids
-        if return_word_ids:
-            data["word_ids"] = [[-1 if w is None else w for w in encoding.word_ids(i)] for i in range(len(texts))]
+        data = self._encode(texts, return_word_ids, padding=padding, truncation=truncation, max_length=max_length, **kwargs)
         text_features = BatchFeature(data=data, tensor_type=return_tensors)
 
         visual = self.image_processor(images=images, regions=regions, return_tensors=return_tensors)
@@ -111,13 +96,18 @@ class CMALProcessor(ProcessorMixin):
 
         A training corpus reads each caption once an epoch: encoded once (`datasets.map`) and padded per batch
         (`pad_texts`), its epochs skip the tokenizer and the anchor lexicon."""
-        texts = _texts(text)
-        encoding = self.tokenizer(texts, truncation=True, max_length=max_length, return_offsets_mapping=True)
-        word_ids = [encoding.word_ids(i) for i in range(len(texts))]
+        return self._encode(_texts(text), True, truncation=True, max_length=max_length)
+
+    def _encode(self, texts: list[str], word_ids: bool, **tokenizer_kwargs) -> dict[str, list[list[int]]]:
+        """The tokenizer's output for `texts` (offsets left out), each token's anchor concept id and, with `word_ids`,
+        each token's word index (-1 for special and padding tokens)."""
+        encoding = self.tokenizer(texts, return_offsets_mapping=True, **tokenizer_kwargs)
+        words = [encoding.word_ids(i) for i in range(len(texts))]
         encoded = {key: value for key, value in encoding.items() if key != "offset_mapping"}
-        encoded["token_concept_ids"] = [self.lexicon.token_concept_ids(t, offsets, words)
-                                        for t, offsets, words in zip(texts, encoding["offset_mapping"], word_ids)]  # fmt: skip
-        encoded["word_ids"] = [[-1 if w is None else w for w in words] for words in word_ids]
+        encoded["token_concept_ids"] = [self.lexicon.token_concept_ids(text, offsets, ids)
+                                        for text, offsets, ids in zip(texts, encoding["offset_mapping"], words)]  # fmt: skip
+        if word_ids:
+            encoded["word_ids"] = [[-1 if w is None else w for w in ids] for ids in words]
         return encoded
 
     def pad_texts(self, rows: list[dict], return_word_ids: bool = False) -> dict:
