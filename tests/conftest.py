@@ -15,12 +15,15 @@ if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // int(workers))))
 
 import ast  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import psutil  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -249,6 +252,21 @@ def die_after_saving(monkeypatch, step: int):
 
     monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     return lambda: monkeypatch.setattr(loop, "save_checkpoint", save)
+
+
+def communicate_or_kill(processes: list, timeout: float) -> list[tuple]:
+    """Each launch's `communicate()` output. Whatever still runs after (a timeout, an error) is killed with every
+    process it started: torch's elastic agent starts its workers in sessions of their own, which a kill of the
+    launcher's process group leaves running (a hung rank then outlived its test and held its port)."""
+    try:
+        return [process.communicate(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                for child in psutil.Process(process.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.kill()
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 def png_header(width: int, height: int, color_type: int) -> bytes:

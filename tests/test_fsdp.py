@@ -5,13 +5,15 @@ accelerate enables FSDP only on accelerators, so `tests/fsdp_worker.py` shards t
 accelerate's FSDP2 plugin does; the GPU launch is documented in README ("Scaling out")."""
 
 import os
-import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import fsdp_worker
+import psutil
 import pytest
+from conftest import communicate_or_kill
 import torch
 from safetensors.torch import load_file
 
@@ -29,11 +31,7 @@ def fsdp_run(tmp_path_factory):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)  # fmt: skip
-    try:
-        output = process.communicate(timeout=300)[0]
-    finally:  # a hung collective must not outlive the test
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    output = communicate_or_kill([process], timeout=300)[0][0]  # a hung collective must not outlive the test
     assert process.returncode == 0, output[-4000:]
     return out
 
@@ -65,3 +63,22 @@ def test_resuming_from_the_sharded_checkpoint_continues_the_run(fsdp_run):
     fsdp, resumed = load_file(fsdp_run / "fsdp.safetensors"), load_file(fsdp_run / "resumed.safetensors")
     for name, tensor in fsdp.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_hung_launch_is_killed_with_its_workers(tmp_path):
+    """`communicate_or_kill` on a launch whose worker never ends: the timeout kills the worker too, though torch's
+    elastic agent started it in a session of its own (out of reach of a kill of the launcher's group)."""
+    ids, script = tmp_path / "worker.ids", tmp_path / "hang.py"
+    script.write_text(f"import os, time\nopen({str(ids)!r}, 'w').write(f'{{os.getpid()}} {{os.getsid(0)}}')\ntime.sleep(600)\n")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29548", str(script)]
+    process = subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    with pytest.raises(subprocess.TimeoutExpired):
+        communicate_or_kill([process], timeout=20)
+    worker, session = (int(value) for value in ids.read_text().split())
+    assert session != process.pid  # not in the launcher's session (which start_new_session made its own)
+    process.wait(timeout=10)
+    deadline = time.time() + 10
+    while time.time() < deadline and psutil.pid_exists(worker) and psutil.Process(worker).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.1)
+    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, die_after_saving, run_without_project
+from conftest import REPO, communicate_or_kill, die_after_saving, run_without_project
 from conftest import SHAPE_NAMES as NAMES
 from conftest import pretrain_args as args_for
 from datasets import DatasetDict, load_from_disk
@@ -475,12 +475,7 @@ def test_two_processes_match_one_process(corpus, single_process_run, tmp_path, l
         commands = [ACCELERATE + cluster + ["--machine_rank", str(rank), *script] for rank in (0, 1)]
     machines = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                  start_new_session=True) for c in commands]  # fmt: skip
-    try:
-        stderr = [machine.communicate(timeout=600)[1] for machine in machines]
-    finally:  # a launch that hangs must not outlive the test with its workers
-        for machine in machines:
-            if machine.poll() is None:
-                os.killpg(machine.pid, signal.SIGKILL)
+    stderr = [err for _, err in communicate_or_kill(machines, timeout=600)]  # a hung launch must not outlive the test
     assert all(machine.returncode == 0 for machine in machines), stderr[0][-3000:] + stderr[-1][-3000:]
     assert "x 2 processes" in stderr[0]
     ddp = json.loads((tmp_path / "ddp" / "train_results.json").read_text())
@@ -517,11 +512,7 @@ def test_two_processes_stream_with_two_workers_each(corpus, tmp_path):
     command = ACCELERATE + ["--config_file", "training/configs/cpu_2proc.yaml", "--main_process_port", "29535", *script]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)  # fmt: skip
-    try:
-        stderr = process.communicate(timeout=600)[1]
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    stderr = communicate_or_kill([process], timeout=600)[0][1]
     assert process.returncode == 0, stderr[-3000:]
     assert "x 2 processes" in stderr
     # 48 captions in 8 shards of 6, 2 shards per reader (process x worker): 12 captions, batches of 8 and 4
